@@ -1,0 +1,38 @@
+"""The unquantized storage types: F32 (a copy), F16 and BF16 (ggml's round-to-nearest-even).
+
+F16 follows ggml_fp32_to_fp16_row, BF16 ggml_fp32_to_bf16_row_ref (what ggml_quantize_chunk
+calls); both agree with numpy on finite values and differ from it on NaN payloads.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .bits import bf16_to_fp32, fp16_to_fp32, fp32_to_bf16, fp32_to_fp16
+
+F16, BF16 = 0, 1
+
+
+@njit(cache=True, parallel=True)
+def quantize_rows(kind, x, out):
+    """out: uint16 (nrows, n_per_row)."""
+    nrows, n = x.shape
+    for r in prange(nrows):
+        if kind == F16:
+            for j in range(n):
+                out[r, j] = fp32_to_fp16(x[r, j])
+        else:
+            for j in range(n):
+                out[r, j] = fp32_to_bf16(x[r, j])
+
+
+@njit(cache=True, parallel=True)
+def dequantize_rows(kind, h, out):
+    nrows, n = out.shape
+    for r in prange(nrows):
+        if kind == F16:
+            for j in range(n):
+                out[r, j] = fp16_to_fp32(h[r, j])
+        else:
+            for j in range(n):
+                out[r, j] = bf16_to_fp32(h[r, j])

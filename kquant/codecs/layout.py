@@ -1,0 +1,46 @@
+"""Bit layouts shared by several K-quant blocks (ggml-common.h's block_q*_K)."""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+QK_K = 256
+
+
+@njit(cache=True, inline="always")
+def pack_2bit(L, qs, off):
+    """Four 2-bit levels a byte, in 128-value halves: Q2_K and Q3_K's `qs`."""
+    for j in range(0, QK_K, 128):
+        for l in range(32):
+            qs[off + j // 4 + l] = (L[j + l] | (L[j + l + 32] << 2)
+                                    | (L[j + l + 64] << 4) | (L[j + l + 96] << 6))
+
+
+@njit(cache=True, inline="always")
+def pack_scale_min_k4(y, off, j, ls, lm):
+    """Store 6-bit scale `ls` and min `lm` of sub-block j (Q4_K/Q5_K's 12-byte `scales`)."""
+    if j < 4:
+        y[off + j] = ls
+        y[off + j + 4] = lm
+    else:
+        y[off + j + 4] = (ls & 0xF) | ((lm & 0xF) << 4)
+        y[off + j - 4] |= (ls >> 4) << 6
+        y[off + j] |= (lm >> 4) << 6
+
+
+@njit(cache=True, inline="always")
+def get_scale_min_k4(j, q, off):
+    """ggml's get_scale_min_k4: (scale, min) of sub-block j."""
+    if j < 4:
+        return np.int64(q[off + j]) & 63, np.int64(q[off + j + 4]) & 63
+    d = (np.int64(q[off + j + 4]) & 0xF) | ((np.int64(q[off + j - 4]) >> 6) << 4)
+    m = (np.int64(q[off + j + 4]) >> 4) | ((np.int64(q[off + j]) >> 6) << 4)
+    return d, m
+
+
+@njit(cache=True, inline="always")
+def q3_scale(scales, off, j):
+    """Signed 6-bit scale of Q3_K sub-block j, from its 12 packed bytes."""
+    lo = np.int64(scales[off + j]) & 0xF if j < 8 else np.int64(scales[off + j - 8]) >> 4
+    hi = (np.int64(scales[off + 8 + j % 4]) >> (2 * (j // 4))) & 3
+    return (lo | (hi << 4)) - 32

@@ -1,0 +1,216 @@
+"""The legacy 32-value block types llama.cpp's mixes fall back to: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0.
+
+Layouts (ggml-common.h), little-endian f16 scales first:
+  Q4_0 (18 B): d, qs[16]          Q4_1 (20 B): d, m, qs[16]
+  Q5_0 (22 B): d, qh[4], qs[16]   Q5_1 (24 B): d, m, qh[4], qs[16]
+  Q8_0 (34 B): d, qs[32] (int8)
+Without an imatrix these are the quantize_row_*_ref functions; with one, the
+quantize_row_*_impl functions, whose weights use the variance of the whole row.
+Q8_0 ignores the imatrix, as ggml does.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from .bits import F32, get_f16, put_f16
+from .search import make_qkx_quants, make_qx_quants
+
+QK = 32
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 4
+BLOCK_BYTES = (18, 20, 22, 24, 34)
+
+_ZERO = F32(0.0)
+_ONE = F32(1.0)
+_FLT_MAX = F32(3.4028234663852886e38)
+
+
+@njit(cache=True, inline="always")
+def _trunc_i8(v):
+    """C's (int8_t)(float): truncate toward zero, keep the low 8 bits (as gcc on x86 does)."""
+    t = np.int64(v) & 0xFF
+    return t - 256 if t > 127 else t
+
+
+@njit(cache=True, inline="always")
+def _roundf(v):
+    """C's roundf (half away from zero); exact through float64 for float32 inputs."""
+    a = math.floor(abs(np.float64(v)) + 0.5)
+    return -a if v < 0 else a
+
+
+@njit(cache=True, inline="always")
+def _store_5bit(y, qh_pos, qs_pos, L):
+    """Low nibbles into qs (value j and j+16 share a byte), fifth bits into the 32-bit qh."""
+    qh = 0
+    for j in range(16):
+        xi0 = L[j] & 0xFF
+        xi1 = L[j + 16] & 0xFF
+        y[qs_pos + j] = (xi0 & 0x0F) | ((xi1 & 0x0F) << 4)
+        qh |= ((xi0 & 0x10) >> 4) << j
+        qh |= ((xi1 & 0x10) >> 4) << (j + 16)
+    for k in range(4):
+        y[qh_pos + k] = (qh >> (8 * k)) & 0xFF
+
+
+@njit(cache=True, inline="always")
+def _abs_max(x):
+    """The signed value of largest magnitude (first one on ties)."""
+    amax = _ZERO
+    max_ = _ZERO
+    for j in range(QK):
+        if amax < abs(x[j]):
+            amax = abs(x[j])
+            max_ = x[j]
+    return max_
+
+
+@njit(cache=True, inline="always")
+def _min_max(x):
+    min_ = _FLT_MAX
+    max_ = -_FLT_MAX
+    for j in range(QK):
+        if x[j] < min_:
+            min_ = x[j]
+        if x[j] > max_:
+            max_ = x[j]
+    return min_, max_
+
+
+@njit(cache=True)
+def _ref_block(kind, x, y, L):
+    """quantize_row_{q4_0,q4_1,q5_0,q5_1,q8_0}_ref for one block."""
+    if kind == Q8_0:
+        amax = _ZERO
+        for j in range(QK):
+            ax = abs(x[j])
+            amax = amax if amax > ax else ax
+        d = amax / F32(127.0)
+        id_ = _ONE / d if d != _ZERO else _ZERO
+        put_f16(y, 0, d)
+        for j in range(QK):
+            y[2 + j] = np.int64(_roundf(x[j] * id_)) & 0xFF
+        return
+    if kind == Q4_0 or kind == Q5_0:
+        nmax = 8 if kind == Q4_0 else 16
+        d = _abs_max(x) / F32(-nmax)
+        id_ = _ONE / d if d != _ZERO else _ZERO
+        put_f16(y, 0, d)
+        offset = F32(nmax) + F32(0.5)
+        for j in range(QK):
+            L[j] = min(2 * nmax - 1, _trunc_i8(x[j] * id_ + offset))
+        if kind == Q4_0:
+            for j in range(16):
+                y[2 + j] = (L[j] & 0xFF) | ((L[j + 16] & 0xFF) << 4)
+        else:
+            _store_5bit(y, 2, 6, L)
+        return
+    # Q4_1 / Q5_1: offset by the block minimum
+    nmax = 15 if kind == Q4_1 else 31
+    min_, max_ = _min_max(x)
+    d = (max_ - min_) / F32(nmax)
+    id_ = _ONE / d if d != _ZERO else _ZERO
+    put_f16(y, 0, d)
+    put_f16(y, 2, min_)
+    for j in range(QK):
+        v = (x[j] - min_) * id_ + F32(0.5)
+        if kind == Q4_1:
+            L[j] = min(15, _trunc_i8(v))
+        else:
+            L[j] = np.int64(v) & 0xFF  # (uint8_t)(x0 + 0.5f)
+    if kind == Q4_1:
+        for j in range(16):
+            y[4 + j] = (L[j] & 0xFF) | ((L[j + 16] & 0xFF) << 4)
+    else:
+        _store_5bit(y, 4, 8, L)
+
+
+@njit(cache=True)
+def _imatrix_block(kind, x, qw, sigma2, y, L, Lu, Laux, weight):
+    """quantize_row_{q4_0,q4_1,q5_0,q5_1}_impl for one block (sigma2 is the row's)."""
+    for j in range(QK):
+        weight[j] = qw[j] * np.sqrt(sigma2 + x[j] * x[j])
+    if kind == Q4_0 or kind == Q5_0:
+        nmax = 8 if kind == Q4_0 else 16
+        d = make_qx_quants(QK, nmax, x, L, 1, weight, True)
+        put_f16(y, 0, d)
+        if kind == Q4_0:
+            for j in range(16):
+                y[2 + j] = (L[j] & 0xFF) | ((L[j + 16] & 0xFF) << 4)
+        else:
+            _store_5bit(y, 2, 6, L)
+        return
+    nmax = 15 if kind == Q4_1 else 31
+    d, the_min = make_qkx_quants(QK, nmax, x, weight, Lu, Laux, F32(-0.9), F32(0.05), 36, False)
+    put_f16(y, 0, d)
+    put_f16(y, 2, -the_min)
+    if kind == Q4_1:
+        for j in range(16):
+            y[4 + j] = Lu[j] | (Lu[j + 16] << 4)
+    else:
+        _store_5bit(y, 4, 8, Lu)
+
+
+@njit(cache=True, parallel=True)
+def quantize_rows(kind, x, qw, use_qw, out):
+    nrows, n = x.shape
+    bs = BLOCK_BYTES[kind]
+    for r in prange(nrows):
+        L = np.empty(QK, np.int8)
+        Lu = np.empty(QK, np.uint8)
+        Laux = np.empty(QK, np.uint8)
+        weight = np.empty(QK, np.float32)
+        imatrix = use_qw and kind != Q8_0
+        sigma2 = _ZERO
+        if imatrix:
+            sum_x2 = _ZERO
+            for j in range(n):
+                sum_x2 += x[r, j] * x[r, j]
+            sigma2 = sum_x2 / F32(n)
+        for ib in range(n // QK):
+            xb = x[r, ib * QK:(ib + 1) * QK]
+            yb = out[r, ib * bs:(ib + 1) * bs]
+            if imatrix:
+                _imatrix_block(kind, xb, qw[ib * QK:(ib + 1) * QK], sigma2, yb, L, Lu, Laux, weight)
+            else:
+                _ref_block(kind, xb, yb, L)
+
+
+@njit(cache=True, parallel=True)
+def dequantize_rows(kind, q, out):
+    nrows, n = out.shape
+    bs = BLOCK_BYTES[kind]
+    for r in prange(nrows):
+        for ib in range(n // QK):
+            b = q[r, ib * bs:(ib + 1) * bs]
+            y = out[r, ib * QK:(ib + 1) * QK]
+            d = get_f16(b, 0)
+            if kind == Q8_0:
+                for j in range(QK):
+                    y[j] = F32(np.int8(b[2 + j])) * d
+            elif kind == Q4_0:
+                for j in range(16):
+                    y[j] = F32(np.int64(b[2 + j] & 0x0F) - 8) * d
+                    y[j + 16] = F32(np.int64(b[2 + j] >> 4) - 8) * d
+            elif kind == Q4_1:
+                m = get_f16(b, 2)
+                for j in range(16):
+                    y[j] = F32(b[4 + j] & 0x0F) * d + m
+                    y[j + 16] = F32(b[4 + j] >> 4) * d + m
+            else:
+                qh_pos = 2 if kind == Q5_0 else 4
+                qs_pos = qh_pos + 4
+                qh = (np.int64(b[qh_pos]) | (np.int64(b[qh_pos + 1]) << 8)
+                      | (np.int64(b[qh_pos + 2]) << 16) | (np.int64(b[qh_pos + 3]) << 24))
+                m = get_f16(b, 2) if kind == Q5_1 else _ZERO
+                for j in range(16):
+                    x0 = (b[qs_pos + j] & 0x0F) | (((qh >> j) << 4) & 0x10)
+                    x1 = (b[qs_pos + j] >> 4) | ((qh >> (j + 12)) & 0x10)
+                    if kind == Q5_0:
+                        y[j] = F32(np.int64(x0) - 16) * d
+                        y[j + 16] = F32(np.int64(x1) - 16) * d
+                    else:
+                        y[j] = F32(x0) * d + m
+                        y[j + 16] = F32(x1) * d + m

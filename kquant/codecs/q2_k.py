@@ -1,0 +1,136 @@
+"""Q2_K: 256-value super-blocks of 16 sub-blocks, 2-bit levels, 4-bit scales and mins.
+
+block_q2_K (84 bytes): scales[16] (scale | min << 4), qs[64], d (f16), dmin (f16).
+Ports quantize_row_q2_K_ref (no imatrix), quantize_row_q2_K_impl (imatrix) and
+dequantize_row_q2_K from ggml-quants.c.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .bits import F32, get_f16, nearest_int, put_f16
+from .layout import QK_K, pack_2bit
+from .search import make_qkx_quants, make_qp_quants
+
+BLOCK_BYTES = 84
+_SCALES, _QS, _D, _DMIN = 0, 16, 80, 82
+_Q4SCALE = F32(15.0)
+_ZERO = F32(0.0)
+
+
+@njit(cache=True, inline="always")
+def _requantize(x, y, L):
+    """Levels again against the stored (rounded) scales and mins, as the C does last."""
+    d_all = get_f16(y, _D)
+    m_all = get_f16(y, _DMIN)
+    for j in range(QK_K // 16):
+        sc = y[_SCALES + j]
+        d = d_all * F32(sc & 0xF)
+        if d == _ZERO:
+            continue
+        dm = m_all * F32(sc >> 4)
+        for ii in range(16):
+            l = nearest_int((x[16 * j + ii] + dm) / d)
+            L[16 * j + ii] = max(0, min(3, l))
+
+
+@njit(cache=True)
+def quantize_block(x, y, L, Laux, weights, scales, mins):
+    for j in range(QK_K // 16):
+        xs = x[16 * j:16 * j + 16]
+        for l in range(16):
+            weights[l] = abs(xs[l])
+        scales[j], mins[j] = make_qkx_quants(16, 3, xs, weights, L[16 * j:16 * j + 16], Laux,
+                                             F32(-0.5), F32(0.1), 15, True)
+    max_scale = _ZERO
+    max_min = _ZERO
+    for j in range(QK_K // 16):
+        if scales[j] > max_scale:
+            max_scale = scales[j]
+        if mins[j] > max_min:
+            max_min = mins[j]
+    if max_scale > _ZERO:
+        iscale = _Q4SCALE / max_scale
+        for j in range(QK_K // 16):
+            y[_SCALES + j] = nearest_int(iscale * scales[j])
+        put_f16(y, _D, max_scale / _Q4SCALE)
+    else:
+        for j in range(QK_K // 16):
+            y[_SCALES + j] = 0
+        put_f16(y, _D, _ZERO)
+    if max_min > _ZERO:
+        iscale = _Q4SCALE / max_min
+        for j in range(QK_K // 16):
+            y[_SCALES + j] |= nearest_int(iscale * mins[j]) << 4
+        put_f16(y, _DMIN, max_min / _Q4SCALE)
+    else:
+        put_f16(y, _DMIN, _ZERO)
+    _requantize(x, y, L)
+    pack_2bit(L, y, _QS)
+
+
+@njit(cache=True)
+def quantize_block_imatrix(x, qw, y, L, Laux, weights, scales, mins, sw, Ls, Lm):
+    sumx2 = _ZERO
+    for j in range(QK_K):
+        sumx2 += x[j] * x[j]
+    sigma2 = sumx2 / F32(QK_K)
+    for j in range(QK_K // 16):
+        xs = x[16 * j:16 * j + 16]
+        for l in range(16):
+            weights[l] = qw[16 * j + l] * np.sqrt(sigma2 + xs[l] * xs[l])
+        s = _ZERO
+        for l in range(16):
+            s += weights[l]
+        sw[j] = s
+        scales[j], mins[j] = make_qkx_quants(16, 3, xs, weights, L[16 * j:16 * j + 16], Laux,
+                                             F32(-0.9), F32(0.05), 36, False)
+    dm = make_qp_quants(QK_K // 16, 15, scales, Ls, sw)
+    mm = make_qp_quants(QK_K // 16, 15, mins, Lm, sw)
+    put_f16(y, _D, dm)
+    put_f16(y, _DMIN, mm)
+    for j in range(QK_K // 16):
+        y[_SCALES + j] = Ls[j] | (Lm[j] << 4)
+    _requantize(x, y, L)
+    pack_2bit(L, y, _QS)
+
+
+@njit(cache=True, parallel=True)
+def quantize_rows(x, qw, use_qw, out):
+    nrows, n = x.shape
+    for r in prange(nrows):
+        L = np.empty(QK_K, np.uint8)
+        Laux = np.empty(16, np.uint8)
+        weights = np.empty(16, np.float32)
+        scales = np.empty(16, np.float32)
+        mins = np.empty(16, np.float32)
+        sw = np.empty(16, np.float32)
+        Ls = np.empty(16, np.uint8)
+        Lm = np.empty(16, np.uint8)
+        for i in range(n // QK_K):
+            xb = x[r, i * QK_K:(i + 1) * QK_K]
+            yb = out[r, i * BLOCK_BYTES:(i + 1) * BLOCK_BYTES]
+            if use_qw:
+                quantize_block_imatrix(xb, qw[i * QK_K:(i + 1) * QK_K], yb, L, Laux, weights,
+                                       scales, mins, sw, Ls, Lm)
+            else:
+                quantize_block(xb, yb, L, Laux, weights, scales, mins)
+
+
+@njit(cache=True, parallel=True)
+def dequantize_rows(q, out):
+    nrows, n = out.shape
+    for r in prange(nrows):
+        for i in range(n // QK_K):
+            b = q[r, i * BLOCK_BYTES:(i + 1) * BLOCK_BYTES]
+            y = out[r, i * QK_K:(i + 1) * QK_K]
+            d = get_f16(b, _D)
+            dmin = get_f16(b, _DMIN)
+            for p in range(QK_K):
+                # value p: half n=p//128, shift 2*((p%128)//32), byte (p//128)*32 + p%32
+                sc = b[_SCALES + p // 16]
+                dl = d * F32(sc & 0xF)
+                ml = dmin * F32(sc >> 4)
+                qv = (b[_QS + (p // 128) * 32 + p % 32] >> (2 * ((p % 128) // 32))) & 3
+                y[p] = dl * F32(qv) - ml
