@@ -47,18 +47,29 @@ def bits_f32(typingctx, x):
 _MAGIC_ROUND = F32(12582912.0)  # 1.5 * 2**23
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def nearest_int(fval):
     """ggml's nearest_int: round half to even via the 1.5*2^23 trick (valid for |fval| < 2^22)."""
     val = F32(fval) + _MAGIC_ROUND
     return np.int64(f32_bits(val) & 0x007FFFFF) - 0x00400000
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def round_nearest(fval):
+    """nearest_int(fval) as a float32: the same rounding, kept in float lanes.
+
+    Vector loops want this form: AVX2 has no packed int64 <-> float conversion, so the integer
+    version stops LLVM from vectorizing. Adding then subtracting 1.5*2^23 is exact (no
+    fast-math, so LLVM does not fold it away).
+    """
+    return (F32(fval) + _MAGIC_ROUND) - _MAGIC_ROUND
+
+
 _SCALE_TO_INF = F32(2.0 ** 112)
 _SCALE_TO_ZERO = F32(2.0 ** -110)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def fp32_to_fp16(f):
     """ggml_compute_fp32_to_fp16: round to nearest even, NaN -> 0x7E00 with the sign kept."""
     f = F32(f)
@@ -83,7 +94,7 @@ _EXP_SCALE = F32(2.0 ** -112)
 _MAGIC_BIAS = F32(0.5)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def fp16_to_fp32(h):
     """ggml_compute_fp16_to_fp32 (exact: every half is a float)."""
     w = np.int64(h) << 16
@@ -96,7 +107,7 @@ def fp16_to_fp32(h):
     return bits_f32(sign | np.int64(f32_bits(normalized)))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def fp32_to_bf16(f):
     """ggml_compute_fp32_to_bf16: round to nearest even, NaN forced quiet."""
     u = np.int64(f32_bits(F32(f)))
@@ -105,26 +116,26 @@ def fp32_to_bf16(f):
     return np.uint16(((u + (0x7FFF + ((u >> 16) & 1))) >> 16) & 0xFFFF)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def bf16_to_fp32(h):
     return bits_f32(np.int64(h) << 16)
 
 
 # Little-endian field access inside a block's bytes (`y` is a uint8 view of one block).
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def put_f16(y, pos, f):
     h = fp32_to_fp16(f)
     y[pos] = h & 0xFF
     y[pos + 1] = h >> 8
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def get_f16(y, pos):
     return fp16_to_fp32(np.uint16(y[pos]) | (np.uint16(y[pos + 1]) << 8))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def put_f32(y, pos, f):
     u = f32_bits(F32(f))
     y[pos] = u & 0xFF
@@ -133,7 +144,7 @@ def put_f32(y, pos, f):
     y[pos + 3] = u >> 24
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def get_f32(y, pos):
     u = (np.int64(y[pos]) | (np.int64(y[pos + 1]) << 8)
          | (np.int64(y[pos + 2]) << 16) | (np.int64(y[pos + 3]) << 24))

@@ -13,7 +13,7 @@ from .bits import bf16_to_fp32, fp16_to_fp32, fp32_to_bf16, fp32_to_fp16
 F16, BF16 = 0, 1
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def quantize_rows(kind, x, out):
     """out: uint16 (nrows, n_per_row)."""
     nrows, n = x.shape
@@ -26,7 +26,7 @@ def quantize_rows(kind, x, out):
                 out[r, j] = fp32_to_bf16(x[r, j])
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def dequantize_rows(kind, h, out):
     nrows, n = out.shape
     for r in prange(nrows):

@@ -7,7 +7,7 @@ from numba import njit
 QK_K = 256
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def pack_2bit(L, qs, off):
     """Four 2-bit levels a byte, in 128-value halves: Q2_K and Q3_K's `qs`."""
     for j in range(0, QK_K, 128):
@@ -16,7 +16,7 @@ def pack_2bit(L, qs, off):
                                     | (L[j + l + 64] << 4) | (L[j + l + 96] << 6))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def pack_scale_min_k4(y, off, j, ls, lm):
     """Store 6-bit scale `ls` and min `lm` of sub-block j (Q4_K/Q5_K's 12-byte `scales`)."""
     if j < 4:
@@ -28,7 +28,7 @@ def pack_scale_min_k4(y, off, j, ls, lm):
         y[off + j] |= (lm >> 4) << 6
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def get_scale_min_k4(j, q, off):
     """ggml's get_scale_min_k4: (scale, min) of sub-block j."""
     if j < 4:
@@ -38,7 +38,7 @@ def get_scale_min_k4(j, q, off):
     return d, m
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def q3_scale(scales, off, j):
     """Signed 6-bit scale of Q3_K sub-block j, from its 12 packed bytes."""
     lo = np.int64(scales[off + j]) & 0xF if j < 8 else np.int64(scales[off + j - 8]) >> 4

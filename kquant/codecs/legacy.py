@@ -16,7 +16,7 @@ import numpy as np
 from numba import njit, prange
 
 from .bits import F32, get_f16, put_f16
-from .search import make_qkx_quants, make_qx_quants
+from .search import make_qkx_quants, make_qx_quants, workspace
 
 QK = 32
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 4
@@ -27,21 +27,21 @@ _ONE = F32(1.0)
 _FLT_MAX = F32(3.4028234663852886e38)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _trunc_i8(v):
     """C's (int8_t)(float): truncate toward zero, keep the low 8 bits (as gcc on x86 does)."""
     t = np.int64(v) & 0xFF
     return t - 256 if t > 127 else t
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _roundf(v):
     """C's roundf (half away from zero); exact through float64 for float32 inputs."""
     a = math.floor(abs(np.float64(v)) + 0.5)
     return -a if v < 0 else a
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _store_5bit(y, qh_pos, qs_pos, L):
     """Low nibbles into qs (value j and j+16 share a byte), fifth bits into the 32-bit qh."""
     qh = 0
@@ -55,7 +55,7 @@ def _store_5bit(y, qh_pos, qs_pos, L):
         y[qh_pos + k] = (qh >> (8 * k)) & 0xFF
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _abs_max(x):
     """The signed value of largest magnitude (first one on ties)."""
     amax = _ZERO
@@ -67,7 +67,7 @@ def _abs_max(x):
     return max_
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _min_max(x):
     min_ = _FLT_MAX
     max_ = -_FLT_MAX
@@ -79,7 +79,7 @@ def _min_max(x):
     return min_, max_
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _ref_block(kind, x, y, L):
     """quantize_row_{q4_0,q4_1,q5_0,q5_1,q8_0}_ref for one block."""
     if kind == Q8_0:
@@ -127,14 +127,14 @@ def _ref_block(kind, x, y, L):
         _store_5bit(y, 4, 8, L)
 
 
-@njit(cache=True)
-def _imatrix_block(kind, x, qw, sigma2, y, L, Lu, Laux, weight):
+@njit(cache=True, error_model="numpy")
+def _imatrix_block(kind, x, qw, sigma2, y, L, Lu, weight, ws):
     """quantize_row_{q4_0,q4_1,q5_0,q5_1}_impl for one block (sigma2 is the row's)."""
     for j in range(QK):
         weight[j] = qw[j] * np.sqrt(sigma2 + x[j] * x[j])
     if kind == Q4_0 or kind == Q5_0:
         nmax = 8 if kind == Q4_0 else 16
-        d = make_qx_quants(QK, nmax, x, L, 1, weight, True)
+        d = make_qx_quants(QK, nmax, x, L, weight, True, ws)
         put_f16(y, 0, d)
         if kind == Q4_0:
             for j in range(16):
@@ -143,7 +143,7 @@ def _imatrix_block(kind, x, qw, sigma2, y, L, Lu, Laux, weight):
             _store_5bit(y, 2, 6, L)
         return
     nmax = 15 if kind == Q4_1 else 31
-    d, the_min = make_qkx_quants(QK, nmax, x, weight, Lu, Laux, F32(-0.9), F32(0.05), 36, False)
+    d, the_min = make_qkx_quants(QK, nmax, x, weight, Lu, F32(-0.9), F32(0.05), 36, False, ws)
     put_f16(y, 0, d)
     put_f16(y, 2, -the_min)
     if kind == Q4_1:
@@ -153,14 +153,14 @@ def _imatrix_block(kind, x, qw, sigma2, y, L, Lu, Laux, weight):
         _store_5bit(y, 4, 8, Lu)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def quantize_rows(kind, x, qw, use_qw, out):
     nrows, n = x.shape
     bs = BLOCK_BYTES[kind]
     for r in prange(nrows):
         L = np.empty(QK, np.int8)
         Lu = np.empty(QK, np.uint8)
-        Laux = np.empty(QK, np.uint8)
+        ws = workspace()
         weight = np.empty(QK, np.float32)
         imatrix = use_qw and kind != Q8_0
         sigma2 = _ZERO
@@ -173,12 +173,12 @@ def quantize_rows(kind, x, qw, use_qw, out):
             xb = x[r, ib * QK:(ib + 1) * QK]
             yb = out[r, ib * bs:(ib + 1) * bs]
             if imatrix:
-                _imatrix_block(kind, xb, qw[ib * QK:(ib + 1) * QK], sigma2, yb, L, Lu, Laux, weight)
+                _imatrix_block(kind, xb, qw[ib * QK:(ib + 1) * QK], sigma2, yb, L, Lu, weight, ws)
             else:
                 _ref_block(kind, xb, yb, L)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def dequantize_rows(kind, q, out):
     nrows, n = out.shape
     bs = BLOCK_BYTES[kind]

@@ -11,7 +11,7 @@ from numba import njit, prange
 
 from .bits import F32, get_f16, nearest_int, put_f16
 from .layout import QK_K, pack_2bit
-from .search import make_qkx_quants, make_qp_quants
+from .search import make_qkx_quants, make_qp_quants, workspace
 
 BLOCK_BYTES = 84
 _SCALES, _QS, _D, _DMIN = 0, 16, 80, 82
@@ -19,7 +19,7 @@ _Q4SCALE = F32(15.0)
 _ZERO = F32(0.0)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _requantize(x, y, L):
     """Levels again against the stored (rounded) scales and mins, as the C does last."""
     d_all = get_f16(y, _D)
@@ -35,14 +35,14 @@ def _requantize(x, y, L):
             L[16 * j + ii] = max(0, min(3, l))
 
 
-@njit(cache=True)
-def quantize_block(x, y, L, Laux, weights, scales, mins):
+@njit(cache=True, error_model="numpy")
+def quantize_block(x, y, L, weights, scales, mins, ws):
     for j in range(QK_K // 16):
         xs = x[16 * j:16 * j + 16]
         for l in range(16):
             weights[l] = abs(xs[l])
-        scales[j], mins[j] = make_qkx_quants(16, 3, xs, weights, L[16 * j:16 * j + 16], Laux,
-                                             F32(-0.5), F32(0.1), 15, True)
+        scales[j], mins[j] = make_qkx_quants(16, 3, xs, weights, L[16 * j:16 * j + 16],
+                                             F32(-0.5), F32(0.1), 15, True, ws)
     max_scale = _ZERO
     max_min = _ZERO
     for j in range(QK_K // 16):
@@ -70,8 +70,8 @@ def quantize_block(x, y, L, Laux, weights, scales, mins):
     pack_2bit(L, y, _QS)
 
 
-@njit(cache=True)
-def quantize_block_imatrix(x, qw, y, L, Laux, weights, scales, mins, sw, Ls, Lm):
+@njit(cache=True, error_model="numpy")
+def quantize_block_imatrix(x, qw, y, L, weights, scales, mins, sw, Ls, Lm, ws):
     sumx2 = _ZERO
     for j in range(QK_K):
         sumx2 += x[j] * x[j]
@@ -84,10 +84,10 @@ def quantize_block_imatrix(x, qw, y, L, Laux, weights, scales, mins, sw, Ls, Lm)
         for l in range(16):
             s += weights[l]
         sw[j] = s
-        scales[j], mins[j] = make_qkx_quants(16, 3, xs, weights, L[16 * j:16 * j + 16], Laux,
-                                             F32(-0.9), F32(0.05), 36, False)
-    dm = make_qp_quants(QK_K // 16, 15, scales, Ls, sw)
-    mm = make_qp_quants(QK_K // 16, 15, mins, Lm, sw)
+        scales[j], mins[j] = make_qkx_quants(16, 3, xs, weights, L[16 * j:16 * j + 16],
+                                             F32(-0.9), F32(0.05), 36, False, ws)
+    dm = make_qp_quants(QK_K // 16, 15, scales, Ls, sw, ws)
+    mm = make_qp_quants(QK_K // 16, 15, mins, Lm, sw, ws)
     put_f16(y, _D, dm)
     put_f16(y, _DMIN, mm)
     for j in range(QK_K // 16):
@@ -96,12 +96,12 @@ def quantize_block_imatrix(x, qw, y, L, Laux, weights, scales, mins, sw, Ls, Lm)
     pack_2bit(L, y, _QS)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def quantize_rows(x, qw, use_qw, out):
     nrows, n = x.shape
     for r in prange(nrows):
         L = np.empty(QK_K, np.uint8)
-        Laux = np.empty(16, np.uint8)
+        ws = workspace()
         weights = np.empty(16, np.float32)
         scales = np.empty(16, np.float32)
         mins = np.empty(16, np.float32)
@@ -112,13 +112,13 @@ def quantize_rows(x, qw, use_qw, out):
             xb = x[r, i * QK_K:(i + 1) * QK_K]
             yb = out[r, i * BLOCK_BYTES:(i + 1) * BLOCK_BYTES]
             if use_qw:
-                quantize_block_imatrix(xb, qw[i * QK_K:(i + 1) * QK_K], yb, L, Laux, weights,
-                                       scales, mins, sw, Ls, Lm)
+                quantize_block_imatrix(xb, qw[i * QK_K:(i + 1) * QK_K], yb, L, weights,
+                                       scales, mins, sw, Ls, Lm, ws)
             else:
-                quantize_block(xb, yb, L, Laux, weights, scales, mins)
+                quantize_block(xb, yb, L, weights, scales, mins, ws)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def dequantize_rows(q, out):
     nrows, n = out.shape
     for r in prange(nrows):

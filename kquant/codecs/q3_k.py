@@ -10,14 +10,14 @@ from numba import njit, prange
 
 from .bits import F32, get_f16, nearest_int, put_f16
 from .layout import QK_K, pack_2bit, q3_scale
-from .search import make_q3_quants, make_qx_quants
+from .search import make_q3_quants, make_qx_quants, workspace
 
 BLOCK_BYTES = 110
 _HMASK, _QS, _SCALES, _D = 0, 32, 96, 108
 _ZERO = F32(0.0)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _pack_scale(y, j, l):
     """Store the 6-bit level l (0..63) of sub-block j into the 12 scale bytes."""
     if j < 8:
@@ -27,7 +27,7 @@ def _pack_scale(y, j, l):
     y[_SCALES + 8 + j % 4] |= (l >> 4) << (2 * (j // 4))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _finish(x, y, L):
     """Requantize against the stored scales, then split levels into hmask and qs."""
     d_all = get_f16(y, _D)
@@ -47,7 +47,7 @@ def _finish(x, y, L):
     pack_2bit(L, y, _QS)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def quantize_block(x, y, L, scales):
     max_scale = _ZERO
     amax = _ZERO
@@ -71,8 +71,8 @@ def quantize_block(x, y, L, scales):
     _finish(x, y, L)
 
 
-@njit(cache=True)
-def quantize_block_imatrix(x, qw, y, L, scales, weight, sw, Ls):
+@njit(cache=True, error_model="numpy")
+def quantize_block_imatrix(x, qw, y, L, scales, weight, sw, Ls, ws):
     sumx2 = _ZERO
     for j in range(QK_K):
         sumx2 += x[j] * x[j]
@@ -85,17 +85,17 @@ def quantize_block_imatrix(x, qw, y, L, scales, weight, sw, Ls):
         for l in range(16):
             sumw += weight[l]
         sw[j] = sumw
-        scales[j] = make_qx_quants(16, 4, xs, L[16 * j:16 * j + 16], 1, weight, True)
+        scales[j] = make_qx_quants(16, 4, xs, L[16 * j:16 * j + 16], weight, True, ws)
     for j in range(12):
         y[_SCALES + j] = 0
-    d_block = make_qx_quants(QK_K // 16, 32, scales, Ls, 1, sw, True)
+    d_block = make_qx_quants(QK_K // 16, 32, scales, Ls, sw, True, ws)
     for j in range(QK_K // 16):
         _pack_scale(y, j, np.int64(Ls[j]))
     put_f16(y, _D, d_block)
     _finish(x, y, L)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def quantize_rows(x, qw, use_qw, out):
     nrows, n = x.shape
     for r in prange(nrows):
@@ -104,16 +104,17 @@ def quantize_rows(x, qw, use_qw, out):
         weight = np.empty(16, np.float32)
         sw = np.empty(16, np.float32)
         Ls = np.empty(16, np.int8)
+        ws = workspace()
         for i in range(n // QK_K):
             xb = x[r, i * QK_K:(i + 1) * QK_K]
             yb = out[r, i * BLOCK_BYTES:(i + 1) * BLOCK_BYTES]
             if use_qw:
-                quantize_block_imatrix(xb, qw[i * QK_K:(i + 1) * QK_K], yb, L, scales, weight, sw, Ls)
+                quantize_block_imatrix(xb, qw[i * QK_K:(i + 1) * QK_K], yb, L, scales, weight, sw, Ls, ws)
             else:
                 quantize_block(xb, yb, L, scales)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def dequantize_rows(q, out):
     nrows, n = out.shape
     for r in prange(nrows):

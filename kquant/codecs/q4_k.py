@@ -11,7 +11,7 @@ from numba import njit, prange
 
 from .bits import F32, get_f16, nearest_int, put_f16
 from .layout import QK_K, get_scale_min_k4, pack_scale_min_k4
-from .search import make_qkx_quants, make_qp_quants
+from .search import make_qkx_quants, make_qp_quants, workspace
 
 BLOCK_BYTES = 144
 _D, _DMIN, _SCALES, _QS = 0, 2, 4, 16
@@ -19,8 +19,8 @@ _ZERO = F32(0.0)
 _S63 = F32(63.0)
 
 
-@njit(cache=True)
-def scales_mins_ref(x, y, L, Laux, weights, scales, mins, nmax, rmin, rdelta, nstep):
+@njit(cache=True, error_model="numpy")
+def scales_mins_ref(x, y, L, weights, scales, mins, nmax, rmin, rdelta, nstep, ws):
     """The reference (no imatrix) sub-block fit of Q4_K/Q5_K, then levels re-fit to the
     stored 6-bit scales. Fills y's d, dmin and scales, and L."""
     for j in range(QK_K // 32):
@@ -31,8 +31,8 @@ def scales_mins_ref(x, y, L, Laux, weights, scales, mins, nmax, rmin, rdelta, ns
         av_x = np.sqrt(sum_x2 / F32(32.0))
         for l in range(32):
             weights[l] = av_x + abs(xs[l])
-        scales[j], mins[j] = make_qkx_quants(32, nmax, xs, weights, L[32 * j:32 * j + 32], Laux,
-                                             rmin, rdelta, nstep, False)
+        scales[j], mins[j] = make_qkx_quants(32, nmax, xs, weights, L[32 * j:32 * j + 32],
+                                             rmin, rdelta, nstep, False, ws)
     max_scale = _ZERO
     max_min = _ZERO
     for j in range(QK_K // 32):
@@ -51,8 +51,8 @@ def scales_mins_ref(x, y, L, Laux, weights, scales, mins, nmax, rmin, rdelta, ns
     requantize(x, y, L, nmax)
 
 
-@njit(cache=True)
-def scales_mins_imatrix(x, qw, y, L, Laux, weights, scales, mins, sw, Ls, Lm, nmax, clamp63):
+@njit(cache=True, error_model="numpy")
+def scales_mins_imatrix(x, qw, y, L, weights, scales, mins, sw, Ls, Lm, nmax, clamp63, ws):
     """The imatrix sub-block fit of Q4_K/Q5_K (make_qkx3 + make_qp for the 6-bit scales).
 
     `clamp63`: Q5_K's C clamps the levels to 63 before packing, Q4_K's does not; they differ
@@ -69,10 +69,10 @@ def scales_mins_imatrix(x, qw, y, L, Laux, weights, scales, mins, sw, Ls, Lm, nm
         for l in range(32):
             sumw += weights[l]
         sw[j] = sumw
-        scales[j], mins[j] = make_qkx_quants(32, nmax, xs, weights, L[32 * j:32 * j + 32], Laux,
-                                             F32(-0.9), F32(0.05), 36, False)
-    d_block = make_qp_quants(QK_K // 32, 63, scales, Ls, sw)
-    m_block = make_qp_quants(QK_K // 32, 63, mins, Lm, sw)
+        scales[j], mins[j] = make_qkx_quants(32, nmax, xs, weights, L[32 * j:32 * j + 32],
+                                             F32(-0.9), F32(0.05), 36, False, ws)
+    d_block = make_qp_quants(QK_K // 32, 63, scales, Ls, sw, ws)
+    m_block = make_qp_quants(QK_K // 32, 63, mins, Lm, sw, ws)
     for j in range(QK_K // 32):
         ls = np.int64(Ls[j])
         lm = np.int64(Lm[j])
@@ -85,7 +85,7 @@ def scales_mins_imatrix(x, qw, y, L, Laux, weights, scales, mins, sw, Ls, Lm, nm
     requantize(x, y, L, nmax)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def requantize(x, y, L, nmax):
     d_all = get_f16(y, _D)
     m_all = get_f16(y, _DMIN)
@@ -100,19 +100,19 @@ def requantize(x, y, L, nmax):
             L[32 * j + ii] = max(0, min(nmax, l))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _pack(L, y):
     for j in range(0, QK_K, 64):
         for l in range(32):
             y[_QS + j // 2 + l] = L[j + l] | (L[j + l + 32] << 4)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def quantize_rows(x, qw, use_qw, out):
     nrows, n = x.shape
     for r in prange(nrows):
         L = np.empty(QK_K, np.uint8)
-        Laux = np.empty(32, np.uint8)
+        ws = workspace()
         weights = np.empty(32, np.float32)
         scales = np.empty(8, np.float32)
         mins = np.empty(8, np.float32)
@@ -123,15 +123,15 @@ def quantize_rows(x, qw, use_qw, out):
             xb = x[r, i * QK_K:(i + 1) * QK_K]
             yb = out[r, i * BLOCK_BYTES:(i + 1) * BLOCK_BYTES]
             if use_qw:
-                scales_mins_imatrix(xb, qw[i * QK_K:(i + 1) * QK_K], yb, L, Laux, weights,
-                                    scales, mins, sw, Ls, Lm, 15, False)
+                scales_mins_imatrix(xb, qw[i * QK_K:(i + 1) * QK_K], yb, L, weights,
+                                    scales, mins, sw, Ls, Lm, 15, False, ws)
             else:
-                scales_mins_ref(xb, yb, L, Laux, weights, scales, mins, 15,
-                                F32(-1.0), F32(0.1), 20)
+                scales_mins_ref(xb, yb, L, weights, scales, mins, 15,
+                                F32(-1.0), F32(0.1), 20, ws)
             _pack(L, yb)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def dequantize_rows(q, out):
     nrows, n = out.shape
     for r in prange(nrows):

@@ -12,12 +12,13 @@ from numba import njit, prange
 from .bits import F32, get_f16
 from .layout import QK_K, get_scale_min_k4
 from .q4_k import scales_mins_imatrix, scales_mins_ref
+from .search import workspace
 
 BLOCK_BYTES = 176
 _D, _DMIN, _SCALES, _QH, _QS = 0, 2, 4, 16, 48
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _pack(L, y):
     for j in range(32):
         y[_QH + j] = 0
@@ -38,12 +39,12 @@ def _pack(L, y):
         m2 <<= 2
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def quantize_rows(x, qw, use_qw, out):
     nrows, n = x.shape
     for r in prange(nrows):
         L = np.empty(QK_K, np.uint8)
-        Laux = np.empty(32, np.uint8)
+        ws = workspace()
         weights = np.empty(32, np.float32)
         scales = np.empty(8, np.float32)
         mins = np.empty(8, np.float32)
@@ -54,15 +55,15 @@ def quantize_rows(x, qw, use_qw, out):
             xb = x[r, i * QK_K:(i + 1) * QK_K]
             yb = out[r, i * BLOCK_BYTES:(i + 1) * BLOCK_BYTES]
             if use_qw:
-                scales_mins_imatrix(xb, qw[i * QK_K:(i + 1) * QK_K], yb, L, Laux, weights,
-                                    scales, mins, sw, Ls, Lm, 31, True)
+                scales_mins_imatrix(xb, qw[i * QK_K:(i + 1) * QK_K], yb, L, weights,
+                                    scales, mins, sw, Ls, Lm, 31, True, ws)
             else:
-                scales_mins_ref(xb, yb, L, Laux, weights, scales, mins, 31,
-                                F32(-0.5), F32(0.1), 15)
+                scales_mins_ref(xb, yb, L, weights, scales, mins, 31,
+                                F32(-0.5), F32(0.1), 15, ws)
             _pack(L, yb)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def dequantize_rows(q, out):
     nrows, n = out.shape
     for r in prange(nrows):

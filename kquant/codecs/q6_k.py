@@ -10,22 +10,22 @@ from numba import njit, prange
 
 from .bits import F32, get_f16, nearest_int, put_f16
 from .layout import QK_K
-from .search import GROUP_MAX_EPS, make_qx_quants
+from .search import GROUP_MAX_EPS, make_qx_quants, workspace
 
 BLOCK_BYTES = 210
 _QL, _QH, _SCALES, _D = 0, 128, 192, 208
 _ZERO = F32(0.0)
 
 
-@njit(cache=True)
-def quantize_block(x, qw, use_qw, y, L, scales):
+@njit(cache=True, error_model="numpy")
+def quantize_block(x, qw, use_qw, y, L, scales, ws):
     """Both C paths in one: the imatrix path passes the raw importance as make_qx_quants'
     weights, the reference path weights by x^2 (rmse_type 1 with no weights)."""
     max_scale = _ZERO
     max_abs_scale = _ZERO
     for ib in range(QK_K // 16):
-        scale = make_qx_quants(16, 32, x[16 * ib:16 * ib + 16], L[16 * ib:16 * ib + 16], 1,
-                               qw[16 * ib:16 * ib + 16], use_qw)
+        scale = make_qx_quants(16, 32, x[16 * ib:16 * ib + 16], L[16 * ib:16 * ib + 16],
+                               qw[16 * ib:16 * ib + 16], use_qw, ws)
         scales[ib] = scale
         abs_scale = abs(scale)
         if abs_scale > max_abs_scale:
@@ -59,19 +59,20 @@ def quantize_block(x, qw, use_qw, y, L, scales):
                                    | ((L[j + l + 64] >> 4) << 4) | ((L[j + l + 96] >> 4) << 6))
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def quantize_rows(x, qw, use_qw, out):
     nrows, n = x.shape
     for r in prange(nrows):
         L = np.empty(QK_K, np.int8)
         scales = np.empty(16, np.float32)
+        ws = workspace()
         for i in range(n // QK_K):
             # qw is a zero-length placeholder without an imatrix; slicing it stays empty
             quantize_block(x[r, i * QK_K:(i + 1) * QK_K], qw[i * QK_K:(i + 1) * QK_K], use_qw,
-                           out[r, i * BLOCK_BYTES:(i + 1) * BLOCK_BYTES], L, scales)
+                           out[r, i * BLOCK_BYTES:(i + 1) * BLOCK_BYTES], L, scales, ws)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def dequantize_rows(q, out):
     nrows, n = out.shape
     for r in prange(nrows):

@@ -16,7 +16,7 @@ _D, _QS, _BSUMS = 0, 4, 260
 _ZERO = F32(0.0)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def quantize_block(x, y):
     max_ = _ZERO
     amax = _ZERO
@@ -42,7 +42,7 @@ def quantize_block(x, y):
     put_f32(y, _D, F32(1.0) / iscale)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def quantize_rows(x, qw, use_qw, out):
     nrows, n = x.shape
     for r in prange(nrows):
@@ -50,7 +50,7 @@ def quantize_rows(x, qw, use_qw, out):
             quantize_block(x[r, i * QK_K:(i + 1) * QK_K], out[r, i * BLOCK_BYTES:(i + 1) * BLOCK_BYTES])
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def dequantize_rows(q, out):
     nrows, n = out.shape
     for r in prange(nrows):

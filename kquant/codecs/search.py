@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .bits import F32, nearest_int
+from .bits import F32, nearest_int, round_nearest
 
 GROUP_MAX_EPS = F32(1e-15)
 _ZERO = F32(0.0)
@@ -22,9 +22,34 @@ _HALF = F32(0.5)
 _TENTH = F32(0.1)
 
 
-@njit(cache=True)
-def make_qx_quants(n, nmax, x, L, rmse_type, qw, use_qw):
-    """Symmetric levels in [-nmax, nmax-1] (stored +nmax) with an RMSE-refined scale."""
+# Trial scales are evaluated side by side, one SIMD lane per trial: each lane's sums still
+# run over i in C's order, so every trial's result is the reference's, and the choice
+# among them is then made walking the trials in C's order.
+#
+# The lanes live in one flat float32 workspace at constant offsets, so LLVM can prove the
+# rows apart and its SLP vectorizer (which kquant enables, see codecs.vectorizing) turns each
+# fully unrolled lane loop into AVX2 instructions; with separate arrays it cannot.
+# Check: `kquant.codecs.search.make_qx_quants.inspect_asm()` shows ymm arithmetic.
+WS_LANES = 64
+_ISC, _S1, _S2, _S3, _ERR, _TSC, _TMN, _DET, _W, _WX = (k * WS_LANES for k in range(10))
+WS_SIZE = 10 * WS_LANES
+_QX_LANES = 24  # 19 trials (is = -9..9) padded to whole AVX2 vectors
+_QKX_LANES = 8  # one vector per window: see make_qkx_quants
+
+
+@njit(cache=True, error_model="numpy")
+def workspace():
+    """Scratch for the searches below; one per thread (allocate it per row)."""
+    return np.empty(WS_SIZE, np.float32)
+
+
+@njit(cache=True, error_model="numpy")
+def make_qx_quants(n, nmax, x, L, qw, use_qw, ws):
+    """Symmetric levels in [-nmax, nmax-1] (stored +nmax) with an RMSE-refined scale.
+
+    This is make_qx_quants with rmse_type 1, the only form llama.cpp's types use: weights
+    `qw` when given, else x^2. Returns the scale.
+    """
     max_ = _ZERO
     amax = _ZERO
     for i in range(n):
@@ -36,66 +61,42 @@ def make_qx_quants(n, nmax, x, L, rmse_type, qw, use_qw):
         for i in range(n):
             L[i] = 0
         return _ZERO
-    iscale = F32(-nmax) / max_
-    if rmse_type == 0:
-        for i in range(n):
-            l = nearest_int(iscale * x[i])
-            L[i] = nmax + max(-nmax, min(nmax - 1, l))
-        return _ONE / iscale
-    return_early = False
-    if rmse_type < 0:
-        rmse_type = -rmse_type
-        return_early = True
-    sumlx = _ZERO
-    suml2 = _ZERO
     for i in range(n):
-        l = nearest_int(iscale * x[i])
-        l = max(-nmax, min(nmax - 1, l))
-        L[i] = l + nmax
-        w = _weight(x[i], i, rmse_type, qw, use_qw)
-        fl = F32(l)
-        sumlx += w * x[i] * fl
-        suml2 += w * fl * fl
-    scale = sumlx / suml2 if suml2 != _ZERO else _ZERO
-    if return_early:
-        return _HALF * (scale + _ONE / iscale) if suml2 > _ZERO else _ONE / iscale
-    best = scale * sumlx
-    for is_ in range(-9, 10):
-        if is_ == 0:
-            continue
-        iscale = -(F32(nmax) + _TENTH * F32(is_)) / max_
-        sumlx = _ZERO
-        suml2 = _ZERO
-        for i in range(n):
-            l = nearest_int(iscale * x[i])
-            l = max(-nmax, min(nmax - 1, l))
-            w = _weight(x[i], i, rmse_type, qw, use_qw)
-            fl = F32(l)
-            sumlx += w * x[i] * fl
-            suml2 += w * fl * fl
-        if suml2 > _ZERO and sumlx * sumlx > best * suml2:
-            for i in range(n):
-                l = nearest_int(iscale * x[i])
-                L[i] = nmax + max(-nmax, min(nmax - 1, l))
-            scale = sumlx / suml2
-            best = scale * sumlx
+        w = qw[i] if use_qw else x[i] * x[i]
+        ws[_W + i] = w
+        ws[_WX + i] = w * x[i]
+    # lane k tries is = k - 9; lane 9 (is = 0) is C's first pass, iscale = -nmax/max
+    for k in range(_QX_LANES):
+        ws[_ISC + k] = -(F32(nmax) + _TENTH * F32(k - 9)) / max_
+        ws[_S1 + k] = _ZERO
+        ws[_S2 + k] = _ZERO
+    lo = F32(-nmax)
+    hi = F32(nmax - 1)
+    for i in range(n):
+        xi = x[i]
+        wi = ws[_W + i]
+        wxi = ws[_WX + i]
+        for k in range(_QX_LANES):
+            fl = min(hi, max(lo, round_nearest(ws[_ISC + k] * xi)))
+            ws[_S1 + k] += wxi * fl
+            ws[_S2 + k] += wi * fl * fl
+    slx = ws[_S1:_S1 + _QX_LANES]
+    sl2 = ws[_S2:_S2 + _QX_LANES]
+    scale = slx[9] / sl2[9] if sl2[9] != _ZERO else _ZERO
+    best = scale * slx[9]
+    best_k = 9
+    for k in range(19):
+        if k != 9 and sl2[k] > _ZERO and slx[k] * slx[k] > best * sl2[k]:
+            best_k = k
+            scale = slx[k] / sl2[k]
+            best = scale * slx[k]
+    iscale = ws[_ISC + best_k]
+    for i in range(n):
+        L[i] = nmax + max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
     return scale
 
 
-@njit(cache=True, inline="always")
-def _weight(xi, i, rmse_type, qw, use_qw):
-    if use_qw:
-        return qw[i]
-    if rmse_type == 1:
-        return xi * xi
-    if rmse_type == 2:
-        return _ONE
-    if rmse_type == 3:
-        return abs(xi)
-    return np.sqrt(abs(xi))
-
-
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def make_q3_quants(n, nmax, x, L, do_rmse):
     """Q3_K's reference search: x^2-weighted levels refined by coordinate descent."""
     max_ = _ZERO
@@ -152,13 +153,17 @@ def make_q3_quants(n, nmax, x, L, do_rmse):
     return _ONE / iscale
 
 
-@njit(cache=True)
-def make_qkx_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad):
+@njit(cache=True, error_model="numpy")
+def make_qkx_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad, ws):
     """Asymmetric levels in [0, nmax] with a min: ggml's make_qkx2_quants / make_qkx3_quants.
 
     The two C functions differ only in `max == min` versus `max <= min`, which cannot differ
     once min is clamped to <= 0 (and both are false for NaN), so one port serves both.
     Returns (scale, the_min) where the_min is C's `*the_min` (the negated offset).
+
+    In C an accepted trial replaces `min`, which the later trials then use. So trials are
+    evaluated 8 at a time with the current min, walked in order, and the next window starts
+    right after any acceptance that moved min (about 3 per call on Gaussian data).
     """
     min_ = x[0]
     max_ = x[0]
@@ -182,50 +187,85 @@ def make_qkx_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad):
     scale = _ONE / iscale
     best_error = _ZERO
     for i in range(n):
-        l = nearest_int(iscale * (x[i] - min_))
-        L[i] = max(0, min(nmax, l))
-        diff = scale * F32(L[i]) + min_ - x[i]
+        l = max(0, min(nmax, nearest_int(iscale * (x[i] - min_))))
+        diff = scale * F32(l) + min_ - x[i]
         diff = abs(diff) if use_mad else diff * diff
         best_error += weights[i] * diff
+    best_iscale = iscale
+    best_min = min_  # the min the chosen levels were rounded against
     if nstep < 1:
-        return scale, -min_
-    for is_ in range(nstep + 1):
-        iscale = (rmin + rdelta * F32(is_) + F32(nmax)) / (max_ - min_)
-        sum_l = _ZERO
-        sum_l2 = _ZERO
-        sum_xl = _ZERO
         for i in range(n):
-            l = nearest_int(iscale * (x[i] - min_))
-            l = max(0, min(nmax, l))
-            Laux[i] = l
-            w = weights[i]
-            fl = F32(l)
-            sum_l += w * fl
-            sum_l2 += w * fl * fl
-            sum_xl += w * fl * x[i]
-        D = sum_w * sum_l2 - sum_l * sum_l
-        if D > _ZERO:
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-            if this_min > _ZERO:
-                this_min = _ZERO
-                this_scale = sum_xl / sum_l2
-            cur_error = _ZERO
-            for i in range(n):
-                diff = this_scale * F32(Laux[i]) + this_min - x[i]
-                diff = abs(diff) if use_mad else diff * diff
-                cur_error += weights[i] * diff
-            if cur_error < best_error:
-                for i in range(n):
-                    L[i] = Laux[i]
-                best_error = cur_error
-                scale = this_scale
-                min_ = this_min
+            L[i] = max(0, min(nmax, nearest_int(iscale * (x[i] - min_))))
+        return scale, -min_
+    start = 0
+    while start <= nstep:
+        _qkx_trials(n, nmax, x, weights, sum_w, sum_x, min_, max_, rmin, rdelta, start,
+                    use_mad, ws)
+        next_start = start + _QKX_LANES
+        for k in range(min(_QKX_LANES, nstep + 1 - start)):
+            if ws[_DET + k] > _ZERO and ws[_ERR + k] < best_error:
+                best_error = ws[_ERR + k]
+                scale = ws[_TSC + k]
+                best_iscale = ws[_ISC + k]
+                best_min = min_
+                moved = ws[_TMN + k] != min_  # 0.0 vs -0.0 gives the same trials
+                min_ = ws[_TMN + k]
+                if moved:  # the later trials of this window used the old min
+                    next_start = start + k + 1
+                    break
+        start = next_start
+    for i in range(n):
+        L[i] = max(0, min(nmax, nearest_int(best_iscale * (x[i] - best_min))))
     return scale, -min_
 
 
-@njit(cache=True)
-def make_qp_quants(n, nmax, x, L, quant_weights):
+@njit(cache=True, error_model="numpy")
+def _qkx_trials(n, nmax, x, weights, sum_w, sum_x, min_, max_, rmin, rdelta, start, use_mad, ws):
+    """Trials is = start .. start+7 of make_qkx_quants, lane k = trial start+k: their scale
+    (TSC), min (TMN), determinant (DET) and weighted error (ERR). One AVX2 vector of lanes:
+    a restart then wastes at most one window (lanes past nstep are computed and ignored)."""
+    for k in range(_QKX_LANES):
+        ws[_ISC + k] = (rmin + rdelta * F32(start + k) + F32(nmax)) / (max_ - min_)
+        ws[_S1 + k] = _ZERO
+        ws[_S2 + k] = _ZERO
+        ws[_S3 + k] = _ZERO
+    hi = F32(nmax)
+    for i in range(n):
+        xi = x[i]
+        xm = xi - min_
+        wi = weights[i]
+        for k in range(_QKX_LANES):
+            fl = min(hi, max(_ZERO, round_nearest(ws[_ISC + k] * xm)))
+            wl = wi * fl
+            ws[_S1 + k] += wl
+            ws[_S2 + k] += wl * fl
+            ws[_S3 + k] += wl * xi
+    for k in range(_QKX_LANES):
+        sl = ws[_S1 + k]
+        sl2 = ws[_S2 + k]
+        sxl = ws[_S3 + k]
+        D = sum_w * sl2 - sl * sl
+        this_scale = (sum_w * sxl - sum_x * sl) / D
+        this_min = (sl2 * sum_x - sl * sxl) / D
+        if this_min > _ZERO:
+            this_min = _ZERO
+            this_scale = sxl / sl2
+        ws[_DET + k] = D
+        ws[_TSC + k] = this_scale
+        ws[_TMN + k] = this_min
+        ws[_ERR + k] = _ZERO
+    for i in range(n):
+        xi = x[i]
+        xm = xi - min_
+        wi = weights[i]
+        for k in range(_QKX_LANES):
+            fl = min(hi, max(_ZERO, round_nearest(ws[_ISC + k] * xm)))
+            diff = ws[_TSC + k] * fl + ws[_TMN + k] - xi
+            ws[_ERR + k] += wi * (abs(diff) if use_mad else diff * diff)
+
+
+@njit(cache=True, error_model="numpy")
+def make_qp_quants(n, nmax, x, L, quant_weights, ws):
     """Levels in [0, nmax] for non-negative values (the sub-block scales of the imatrix paths)."""
     max_ = _ZERO
     for i in range(n):
@@ -240,29 +280,30 @@ def make_qp_quants(n, nmax, x, L, quant_weights):
     scale = _ONE / iscale
     best_mse = _ZERO
     for i in range(n):
-        diff = x[i] - scale * F32(L[i])
+        diff = x[i] - scale * F32(L[i])  # L is uint8: C reads back the wrapped level
         w = quant_weights[i]
         best_mse += w * diff * diff
-    for is_ in range(-4, 5):
-        if is_ == 0:
-            continue
-        iscale_is = (_TENTH * F32(is_) + F32(nmax)) / max_
-        scale_is = _ONE / iscale_is
-        mse = _ZERO
-        for i in range(n):
-            l = nearest_int(iscale_is * x[i])
-            l = min(nmax, l)
-            diff = x[i] - scale_is * F32(l)
-            w = quant_weights[i]
-            mse += w * diff * diff
-        if mse < best_mse:
-            best_mse = mse
-            iscale = iscale_is
+    # the 8 trials is = -4..-1, 1..4 side by side (lane k: is = k - 4, or k - 3 from k = 4)
+    for k in range(8):
+        is_ = k - 4 if k < 4 else k - 3
+        ws[_ISC + k] = (_TENTH * F32(is_) + F32(nmax)) / max_
+        ws[_TSC + k] = _ONE / ws[_ISC + k]
+        ws[_ERR + k] = _ZERO
+    hi = F32(nmax)
+    for i in range(n):
+        xi = x[i]
+        w = quant_weights[i]
+        for k in range(8):
+            diff = xi - ws[_TSC + k] * min(hi, round_nearest(ws[_ISC + k] * xi))
+            ws[_ERR + k] += w * diff * diff
+    for k in range(8):
+        if ws[_ERR + k] < best_mse:
+            best_mse = ws[_ERR + k]
+            iscale = ws[_ISC + k]
     sumlx = _ZERO
     suml2 = _ZERO
     for i in range(n):
-        l = nearest_int(iscale * x[i])
-        l = min(nmax, l)
+        l = min(nmax, nearest_int(iscale * x[i]))
         L[i] = l
         w = quant_weights[i]
         fl = F32(l)

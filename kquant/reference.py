@@ -1,0 +1,99 @@
+"""ctypes bindings to llama.cpp's own libggml-base, the reference kquant is checked against.
+
+The library comes with llama-cpp-python (`pip install kquant[interop]`), or from any llama.cpp
+build named by the KQUANT_LIBGGML environment variable. Used by the parity tests, the golden
+vector generator and the benchmarks; kquant itself never needs it.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+_c_float_p = ctypes.POINTER(ctypes.c_float)
+
+
+def find_libggml() -> Path | None:
+    """libggml-base from $KQUANT_LIBGGML or the installed llama_cpp package, else None."""
+    env = os.environ.get("KQUANT_LIBGGML")
+    if env:
+        return Path(env) if Path(env).is_file() else None
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("llama_cpp")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
+            p = Path(folder) / "lib" / name
+            if p.is_file():
+                return p
+    return None
+
+
+class GGML:
+    """The few ggml entry points kquant mirrors: ggml_quantize_chunk, quantize_row_q8_K_ref
+    and the dequantize_row_* functions."""
+
+    def __init__(self, path: Path | str | None = None):
+        path = path or find_libggml()
+        if path is None:
+            raise FileNotFoundError("libggml-base not found: install llama-cpp-python==0.3.36 "
+                                    "or set KQUANT_LIBGGML")
+        self.path = Path(path)
+        lib = self.lib = ctypes.CDLL(str(path))
+        lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+        lib.ggml_quantize_chunk.argtypes = (ctypes.c_int, _c_float_p, ctypes.c_void_p,
+                                            ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                            _c_float_p)
+        lib.quantize_row_q8_K_ref.restype = None
+        lib.quantize_row_q8_K_ref.argtypes = (_c_float_p, ctypes.c_void_p, ctypes.c_int64)
+        for name in ("ggml_fp16_to_fp32_row", "ggml_bf16_to_fp32_row"):
+            getattr(lib, name).argtypes = (ctypes.c_void_p, _c_float_p, ctypes.c_int64)
+
+    def quantize(self, x: np.ndarray, qtype: GGMLQuantizationType,
+                 imatrix: np.ndarray | None = None) -> np.ndarray:
+        """ggml_quantize_chunk over all rows of x (for Q8_K: quantize_row_q8_K_ref)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        n_per_row = x.shape[-1]
+        nrows = x.size // n_per_row
+        block, size = GGML_QUANT_SIZES[qtype]
+        row_bytes = n_per_row // block * size
+        out = np.zeros(x.shape[:-1] + (row_bytes,), np.uint8)
+        src = x.ctypes.data_as(_c_float_p)
+        if qtype == GGMLQuantizationType.Q8_K:
+            self.lib.quantize_row_q8_K_ref(src, out.ctypes.data, x.size)
+            return out
+        qw = None
+        if imatrix is not None:
+            imatrix = np.ascontiguousarray(imatrix, dtype=np.float32)
+            qw = imatrix.ctypes.data_as(_c_float_p)
+        written = self.lib.ggml_quantize_chunk(int(qtype), src, out.ctypes.data, 0, nrows,
+                                               n_per_row, qw)
+        assert written == out.size, (written, out.size)
+        return out
+
+    def dequantize(self, data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+        data = np.ascontiguousarray(data).view(np.uint8)
+        block, size = GGML_QUANT_SIZES[qtype]
+        n_per_row = data.shape[-1] // size * block
+        out = np.empty(data.shape[:-1] + (n_per_row,), np.float32)
+        dst = out.ctypes.data_as(_c_float_p)
+        if qtype == GGMLQuantizationType.F32:
+            out[...] = data.view(np.float32)
+        elif qtype == GGMLQuantizationType.F16:
+            self.lib.ggml_fp16_to_fp32_row(data.ctypes.data, dst, out.size)
+        elif qtype == GGMLQuantizationType.BF16:
+            self.lib.ggml_bf16_to_fp32_row(data.ctypes.data, dst, out.size)
+        else:
+            fn = getattr(self.lib, "dequantize_row_" + qtype.name.lower().replace("_k", "_K"))
+            fn.restype = None
+            fn.argtypes = (ctypes.c_void_p, _c_float_p, ctypes.c_int64)
+            fn(data.ctypes.data, dst, out.size)
+        return out
