@@ -15,7 +15,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .bits import F32, get_f16, put_f16
+from .bits import F32, f32_bits, get_f16, put_f16
 from .search import make_qkx_quants, make_qx_quants, workspace
 
 QK = 32
@@ -25,6 +25,11 @@ BLOCK_BYTES = (18, 20, 22, 24, 34)
 _ZERO = F32(0.0)
 _ONE = F32(1.0)
 _FLT_MAX = F32(3.4028234663852886e38)
+_F128 = F32(128.0)
+_F15 = F32(15.0)
+_F16 = F32(16.0)
+_ABS_MASK = np.uint32(0x7FFFFFFF)
+_INF_BITS = np.uint32(0x7F800000)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -39,6 +44,14 @@ def _roundf(v):
     """C's roundf (half away from zero); exact through float64 for float32 inputs."""
     a = math.floor(abs(np.float64(v)) + 0.5)
     return -a if v < 0 else a
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _store_4bit(y, qs_pos, L):
+    """Value j and j+16 share a byte, low nibble first. Unmasked, as the C: a wrapped
+    negative level spills its high bits (truncated to the byte)."""
+    for j in range(16):
+        y[qs_pos + j] = L[j] | (L[j + 16] << 4)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -57,7 +70,7 @@ def _store_5bit(y, qh_pos, qs_pos, L):
 
 @njit(cache=True, error_model="numpy", inline="always")
 def _abs_max(x):
-    """The signed value of largest magnitude (first one on ties)."""
+    """The signed value of largest magnitude, the first one on ties, NaNs passed over."""
     amax = _ZERO
     max_ = _ZERO
     for j in range(QK):
@@ -79,9 +92,50 @@ def _min_max(x):
     return min_, max_
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _levels(x, sub, id_, off, hi, L):
+    """C's `MIN(hi, (int8_t)((x - sub)*id + off))` for a block, in float lanes.
+
+    For every v in [0, 128) the cast is floor. Returns False if some v falls outside (inf,
+    NaN, or scales at the edge of float range), where the caller redoes the block with
+    _levels_exact. `x - 0` is x exactly, so sub = 0 serves the symmetric types.
+    """
+    ok = True
+    for j in range(QK):
+        v = (x[j] - sub) * id_ + off
+        ok &= (v >= _ZERO) & (v < _F128)
+        L[j] = min(np.floor(v), hi)
+    return ok
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _pack_4bit_fast(x, sub, id_, off, y, qs_pos):
+    """Q4_0/Q4_1 levels and their nibble packing in one float pass (lo + 16*hi is exact);
+    False when a block needs _levels_exact."""
+    ok = True
+    for j in range(16):
+        v0 = (x[j] - sub) * id_ + off
+        v1 = (x[j + 16] - sub) * id_ + off
+        ok &= (v0 >= _ZERO) & (v0 < _F128) & (v1 >= _ZERO) & (v1 < _F128)
+        q = min(np.floor(v0), _F15) + _F16 * min(np.floor(v1), _F15)
+        y[qs_pos + j] = np.int32(q)
+    return ok
+
+
 @njit(cache=True, error_model="numpy")
-def _ref_block(kind, x, y, L):
-    """quantize_row_{q4_0,q4_1,q5_0,q5_1,q8_0}_ref for one block."""
+def _levels_exact(kind, x, sub, id_, off, hi, L):
+    """The C casts literally: int8_t (Q4_0, Q4_1, Q5_0) or uint8_t (Q5_1), wrapping."""
+    for j in range(QK):
+        v = (x[j] - sub) * id_ + off
+        if kind == Q5_1:
+            L[j] = np.int64(v) & 0xFF
+        else:
+            L[j] = min(np.int64(hi), _trunc_i8(v))
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _ref_block(kind, x, y, L, Lf):
+    """quantize_row_{q4_0,q4_1,q5_0,q5_1,q8_0}_ref for one block (L, Lf: int32, float32 scratch)."""
     if kind == Q8_0:
         amax = _ZERO
         for j in range(QK):
@@ -95,36 +149,33 @@ def _ref_block(kind, x, y, L):
         return
     if kind == Q4_0 or kind == Q5_0:
         nmax = 8 if kind == Q4_0 else 16
+        sub = _ZERO
         d = _abs_max(x) / F32(-nmax)
-        id_ = _ONE / d if d != _ZERO else _ZERO
+        off = F32(nmax) + F32(0.5)
+        hi = F32(2 * nmax - 1)
         put_f16(y, 0, d)
-        offset = F32(nmax) + F32(0.5)
-        for j in range(QK):
-            L[j] = min(2 * nmax - 1, _trunc_i8(x[j] * id_ + offset))
-        if kind == Q4_0:
-            for j in range(16):
-                y[2 + j] = (L[j] & 0xFF) | ((L[j + 16] & 0xFF) << 4)
-        else:
-            _store_5bit(y, 2, 6, L)
-        return
-    # Q4_1 / Q5_1: offset by the block minimum
-    nmax = 15 if kind == Q4_1 else 31
-    min_, max_ = _min_max(x)
-    d = (max_ - min_) / F32(nmax)
+    else:  # Q4_1 / Q5_1: offset by the block minimum
+        nmax = 15 if kind == Q4_1 else 31
+        sub, max_ = _min_max(x)
+        d = (max_ - sub) / F32(nmax)
+        off = F32(0.5)
+        hi = F32(15.0) if kind == Q4_1 else F32(255.0)  # Q5_1's C does not clamp
+        put_f16(y, 0, d)
+        put_f16(y, 2, sub)
     id_ = _ONE / d if d != _ZERO else _ZERO
-    put_f16(y, 0, d)
-    put_f16(y, 2, min_)
-    for j in range(QK):
-        v = (x[j] - min_) * id_ + F32(0.5)
-        if kind == Q4_1:
-            L[j] = min(15, _trunc_i8(v))
-        else:
-            L[j] = np.int64(v) & 0xFF  # (uint8_t)(x0 + 0.5f)
-    if kind == Q4_1:
-        for j in range(16):
-            y[4 + j] = (L[j] & 0xFF) | ((L[j + 16] & 0xFF) << 4)
+    if kind == Q4_0 or kind == Q4_1:
+        qs = 2 if kind == Q4_0 else 4
+        if not _pack_4bit_fast(x, sub, id_, off, y, qs):
+            _levels_exact(kind, x, sub, id_, off, hi, L)
+            _store_4bit(y, qs, L)
+        return
+    if not _levels(x, sub, id_, off, hi, Lf):
+        _levels_exact(kind, x, sub, id_, off, hi, L)
     else:
-        _store_5bit(y, 4, 8, L)
+        for j in range(QK):
+            L[j] = np.int32(Lf[j])
+    qh = 2 if kind == Q5_0 else 4
+    _store_5bit(y, qh, qh + 4, L)
 
 
 @njit(cache=True, error_model="numpy")
@@ -137,8 +188,7 @@ def _imatrix_block(kind, x, qw, sigma2, y, L, Lu, weight, ws):
         d = make_qx_quants(QK, nmax, x, L, weight, True, ws)
         put_f16(y, 0, d)
         if kind == Q4_0:
-            for j in range(16):
-                y[2 + j] = (L[j] & 0xFF) | ((L[j + 16] & 0xFF) << 4)
+            _store_4bit(y, 2, L)
         else:
             _store_5bit(y, 2, 6, L)
         return
@@ -147,8 +197,7 @@ def _imatrix_block(kind, x, qw, sigma2, y, L, Lu, weight, ws):
     put_f16(y, 0, d)
     put_f16(y, 2, -the_min)
     if kind == Q4_1:
-        for j in range(16):
-            y[4 + j] = Lu[j] | (Lu[j + 16] << 4)
+        _store_4bit(y, 4, Lu)
     else:
         _store_5bit(y, 4, 8, Lu)
 
@@ -159,6 +208,8 @@ def quantize_rows(kind, x, qw, use_qw, out):
     bs = BLOCK_BYTES[kind]
     for r in prange(nrows):
         L = np.empty(QK, np.int8)
+        Li = np.empty(QK, np.int32)
+        Lf = np.empty(QK, np.float32)
         Lu = np.empty(QK, np.uint8)
         ws = workspace()
         weight = np.empty(QK, np.float32)
@@ -175,7 +226,7 @@ def quantize_rows(kind, x, qw, use_qw, out):
             if imatrix:
                 _imatrix_block(kind, xb, qw[ib * QK:(ib + 1) * QK], sigma2, yb, L, Lu, weight, ws)
             else:
-                _ref_block(kind, xb, yb, L)
+                _ref_block(kind, xb, yb, Li, Lf)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
