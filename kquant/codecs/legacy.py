@@ -15,7 +15,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .bits import F32, f32_bits, get_f16, put_f16
+from .bits import F32, bits_f32, f32_bits, get_f16, put_f16
 from .search import make_qkx_quants, make_qx_quants, workspace
 
 QK = 32
@@ -24,12 +24,13 @@ BLOCK_BYTES = (18, 20, 22, 24, 34)
 
 _ZERO = F32(0.0)
 _ONE = F32(1.0)
-_FLT_MAX = F32(3.4028234663852886e38)
 _F128 = F32(128.0)
 _F15 = F32(15.0)
 _F16 = F32(16.0)
-_ABS_MASK = np.uint32(0x7FFFFFFF)
-_INF_BITS = np.uint32(0x7F800000)
+_MAG_MASK = np.int32(0x7FFFFFFF)
+_INF_BITS_I = np.int32(0x7F800000)
+_KEY_FLT_MAX = np.int32(0x7F7FFFFF)  # order keys of +FLT_MAX and -FLT_MAX
+_KEY_NEG_FLT_MAX = np.int32(-0x7F800000)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -81,31 +82,67 @@ def _abs_max(x):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
+def _order_key(b):
+    """Float bits (int32) to an int32 that sorts like the float (-0.0 just below +0.0).
+    The map is its own inverse."""
+    return b ^ np.int32(np.int32(b >> 31) & _MAG_MASK)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def _min_max(x):
-    min_ = _FLT_MAX
-    max_ = -_FLT_MAX
+    """C's scan `if (v < min) min = v; if (v > max) max = v;` from +-FLT_MAX.
+
+    Done on order keys, which vectorize where float min/max chains do not. NaNs are passed
+    over as in C. Keys rank -0.0 below +0.0 while C keeps whichever zero came first, so a
+    zero result takes the sign of the first zero in the block.
+    """
+    lo = _KEY_FLT_MAX
+    hi = _KEY_NEG_FLT_MAX
     for j in range(QK):
-        if x[j] < min_:
-            min_ = x[j]
-        if x[j] > max_:
-            max_ = x[j]
+        b = np.int32(f32_bits(x[j]))
+        k = _order_key(b)
+        nan = (b & _MAG_MASK) > _INF_BITS_I
+        kl = _KEY_FLT_MAX if nan else k
+        kh = _KEY_NEG_FLT_MAX if nan else k
+        lo = kl if kl < lo else lo
+        hi = kh if kh > hi else hi
+    min_ = bits_f32(_order_key(lo))
+    max_ = bits_f32(_order_key(hi))
+    if min_ == _ZERO or max_ == _ZERO:
+        for j in range(QK):
+            if x[j] == _ZERO:
+                if min_ == _ZERO:
+                    min_ = x[j]
+                if max_ == _ZERO:
+                    max_ = x[j]
+                break
     return min_, max_
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _levels(x, sub, id_, off, hi, L):
-    """C's `MIN(hi, (int8_t)((x - sub)*id + off))` for a block, in float lanes.
-
-    For every v in [0, 128) the cast is floor. Returns False if some v falls outside (inf,
-    NaN, or scales at the edge of float range), where the caller redoes the block with
-    _levels_exact. `x - 0` is x exactly, so sub = 0 serves the symmetric types.
-    """
+def _pack_5bit_fast(x, sub, id_, off, hi, y, qh_pos, Lf):
+    """Q5_0/Q5_1 levels `MIN(hi, (int8_t)((x - sub)*id + off))` and their packing, in float
+    lanes: for v in [0, 128) the cast is floor. Returns False if some v falls outside (inf,
+    NaN, scales at the edge of float range); the caller then redoes the block with
+    _levels_exact. `x - 0` is x exactly, so sub = 0 serves Q5_0."""
     ok = True
     for j in range(QK):
         v = (x[j] - sub) * id_ + off
         ok &= (v >= _ZERO) & (v < _F128)
-        L[j] = min(np.floor(v), hi)
-    return ok
+        Lf[j] = min(np.floor(v), hi)
+    if not ok:
+        return False
+    qh = 0
+    for j in range(16):
+        h0 = Lf[j] >= _F16  # the fifth bit (levels are < 32 here)
+        h1 = Lf[j + 16] >= _F16
+        lo0 = Lf[j] - _F16 if h0 else Lf[j]
+        lo1 = Lf[j + 16] - _F16 if h1 else Lf[j + 16]
+        y[qh_pos + 4 + j] = np.int32(lo0 + _F16 * lo1)
+        qh |= (np.int64(h0) << j) | (np.int64(h1) << (j + 16))
+    for k in range(4):
+        y[qh_pos + k] = (qh >> (8 * k)) & 0xFF
+    return True
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -169,13 +206,10 @@ def _ref_block(kind, x, y, L, Lf):
             _levels_exact(kind, x, sub, id_, off, hi, L)
             _store_4bit(y, qs, L)
         return
-    if not _levels(x, sub, id_, off, hi, Lf):
-        _levels_exact(kind, x, sub, id_, off, hi, L)
-    else:
-        for j in range(QK):
-            L[j] = np.int32(Lf[j])
     qh = 2 if kind == Q5_0 else 4
-    _store_5bit(y, qh, qh + 4, L)
+    if not _pack_5bit_fast(x, sub, id_, off, hi, y, qh, Lf):
+        _levels_exact(kind, x, sub, id_, off, hi, L)
+        _store_5bit(y, qh, qh + 4, L)
 
 
 @njit(cache=True, error_model="numpy")
@@ -209,7 +243,7 @@ def quantize_rows(kind, x, qw, use_qw, out):
     for r in prange(nrows):
         L = np.empty(QK, np.int8)
         Li = np.empty(QK, np.int32)
-        Lf = np.empty(QK, np.float32)
+        Lf = np.empty(QK, np.float32)  # noqa: N806
         Lu = np.empty(QK, np.uint8)
         ws = workspace()
         weight = np.empty(QK, np.float32)

@@ -8,13 +8,15 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .bits import F32, get_f16, nearest_int, put_f16
+from .bits import F32, get_f16, nearest_int, put_f16, round_nearest
 from .layout import QK_K, pack_2bit, q3_scale
 from .search import make_q3_quants, make_qx_quants, workspace
 
 BLOCK_BYTES = 110
 _HMASK, _QS, _SCALES, _D = 0, 32, 96, 108
 _ZERO = F32(0.0)
+_F3 = F32(3.0)
+_FM4 = F32(-4.0)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -36,14 +38,16 @@ def _finish(x, y, L):
         if d == _ZERO:
             continue
         for ii in range(16):
-            l = nearest_int(x[16 * j + ii] / d)
-            L[16 * j + ii] = max(-4, min(3, l)) + 4
-    for j in range(QK_K // 8):
-        y[_HMASK + j] = 0
-    for j in range(QK_K):
-        if L[j] > 3:
-            y[_HMASK + j % 32] |= 1 << (j // 32)
-            L[j] -= 4
+            q = round_nearest(x[16 * j + ii] / d)  # nearest_int, kept in float lanes
+            L[16 * j + ii] = np.int32(min(_F3, max(_FM4, q))) + 4
+    # value j's third bit goes to bit j // 32 of hmask[j % 32]
+    for m in range(QK_K // 8):
+        y[_HMASK + m] = 0
+    for b in range(8):
+        for m in range(32):
+            lv = L[32 * b + m]
+            y[_HMASK + m] |= (lv >> 2) << b
+            L[32 * b + m] = lv & 3
     pack_2bit(L, y, _QS)
 
 
