@@ -93,7 +93,10 @@ class LegacyCodec(Codec):
         legacy.quantize_rows(self.kind, x, imatrix if use_qw else _NO_WEIGHTS, use_qw, out)
 
     def _dequantize(self, q, out):
-        legacy.dequantize_rows(self.kind, q, out)
+        if self.kind == legacy.Q8_0:
+            legacy.dequantize_q8_0_rows(q, out)
+        else:
+            legacy.dequantize_rows(self.kind, q, out)
 
 
 class HalfCodec(Codec):

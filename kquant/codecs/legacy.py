@@ -265,37 +265,55 @@ def quantize_rows(kind, x, qw, use_qw, out):
 
 @njit(cache=True, error_model="numpy", parallel=True)
 def dequantize_rows(kind, q, out):
+    """dequantize_row_{q4_0,q4_1,q5_0,q5_1} (Q8_0 has its own kernel below)."""
     nrows, n = out.shape
     bs = BLOCK_BYTES[kind]
     for r in prange(nrows):
+        qr = q[r]
+        y = out[r]
         for ib in range(n // QK):
-            b = q[r, ib * bs:(ib + 1) * bs]
-            y = out[r, ib * QK:(ib + 1) * QK]
-            d = get_f16(b, 0)
-            if kind == Q8_0:
-                for j in range(QK):
-                    y[j] = F32(np.int8(b[2 + j])) * d
-            elif kind == Q4_0:
+            o = ib * bs  # the block's first byte; its values start at ib * QK
+            v = ib * QK
+            d = get_f16(qr, o)
+            if kind == Q4_0:
                 for j in range(16):
-                    y[j] = F32(np.int64(b[2 + j] & 0x0F) - 8) * d
-                    y[j + 16] = F32(np.int64(b[2 + j] >> 4) - 8) * d
+                    y[v + j] = F32(np.int32(qr[o + 2 + j] & 0x0F) - 8) * d
+                    y[v + j + 16] = F32(np.int32(qr[o + 2 + j] >> 4) - 8) * d
             elif kind == Q4_1:
-                m = get_f16(b, 2)
+                m = get_f16(qr, o + 2)
                 for j in range(16):
-                    y[j] = F32(b[4 + j] & 0x0F) * d + m
-                    y[j + 16] = F32(b[4 + j] >> 4) * d + m
+                    y[v + j] = F32(qr[o + 4 + j] & 0x0F) * d + m
+                    y[v + j + 16] = F32(qr[o + 4 + j] >> 4) * d + m
             else:
-                qh_pos = 2 if kind == Q5_0 else 4
+                qh_pos = o + (2 if kind == Q5_0 else 4)
                 qs_pos = qh_pos + 4
-                qh = (np.int64(b[qh_pos]) | (np.int64(b[qh_pos + 1]) << 8)
-                      | (np.int64(b[qh_pos + 2]) << 16) | (np.int64(b[qh_pos + 3]) << 24))
-                m = get_f16(b, 2) if kind == Q5_1 else _ZERO
+                qh = (np.int64(qr[qh_pos]) | (np.int64(qr[qh_pos + 1]) << 8)
+                      | (np.int64(qr[qh_pos + 2]) << 16) | (np.int64(qr[qh_pos + 3]) << 24))
+                m = get_f16(qr, o + 2) if kind == Q5_1 else _ZERO
                 for j in range(16):
-                    x0 = (b[qs_pos + j] & 0x0F) | (((qh >> j) << 4) & 0x10)
-                    x1 = (b[qs_pos + j] >> 4) | ((qh >> (j + 12)) & 0x10)
+                    x0 = (qr[qs_pos + j] & 0x0F) | (((qh >> j) << 4) & 0x10)
+                    x1 = (qr[qs_pos + j] >> 4) | ((qh >> (j + 12)) & 0x10)
                     if kind == Q5_0:
-                        y[j] = F32(np.int64(x0) - 16) * d
-                        y[j + 16] = F32(np.int64(x1) - 16) * d
+                        y[v + j] = F32(np.int32(x0) - 16) * d
+                        y[v + j + 16] = F32(np.int32(x1) - 16) * d
                     else:
-                        y[j] = F32(x0) * d + m
-                        y[j + 16] = F32(x1) * d + m
+                        y[v + j] = F32(x0) * d + m
+                        y[v + j + 16] = F32(x1) * d + m
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def dequantize_q8_0_rows(q, out):
+    """dequantize_row_q8_0. Its loop runs to a length LLVM cannot see is 32: a constant
+    32-trip loop gets fully unrolled and left scalar (SLP cannot rule out q and out
+    overlapping), while a loop of unknown length goes to the loop vectorizer, which checks
+    the overlap at run time (2.5x here)."""
+    nrows, n = out.shape
+    qk = n // (q.shape[1] // BLOCK_BYTES[Q8_0]) if q.shape[1] else QK
+    for r in prange(nrows):
+        qr = q[r]
+        y = out[r]
+        for ib in range(n // qk):
+            o = ib * BLOCK_BYTES[Q8_0]
+            d = get_f16(qr, o)
+            for j in range(qk):
+                y[ib * qk + j] = F32(np.int8(qr[o + 2 + j])) * d

@@ -127,10 +127,15 @@ def dequantize_rows(q, out):
             y = out[r, i * QK_K:(i + 1) * QK_K]
             d = get_f16(b, _D)
             dmin = get_f16(b, _DMIN)
-            for p in range(QK_K):
-                # value p: half n=p//128, shift 2*((p%128)//32), byte (p//128)*32 + p%32
-                sc = b[_SCALES + p // 16]
-                dl = d * F32(sc & 0xF)
-                ml = dmin * F32(sc >> 4)
-                qv = (b[_QS + (p // 128) * 32 + p % 32] >> (2 * ((p % 128) // 32))) & 3
-                y[p] = dl * F32(qv) - ml
+            # C's order: two 128-value halves, each four 2-bit planes of 32 bytes, each plane
+            # two sub-blocks of 16 with their own scale and min
+            for h in range(2):
+                for shift in range(4):
+                    for g in range(2):
+                        sc = b[_SCALES + 8 * h + 2 * shift + g]
+                        dl = d * F32(sc & 0xF)
+                        ml = dmin * F32(sc >> 4)
+                        base = 128 * h + 32 * shift + 16 * g
+                        qb = _QS + 32 * h + 16 * g
+                        for l in range(16):
+                            y[base + l] = dl * F32((b[qb + l] >> (2 * shift)) & 3) - ml

@@ -134,6 +134,8 @@ def quantize_rows(x, qw, use_qw, out):
 @njit(cache=True, error_model="numpy", parallel=True)
 def dequantize_rows(q, out):
     nrows, n = out.shape
+    # 32 as a value LLVM cannot fold: see legacy.dequantize_rows (vectorizes the l loops)
+    sub = n // (q.shape[1] // BLOCK_BYTES) // 8 if q.shape[1] else 32
     for r in prange(nrows):
         for i in range(n // QK_K):
             b = q[r, i * BLOCK_BYTES:(i + 1) * BLOCK_BYTES]
@@ -147,7 +149,7 @@ def dequantize_rows(q, out):
                 sc, m = get_scale_min_k4(2 * j + 1, b, _SCALES)
                 d2 = d * F32(sc)
                 m2 = dmin * F32(m)
-                for l in range(32):
+                for l in range(sub):
                     qb = b[_QS + 32 * j + l]
                     y[64 * j + l] = d1 * F32(qb & 0xF) - m1
                     y[64 * j + 32 + l] = d2 * F32(qb >> 4) - m2

@@ -66,6 +66,8 @@ def quantize_rows(x, qw, use_qw, out):
 @njit(cache=True, error_model="numpy", parallel=True)
 def dequantize_rows(q, out):
     nrows, n = out.shape
+    # 32 as a value LLVM cannot fold: see legacy.dequantize_rows (vectorizes the l loops)
+    sub = n // (q.shape[1] // BLOCK_BYTES) // 8 if q.shape[1] else 32
     for r in prange(nrows):
         for i in range(n // QK_K):
             b = q[r, i * BLOCK_BYTES:(i + 1) * BLOCK_BYTES]
@@ -81,7 +83,7 @@ def dequantize_rows(q, out):
                 m2 = dmin * F32(m)
                 u1 = 1 << (2 * j)
                 u2 = 2 << (2 * j)
-                for l in range(32):
+                for l in range(sub):
                     qb = b[_QS + 32 * j + l]
                     qh = b[_QH + l]
                     y[64 * j + l] = d1 * F32((qb & 0xF) + (16 if qh & u1 else 0)) - m1
