@@ -28,9 +28,11 @@ _F128 = F32(128.0)
 _F15 = F32(15.0)
 _F16 = F32(16.0)
 _MAG_MASK = np.int32(0x7FFFFFFF)
-_INF_BITS_I = np.int32(0x7F800000)
 _KEY_FLT_MAX = np.int32(0x7F7FFFFF)  # order keys of +FLT_MAX and -FLT_MAX
 _KEY_NEG_FLT_MAX = np.int32(-0x7F800000)
+_KEY_INF = np.int32(0x7F800000)  # order keys of +inf and -inf
+_KEY_NEG_INF = np.int32(-0x7F800001)
+_FLT_MAX = F32(3.4028234663852886e38)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -92,20 +94,18 @@ def _order_key(b):
 def _min_max(x):
     """C's scan `if (v < min) min = v; if (v > max) max = v;` from +-FLT_MAX.
 
-    Done on order keys, which vectorize where float min/max chains do not. NaNs are passed
-    over as in C. Keys rank -0.0 below +0.0 while C keeps whichever zero came first, so a
-    zero result takes the sign of the first zero in the block.
+    Done on order keys, which vectorize where float min/max chains do not. Keys rank -0.0
+    below +0.0 while C keeps whichever zero came first, so a zero result takes the sign of
+    the first zero in the block; a NaN (which C passes over) sends the block to the scan.
     """
     lo = _KEY_FLT_MAX
     hi = _KEY_NEG_FLT_MAX
     for j in range(QK):
-        b = np.int32(f32_bits(x[j]))
-        k = _order_key(b)
-        nan = (b & _MAG_MASK) > _INF_BITS_I
-        kl = _KEY_FLT_MAX if nan else k
-        kh = _KEY_NEG_FLT_MAX if nan else k
-        lo = kl if kl < lo else lo
-        hi = kh if kh > hi else hi
+        k = _order_key(np.int32(f32_bits(x[j])))
+        lo = k if k < lo else lo
+        hi = k if k > hi else hi
+    if lo < _KEY_NEG_INF or hi > _KEY_INF:  # a NaN's key lies beyond the infinities'
+        return _min_max_scan(x)
     min_ = bits_f32(_order_key(lo))
     max_ = bits_f32(_order_key(hi))
     if min_ == _ZERO or max_ == _ZERO:
@@ -116,6 +116,18 @@ def _min_max(x):
                 if max_ == _ZERO:
                     max_ = x[j]
                 break
+    return min_, max_
+
+
+@njit(cache=True, error_model="numpy")
+def _min_max_scan(x):
+    min_ = _FLT_MAX
+    max_ = -_FLT_MAX
+    for j in range(QK):
+        if x[j] < min_:
+            min_ = x[j]
+        if x[j] > max_:
+            max_ = x[j]
     return min_, max_
 
 
@@ -171,35 +183,44 @@ def _levels_exact(kind, x, sub, id_, off, hi, L):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _ref_block(kind, x, y, L, Lf):
-    """quantize_row_{q4_0,q4_1,q5_0,q5_1,q8_0}_ref for one block (L, Lf: int32, float32 scratch)."""
-    if kind == Q8_0:
-        amax = _ZERO
-        for j in range(QK):
-            ax = abs(x[j])
-            amax = amax if amax > ax else ax
-        d = amax / F32(127.0)
-        id_ = _ONE / d if d != _ZERO else _ZERO
+def _q8_0_ref_block(x, y):
+    """quantize_row_q8_0_ref for one block."""
+    amax = _ZERO
+    for j in range(QK):
+        ax = abs(x[j])
+        amax = amax if amax > ax else ax
+    d = amax / F32(127.0)
+    id_ = _ONE / d if d != _ZERO else _ZERO
+    put_f16(y, 0, d)
+    for j in range(QK):
+        y[2 + j] = np.int64(_roundf(x[j] * id_)) & 0xFF
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _ref_scale(kind, x, y):
+    """The scale d (and offset `sub`) of quantize_row_q{4,5}_{0,1}_ref for one block, stored
+    into the block; returns (sub, d)."""
+    if kind == Q4_0 or kind == Q5_0:
+        d = _abs_max(x) / F32(-8 if kind == Q4_0 else -16)
         put_f16(y, 0, d)
-        for j in range(QK):
-            y[2 + j] = np.int64(_roundf(x[j] * id_)) & 0xFF
-        return
+        return _ZERO, d
+    sub, max_ = _min_max(x)
+    d = (max_ - sub) / F32(15 if kind == Q4_1 else 31)
+    put_f16(y, 0, d)
+    put_f16(y, 2, sub)
+    return sub, d
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _ref_levels(kind, x, y, sub, id_, L, Lf):
+    """The levels of quantize_row_q{4,5}_{0,1}_ref for one block, packed into it."""
     if kind == Q4_0 or kind == Q5_0:
         nmax = 8 if kind == Q4_0 else 16
-        sub = _ZERO
-        d = _abs_max(x) / F32(-nmax)
         off = F32(nmax) + F32(0.5)
         hi = F32(2 * nmax - 1)
-        put_f16(y, 0, d)
-    else:  # Q4_1 / Q5_1: offset by the block minimum
-        nmax = 15 if kind == Q4_1 else 31
-        sub, max_ = _min_max(x)
-        d = (max_ - sub) / F32(nmax)
+    else:
         off = F32(0.5)
         hi = F32(15.0) if kind == Q4_1 else F32(255.0)  # Q5_1's C does not clamp
-        put_f16(y, 0, d)
-        put_f16(y, 2, sub)
-    id_ = _ONE / d if d != _ZERO else _ZERO
     if kind == Q4_0 or kind == Q4_1:
         qs = 2 if kind == Q4_0 else 4
         if not _pack_4bit_fast(x, sub, id_, off, y, qs):
@@ -254,13 +275,20 @@ def quantize_rows(kind, x, qw, use_qw, out):
             for j in range(n):
                 sum_x2 += x[r, j] * x[r, j]
             sigma2 = sum_x2 / F32(n)
-        for ib in range(n // QK):
-            xb = x[r, ib * QK:(ib + 1) * QK]
-            yb = out[r, ib * bs:(ib + 1) * bs]
-            if imatrix:
-                _imatrix_block(kind, xb, qw[ib * QK:(ib + 1) * QK], sigma2, yb, L, Lu, weight, ws)
-            else:
-                _ref_block(kind, xb, yb, Li, Lf)
+        nb = n // QK
+        if imatrix:
+            for ib in range(nb):
+                _imatrix_block(kind, x[r, ib * QK:(ib + 1) * QK], qw[ib * QK:(ib + 1) * QK],
+                               sigma2, out[r, ib * bs:(ib + 1) * bs], L, Lu, weight, ws)
+        elif kind == Q8_0:
+            for ib in range(nb):
+                _q8_0_ref_block(x[r, ib * QK:(ib + 1) * QK], out[r, ib * bs:(ib + 1) * bs])
+        else:
+            for ib in range(nb):
+                xb = x[r, ib * QK:(ib + 1) * QK]
+                yb = out[r, ib * bs:(ib + 1) * bs]
+                sub, d = _ref_scale(kind, xb, yb)
+                _ref_levels(kind, xb, yb, sub, _ONE / d if d != _ZERO else _ZERO, Li, Lf)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
