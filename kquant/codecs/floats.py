@@ -5,7 +5,6 @@ calls); both agree with numpy on finite values and differ from it on NaN payload
 """
 from __future__ import annotations
 
-import numpy as np
 from numba import njit, prange
 
 from .bits import bf16_to_fp32, fp16_to_fp32, fp32_to_bf16, fp32_to_fp16

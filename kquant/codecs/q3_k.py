@@ -17,6 +17,7 @@ _HMASK, _QS, _SCALES, _D = 0, 32, 96, 108
 _ZERO = F32(0.0)
 _F3 = F32(3.0)
 _FM4 = F32(-4.0)
+_ROUND_LIMIT = F32(4194304.0)  # round_nearest equals nearest_int below 2^22
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -37,9 +38,14 @@ def _finish(x, y, L):
         d = d_all * F32(q3_scale(y, _SCALES, j))
         if d == _ZERO:
             continue
+        ok = True
         for ii in range(16):
-            q = round_nearest(x[16 * j + ii] / d)  # nearest_int, kept in float lanes
-            L[16 * j + ii] = np.int32(min(_F3, max(_FM4, q))) + 4
+            v = x[16 * j + ii] / d
+            ok &= abs(v) < _ROUND_LIMIT
+            L[16 * j + ii] = np.int32(min(_F3, max(_FM4, round_nearest(v)))) + 4
+        if not ok:  # inf/NaN: C's nearest_int returns mantissa bits there, not a clamp
+            for ii in range(16):
+                L[16 * j + ii] = max(-4, min(3, nearest_int(x[16 * j + ii] / d))) + 4
     # value j's third bit goes to bit j // 32 of hmask[j % 32]
     for m in range(QK_K // 8):
         y[_HMASK + m] = 0

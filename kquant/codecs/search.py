@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from . import search_exact as exact
 from .bits import F32, nearest_int, round_nearest
 
 GROUP_MAX_EPS = F32(1e-15)
@@ -20,6 +21,7 @@ _ZERO = F32(0.0)
 _ONE = F32(1.0)
 _HALF = F32(0.5)
 _TENTH = F32(0.1)
+_FLT_MAX = F32(3.4028234663852886e38)
 
 
 # Trial scales are evaluated side by side, one SIMD lane per trial: each lane's sums still
@@ -43,6 +45,14 @@ def workspace():
     return np.empty(WS_SIZE, np.float32)
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _all_finite(n, x):
+    ok = True
+    for i in range(n):
+        ok &= abs(x[i]) <= _FLT_MAX  # false for inf and NaN
+    return ok
+
+
 @njit(cache=True, error_model="numpy")
 def make_qx_quants(n, nmax, x, L, qw, use_qw, ws):
     """Symmetric levels in [-nmax, nmax-1] (stored +nmax) with an RMSE-refined scale.
@@ -61,6 +71,8 @@ def make_qx_quants(n, nmax, x, L, qw, use_qw, ws):
         for i in range(n):
             L[i] = 0
         return _ZERO
+    if not _all_finite(n, x):  # then |iscale * x| <= nmax + 1 in every lane
+        return exact.make_qx_quants(n, nmax, x, L, qw, use_qw)
     for i in range(n):
         w = qw[i] if use_qw else x[i] * x[i]
         ws[_W + i] = w
@@ -183,6 +195,10 @@ def make_qkx_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad, ws):
         for i in range(n):
             L[i] = 0
         return _ZERO, -min_
+    if not (_all_finite(n, x) and max_ - min_ <= _FLT_MAX):
+        # a later min can only shrink |iscale * (x - min)| <= nmax + 1 while max - min stays
+        # finite; it is re-checked per window below
+        return exact.make_qkx_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad)
     iscale = F32(nmax) / (max_ - min_)
     scale = _ONE / iscale
     best_error = _ZERO
@@ -199,6 +215,8 @@ def make_qkx_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad, ws):
         return scale, -min_
     start = 0
     while start <= nstep:
+        if not max_ - min_ <= _FLT_MAX:  # an accepted min this far out: C's order, literally
+            return exact.make_qkx_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad)
         _qkx_trials(n, nmax, x, weights, sum_w, sum_x, min_, max_, rmin, rdelta, start,
                     use_mad, ws)
         next_start = start + _QKX_LANES
@@ -269,11 +287,14 @@ def make_qp_quants(n, nmax, x, L, quant_weights, ws):
     """Levels in [0, nmax] for non-negative values (the sub-block scales of the imatrix paths)."""
     max_ = _ZERO
     for i in range(n):
-        max_ = max(max_, x[i])
+        max_ = max_ if max_ > x[i] else x[i]  # C's MAX: takes a NaN x[i]; Numba's max skips it
     if max_ < GROUP_MAX_EPS:
         for i in range(n):
             L[i] = 0
         return _ZERO
+    for i in range(n):  # the trial lanes need |x| <= max (then |iscale * x| <= nmax + 1)
+        if not abs(x[i]) <= max_:
+            return exact.make_qp_quants(n, nmax, x, L, quant_weights)
     iscale = F32(nmax) / max_
     for i in range(n):
         L[i] = nearest_int(iscale * x[i])

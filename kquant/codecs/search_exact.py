@@ -1,0 +1,209 @@
+"""Literal scalar ports of ggml's make_qx/make_qkx2-3/make_qp_quants: the fallback of the
+vectorized searches in search.py.
+
+The vector versions round in float lanes, which equals C's `nearest_int` only while the
+value stays within +-2^22. A non-finite input (or a spread of values that overflows float)
+takes C's bit trick outside that range, where it returns mantissa bits rather than a
+saturated level; these ports reproduce that, one trial after another as the C does.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .bits import F32, nearest_int
+
+GROUP_MAX_EPS = F32(1e-15)
+_ZERO = F32(0.0)
+_ONE = F32(1.0)
+_TENTH = F32(0.1)
+
+
+@njit(cache=True, error_model="numpy")
+def make_qx_quants(n, nmax, x, L, qw, use_qw):
+    """make_qx_quants with rmse_type 1: weights qw, or x^2 without them."""
+    max_ = _ZERO
+    amax = _ZERO
+    for i in range(n):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            max_ = x[i]
+    if amax < GROUP_MAX_EPS:
+        for i in range(n):
+            L[i] = 0
+        return _ZERO
+    iscale = F32(-nmax) / max_
+    sumlx = _ZERO
+    suml2 = _ZERO
+    for i in range(n):
+        l = nearest_int(iscale * x[i])
+        l = max(-nmax, min(nmax - 1, l))
+        L[i] = l + nmax
+        w = qw[i] if use_qw else x[i] * x[i]
+        fl = F32(l)
+        sumlx += w * x[i] * fl
+        suml2 += w * fl * fl
+    scale = sumlx / suml2 if suml2 != _ZERO else _ZERO
+    best = scale * sumlx
+    for is_ in range(-9, 10):
+        if is_ == 0:
+            continue
+        iscale = -(F32(nmax) + _TENTH * F32(is_)) / max_
+        sumlx = _ZERO
+        suml2 = _ZERO
+        for i in range(n):
+            l = nearest_int(iscale * x[i])
+            l = max(-nmax, min(nmax - 1, l))
+            w = qw[i] if use_qw else x[i] * x[i]
+            fl = F32(l)
+            sumlx += w * x[i] * fl
+            suml2 += w * fl * fl
+        if suml2 > _ZERO and sumlx * sumlx > best * suml2:
+            for i in range(n):
+                l = nearest_int(iscale * x[i])
+                L[i] = nmax + max(-nmax, min(nmax - 1, l))
+            scale = sumlx / suml2
+            best = scale * sumlx
+    return scale
+
+
+@njit(cache=True, error_model="numpy")
+def make_qkx_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad):
+    """Asymmetric levels in [0, nmax] with a min: ggml's make_qkx2_quants / make_qkx3_quants.
+
+    The two C functions differ only in `max == min` versus `max <= min`, which cannot differ
+    once min is clamped to <= 0 (and both are false for NaN), so one port serves both.
+    Returns (scale, the_min) where the_min is C's `*the_min` (the negated offset).
+    """
+    Laux = np.empty(n, np.uint8)
+    min_ = x[0]
+    max_ = x[0]
+    sum_w = weights[0]
+    sum_x = sum_w * x[0]
+    for i in range(1, n):
+        if x[i] < min_:
+            min_ = x[i]
+        if x[i] > max_:
+            max_ = x[i]
+        w = weights[i]
+        sum_w += w
+        sum_x += w * x[i]
+    if min_ > _ZERO:
+        min_ = _ZERO
+    if max_ == min_:
+        for i in range(n):
+            L[i] = 0
+        return _ZERO, -min_
+    iscale = F32(nmax) / (max_ - min_)
+    scale = _ONE / iscale
+    best_error = _ZERO
+    for i in range(n):
+        l = nearest_int(iscale * (x[i] - min_))
+        L[i] = max(0, min(nmax, l))
+        diff = scale * F32(L[i]) + min_ - x[i]
+        diff = abs(diff) if use_mad else diff * diff
+        best_error += weights[i] * diff
+    if nstep < 1:
+        return scale, -min_
+    for is_ in range(nstep + 1):
+        iscale = (rmin + rdelta * F32(is_) + F32(nmax)) / (max_ - min_)
+        sum_l = _ZERO
+        sum_l2 = _ZERO
+        sum_xl = _ZERO
+        for i in range(n):
+            l = nearest_int(iscale * (x[i] - min_))
+            l = max(0, min(nmax, l))
+            Laux[i] = l
+            w = weights[i]
+            fl = F32(l)
+            sum_l += w * fl
+            sum_l2 += w * fl * fl
+            sum_xl += w * fl * x[i]
+        D = sum_w * sum_l2 - sum_l * sum_l
+        if D > _ZERO:
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            if this_min > _ZERO:
+                this_min = _ZERO
+                this_scale = sum_xl / sum_l2
+            cur_error = _ZERO
+            for i in range(n):
+                diff = this_scale * F32(Laux[i]) + this_min - x[i]
+                diff = abs(diff) if use_mad else diff * diff
+                cur_error += weights[i] * diff
+            if cur_error < best_error:
+                for i in range(n):
+                    L[i] = Laux[i]
+                best_error = cur_error
+                scale = this_scale
+                min_ = this_min
+    return scale, -min_
+
+
+@njit(cache=True, error_model="numpy")
+def make_qp_quants(n, nmax, x, L, quant_weights):
+    """Levels in [0, nmax] for non-negative values (the sub-block scales of the imatrix paths)."""
+    max_ = _ZERO
+    for i in range(n):
+        max_ = max_ if max_ > x[i] else x[i]  # C's MAX: takes a NaN x[i]; Numba's max skips it
+    if max_ < GROUP_MAX_EPS:
+        for i in range(n):
+            L[i] = 0
+        return _ZERO
+    iscale = F32(nmax) / max_
+    for i in range(n):
+        L[i] = nearest_int(iscale * x[i])
+    scale = _ONE / iscale
+    best_mse = _ZERO
+    for i in range(n):
+        diff = x[i] - scale * F32(L[i])
+        w = quant_weights[i]
+        best_mse += w * diff * diff
+    for is_ in range(-4, 5):
+        if is_ == 0:
+            continue
+        iscale_is = (_TENTH * F32(is_) + F32(nmax)) / max_
+        scale_is = _ONE / iscale_is
+        mse = _ZERO
+        for i in range(n):
+            l = nearest_int(iscale_is * x[i])
+            l = min(nmax, l)
+            diff = x[i] - scale_is * F32(l)
+            w = quant_weights[i]
+            mse += w * diff * diff
+        if mse < best_mse:
+            best_mse = mse
+            iscale = iscale_is
+    sumlx = _ZERO
+    suml2 = _ZERO
+    for i in range(n):
+        l = nearest_int(iscale * x[i])
+        l = min(nmax, l)
+        L[i] = l
+        w = quant_weights[i]
+        fl = F32(l)
+        sumlx += w * x[i] * fl
+        suml2 += w * fl * fl
+    for _itry in range(5):
+        n_changed = 0
+        for i in range(n):
+            w = quant_weights[i]
+            fli = F32(L[i])
+            slx = sumlx - w * x[i] * fli
+            sl2 = suml2 - w * fli * fli
+            if slx > _ZERO and sl2 > _ZERO:
+                new_l = nearest_int(x[i] * sl2 / slx)
+                new_l = min(nmax, new_l)
+                if new_l != L[i]:
+                    fnl = F32(new_l)
+                    slx += w * x[i] * fnl
+                    sl2 += w * fnl * fnl
+                    if slx * slx * suml2 > sumlx * sumlx * sl2:
+                        L[i] = new_l
+                        sumlx = slx
+                        suml2 = sl2
+                        n_changed += 1
+        if n_changed == 0:
+            break
+    return sumlx / suml2 if suml2 > _ZERO else _ZERO
