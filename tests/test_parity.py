@@ -1,0 +1,65 @@
+"""kquant against llama.cpp's libggml itself, byte for byte (skipped without llama-cpp-python)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+import kquant
+from cases import CASES, IMATRIX_MODES, make_case, make_imatrix
+
+ALL_TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_K,
+             T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.F16, T.BF16, T.F32]
+ROW_LENGTHS = (256, 512, 2304)
+ROWS = 24
+
+
+def assert_same_as_ggml(ggml, x, qtype, imatrix, what):
+    got = kquant.quantize(x, qtype, imatrix)
+    want = ggml.quantize(x, qtype, imatrix)
+    assert got.shape == want.shape, what
+    bad = np.nonzero((got != want).any(axis=-1))[0]
+    assert bad.size == 0, f"{what}: {bad.size} of {got.shape[0]} rows differ (first: row {bad[0]})"
+    # dequantize the reference bytes both ways: every float bit equal (NaN payloads too)
+    back, ref = kquant.dequantize(want, qtype), ggml.dequantize(want, qtype)
+    assert np.array_equal(back.view(np.uint32), ref.view(np.uint32)), f"{what}: dequantize"
+
+
+def lengths_for(qtype):
+    block = kquant.get_codec(qtype).block_size
+    extra = (96,) if block == 32 else ()
+    return [n for n in ROW_LENGTHS + extra if n % block == 0]
+
+
+PARAMS = [pytest.param(t, n, mode, id=f"{t.name}-{n}-{mode}")
+          for t in ALL_TYPES for n in lengths_for(t) for mode in IMATRIX_MODES]
+
+
+@pytest.mark.parametrize("qtype,n,mode", PARAMS)
+def test_synthetic_rows(ggml, qtype, n, mode):
+    imatrix = make_imatrix(mode, n, seed=n)
+    for i, case in enumerate(CASES):
+        x = make_case(case, ROWS, n, seed=1000 * n + i)
+        with np.errstate(all="ignore"):
+            assert_same_as_ggml(ggml, x, qtype, imatrix, f"{qtype.name} {case} n={n} {mode}")
+
+
+@pytest.mark.parametrize("mode", IMATRIX_MODES)
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_real_weights(ggml, smollm2_weights, qtype, mode):
+    for name, w in smollm2_weights.items():
+        imatrix = make_imatrix(mode, w.shape[1], seed=7)
+        assert_same_as_ggml(ggml, w, qtype, imatrix, f"{qtype.name} {name} {mode}")
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q4_0], ids=lambda t: t.name)
+def test_shapes_and_threads_do_not_change_bytes(ggml, qtype):
+    x = make_case("gauss", 30, 512, seed=3).reshape(3, 10, 512)
+    w = make_imatrix("random", 512)
+    flat = ggml.quantize(x.reshape(-1, 512), qtype, w)
+    for n_threads in (1, 2, None):
+        got = kquant.quantize(x, qtype, w, n_threads=n_threads)
+        assert got.shape == (3, 10, flat.shape[-1])
+        assert np.array_equal(got.reshape(flat.shape), flat)
+    one_row = kquant.quantize(x[0, 0], qtype, w)
+    assert one_row.shape == (flat.shape[-1],) and np.array_equal(one_row, flat[0])
