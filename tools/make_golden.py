@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Write tests/data/golden.npz: inputs and the bytes llama.cpp's libggml makes of them.
+
+The golden-vector tests (tests/test_golden.py) check kquant against these bytes on machines
+without llama-cpp-python, so exactness is tested everywhere. Each input row set is every
+case of tests/cases.py plus a slice of real SmolLM2-135M weights; each type is quantized
+without an imatrix and, where ggml uses one, with the two imatrix kinds (positive, and with
+zeros in it).
+
+    python tools/make_golden.py            # needs llama-cpp-python==0.3.36 (or KQUANT_LIBGGML)
+
+Keys: `x` (rows, 512) float32, `case` (rows,) the case of each row, `imatrix_<mode>`
+float32 (512,), `<TYPE>-<mode>` uint8 (rows, row_bytes), and `meta` (a JSON string: the
+llama.cpp build the bytes came from, and the sha256 of ggml's dequantization of each
+`<TYPE>-none`).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from gguf import GGMLQuantizationType as T  # noqa: E402
+
+from cases import CASES, IMATRIX_MODES, make_case, make_imatrix  # noqa: E402
+import kquant  # noqa: E402
+from kquant.reference import GGML  # noqa: E402
+
+TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_K, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1,
+         T.Q8_0, T.F16, T.BF16, T.F32]
+WIDTH = 512
+ROWS_PER_CASE = 4
+OUT = ROOT / "tests" / "data" / "golden.npz"
+
+
+def real_rows() -> np.ndarray | None:
+    """Eight rows of SmolLM2's blk.0.ffn_down (dequantized from its Q4_1), if the model is
+    at hand: the conftest fixture's cache, ~/.cache/kquant."""
+    path = Path.home() / ".cache" / "kquant" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        return None
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    t = next(t for t in GGUFReader(path).tensors if t.name == "blk.0.ffn_down.weight")
+    return np.ascontiguousarray(dequantize(t.data, t.tensor_type)[:8, :WIDTH], np.float32)
+
+
+def main() -> int:
+    ggml = GGML()
+    blocks, names = [], []
+    for i, case in enumerate(CASES):
+        rows = make_case(case, ROWS_PER_CASE, WIDTH, seed=9000 + i)
+        blocks.append(rows)
+        names += [case] * rows.shape[0]
+    real = real_rows()
+    if real is None:
+        print("SmolLM2 model not in ~/.cache/kquant: run the parity tests once to fetch it",
+              file=sys.stderr)
+        return 1
+    blocks.append(real)
+    names += ["smollm2_ffn_down"] * real.shape[0]
+    x = np.concatenate(blocks)
+    arrays = {"x": x, "case": np.array(names)}
+    for mode in IMATRIX_MODES:
+        w = make_imatrix(mode, WIDTH, seed=42)
+        if w is not None:
+            arrays[f"imatrix_{mode}"] = w
+        for qtype in TYPES:
+            if w is not None and not kquant.get_codec(qtype).uses_imatrix:
+                continue  # ggml ignores the imatrix for Q8_0, Q8_K and the float types
+            with np.errstate(all="ignore"):
+                arrays[f"{qtype.name}-{mode}"] = ggml.quantize(x, qtype, w)
+    import hashlib
+    import importlib.metadata as md
+
+    # ggml's decoding of the no-imatrix bytes, as a digest of the float bits (NaNs included)
+    decoded = {qtype.name: hashlib.sha256(ggml.dequantize(arrays[f"{qtype.name}-none"], qtype)
+                                          .view(np.uint32).tobytes()).hexdigest()
+               for qtype in TYPES}
+    arrays["meta"] = np.array(json.dumps({
+        "llama_cpp_python": md.version("llama-cpp-python"),
+        "dequantize_sha256": decoded,
+        "library": ggml.path.name,
+        "generator": "tools/make_golden.py",
+    }))
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(OUT, **arrays)
+    n_sets = sum("-" in k for k in arrays)
+    print(f"{OUT.relative_to(ROOT)}: {x.shape[0]} rows x {WIDTH}, {n_sets} (type, imatrix) "
+          f"sets, {OUT.stat().st_size / 1024:.0f} KiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
