@@ -97,3 +97,59 @@ class GGML:
             fn.argtypes = (ctypes.c_void_p, _c_float_p, ctypes.c_int64)
             fn(data.ctypes.data, dst, out.size)
         return out
+
+
+def llama_quantize(inp: str | Path, out: str | Path, ftype: int, *, n_threads: int = 0,
+                   imatrix: dict[str, np.ndarray] | None = None,
+                   kv_overrides: list[tuple[str, str, object]] = (),
+                   pure: bool = False, leave_output_tensor: bool = False,
+                   output_tensor_type: int | None = None, token_embedding_type: int | None = None,
+                   allow_requantize: bool = False) -> None:
+    """llama.cpp's own llama_model_quantize (through llama-cpp-python), for comparisons.
+
+    `kv_overrides` are (key, "int"|"float"|"bool"|"str", value), set in order after the
+    input's metadata as llama-quantize sets its --override-kv and imatrix keys.
+    """
+    import llama_cpp as lc
+
+    lc.llama_backend_init()
+    p = lc.llama_model_quantize_default_params()
+    p.nthread = n_threads
+    p.ftype = int(ftype)
+    p.pure = pure
+    p.quantize_output_tensor = not leave_output_tensor
+    p.allow_requantize = allow_requantize
+    if output_tensor_type is not None:
+        p.output_tensor_type = int(output_tensor_type)
+    if token_embedding_type is not None:
+        p.token_embedding_type = int(token_embedding_type)
+    keep = []  # ctypes buffers must outlive the call
+    if imatrix:
+        arr = (lc.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, w) in enumerate(imatrix.items()):
+            w = np.ascontiguousarray(w, dtype=np.float32)
+            keep.append(w)
+            arr[i].name = name.encode()
+            arr[i].data = w.ctypes.data_as(_c_float_p)
+            arr[i].size = w.size
+        p.imatrix = arr
+        keep.append(arr)
+    if kv_overrides:
+        tags = {"int": 0, "float": 1, "bool": 2, "str": 3}  # LLAMA_KV_OVERRIDE_TYPE_*
+        kvs = (lc.llama_model_kv_override * (len(kv_overrides) + 1))()
+        for i, (key, tag, value) in enumerate(kv_overrides):
+            kvs[i].key = key.encode()
+            kvs[i].tag = tags[tag]
+            if tag == "int":
+                kvs[i].value.val_i64 = int(value)
+            elif tag == "float":
+                kvs[i].value.val_f64 = float(value)
+            elif tag == "bool":
+                kvs[i].value.val_bool = bool(value)
+            else:
+                kvs[i].value.val_str = str(value).encode()[:127]
+        p.kv_overrides = kvs
+        keep.append(kvs)
+    rc = lc.llama_model_quantize(str(inp).encode(), str(out).encode(), ctypes.byref(p))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize failed ({rc})")

@@ -1,0 +1,340 @@
+"""Quantize a whole model as llama-quantize does: the Python API under `kquant-quantize`.
+
+    summary = quantize_model("model-f16.gguf", "model-Q4_K_M.gguf", "Q4_K_M", imatrix="imatrix.gguf")
+
+The input is a GGUF file (F32/F16/BF16, split files too; quantized only with
+allow_requantize) or a Hugging Face folder (converted on the fly by kquant.hf). Each tensor's
+type comes from llama.cpp's mix rules (kquant.mixes); tensors are read, quantized and
+written one at a time, so memory stays at about one tensor in and one out. The output file
+has llama-quantize's metadata and tensor order, byte for byte; it is written to a temporary
+file renamed into place only when complete.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFValueType, LlamaFileType
+
+from . import mixes
+from .codecs import CODECS
+from .gguf_source import SPLIT_KEYS, is_gguf, load_gguf
+from .imatrix_io import load_imatrix, weights_for_quantize
+from .quants import dequantize, quantize
+from .source import KV, ModelError, ModelSource, SourceTensor
+
+_UNQUANTIZED = (T.F32, T.F16, T.BF16)
+# llama-quantize's own keys for the imatrix it used (tools/quantize/quantize.cpp)
+KEY_IMATRIX_FILE = "quantize.imatrix.file"
+KEY_IMATRIX_DATASET = "quantize.imatrix.dataset"
+KEY_IMATRIX_ENTRIES = "quantize.imatrix.entries_count"
+KEY_IMATRIX_CHUNKS = "quantize.imatrix.chunks_count"
+GGML_QNT_VERSION = 2
+
+
+@dataclass
+class QuantizeOptions:
+    """llama-quantize's options, with its names (see `kquant-quantize --help`)."""
+
+    allow_requantize: bool = False
+    leave_output_tensor: bool = False
+    pure: bool = False
+    imatrix: str | None = None
+    include_weights: list[str] = field(default_factory=list)
+    exclude_weights: list[str] = field(default_factory=list)
+    output_tensor_type: T | None = None
+    token_embedding_type: T | None = None
+    tensor_types: list[tuple[str, T]] = field(default_factory=list)
+    override_kv: list[KV] = field(default_factory=list)
+    n_threads: int | None = None
+
+
+@dataclass
+class PlannedTensor:
+    source: SourceTensor
+    target: T
+    imatrix: np.ndarray | None = None
+
+    @property
+    def new_nbytes(self) -> int:
+        block, size = GGML_QUANT_SIZES[self.target]
+        return self.source.n_elements // block * size
+
+
+@dataclass
+class Plan:
+    """Everything decided before any tensor is touched: output metadata and tensor types."""
+
+    source: ModelSource
+    ftype: LlamaFileType
+    kv: list[KV]
+    tensors: list[PlannedTensor]
+    n_imatrix_entries: int = 0
+
+    @property
+    def size_in(self) -> int:
+        return sum(p.source.nbytes for p in self.tensors)
+
+    @property
+    def size_out(self) -> int:
+        return sum(p.new_nbytes for p in self.tensors)
+
+    @property
+    def n_elements(self) -> int:
+        return sum(p.source.n_elements for p in self.tensors)
+
+
+@dataclass
+class Summary:
+    size_in: int
+    size_out: int
+    n_elements: int
+    seconds: float
+    n_tensors: int
+
+    def line(self) -> str:
+        mib = 1024 * 1024
+        return (f"model size = {self.size_in / mib:.2f} MiB ({8 * self.size_in / self.n_elements:.2f} "
+                f"BPW), quant size = {self.size_out / mib:.2f} MiB "
+                f"({8 * self.size_out / self.n_elements:.2f} BPW), {self.n_tensors} tensors, "
+                f"{self.seconds:.1f} s")
+
+
+def open_model(path: str | Path) -> ModelSource:
+    """A GGUF file or a Hugging Face model folder, as a ModelSource."""
+    p = Path(path)
+    if p.is_dir():
+        from .hf import load_hf_model  # only needed for folders
+
+        return load_hf_model(p)
+    if not p.exists():
+        raise ModelError(f"{p}: no such file or directory")
+    if not is_gguf(p):
+        raise ModelError(f"{p}: neither a GGUF file nor a Hugging Face model folder")
+    return load_gguf(p)
+
+
+def _set(kv: list[KV], item: KV) -> None:
+    """gguf_set_val_*: drop the key where it was, append it at the end."""
+    kv[:] = [k for k in kv if k.key != item.key]
+    kv.append(item)
+
+
+def output_metadata(source: ModelSource, ftype: LlamaFileType, overrides: list[KV]) -> list[KV]:
+    """llama_model_quantize_impl's metadata: the input's pairs in order, then
+    quantization_version and file_type re-set (so moved last), split keys dropped, and the
+    overrides (--override-kv, then the imatrix keys) set in turn."""
+    kv = list(source.kv)
+    _set(kv, KV("general.quantization_version", GGML_QNT_VERSION, GGUFValueType.UINT32))
+    _set(kv, KV("general.file_type", int(ftype), GGUFValueType.UINT32))
+    kv = [k for k in kv if k.key not in SPLIT_KEYS]
+    for o in overrides:
+        _set(kv, o)
+    return kv
+
+
+def _model_info(source: ModelSource) -> mixes.ModelInfo:
+    arch = source.arch
+
+    def hparam(key: str) -> int:
+        v = source.get(f"{arch}.{key}", 0)
+        if isinstance(v, (list, tuple)):
+            return int(v[0]) if v else 0
+        return int(v or 0)
+
+    return mixes.ModelInfo(arch=arch, n_layer=hparam("block_count"),
+                           n_head=hparam("attention.head_count"),
+                           n_head_kv=hparam("attention.head_count_kv"),
+                           n_expert=hparam("expert_count"), n_embd=hparam("embedding_length"))
+
+
+def _filter_imatrix(weights: dict[str, np.ndarray], include: list[str],
+                    exclude: list[str]) -> dict[str, np.ndarray]:
+    """--include-weights / --exclude-weights: substring matches on the entry names."""
+    if exclude:
+        weights = {k: v for k, v in weights.items() if not any(s in k for s in exclude)}
+    if include:
+        weights = {k: v for k, v in weights.items() if any(s in k for s in include)}
+    return weights
+
+
+def _imatrix_overrides(path: str, im, n_entries: int) -> list[KV]:
+    out = [KV(KEY_IMATRIX_FILE, path[:127], GGUFValueType.STRING)]
+    if im.datasets:
+        out.append(KV(KEY_IMATRIX_DATASET, im.datasets[0][:127], GGUFValueType.STRING))
+    out.append(KV(KEY_IMATRIX_ENTRIES, n_entries, GGUFValueType.UINT32))
+    if im.chunk_count > 0:
+        out.append(KV(KEY_IMATRIX_CHUNKS, int(im.chunk_count), GGUFValueType.UINT32))
+    return out
+
+
+def _check_imatrix(weights: dict[str, np.ndarray], tensors: dict[str, SourceTensor]) -> None:
+    """Refuse an imatrix before any work: entries for tensors the model lacks (an imatrix
+    of another model), lengths that do not fit (token_embd excepted, as llama.cpp), and
+    non-finite values."""
+    unknown = sorted(set(weights) - set(tensors))
+    if unknown:
+        raise ModelError(f"imatrix has entries for {len(unknown)} tensor(s) the model does not "
+                         f"have, e.g. {unknown[0]}: was it computed for another model?")
+    for name, w in weights.items():
+        t = tensors[name]
+        want = t.shape[0] * (t.shape[2] if len(t.shape) > 2 else 1)
+        if w.size != want and not mixes.tensor_category(name) == mixes.Category.TOKEN_EMBD:
+            raise ModelError(f"imatrix entry {name} has {w.size} values, the tensor needs {want}")
+        if not np.isfinite(w).all():
+            raise ModelError(f"imatrix entry {name} contains non-finite values")
+
+
+def plan_quantization(source: ModelSource, ftype: str | int | LlamaFileType,
+                      options: QuantizeOptions | None = None) -> Plan:
+    """Choose every tensor's type and the output metadata, and check the imatrix."""
+    opts = options or QuantizeOptions()
+    ftype = mixes.parse_ftype(ftype)
+    weights: dict[str, np.ndarray] = {}
+    overrides = list(opts.override_kv)
+    if opts.imatrix:
+        im = load_imatrix(opts.imatrix)
+        if not im.is_legacy and not im.has_metadata:
+            raise ModelError(f"{opts.imatrix}: missing imatrix metadata")
+        weights = _filter_imatrix(weights_for_quantize(im), opts.include_weights,
+                                  opts.exclude_weights)
+        if weights:
+            overrides += _imatrix_overrides(opts.imatrix, im, len(weights))
+    by_name = {t.name: t for t in source.tensors}
+    _check_imatrix(weights, by_name)
+    infos = [mixes.TensorInfo(t.name, t.shape, t.type) for t in source.tensors]
+    types = mixes.choose_types(
+        _model_info(source), infos, ftype, pure=opts.pure,
+        leave_output_tensor=opts.leave_output_tensor,
+        output_tensor_type=opts.output_tensor_type,
+        token_embedding_type=opts.token_embedding_type, tensor_types=opts.tensor_types,
+        has_imatrix=bool(weights))
+    planned = []
+    for t in sorted(source.tensors, key=lambda t: mixes.weight_order_key(t.name)):
+        target = types[t.name]
+        if target != t.type:
+            _check_convertible(t, target, opts.allow_requantize)
+        w = weights.get(t.name)
+        if w is not None and w.size != t.shape[0] * (t.shape[2] if len(t.shape) > 2 else 1):
+            w = None  # token_embd's mismatch is only a warning in llama.cpp
+        if mixes.requires_imatrix(t.name, target, ftype) and w is None and target != t.type:
+            raise ModelError(f"{t.name}: type {target.name} needs an importance matrix (--imatrix)")
+        planned.append(PlannedTensor(t, target, w))
+    return Plan(source, ftype, output_metadata(source, ftype, overrides), planned, len(weights))
+
+
+def _check_convertible(t: SourceTensor, target: T, allow_requantize: bool) -> None:
+    if target not in CODECS:
+        raise ModelError(f"{t.name}: llama.cpp's rules choose {target.name}, which kquant does "
+                         "not produce (only K-quants, legacy quants and float types)")
+    if t.type not in CODECS:
+        raise ModelError(f"{t.name}: input type {t.type.name} is not supported")
+    if t.type not in _UNQUANTIZED and not allow_requantize:
+        raise ModelError(f"{t.name}: requantizing from type {t.type.name} is disabled "
+                         "(use --allow-requantize)")
+
+
+def convert_tensor(p: PlannedTensor, n_threads: int | None = None) -> np.ndarray:
+    """The output bytes of one planned tensor: a copy, or dequantize-then-quantize with its
+    imatrix (per expert for 3-D tensors)."""
+    t = p.source
+    raw = np.ascontiguousarray(t.load()).view(np.uint8)
+    if p.target == t.type:
+        return raw.reshape(-1)
+    n_per_row = t.shape[0]
+    rows = raw.reshape(-1, raw.size // (t.n_elements // n_per_row))
+    x = rows if t.type == T.F32 else None
+    if x is None:
+        x = dequantize(rows, t.type, n_threads=n_threads)
+    else:
+        x = x.view(np.float32)
+    if not np.isfinite(x).all():
+        bad = np.argwhere(~np.isfinite(x))[0]
+        raise ModelError(f"{t.name}: non-finite weight at row {bad[0]}, column {bad[1]}")
+    n_expert = t.shape[2] if len(t.shape) > 2 else 1
+    if p.imatrix is None or n_expert == 1:
+        return quantize(x, p.target, p.imatrix, n_threads=n_threads).reshape(-1)
+    per_expert = x.reshape(n_expert, -1, n_per_row)
+    w = p.imatrix.reshape(n_expert, n_per_row)
+    return np.concatenate([quantize(per_expert[e], p.target, w[e], n_threads=n_threads).reshape(-1)
+                           for e in range(n_expert)])
+
+
+def output_source(plan: Plan, n_threads: int | None = None,
+                  on_tensor: Callable[[PlannedTensor], None] | None = None) -> ModelSource:
+    """The quantized model as a ModelSource whose tensors are converted as they are loaded."""
+    def loader(p: PlannedTensor) -> Callable[[], np.ndarray]:
+        def load() -> np.ndarray:
+            out = convert_tensor(p, n_threads)
+            if on_tensor is not None:
+                on_tensor(p)
+            return out
+        return load
+
+    tensors = [SourceTensor(p.source.name, p.source.shape, p.target, loader(p)) for p in plan.tensors]
+    return ModelSource(plan.source.arch, plan.kv, tensors, plan.source.path)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def quantize_model(input_path: str | Path, output_path: str | Path,
+                   ftype: str | int | LlamaFileType, options: QuantizeOptions | None = None,
+                   progress: bool = True) -> Summary:
+    """Quantize a model file or folder into a GGUF file, as llama-quantize would."""
+    from .gguf_stream import write_gguf
+
+    t0 = time.perf_counter()
+    inp, out = Path(input_path), Path(output_path)
+    if _same_file(inp, out) or inp.resolve() == out.resolve():
+        raise ModelError(f"output {out} is the input: choose another output path")
+    source = open_model(inp)
+    plan = plan_quantization(source, ftype, options)
+    opts = options or QuantizeOptions()
+    write_gguf(output_source(plan, opts.n_threads), out, progress=progress)
+    return Summary(plan.size_in, plan.size_out, plan.n_elements, time.perf_counter() - t0,
+                   len(plan.tensors))
+
+
+def default_output_name(input_path: str | Path, ftype: LlamaFileType) -> Path:
+    """llama-quantize's default: ggml-model-<TYPE>.gguf beside the input."""
+    p = Path(input_path)
+    folder = p if p.is_dir() else p.parent
+    name = next((k for k, v in mixes.FTYPES.items() if v == ftype and k.isupper()), ftype.name)
+    return folder / f"ggml-model-{name}.gguf"
+
+
+_KV_OVERRIDE = re.compile(r"^(?P<key>[^=]+)=(?P<tag>int|float|bool|str):(?P<value>.*)$")
+
+
+def parse_override_kv(s: str) -> KV:
+    """--override-kv KEY=TYPE:VALUE (int, float, bool, str) as llama.cpp's
+    string_parse_kv_override; ints are written as UINT32 of the absolute value, as
+    llama_model_quantize does."""
+    m = _KV_OVERRIDE.match(s)
+    if not m or len(m["key"]) > 127:
+        raise ModelError(f"invalid --override-kv {s!r}: expected KEY=int|float|bool|str:VALUE")
+    key, tag, value = m["key"], m["tag"], m["value"]
+    try:
+        if tag == "int":
+            return KV(key, abs(int(value)) & 0xFFFFFFFF, GGUFValueType.UINT32)
+        if tag == "float":
+            return KV(key, float(value), GGUFValueType.FLOAT32)
+        if tag == "bool":
+            if value not in ("true", "false"):
+                raise ValueError(value)
+            return KV(key, value == "true", GGUFValueType.BOOL)
+    except ValueError:
+        raise ModelError(f"invalid --override-kv {s!r}: bad {tag} value") from None
+    if len(value) > 127:
+        raise ModelError(f"invalid --override-kv {s!r}: string longer than 127 bytes")
+    return KV(key, value, GGUFValueType.STRING)

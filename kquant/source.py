@@ -1,0 +1,64 @@
+"""What the quantize pipeline reads: a model as GGUF metadata plus lazily loaded tensors.
+
+A GGUF file (kquant.gguf_source) and a Hugging Face folder (kquant.hf) both become a
+`ModelSource`: the key-value pairs in the order they are written, and the tensors under their
+GGUF names, each loaded only when asked for, so that a model is never all in memory at once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+
+
+class ModelError(ValueError):
+    """A model input kquant cannot use: one clear message for the user, no traceback."""
+
+
+@dataclass
+class KV:
+    """One metadata pair; `sub_type` is the element type of an ARRAY value."""
+
+    key: str
+    value: Any
+    type: GGUFValueType
+    sub_type: GGUFValueType | None = None
+
+
+@dataclass
+class SourceTensor:
+    """A tensor as stored: `shape` in ggml order (ne[0], the row length, first), `type` its
+    ggml type, and `load()` returning its data as a numpy array of that type's storage
+    (float32/float16 values, or uint8 bytes for bf16 and quantized types), rows last."""
+
+    name: str
+    shape: tuple[int, ...]
+    type: GGMLQuantizationType
+    load: Callable[[], np.ndarray] = field(repr=False)
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        block, size = GGML_QUANT_SIZES[self.type]
+        return self.n_elements // block * size
+
+
+@dataclass
+class ModelSource:
+    """A whole model: its architecture name (general.architecture), metadata and tensors."""
+
+    arch: str
+    kv: list[KV]
+    tensors: list[SourceTensor]
+    path: str = ""
+
+    def get(self, key: str, default: Any = None) -> Any:
+        for kv in self.kv:
+            if kv.key == key:
+                return kv.value
+        return default
