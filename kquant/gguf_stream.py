@@ -10,19 +10,28 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from gguf import GGUF_DEFAULT_ALIGNMENT, GGUFWriter
+from gguf import GGUF_DEFAULT_ALIGNMENT, GGUFValueType, GGUFWriter
 from tqdm import tqdm
 
 from .source import ModelError, ModelSource
+
+
+def _raw(value: Any, vtype: GGUFValueType, sub_type: GGUFValueType | None) -> Any:
+    """Strings as bytes, so that text read with surrogateescape (not UTF-8) goes back as it came."""
+    if vtype == GGUFValueType.STRING:
+        return value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
+    if vtype == GGUFValueType.ARRAY and sub_type == GGUFValueType.STRING:
+        return [v.encode("utf-8", "surrogateescape") if isinstance(v, str) else v for v in value]
+    return value
 
 
 def _writer(source: ModelSource, path: Path) -> GGUFWriter:
     w = GGUFWriter(str(path), arch=source.arch)
     w.kv_data[0].clear()  # GGUFWriter puts general.architecture first; keep the source's order
     for kv in source.kv:
-        w.add_key_value(kv.key, kv.value, kv.type, kv.sub_type)
+        w.add_key_value(kv.key, _raw(kv.value, kv.type, kv.sub_type), kv.type, kv.sub_type)
     alignment = source.get("general.alignment")
     if alignment is not None:
         w.data_alignment = int(alignment)

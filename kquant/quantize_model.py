@@ -51,6 +51,8 @@ class QuantizeOptions:
     token_embedding_type: T | None = None
     tensor_types: list[tuple[str, T]] = field(default_factory=list)
     override_kv: list[KV] = field(default_factory=list)
+    prune_layers: list[int] = field(default_factory=list)
+    keep_split: bool = False
     n_threads: int | None = None
 
 
@@ -59,6 +61,7 @@ class PlannedTensor:
     source: SourceTensor
     target: T
     imatrix: np.ndarray | None = None
+    name: str = ""  # the output name (differs from source.name only with --prune-layers)
 
     @property
     def new_nbytes(self) -> int:
@@ -207,7 +210,8 @@ def plan_quantization(source: ModelSource, ftype: str | int | LlamaFileType,
             overrides += _imatrix_overrides(opts.imatrix, im, len(weights))
     by_name = {t.name: t for t in source.tensors}
     _check_imatrix(weights, by_name)
-    infos = [mixes.TensorInfo(t.name, t.shape, t.type) for t in source.tensors]
+    kept, n_blocks = prune(source.tensors, opts.prune_layers)
+    infos = [mixes.TensorInfo(new, t.shape, t.type) for new, t in kept]
     types = mixes.choose_types(
         _model_info(source), infos, ftype, pure=opts.pure,
         leave_output_tensor=opts.leave_output_tensor,
@@ -215,8 +219,8 @@ def plan_quantization(source: ModelSource, ftype: str | int | LlamaFileType,
         token_embedding_type=opts.token_embedding_type, tensor_types=opts.tensor_types,
         has_imatrix=bool(weights))
     planned = []
-    for t in sorted(source.tensors, key=lambda t: mixes.weight_order_key(t.name)):
-        target = types[t.name]
+    for new_name, t in kept:
+        target = types[new_name]
         if target != t.type:
             _check_convertible(t, target, opts.allow_requantize)
         w = weights.get(t.name)
@@ -224,8 +228,43 @@ def plan_quantization(source: ModelSource, ftype: str | int | LlamaFileType,
             w = None  # token_embd's mismatch is only a warning in llama.cpp
         if mixes.requires_imatrix(t.name, target, ftype) and w is None and target != t.type:
             raise ModelError(f"{t.name}: type {target.name} needs an importance matrix (--imatrix)")
-        planned.append(PlannedTensor(t, target, w))
-    return Plan(source, ftype, output_metadata(source, ftype, overrides), planned, len(weights))
+        planned.append(PlannedTensor(t, target, w, new_name))
+    kv = output_metadata(source, ftype, overrides)
+    if opts.prune_layers:
+        _set(kv, KV(f"{source.arch}.block_count", n_blocks, GGUFValueType.UINT32))
+    return Plan(source, ftype, kv, planned, len(weights))
+
+
+_BLK = re.compile(r"blk\.(\d+)\.")
+
+
+def prune(tensors: list[SourceTensor], layers: list[int]) -> tuple[list[tuple[str, SourceTensor]], int]:
+    """--prune-layers: drop the blocks listed and renumber the rest, as llama.cpp's
+    remap_layer does walking the tensors in the loader's order. Returns (new name, tensor)
+    pairs in that order, and the new block count."""
+    ordered = sorted(tensors, key=lambda t: mixes.weight_order_key(t.name))
+    if not layers:
+        return [(t.name, t) for t in ordered], 0
+    prune_set, first = set(layers), min(layers)
+    mapped: dict[int, str] = {}
+    next_id = 0
+    out = []
+    for t in ordered:
+        m = _BLK.search(t.name)
+        if not m:
+            out.append((t.name, t))
+            continue
+        blk = int(m[1])
+        if blk not in mapped:
+            if blk in prune_set:
+                mapped[blk] = ""
+            elif blk < first:
+                mapped[blk], next_id = str(blk), blk + 1
+            else:
+                mapped[blk], next_id = str(next_id), next_id + 1
+        if mapped[blk]:
+            out.append((t.name[:m.start(1)] + mapped[blk] + t.name[m.end(1):], t))
+    return out, next_id
 
 
 def _check_convertible(t: SourceTensor, target: T, allow_requantize: bool) -> None:
@@ -276,7 +315,7 @@ def output_source(plan: Plan, n_threads: int | None = None,
             return out
         return load
 
-    tensors = [SourceTensor(p.source.name, p.source.shape, p.target, loader(p)) for p in plan.tensors]
+    tensors = [SourceTensor(p.name, p.source.shape, p.target, loader(p)) for p in plan.tensors]
     return ModelSource(plan.source.arch, plan.kv, tensors, plan.source.path)
 
 
@@ -290,26 +329,55 @@ def _same_file(a: Path, b: Path) -> bool:
 def quantize_model(input_path: str | Path, output_path: str | Path,
                    ftype: str | int | LlamaFileType, options: QuantizeOptions | None = None,
                    progress: bool = True) -> Summary:
-    """Quantize a model file or folder into a GGUF file, as llama-quantize would."""
+    """Quantize a model file or folder into a GGUF file, as llama-quantize would.
+
+    With `options.keep_split`, a split input gives split outputs named
+    `<output without .gguf>-0000i-of-0000n.gguf`, each with its split.* keys."""
     from .gguf_stream import write_gguf
 
     t0 = time.perf_counter()
     inp, out = Path(input_path), Path(output_path)
     if _same_file(inp, out) or inp.resolve() == out.resolve():
         raise ModelError(f"output {out} is the input: choose another output path")
-    source = open_model(inp)
-    plan = plan_quantization(source, ftype, options)
     opts = options or QuantizeOptions()
-    write_gguf(output_source(plan, opts.n_threads), out, progress=progress)
+    source = open_model(inp)
+    plan = plan_quantization(source, ftype, opts)
+    result = output_source(plan, opts.n_threads)
+    n_split = 1 + max((t.split for t in source.tensors), default=0)
+    if not opts.keep_split or n_split == 1:
+        write_gguf(result, out, progress=progress)
+    else:
+        for i, part in enumerate(split_outputs(result, plan, n_split)):
+            stem = str(out)[:-5] if str(out).endswith(".gguf") else str(out)
+            write_gguf(part, f"{stem}-{i + 1:05d}-of-{n_split:05d}.gguf", progress=progress)
     return Summary(plan.size_in, plan.size_out, plan.n_elements, time.perf_counter() - t0,
                    len(plan.tensors))
 
 
-def default_output_name(input_path: str | Path, ftype: LlamaFileType) -> Path:
-    """llama-quantize's default: ggml-model-<TYPE>.gguf beside the input."""
+def split_outputs(result: ModelSource, plan: Plan, n_split: int) -> list[ModelSource]:
+    """--keep-split: one output per input file, tensors in file order, with split keys."""
+    position = {t.name: k for k, t in enumerate(plan.source.tensors)}  # file order
+    pairs = sorted(zip(result.tensors, plan.tensors), key=lambda tp: position[tp[1].source.name])
+    parts = []
+    for i in range(n_split):
+        kv = list(result.kv)
+        _set(kv, KV("split.no", i, GGUFValueType.UINT16))
+        _set(kv, KV("split.count", n_split, GGUFValueType.UINT16))
+        _set(kv, KV("split.tensors.count", len(result.tensors), GGUFValueType.INT32))
+        tensors = [t for t, p in pairs if p.source.split == i]
+        parts.append(ModelSource(result.arch, kv, tensors, result.path))
+    return parts
+
+
+def default_output_name(input_path: str | Path, type_word: str) -> Path:
+    """llama-quantize's default output: ggml-model-<TYPE>.gguf beside the input, TYPE as
+    typed (upper case), or for a number the first option name with that number."""
     p = Path(input_path)
     folder = p if p.is_dir() else p.parent
-    name = next((k for k, v in mixes.FTYPES.items() if v == ftype and k.isupper()), ftype.name)
+    name = type_word.upper()
+    if name.isdigit():
+        ftype = mixes.parse_ftype(name)
+        name = next(k for k, v in mixes.FTYPES.items() if v == ftype)
     return folder / f"ggml-model-{name}.gguf"
 
 

@@ -37,7 +37,7 @@ class SourceTensor:
     shape: tuple[int, ...]
     type: GGMLQuantizationType
     load: Callable[[], np.ndarray] = field(repr=False)
-
+    split: int = 0  # which file of a split model holds it
     @property
     def n_elements(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))

@@ -1,0 +1,169 @@
+"""kquant-quantize: llama-quantize's command line over kquant.quantize_model.
+
+    kquant-quantize [options] INPUT [OUTPUT] TYPE [nthreads]
+
+INPUT is a GGUF file (F32/F16/BF16, split files too) or a Hugging Face model folder.
+Options and their meanings are llama-quantize's.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .. import mixes
+from ..quantize_model import (QuantizeOptions, default_output_name, open_model,
+                              parse_override_kv, plan_quantization, quantize_model)
+from ..source import ModelError
+
+TYPES_HELP = ", ".join(sorted(k for k in mixes.FTYPES if not k.startswith(("IQ", "TQ", "MX", "Q1"))))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="kquant-quantize",
+        usage="kquant-quantize [options] INPUT [OUTPUT] TYPE [nthreads]",
+        description="Quantize a GGUF file or a Hugging Face folder as llama-quantize does. "
+                    f"TYPE (any case, or its number): {TYPES_HELP}, COPY.")
+    ap.add_argument("--allow-requantize", action="store_true",
+                    help="allow quantized inputs (dequantized, then quantized again)")
+    ap.add_argument("--leave-output-tensor", action="store_true",
+                    help="leave output.weight unquantized")
+    ap.add_argument("--pure", action="store_true",
+                    help="the TYPE's default type for every tensor (no mix rules)")
+    ap.add_argument("--imatrix", metavar="FILE", help="importance matrix (GGUF or legacy .dat)")
+    ap.add_argument("--include-weights", action="append", default=[], metavar="NAME",
+                    help="use the imatrix only for tensors whose name contains NAME")
+    ap.add_argument("--exclude-weights", action="append", default=[], metavar="NAME",
+                    help="do not use the imatrix for tensors whose name contains NAME")
+    ap.add_argument("--output-tensor-type", metavar="GGML_TYPE")
+    ap.add_argument("--token-embedding-type", metavar="GGML_TYPE")
+    ap.add_argument("--tensor-type", action="append", default=[], metavar="REGEX=GGML_TYPE",
+                    help="type for tensors whose name matches REGEX (repeatable)")
+    ap.add_argument("--tensor-type-file", metavar="FILE",
+                    help="REGEX=GGML_TYPE entries, separated by whitespace")
+    ap.add_argument("--keep-split", action="store_true",
+                    help="a split input gives split outputs of the same layout")
+    ap.add_argument("--override-kv", action="append", default=[], metavar="KEY=TYPE:VALUE",
+                    help="set metadata: TYPE int, float, bool or str (repeatable)")
+    ap.add_argument("--prune-layers", metavar="L0,L1,...", help="drop these blocks")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print each tensor's type and the sizes, write nothing")
+    ap.add_argument("args", nargs="+", metavar="INPUT [OUTPUT] TYPE [nthreads]")
+    return ap
+
+
+def _is_ftype(s: str) -> bool:
+    try:
+        _parse_ftype(s)
+        return True
+    except ModelError:
+        return False
+
+
+def _parse_ftype(s: str):
+    if s.upper() == "COPY":
+        raise ModelError("COPY is not supported by kquant-quantize yet; use a float TYPE")
+    try:
+        return mixes.parse_ftype(s)
+    except ValueError as e:
+        raise ModelError(str(e)) from None
+
+
+def parse_positionals(args: list[str], dry_run: bool) -> tuple[Path, Path | None, object, int | None]:
+    """INPUT [OUTPUT] TYPE [nthreads], told apart as llama-quantize does: if the second word
+    is a type, there is no OUTPUT (it defaults to ggml-model-TYPE.gguf beside the input)."""
+    if len(args) < 2:
+        raise ModelError("expected INPUT [OUTPUT] TYPE [nthreads]")
+    inp = Path(args[0])
+    rest = args[1:]
+    if _is_ftype(rest[0]):
+        ftype = _parse_ftype(rest[0])
+        out = None if dry_run else default_output_name(inp, rest[0])
+        rest = rest[1:]
+    else:
+        if len(rest) < 2:
+            raise ModelError("missing TYPE")
+        out = Path(rest[0])
+        ftype = _parse_ftype(rest[1])
+        rest = rest[2:]
+    threads = None
+    if rest:
+        try:
+            threads = int(rest[0])
+        except ValueError:
+            raise ModelError(f"invalid nthread {rest[0]!r}") from None
+        if len(rest) > 1:
+            raise ModelError(f"unexpected arguments: {' '.join(rest[1:])}")
+    return inp, out, ftype, (threads if threads and threads > 0 else None)
+
+
+def options_from_args(ns: argparse.Namespace, n_threads: int | None) -> QuantizeOptions:
+    tensor_types = list(ns.tensor_type)
+    if ns.tensor_type_file:
+        try:
+            tensor_types += Path(ns.tensor_type_file).read_text().split()
+        except OSError as e:
+            raise ModelError(f"--tensor-type-file: {e}") from None
+    try:
+        pairs = [mixes.parse_tensor_type_option(s) for s in tensor_types]
+        out_type = mixes.parse_ggml_type(ns.output_tensor_type) if ns.output_tensor_type else None
+        emb_type = mixes.parse_ggml_type(ns.token_embedding_type) if ns.token_embedding_type else None
+    except ValueError as e:
+        raise ModelError(str(e)) from None
+    prune = []
+    if ns.prune_layers:
+        try:
+            prune = sorted({int(x) for x in ns.prune_layers.split(",")})
+        except ValueError:
+            raise ModelError(f"invalid --prune-layers {ns.prune_layers!r}") from None
+    if ns.include_weights and ns.exclude_weights:
+        raise ModelError("--include-weights and --exclude-weights cannot be used together")
+    return QuantizeOptions(
+        allow_requantize=ns.allow_requantize, leave_output_tensor=ns.leave_output_tensor,
+        pure=ns.pure, imatrix=ns.imatrix, include_weights=ns.include_weights,
+        exclude_weights=ns.exclude_weights, output_tensor_type=out_type,
+        token_embedding_type=emb_type, tensor_types=pairs,
+        override_kv=[parse_override_kv(s) for s in ns.override_kv], prune_layers=prune,
+        keep_split=ns.keep_split, n_threads=n_threads)
+
+
+def dry_run(inp: Path, ftype, opts: QuantizeOptions) -> None:
+    t0 = time.perf_counter()
+    plan = plan_quantization(open_model(inp), ftype, opts)
+    mib = 1024 * 1024
+    for i, p in enumerate(plan.tensors, 1):
+        shape = ", ".join(str(n) for n in p.source.shape)
+        change = (f"{p.source.nbytes / mib:8.2f} MiB -> {p.new_nbytes / mib:8.2f} MiB ({p.target.name})"
+                  if p.target != p.source.type else f"{p.new_nbytes / mib:8.3f} MiB")
+        print(f"[{i:4d}/{len(plan.tensors):4d}] {p.name:<36s} - [{shape}], type = "
+              f"{p.source.type.name:>6s}, size = {change}")
+    n = plan.n_elements
+    print(f"model size = {plan.size_in / mib:.2f} MiB ({8 * plan.size_in / n:.2f} BPW), "
+          f"quant size = {plan.size_out / mib:.2f} MiB ({8 * plan.size_out / n:.2f} BPW), "
+          f"{time.perf_counter() - t0:.1f} s (dry run: nothing written)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        inp, out, ftype, n_threads = parse_positionals(ns.args, ns.dry_run)
+        opts = options_from_args(ns, n_threads)
+        if ns.dry_run:
+            dry_run(inp, ftype, opts)
+            return 0
+        print(f"kquant-quantize: quantizing '{inp}' to '{out}' as {ftype.name}", file=sys.stderr)
+        summary = quantize_model(inp, out, ftype, opts, progress=sys.stderr.isatty())
+        print(summary.line())
+        return 0
+    except ModelError as e:
+        print(f"kquant-quantize: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("kquant-quantize: interrupted; no output written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
