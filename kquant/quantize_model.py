@@ -273,6 +273,10 @@ def _check_convertible(t: SourceTensor, target: T, allow_requantize: bool) -> No
                          "not produce (only K-quants, legacy quants and float types)")
     if t.type not in CODECS:
         raise ModelError(f"{t.name}: input type {t.type.name} is not supported")
+    block = GGML_QUANT_SIZES[target][0]
+    if t.shape[0] % block:
+        raise ModelError(f"{t.name}: rows of {t.shape[0]} values are not a multiple of "
+                         f"{target.name}'s {block}-value blocks")
     if t.type not in _UNQUANTIZED and not allow_requantize:
         raise ModelError(f"{t.name}: requantizing from type {t.type.name} is disabled "
                          "(use --allow-requantize)")

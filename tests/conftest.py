@@ -75,3 +75,51 @@ def smollm2_weights() -> dict[str, np.ndarray]:
         w = dequantize(t.data, t.tensor_type)
         out[name] = np.ascontiguousarray(w[:rows, :cols], dtype=np.float32)
     return out
+
+
+def write_smollm2_f16(path: Path, n_layers: int = 2) -> Path:
+    """A real F16 GGUF model: SmolLM2-135M cut to its first `n_layers` blocks, weights
+    dequantized from the shipped Q4_1 to F16 (norms F32, as convert_hf_to_gguf keeps them)."""
+    from gguf import GGMLQuantizationType as T
+
+    import kquant
+    from kquant.gguf_source import load_gguf
+    from kquant.gguf_stream import write_gguf
+    from kquant.source import KV, ModelSource, SourceTensor
+
+    src = load_gguf(_smollm2_path())
+    kv = []
+    for k in src.kv:
+        if k.key == "llama.block_count":
+            k = KV(k.key, n_layers, k.type)
+        elif k.key == "general.file_type":
+            k = KV(k.key, 1, k.type)  # MOSTLY_F16
+        kv.append(k)
+
+    def as_f16(t: SourceTensor) -> SourceTensor:
+        def load() -> np.ndarray:
+            raw = np.ascontiguousarray(t.load()).view(np.uint8)
+            x = kquant.dequantize(raw.reshape(t.n_elements // t.shape[0], -1), t.type)
+            return x if len(t.shape) == 1 else x.astype(np.float16)
+        return SourceTensor(t.name, t.shape, T.F32 if len(t.shape) == 1 else T.F16, load)
+
+    keep = [t for t in src.tensors
+            if not t.name.startswith("blk.") or int(t.name.split(".")[1]) < n_layers]
+    write_gguf(ModelSource(src.arch, kv, [as_f16(t) for t in keep]), path, progress=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_f16(tmp_path_factory) -> Path:
+    if _smollm2_path() is None:
+        pytest.skip(f"SmolLM2 model not available ({SMOLLM2_PACKAGE} could not be fetched)")
+    return write_smollm2_f16(tmp_path_factory.mktemp("smollm2") / "smollm2-2l-f16.gguf")
+
+
+@pytest.fixture(scope="session")
+def llama_cpp():
+    try:
+        import llama_cpp as lc
+    except ImportError:
+        pytest.skip("llama-cpp-python not installed: pip install -e '.[interop]'")
+    return lc

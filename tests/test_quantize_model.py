@@ -1,0 +1,225 @@
+"""kquant-quantize against llama.cpp's own llama_model_quantize, whole file byte for byte,
+and its handling of bad input."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kquant import mixes
+from kquant.cli.quantize import main as quantize_main
+from kquant.gguf_source import load_gguf
+from kquant.imatrix_io import Imatrix, ImatrixEntry, save_imatrix_gguf, weights_for_quantize
+from kquant.quantize_model import QuantizeOptions, quantize_model
+
+FTYPES = ["Q4_K_M", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q5_K_S", "Q5_K_M", "Q6_K",
+          "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "BF16"]
+
+
+def reference(inp: Path, out: Path, ftype: str, **kw) -> bytes:
+    from kquant.reference import llama_quantize
+
+    llama_quantize(inp, out, mixes.parse_ftype(ftype), n_threads=2, **kw)
+    return out.read_bytes()
+
+
+def assert_same_file(a: Path, b: bytes) -> None:
+    got = a.read_bytes()
+    assert len(got) == len(b), f"sizes {len(got)} != {len(b)}"
+    if got != b:
+        first = next(i for i in range(len(b)) if got[i] != b[i])
+        pytest.fail(f"files differ first at byte {first} of {len(b)}")
+
+
+@pytest.mark.parametrize("ftype", FTYPES)
+def test_same_file_as_llama_quantize(llama_cpp, smollm2_f16, tmp_path, ftype):
+    want = reference(smollm2_f16, tmp_path / "ref.gguf", ftype)
+    quantize_model(smollm2_f16, tmp_path / "kq.gguf", ftype, progress=False)
+    assert_same_file(tmp_path / "kq.gguf", want)
+
+
+def random_imatrix(model: Path, seed: int = 0) -> Imatrix:
+    """An imatrix in llama-imatrix's layout for every 2-D weight (output excepted), with
+    realistic heavy-tailed sums and a count of 512 tokens x 4 chunks."""
+    rng = np.random.default_rng(seed)
+    im = Imatrix(datasets=["calibration.txt"], chunk_count=4, chunk_size=512, has_metadata=True)
+    for t in load_gguf(model).tensors:
+        if len(t.shape) == 2 and t.name != "token_embd.weight":
+            sums = (rng.exponential(1.0, t.shape[0]) ** 2 * 2048).astype(np.float32)
+            im.entries[t.name[:-len(".weight")] + ".weight"] = ImatrixEntry(sums, np.array([2048]))
+    return im
+
+
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q2_K", "Q3_K_S", "Q5_K_M", "Q6_K", "Q4_0"])
+def test_same_file_with_imatrix(llama_cpp, smollm2_f16, tmp_path, ftype):
+    im = random_imatrix(smollm2_f16)
+    path = tmp_path / "imatrix.gguf"
+    save_imatrix_gguf(im, path)
+    weights = weights_for_quantize(im)
+    # the metadata keys llama-quantize's main() adds for the imatrix, as overrides
+    overrides = [("quantize.imatrix.file", "str", str(path)),
+                 ("quantize.imatrix.dataset", "str", "calibration.txt"),
+                 ("quantize.imatrix.entries_count", "int", len(weights)),
+                 ("quantize.imatrix.chunks_count", "int", 4)]
+    want = reference(smollm2_f16, tmp_path / "ref.gguf", ftype, imatrix=weights,
+                     kv_overrides=overrides)
+    rc = quantize_main(["--imatrix", str(path), str(smollm2_f16), str(tmp_path / "kq.gguf"),
+                        ftype, "2"])
+    assert rc == 0
+    assert_same_file(tmp_path / "kq.gguf", want)
+
+
+def test_options_match_llama_quantize(llama_cpp, smollm2_f16, tmp_path):
+    from gguf import GGMLQuantizationType as T
+
+    want = reference(smollm2_f16, tmp_path / "ref.gguf", "Q4_K_M", pure=True,
+                     leave_output_tensor=True, token_embedding_type=int(T.Q5_1),
+                     kv_overrides=[("general.name", "str", "renamed"),
+                                   ("llama.context_length", "int", 4096)])
+    rc = quantize_main(["--pure", "--leave-output-tensor", "--token-embedding-type", "q5_1",
+                        "--override-kv", "general.name=str:renamed",
+                        "--override-kv", "llama.context_length=int:4096",
+                        str(smollm2_f16), str(tmp_path / "kq.gguf"), "Q4_K_M"])
+    assert rc == 0
+    assert_same_file(tmp_path / "kq.gguf", want)
+
+
+def test_llama_cpp_runs_the_output(llama_cpp, smollm2_f16, tmp_path):
+    """llama.cpp loads kquant's file and its logits stay close to the F16 model's."""
+    out = tmp_path / "q8.gguf"
+    quantize_model(smollm2_f16, out, "Q8_0", progress=False)
+
+    def logits(path: Path) -> np.ndarray:
+        llm = llama_cpp.Llama(str(path), logits_all=True, verbose=False, n_ctx=64, n_threads=2)
+        tokens = llm.tokenize(b"The quick brown fox jumps over the lazy dog.")
+        llm.eval(tokens)
+        return np.array(llm.scores[:len(tokens)])
+
+    ref, got = logits(smollm2_f16), logits(out)
+    assert np.isfinite(got).all()
+    rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert rel < 0.05, f"Q8_0 logits differ from F16 by {rel:.3f} (relative)"
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.8
+
+
+def test_prune_layers_and_dry_run(smollm2_f16, tmp_path, capsys):
+    rc = quantize_main(["--dry-run", str(smollm2_f16), "Q4_K_M"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "blk.1.ffn_down.weight" in printed and "dry run" in printed
+    assert not list(tmp_path.iterdir())
+    out = tmp_path / "pruned.gguf"
+    assert quantize_main(["--prune-layers", "0", str(smollm2_f16), str(out), "Q8_0"]) == 0
+    m = load_gguf(out)
+    assert m.get("llama.block_count") == 1
+    assert {t.name for t in m.tensors if t.name.startswith("blk.")} == \
+        {t.name.replace("blk.1.", "blk.0.") for t in load_gguf(smollm2_f16).tensors
+         if t.name.startswith("blk.1.")}
+
+
+# ---- bad input: one clear line on stderr, exit code 1, no output file -------------------
+
+def run_cli(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kquant.cli.quantize", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def assert_fails_cleanly(args: list[str], out: Path, message: str) -> None:
+    r = run_cli(args)
+    assert r.returncode == 1, r.stderr
+    errors = [line for line in r.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and message in errors[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}*"))  # no temporary file left
+
+
+def test_truncated_gguf(smollm2_f16, tmp_path):
+    bad = tmp_path / "truncated.gguf"
+    data = smollm2_f16.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    assert_fails_cleanly([str(bad), str(tmp_path / "o.gguf"), "Q4_K_M"], tmp_path / "o.gguf",
+                         "truncated")
+    bad.write_bytes(data[:1000])
+    assert_fails_cleanly([str(bad), str(tmp_path / "o.gguf"), "Q4_K_M"], tmp_path / "o.gguf",
+                         "truncated or corrupt")
+
+
+def test_output_equal_to_input(smollm2_f16, tmp_path):
+    before = smollm2_f16.stat().st_mtime_ns
+    r = run_cli([str(smollm2_f16), str(smollm2_f16), "Q4_K_M"])
+    assert r.returncode == 1 and "is the input" in r.stderr
+    assert smollm2_f16.stat().st_mtime_ns == before
+
+
+def test_unknown_type(smollm2_f16, tmp_path):
+    assert_fails_cleanly([str(smollm2_f16), str(tmp_path / "o.gguf"), "Q9_Z"],
+                         tmp_path / "o.gguf", "Q9_Z")
+
+
+def test_rows_not_divisible_by_the_block(smollm2_f16, tmp_path):
+    """An explicit type gets no fallback (as in llama.cpp): 576-wide rows cannot be Q6_K."""
+    assert_fails_cleanly(["--token-embedding-type", "q6_K", str(smollm2_f16),
+                          str(tmp_path / "o.gguf"), "Q8_0"], tmp_path / "o.gguf",
+                         "token_embd.weight: rows of 576 values are not a multiple of Q6_K")
+
+
+def test_not_a_model(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    assert_fails_cleanly([str(tmp_path / "notes.txt"), str(tmp_path / "o.gguf"), "Q4_K_M"],
+                         tmp_path / "o.gguf", "neither a GGUF file nor")
+
+
+def test_imatrix_of_another_model(smollm2_f16, tmp_path):
+    im = random_imatrix(smollm2_f16)
+    im.entries["blk.7.attn_q.weight"] = ImatrixEntry(np.ones(576, np.float32), np.array([1]))
+    save_imatrix_gguf(im, tmp_path / "other.gguf")
+    assert_fails_cleanly(["--imatrix", str(tmp_path / "other.gguf"), str(smollm2_f16),
+                          str(tmp_path / "o.gguf"), "Q4_K_M"], tmp_path / "o.gguf",
+                         "blk.7.attn_q.weight")
+    im = random_imatrix(smollm2_f16)
+    im.entries["blk.0.ffn_down.weight"].sums = np.ones(100, np.float32)
+    save_imatrix_gguf(im, tmp_path / "short.gguf")
+    assert_fails_cleanly(["--imatrix", str(tmp_path / "short.gguf"), str(smollm2_f16),
+                          str(tmp_path / "o.gguf"), "Q4_K_M"], tmp_path / "o.gguf",
+                         "blk.0.ffn_down.weight has 100 values")
+    im = random_imatrix(smollm2_f16)
+    im.entries["blk.0.ffn_up.weight"].sums[3] = np.nan
+    save_imatrix_gguf(im, tmp_path / "nan.gguf")
+    assert_fails_cleanly(["--imatrix", str(tmp_path / "nan.gguf"), str(smollm2_f16),
+                          str(tmp_path / "o.gguf"), "Q4_K_M"], tmp_path / "o.gguf",
+                         "non-finite")
+
+
+def test_nan_in_weights(smollm2_f16, tmp_path):
+    """A NaN in the weights stops the job with the tensor named, and no output is left."""
+    from gguf import GGMLQuantizationType as T
+
+    from kquant.gguf_stream import write_gguf
+    from kquant.source import ModelSource, SourceTensor
+
+    src = load_gguf(smollm2_f16)
+    tensors = []
+    for t in src.tensors:
+        if t.name == "blk.1.ffn_up.weight":
+            data = np.array(t.load()).view(np.float16).copy()
+            data[5] = np.nan
+            t = SourceTensor(t.name, t.shape, T.F16, lambda d=data: d)
+        tensors.append(t)
+    bad = tmp_path / "nan.gguf"
+    write_gguf(ModelSource(src.arch, src.kv, tensors), bad, progress=False)
+    assert_fails_cleanly([str(bad), str(tmp_path / "o.gguf"), "Q4_K_M"], tmp_path / "o.gguf",
+                         "blk.1.ffn_up.weight: non-finite")
+
+
+def test_requantize_needs_the_flag(tmp_path, smollm2_f16):
+    q = tmp_path / "q8.gguf"
+    quantize_model(smollm2_f16, q, "Q8_0", progress=False)
+    assert_fails_cleanly([str(q), str(tmp_path / "o.gguf"), "Q4_K_M"], tmp_path / "o.gguf",
+                         "--allow-requantize")
+    opts = QuantizeOptions(allow_requantize=True)
+    quantize_model(q, tmp_path / "o.gguf", "Q4_K_M", opts, progress=False)
+    assert (tmp_path / "o.gguf").stat().st_size > 0
