@@ -359,12 +359,13 @@ def quantize_model(input_path: str | Path, output_path: str | Path,
 
 
 def split_outputs(result: ModelSource, plan: Plan, n_split: int) -> list[ModelSource]:
-    """--keep-split: one output per input file, tensors in file order, with split keys."""
+    """--keep-split: one output per input file, tensors in file order; the metadata goes in
+    the first file only (later ones hold just the split keys), as llama.cpp writes them."""
     position = {t.name: k for k, t in enumerate(plan.source.tensors)}  # file order
     pairs = sorted(zip(result.tensors, plan.tensors), key=lambda tp: position[tp[1].source.name])
     parts = []
     for i in range(n_split):
-        kv = list(result.kv)
+        kv = list(result.kv) if i == 0 else []
         _set(kv, KV("split.no", i, GGUFValueType.UINT16))
         _set(kv, KV("split.count", n_split, GGUFValueType.UINT16))
         _set(kv, KV("split.tensors.count", len(result.tensors), GGUFValueType.INT32))

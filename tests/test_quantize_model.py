@@ -120,6 +120,40 @@ def test_prune_layers_and_dry_run(smollm2_f16, tmp_path, capsys):
          if t.name.startswith("blk.1.")}
 
 
+def write_split(model: Path, folder: Path) -> Path:
+    """The model as two split files, as gguf-split writes them (split keys after the rest)."""
+    from gguf import GGUFValueType as V
+
+    from kquant.gguf_stream import write_gguf
+    from kquant.source import KV, ModelSource
+
+    src = load_gguf(model)
+    halves = [src.tensors[: len(src.tensors) // 2], src.tensors[len(src.tensors) // 2:]]
+    for i, tensors in enumerate(halves):
+        kv = list(src.kv) + [KV("split.no", i, V.UINT16), KV("split.count", 2, V.UINT16),
+                             KV("split.tensors.count", len(src.tensors), V.INT32)]
+        write_gguf(ModelSource(src.arch, kv, tensors), folder / f"m-{i + 1:05d}-of-00002.gguf",
+                   progress=False)
+    return folder / "m-00001-of-00002.gguf"
+
+
+def test_split_input_and_keep_split(llama_cpp, smollm2_f16, tmp_path):
+    first = write_split(smollm2_f16, tmp_path)
+    # one output from a split input: the same file as from the unsplit model
+    quantize_model(first, tmp_path / "one.gguf", "Q4_K_M", progress=False)
+    quantize_model(smollm2_f16, tmp_path / "whole.gguf", "Q4_K_M", progress=False)
+    assert (tmp_path / "one.gguf").read_bytes() == (tmp_path / "whole.gguf").read_bytes()
+    # --keep-split: split outputs, byte-identical to llama.cpp's
+    from kquant.reference import llama_quantize
+
+    # llama-quantize's main() strips ".gguf" before the library adds -0000i-of-0000n.gguf
+    llama_quantize(first, tmp_path / "ref", mixes.parse_ftype("Q4_K_M"), keep_split=True)
+    assert quantize_main(["--keep-split", str(first), str(tmp_path / "kq.gguf"), "Q4_K_M"]) == 0
+    for i in (1, 2):
+        name = f"-{i:05d}-of-00002.gguf"
+        assert_same_file(tmp_path / f"kq{name}", (tmp_path / f"ref{name}").read_bytes())
+
+
 # ---- bad input: one clear line on stderr, exit code 1, no output file -------------------
 
 def run_cli(args: list[str]) -> subprocess.CompletedProcess:
