@@ -337,7 +337,7 @@ def quantize_model(input_path: str | Path, output_path: str | Path,
 
     With `options.keep_split`, a split input gives split outputs named
     `<output without .gguf>-0000i-of-0000n.gguf`, each with its split.* keys."""
-    from .gguf_stream import write_gguf
+    from .gguf_write import write_gguf
 
     t0 = time.perf_counter()
     inp, out = Path(input_path), Path(output_path)

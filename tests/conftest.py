@@ -84,7 +84,7 @@ def write_smollm2_f16(path: Path, n_layers: int = 2) -> Path:
 
     import kquant
     from kquant.gguf_source import load_gguf
-    from kquant.gguf_stream import write_gguf
+    from kquant.gguf_write import write_gguf
     from kquant.source import KV, ModelSource, SourceTensor
 
     src = load_gguf(_smollm2_path())

@@ -124,7 +124,7 @@ def write_split(model: Path, folder: Path) -> Path:
     """The model as two split files, as gguf-split writes them (split keys after the rest)."""
     from gguf import GGUFValueType as V
 
-    from kquant.gguf_stream import write_gguf
+    from kquant.gguf_write import write_gguf
     from kquant.source import KV, ModelSource
 
     src = load_gguf(model)
@@ -232,7 +232,7 @@ def test_nan_in_weights(smollm2_f16, tmp_path):
     """A NaN in the weights stops the job with the tensor named, and no output is left."""
     from gguf import GGMLQuantizationType as T
 
-    from kquant.gguf_stream import write_gguf
+    from kquant.gguf_write import write_gguf
     from kquant.source import ModelSource, SourceTensor
 
     src = load_gguf(smollm2_f16)

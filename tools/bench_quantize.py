@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from gguf import GGMLQuantizationType as T, GGUFValueType  # noqa: E402
 
-from kquant.gguf_stream import write_gguf  # noqa: E402
+from kquant.gguf_write import write_gguf  # noqa: E402
 from kquant.imatrix_io import Imatrix, ImatrixEntry, save_imatrix_gguf  # noqa: E402
 from kquant.source import KV, ModelSource, SourceTensor  # noqa: E402
 

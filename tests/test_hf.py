@@ -1,0 +1,259 @@
+"""kquant.hf / kquant.gguf_write / kquant-convert against llama.cpp's convert_hf_to_gguf.py.
+
+The fixtures (tests/make_hf_fixtures.py) are built into a temporary folder; the reference results
+in tests/data/hf_reference/*.json were recorded from llama.cpp's own converter on those exact
+folders (tools/hf_reference.py --record): every metadata key (order, type, value), every tensor
+(name, shape, type, sha256 of its bytes) and the sha256 of the whole file.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import make_hf_fixtures as fixtures  # noqa: E402
+from kquant.cli import convert as convert_cli  # noqa: E402
+from kquant.gguf_write import write_gguf  # noqa: E402
+from kquant.hf import bpe_pre_tokenizer_name, default_outfile_name, load_hf_model  # noqa: E402
+from kquant.source import ModelError, ModelSource, SourceTensor  # noqa: E402
+
+REF_DIR = Path(__file__).resolve().parent / "data" / "hf_reference"
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> dict[str, Path]:
+    if not fixtures.DEFAULT_TEXT.is_file():
+        pytest.skip(f"training text {fixtures.DEFAULT_TEXT} (shared/) not available")
+    return fixtures.build(tmp_path_factory.mktemp("hf"))
+
+
+def _copy(built: dict[str, Path], name: str, tmp_path: Path) -> Path:
+    dst = tmp_path / name
+    shutil.copytree(built[name], dst)
+    return dst
+
+
+def _reference(name: str) -> dict:
+    path = REF_DIR / f"{name}.json"
+    assert path.is_file(), f"missing reference {path}"
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_every_fixture_has_a_reference():
+    assert sorted(p.stem for p in REF_DIR.glob("*.json")) == sorted(fixtures.FIXTURES)
+
+
+@pytest.mark.parametrize("outtype", OUTTYPES)
+@pytest.mark.parametrize("name", list(fixtures.FIXTURES))
+def test_matches_convert_hf_to_gguf(built, tmp_path, name, outtype):
+    ref = _reference(name)[outtype]
+    out = write_gguf(load_hf_model(built[name], outtype), tmp_path / "out.gguf", progress=False)
+    got = fixtures.summarize_gguf(out)
+    assert [m[0] for m in got["metadata"]] == [m[0] for m in ref["metadata"]]      # keys, in order
+    for g, r in zip(got["metadata"], ref["metadata"]):
+        assert g == r                                                               # type and value
+    assert [t[:3] for t in got["tensors"]] == [t[:3] for t in ref["tensors"]]       # names, shapes, types
+    for g, r in zip(got["tensors"], ref["tensors"]):
+        assert g[3] == r[3], f"{g[0]}: bytes differ"
+    assert got["file_sha256"] == ref["file_sha256"]                                 # the very same file
+
+
+def test_source_shapes_types_and_lazy_loading(built, monkeypatch):
+    calls = []
+    real_memmap = np.memmap
+
+    def counting_memmap(*args, **kwargs):
+        calls.append(args[0])
+        return real_memmap(*args, **kwargs)
+
+    monkeypatch.setattr(np, "memmap", counting_memmap)
+    src = load_hf_model(built["tiny-qwen3"], "bf16")
+    assert calls == []                                   # nothing read at construction
+    assert src.arch == "qwen3" and src.get("general.architecture") == "qwen3"
+    by_name = {t.name: t for t in src.tensors}
+    q = by_name["blk.0.attn_q.weight"]
+    assert q.shape == (256, 512) and q.type.name == "BF16"
+    assert by_name["blk.0.attn_q_norm.weight"].type.name == "F32"
+    assert "output.weight" in by_name
+    data = q.load()
+    assert len(calls) == 1
+    assert data.dtype == np.uint8 and data.nbytes == q.nbytes == 256 * 512 * 2
+    assert src.get("qwen3.attention.key_length") == 128
+    # tied embeddings: no output.weight
+    assert "output.weight" not in {t.name for t in load_hf_model(built["tiny-qwen2"]).tensors}
+
+
+def test_llama_qk_permutation(built):
+    """blk.N.attn_q/k rows are HF's q_proj/k_proj rows in GGML's interleaved rope order."""
+    folder = built["tiny-llama-spm"]
+    src = load_hf_model(folder, "f32")
+    q = next(t for t in src.tensors if t.name == "blk.0.attn_q.weight").load()
+    header_len = struct.unpack("<Q", (folder / "model.safetensors").read_bytes()[:8])[0]
+    header = json.loads((folder / "model.safetensors").read_bytes()[8:8 + header_len])
+    meta = header["model.layers.0.self_attn.q_proj.weight"]
+    raw = np.frombuffer((folder / "model.safetensors").read_bytes(), dtype="<f4",
+                        count=int(np.prod(meta["shape"])), offset=8 + header_len + meta["data_offsets"][0])
+    hf = raw.reshape(meta["shape"])
+    n_head, hd = 4, 64
+    expect = hf.reshape(n_head, 2, hd // 2, -1).swapaxes(1, 2).reshape(hf.shape)
+    assert np.array_equal(q, expect) and not np.array_equal(q, hf)
+
+
+def test_default_outfile_name(built):
+    # as convert_hf_to_gguf.py names them (checked against it for these folders)
+    assert default_outfile_name(load_hf_model(built["tiny-llama-spm"], "bf16")) == "Tiny-Llama-Spm-1.6M-BF16.gguf"
+    assert default_outfile_name(load_hf_model(built["tiny-mistral-spm"], "bf16")) == "Tiny-Mistral-Spm-1.5M-BF16.gguf"
+    assert default_outfile_name(load_hf_model(built["tiny-smollm"], "f32")) == "Tiny-Smollm-103K-F32.gguf"
+
+
+def test_pre_tokenizer_names():
+    def split(regex):
+        return {"pre_tokenizer": fixtures._split_pre(regex)}
+
+    assert bpe_pre_tokenizer_name(split(fixtures._LLAMA3_RE)) == "llama-bpe"
+    assert bpe_pre_tokenizer_name(split(fixtures._QWEN2_RE)) == "qwen2"
+    assert bpe_pre_tokenizer_name({"pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False,
+                                                     "use_regex": True}}) == "gpt-2"
+    with pytest.raises(ModelError, match="pre-tokenizer not recognized"):
+        bpe_pre_tokenizer_name(split("\\s+"))
+    with pytest.raises(ModelError, match="pre-tokenizer not recognized"):
+        bpe_pre_tokenizer_name({"pre_tokenizer": {"type": "Metaspace", "replacement": "▁"}})
+
+
+# ------------------------------------------------------------------------------------ errors
+
+def test_not_a_directory(tmp_path):
+    with pytest.raises(ModelError, match="is not a directory"):
+        load_hf_model(tmp_path / "nope")
+
+
+def test_directory_without_config(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelError, match="no config.json"):
+        load_hf_model(tmp_path)
+
+
+def test_unknown_architecture(built, tmp_path):
+    d = _copy(built, "tiny-smollm", tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match=r"'GPT2LMHeadModel' is not supported.*LlamaForCausalLM.*Qwen3ForCausalLM"):
+        load_hf_model(d)
+
+
+def test_truncated_safetensors_data(built, tmp_path):
+    d = _copy(built, "tiny-smollm", tmp_path)
+    st = d / "model.safetensors"
+    st.write_bytes(st.read_bytes()[:-100])
+    with pytest.raises(ModelError, match=r"model.safetensors: truncated safetensors file: tensor .* past the end"):
+        load_hf_model(d)
+
+
+def test_truncated_safetensors_header(built, tmp_path):
+    d = _copy(built, "tiny-smollm", tmp_path)
+    st = d / "model.safetensors"
+    st.write_bytes(st.read_bytes()[:50])
+    with pytest.raises(ModelError, match=r"truncated safetensors file: header of \d+ bytes"):
+        load_hf_model(d)
+
+
+def test_missing_shard(built, tmp_path):
+    d = _copy(built, "tiny-mistral-spm", tmp_path)
+    (d / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ModelError, match="missing safetensors file model-00002-of-00002.safetensors"):
+        load_hf_model(d)
+
+
+def test_missing_tokenizer(built, tmp_path):
+    d = _copy(built, "tiny-qwen2", tmp_path)
+    (d / "tokenizer.json").unlink()
+    with pytest.raises(ModelError, match="no tokenizer"):
+        load_hf_model(d)
+
+
+def test_unknown_tensor(built, tmp_path):
+    d = _copy(built, "tiny-smollm", tmp_path)
+    from kquant.hf import _index_tensors
+    tensors = {name: st.load().astype(np.float32) for name, st in _index_tensors(d).items()}
+    tensors["model.layers.0.mystery.weight"] = np.zeros((4, 4), np.float32)
+    fixtures.write_safetensors(d / "model.safetensors", tensors, "F32")
+    with pytest.raises(ModelError, match="'model.layers.0.mystery.weight'.* has no GGUF name"):
+        load_hf_model(d)
+
+
+def test_unknown_outtype(built):
+    with pytest.raises(ModelError, match="unknown outtype"):
+        load_hf_model(built["tiny-smollm"], "q4_k")
+
+
+# ------------------------------------------------------------------------------------ writing
+
+def _no_partial_files(folder: Path) -> bool:
+    return not any(p.name.endswith((".gguf", ".part")) for p in folder.iterdir())
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("disk on fire"), KeyboardInterrupt()])
+def test_write_removes_partial_file(built, tmp_path, exc):
+    src = load_hf_model(built["tiny-smollm"], "f16")
+    t = src.tensors[3]
+
+    def boom():
+        raise exc
+
+    src.tensors[3] = SourceTensor(t.name, t.shape, t.type, boom)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with pytest.raises(type(exc)):
+        write_gguf(src, out_dir / "m.gguf", progress=False)
+    assert list(out_dir.iterdir()) == []
+
+
+def test_write_refuses_to_overwrite_input(tmp_path):
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"GGUF")
+    with pytest.raises(ModelError, match="is the input"):
+        write_gguf(ModelSource(arch="llama", kv=[], tensors=[], path=str(f)), f, progress=False)
+    assert f.read_bytes() == b"GGUF"
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+def test_cli_convert(built, tmp_path, capsys):
+    d = _copy(built, "tiny-smollm", tmp_path)
+    assert convert_cli.main([str(d), "--outtype", "bf16", "--no-progress"]) == 0
+    out = d / "Tiny-Smollm-103K-BF16.gguf"
+    assert fixtures.summarize_gguf(out)["file_sha256"] == _reference("tiny-smollm")["bf16"]["file_sha256"]
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and "20 tensors" in lines[0] and str(out) in lines[0]
+
+    assert convert_cli.main([str(d), "--outtype", "auto", "--outfile", str(tmp_path / "m-{ftype}.gguf")]) == 0
+    assert (tmp_path / "m-bf16.gguf").is_file()   # auto: bf16, the weights' dtype
+
+
+@pytest.mark.parametrize("case", ["no-config", "truncated", "unknown-arch", "no-tokenizer"])
+def test_cli_errors(built, tmp_path, capsys, case):
+    d = _copy(built, "tiny-smollm", tmp_path)
+    if case == "no-config":
+        (d / "config.json").unlink()
+    elif case == "truncated":
+        st = d / "model.safetensors"
+        st.write_bytes(st.read_bytes()[:-1])
+    elif case == "unknown-arch":
+        (d / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
+    else:
+        (d / "tokenizer.json").unlink()
+    rc = convert_cli.main([str(d), "--outtype", "f16", "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 1
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and captured.out == ""
+    assert _no_partial_files(d)
