@@ -54,6 +54,7 @@ class QuantizeOptions:
     prune_layers: list[int] = field(default_factory=list)
     keep_split: bool = False
     n_threads: int | None = None
+    hf_outtype: str = "f16"  # a Hugging Face input is first converted as convert_hf_to_gguf would
 
 
 @dataclass
@@ -108,13 +109,16 @@ class Summary:
                 f"{self.seconds:.1f} s")
 
 
-def open_model(path: str | Path) -> ModelSource:
-    """A GGUF file or a Hugging Face model folder, as a ModelSource."""
+def open_model(path: str | Path, hf_outtype: str = "f16") -> ModelSource:
+    """A GGUF file or a Hugging Face model folder, as a ModelSource. A folder's tensors come
+    as `convert_hf_to_gguf.py --outtype hf_outtype` writes them (its default, f16; "auto"
+    keeps bf16 checkpoints bf16), so that quantizing the folder gives the same file as
+    converting it and running llama-quantize on the result."""
     p = Path(path)
     if p.is_dir():
-        from .hf import load_hf_model  # only needed for folders
+        from .hf import guess_outtype, load_hf_model  # only needed for folders
 
-        return load_hf_model(p)
+        return load_hf_model(p, guess_outtype(p) if hf_outtype == "auto" else hf_outtype)
     if not p.exists():
         raise ModelError(f"{p}: no such file or directory")
     if not is_gguf(p):
@@ -344,7 +348,7 @@ def quantize_model(input_path: str | Path, output_path: str | Path,
     if _same_file(inp, out) or inp.resolve() == out.resolve():
         raise ModelError(f"output {out} is the input: choose another output path")
     opts = options or QuantizeOptions()
-    source = open_model(inp)
+    source = open_model(inp, opts.hf_outtype)
     plan = plan_quantization(source, ftype, opts)
     result = output_source(plan, opts.n_threads)
     n_split = 1 + max((t.split for t in source.tensors), default=0)

@@ -257,3 +257,28 @@ def test_requantize_needs_the_flag(tmp_path, smollm2_f16):
     opts = QuantizeOptions(allow_requantize=True)
     quantize_model(q, tmp_path / "o.gguf", "Q4_K_M", opts, progress=False)
     assert (tmp_path / "o.gguf").stat().st_size > 0
+
+
+# ---- Hugging Face folders in one step ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hf_folders(tmp_path_factory):
+    import make_hf_fixtures as fixtures
+
+    if not fixtures.DEFAULT_TEXT.is_file():
+        pytest.skip(f"training text {fixtures.DEFAULT_TEXT} (shared/) not available")
+    return fixtures.build(tmp_path_factory.mktemp("hf"),
+                          ["tiny-llama-spm", "tiny-mistral-spm", "tiny-qwen2", "tiny-qwen3"])
+
+
+@pytest.mark.parametrize("name", ["tiny-llama-spm", "tiny-mistral-spm", "tiny-qwen2", "tiny-qwen3"])
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q6_K"])
+def test_hf_folder_in_one_step(llama_cpp, hf_folders, tmp_path, name, ftype):
+    """kquant-quantize on a folder = convert_hf_to_gguf (f16, its default) + llama-quantize."""
+    from kquant.gguf_write import write_gguf
+    from kquant.hf import load_hf_model
+
+    f16 = write_gguf(load_hf_model(hf_folders[name], "f16"), tmp_path / "f16.gguf", progress=False)
+    want = reference(f16, tmp_path / "ref.gguf", ftype)
+    assert quantize_main([str(hf_folders[name]), str(tmp_path / "kq.gguf"), ftype]) == 0
+    assert_same_file(tmp_path / "kq.gguf", want)

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--override-kv", action="append", default=[], metavar="KEY=TYPE:VALUE",
                     help="set metadata: TYPE int, float, bool or str (repeatable)")
     ap.add_argument("--prune-layers", metavar="L0,L1,...", help="drop these blocks")
+    ap.add_argument("--hf-outtype", choices=("f32", "f16", "bf16", "auto"), default="f16",
+                    help="for a Hugging Face folder: the precision it is converted to first, "
+                         "as convert_hf_to_gguf.py --outtype (default f16, its default)")
     ap.add_argument("--dry-run", action="store_true",
                     help="print each tensor's type and the sizes, write nothing")
     ap.add_argument("args", nargs="+", metavar="INPUT [OUTPUT] TYPE [nthreads]")
@@ -126,12 +129,12 @@ def options_from_args(ns: argparse.Namespace, n_threads: int | None) -> Quantize
         exclude_weights=ns.exclude_weights, output_tensor_type=out_type,
         token_embedding_type=emb_type, tensor_types=pairs,
         override_kv=[parse_override_kv(s) for s in ns.override_kv], prune_layers=prune,
-        keep_split=ns.keep_split, n_threads=n_threads)
+        keep_split=ns.keep_split, n_threads=n_threads, hf_outtype=ns.hf_outtype)
 
 
 def dry_run(inp: Path, ftype, opts: QuantizeOptions) -> None:
     t0 = time.perf_counter()
-    plan = plan_quantization(open_model(inp), ftype, opts)
+    plan = plan_quantization(open_model(inp, opts.hf_outtype), ftype, opts)
     mib = 1024 * 1024
     for i, p in enumerate(plan.tensors, 1):
         shape = ", ".join(str(n) for n in p.source.shape)
