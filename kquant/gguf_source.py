@@ -6,6 +6,7 @@ loader does: metadata from the first file, tensors from all of them.
 """
 from __future__ import annotations
 
+import mmap
 import re
 import struct
 from pathlib import Path
@@ -72,6 +73,15 @@ class _Header:
                          GGUF_DEFAULT_ALIGNMENT)
         self.data_offset = -(-self.pos // alignment) * alignment
 
+    def drop_pages(self, start: int, nbytes: int) -> None:
+        """Let the kernel drop a used tensor's pages from this process's memory (they stay
+        in the page cache), as llama-quantize unmaps each weight once it is written."""
+        page = mmap.PAGESIZE
+        lo = start // page * page
+        mm = getattr(self.mm, "_mmap", None)
+        if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED, lo, min(start + nbytes, len(mm)) - lo)
+
     def _unpack(self, fmt: str):
         out = struct.unpack_from(fmt, self.buf, self.pos)
         self.pos += struct.calcsize(fmt)
@@ -137,7 +147,10 @@ def _tensors(h: _Header, path: Path, split: int) -> list[SourceTensor]:
         def load(start: int = start, nbytes: int = nbytes) -> np.ndarray:
             return h.mm[start:start + nbytes]
 
-        out.append(SourceTensor(name, shape, qtype, load, split))
+        def release(start: int = start, nbytes: int = nbytes) -> None:
+            h.drop_pages(start, nbytes)
+
+        out.append(SourceTensor(name, shape, qtype, load, split, release))
     return out
 
 

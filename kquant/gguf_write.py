@@ -89,6 +89,8 @@ def write_gguf(source: ModelSource, path: str | os.PathLike[str], progress: bool
                                      f"expected ({t.type.name} {list(t.shape)})")
                 writer.write_tensor_data(data.reshape(-1).view(np.uint8))
                 del data
+                if t.release is not None:
+                    t.release()
                 bar.update(t.nbytes)
         writer.close()
         os.replace(tmp, out)

@@ -286,30 +286,37 @@ def _check_convertible(t: SourceTensor, target: T, allow_requantize: bool) -> No
                          "(use --allow-requantize)")
 
 
+SLAB_VALUES = 1 << 22  # rows are converted in slabs of about this many values (16 MiB of f32)
+
+
 def convert_tensor(p: PlannedTensor, n_threads: int | None = None) -> np.ndarray:
     """The output bytes of one planned tensor: a copy, or dequantize-then-quantize with its
-    imatrix (per expert for 3-D tensors)."""
+    imatrix (per expert for 3-D tensors), a slab of rows at a time so that the float32
+    working copy stays small whatever the tensor's size."""
     t = p.source
-    raw = np.ascontiguousarray(t.load()).view(np.uint8)
+    raw = t.load().view(np.uint8)
     if p.target == t.type:
         return raw.reshape(-1)
     n_per_row = t.shape[0]
-    rows = raw.reshape(-1, raw.size // (t.n_elements // n_per_row))
-    x = rows if t.type == T.F32 else None
-    if x is None:
-        x = dequantize(rows, t.type, n_threads=n_threads)
-    else:
-        x = x.view(np.float32)
-    if not np.isfinite(x).all():
-        bad = np.argwhere(~np.isfinite(x))[0]
-        raise ModelError(f"{t.name}: non-finite weight at row {bad[0]}, column {bad[1]}")
+    n_rows = t.n_elements // n_per_row
     n_expert = t.shape[2] if len(t.shape) > 2 else 1
-    if p.imatrix is None or n_expert == 1:
-        return quantize(x, p.target, p.imatrix, n_threads=n_threads).reshape(-1)
-    per_expert = x.reshape(n_expert, -1, n_per_row)
-    w = p.imatrix.reshape(n_expert, n_per_row)
-    return np.concatenate([quantize(per_expert[e], p.target, w[e], n_threads=n_threads).reshape(-1)
-                           for e in range(n_expert)])
+    rows_in = raw.reshape(n_rows, -1)
+    out = np.empty((n_rows, p.new_nbytes // n_rows), np.uint8)
+    weights = None if p.imatrix is None else p.imatrix.reshape(-1, n_per_row)
+    per_expert = n_rows // n_expert
+    step = max(1, SLAB_VALUES // n_per_row)
+    for e in range(n_expert):
+        w = None if weights is None else weights[e if weights.shape[0] > 1 else 0]
+        for r0 in range(e * per_expert, (e + 1) * per_expert, step):
+            r1 = min(r0 + step, (e + 1) * per_expert)
+            x = (rows_in[r0:r1].view(np.float32) if t.type == T.F32
+                 else dequantize(rows_in[r0:r1], t.type, n_threads=n_threads))
+            if not np.isfinite(x).all():
+                bad = np.argwhere(~np.isfinite(x))[0]
+                raise ModelError(f"{t.name}: non-finite weight at row {r0 + bad[0]}, "
+                                 f"column {bad[1]}")
+            out[r0:r1] = quantize(x, p.target, w, n_threads=n_threads)
+    return out.reshape(-1)
 
 
 def output_source(plan: Plan, n_threads: int | None = None,
@@ -323,7 +330,8 @@ def output_source(plan: Plan, n_threads: int | None = None,
             return out
         return load
 
-    tensors = [SourceTensor(p.name, p.source.shape, p.target, loader(p)) for p in plan.tensors]
+    tensors = [SourceTensor(p.name, p.source.shape, p.target, loader(p), release=p.source.release)
+               for p in plan.tensors]
     return ModelSource(plan.source.arch, plan.kv, tensors, plan.source.path)
 
 

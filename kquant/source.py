@@ -38,6 +38,8 @@ class SourceTensor:
     type: GGMLQuantizationType
     load: Callable[[], np.ndarray] = field(repr=False)
     split: int = 0  # which file of a split model holds it
+    # called once the tensor's data has been used: lets a memory-mapped input drop its pages
+    release: Callable[[], None] | None = field(default=None, repr=False)
     @property
     def n_elements(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))
