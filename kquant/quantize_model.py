@@ -199,9 +199,11 @@ def _check_imatrix(weights: dict[str, np.ndarray], tensors: dict[str, SourceTens
 
 def plan_quantization(source: ModelSource, ftype: str | int | LlamaFileType,
                       options: QuantizeOptions | None = None) -> Plan:
-    """Choose every tensor's type and the output metadata, and check the imatrix."""
+    """Choose every tensor's type and the output metadata, and check the imatrix.
+    `ftype` "COPY" copies every tensor as it is (llama-quantize's COPY)."""
     opts = options or QuantizeOptions()
-    ftype = mixes.parse_ftype(ftype)
+    only_copy = isinstance(ftype, str) and ftype.strip().upper() == "COPY"
+    ftype = loader_ftype(source) if only_copy else mixes.parse_ftype(ftype)
     weights: dict[str, np.ndarray] = {}
     overrides = list(opts.override_kv)
     if opts.imatrix:
@@ -216,7 +218,7 @@ def plan_quantization(source: ModelSource, ftype: str | int | LlamaFileType,
     _check_imatrix(weights, by_name)
     kept, n_blocks = prune(source.tensors, opts.prune_layers)
     infos = [mixes.TensorInfo(new, t.shape, t.type) for new, t in kept]
-    types = mixes.choose_types(
+    types = {i.name: i.type for i in infos} if only_copy else mixes.choose_types(
         _model_info(source), infos, ftype, pure=opts.pure,
         leave_output_tensor=opts.leave_output_tensor,
         output_tensor_type=opts.output_tensor_type,
@@ -230,7 +232,7 @@ def plan_quantization(source: ModelSource, ftype: str | int | LlamaFileType,
         w = weights.get(t.name)
         if w is not None and w.size != t.shape[0] * (t.shape[2] if len(t.shape) > 2 else 1):
             w = None  # token_embd's mismatch is only a warning in llama.cpp
-        if mixes.requires_imatrix(t.name, target, ftype) and w is None and target != t.type:
+        if (target != t.type and w is None and mixes.requires_imatrix(t.name, target, ftype)):
             raise ModelError(f"{t.name}: type {target.name} needs an importance matrix (--imatrix)")
         planned.append(PlannedTensor(t, target, w, new_name))
     kv = output_metadata(source, ftype, overrides)
@@ -269,6 +271,28 @@ def prune(tensors: list[SourceTensor], layers: list[int]) -> tuple[list[tuple[st
         if mapped[blk]:
             out.append((t.name[:m.start(1)] + mapped[blk] + t.name[m.end(1):], t))
     return out, next_id
+
+
+LLAMA_FTYPE_GUESSED = 1024
+# llama_model_loader's guess of a file's ftype from its most common tensor type
+_GUESS = {T.F32: 0, T.F16: 1, T.BF16: 32, T.Q4_0: 2, T.Q4_1: 3, T.Q5_0: 8, T.Q5_1: 9, T.Q8_0: 7,
+          T.Q2_K: 10, T.Q3_K: 12, T.Q4_K: 15, T.Q5_K: 17, T.Q6_K: 18}
+
+
+def loader_ftype(source: ModelSource) -> int:
+    """The file type llama.cpp's loader reports (what COPY writes as general.file_type):
+    general.file_type if present, else guessed from the most common tensor type, flagged
+    LLAMA_FTYPE_GUESSED."""
+    stored = source.get("general.file_type")
+    if stored is not None:
+        return int(stored)
+    counts: dict[T, int] = {}
+    best, best_n = T.F32, 0
+    for t in sorted(source.tensors, key=lambda t: mixes.weight_order_key(t.name)):
+        counts[t.type] = counts.get(t.type, 0) + 1
+        if counts[t.type] > best_n:
+            best, best_n = t.type, counts[t.type]
+    return _GUESS.get(best, 0) | LLAMA_FTYPE_GUESSED
 
 
 def _check_convertible(t: SourceTensor, target: T, allow_requantize: bool) -> None:
@@ -391,7 +415,7 @@ def default_output_name(input_path: str | Path, type_word: str) -> Path:
     typed (upper case), or for a number the first option name with that number."""
     p = Path(input_path)
     folder = p if p.is_dir() else p.parent
-    name = type_word.upper()
+    name = type_word.strip().upper()
     if name.isdigit():
         ftype = mixes.parse_ftype(name)
         name = next(k for k, v in mixes.FTYPES.items() if v == ftype)

@@ -104,7 +104,8 @@ def llama_quantize(inp: str | Path, out: str | Path, ftype: int, *, n_threads: i
                    kv_overrides: list[tuple[str, str, object]] = (),
                    pure: bool = False, leave_output_tensor: bool = False,
                    output_tensor_type: int | None = None, token_embedding_type: int | None = None,
-                   allow_requantize: bool = False, keep_split: bool = False) -> None:
+                   allow_requantize: bool = False, keep_split: bool = False,
+                   only_copy: bool = False) -> None:
     """llama.cpp's own llama_model_quantize (through llama-cpp-python), for comparisons.
 
     `kv_overrides` are (key, "int"|"float"|"bool"|"str", value), set in order after the
@@ -120,6 +121,7 @@ def llama_quantize(inp: str | Path, out: str | Path, ftype: int, *, n_threads: i
     p.quantize_output_tensor = not leave_output_tensor
     p.allow_requantize = allow_requantize
     p.keep_split = keep_split
+    p.only_copy = only_copy
     if output_tensor_type is not None:
         p.output_tensor_type = int(output_tensor_type)
     if token_embedding_type is not None:

@@ -282,3 +282,79 @@ def test_hf_folder_in_one_step(llama_cpp, hf_folders, tmp_path, name, ftype):
     want = reference(f16, tmp_path / "ref.gguf", ftype)
     assert quantize_main([str(hf_folders[name]), str(tmp_path / "kq.gguf"), ftype]) == 0
     assert_same_file(tmp_path / "kq.gguf", want)
+
+
+def test_copy(llama_cpp, smollm2_f16, tmp_path):
+    """COPY: every tensor as it is, general.file_type from the input, as llama-quantize."""
+    from kquant.reference import llama_quantize
+
+    llama_quantize(smollm2_f16, tmp_path / "ref.gguf", 0, only_copy=True)
+    assert quantize_main([str(smollm2_f16), str(tmp_path / "kq.gguf"), "COPY"]) == 0
+    assert_same_file(tmp_path / "kq.gguf", (tmp_path / "ref.gguf").read_bytes())
+
+
+# ---- llama.cpp runs what kquant wrote from the project's own Hugging Face model ---------
+
+TINY = Path(__file__).resolve().parent.parent / "data" / "tiny-llama"
+TEXT = b"It was a bright cold day in April, and the clocks were striking thirteen."
+# relative RMS distance of the logits from the F32 model's: about 2.5x what each type gives
+# on this model (measured: Q8_0 0.0056, Q6_K 0.013, Q5_K_M 0.017, Q4_K_M 0.029, Q3_K_M
+# 0.049), so a broken tensor or a wrong type fails
+LOGIT_TOLERANCE = {"Q8_0": 0.015, "Q6_K": 0.03, "Q5_K_M": 0.04, "Q4_K_M": 0.07, "Q3_K_M": 0.12}
+
+
+@pytest.fixture(scope="module")
+def tiny_f32_logits(llama_cpp, tmp_path_factory):
+    from kquant.gguf_write import write_gguf
+    from kquant.hf import load_hf_model
+
+    f32 = write_gguf(load_hf_model(TINY, "f32"), tmp_path_factory.mktemp("tiny") / "f32.gguf",
+                     progress=False)
+    return logits_of(llama_cpp, f32)
+
+
+def logits_of(lc, path: Path) -> np.ndarray:
+    llm = lc.Llama(str(path), logits_all=True, verbose=False, n_ctx=64, n_threads=2)
+    tokens = llm.tokenize(TEXT)
+    llm.eval(tokens)
+    return np.array(llm.scores[:len(tokens)])
+
+
+@pytest.mark.parametrize("ftype", list(LOGIT_TOLERANCE))
+def test_llama_cpp_runs_tiny_model_from_hf_folder(llama_cpp, tiny_f32_logits, tmp_path, ftype):
+    out = tmp_path / f"tiny-{ftype}.gguf"
+    assert quantize_main([str(TINY), str(out), ftype]) == 0
+    got = logits_of(llama_cpp, out)
+    rel = np.sqrt(((got - tiny_f32_logits) ** 2).mean() / (tiny_f32_logits ** 2).mean())
+    assert rel < LOGIT_TOLERANCE[ftype], f"{ftype}: logits {rel:.3f} from F32"
+    print(f"{ftype}: relative logit distance {rel:.4f}")
+
+
+def test_truncated_safetensors(tmp_path):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(TINY, folder)
+    st = folder / "model.safetensors"
+    st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+    assert_fails_cleanly([str(folder), str(tmp_path / "o.gguf"), "Q4_K_M"], tmp_path / "o.gguf",
+                         "model.safetensors")
+
+
+def test_unknown_architecture(tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(TINY, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["architectures"] = ["MambaForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert_fails_cleanly([str(folder), str(tmp_path / "o.gguf"), "Q4_K_M"], tmp_path / "o.gguf",
+                         "MambaForCausalLM")
+
+
+def test_directory_that_is_not_a_model(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_fails_cleanly([str(tmp_path / "empty"), str(tmp_path / "o.gguf"), "Q4_K_M"],
+                         tmp_path / "o.gguf", "config.json")

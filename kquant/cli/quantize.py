@@ -66,8 +66,8 @@ def _is_ftype(s: str) -> bool:
 
 
 def _parse_ftype(s: str):
-    if s.upper() == "COPY":
-        raise ModelError("COPY is not supported by kquant-quantize yet; use a float TYPE")
+    if s.strip().upper() == "COPY":
+        return "COPY"  # every tensor as it is
     try:
         return mixes.parse_ftype(s)
     except ValueError as e:
@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         if ns.dry_run:
             dry_run(inp, ftype, opts)
             return 0
-        print(f"kquant-quantize: quantizing '{inp}' to '{out}' as {ftype.name}", file=sys.stderr)
+        shown = ftype if isinstance(ftype, str) else ftype.name.replace("MOSTLY_", "")
+        print(f"kquant-quantize: quantizing '{inp}' to '{out}' as {shown}", file=sys.stderr)
         summary = quantize_model(inp, out, ftype, opts, progress=sys.stderr.isatty())
         print(summary.line())
         return 0
