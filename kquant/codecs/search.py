@@ -321,34 +321,4 @@ def make_qp_quants(n, nmax, x, L, quant_weights, ws):
         if ws[_ERR + k] < best_mse:
             best_mse = ws[_ERR + k]
             iscale = ws[_ISC + k]
-    sumlx = _ZERO
-    suml2 = _ZERO
-    for i in range(n):
-        l = min(nmax, nearest_int(iscale * x[i]))
-        L[i] = l
-        w = quant_weights[i]
-        fl = F32(l)
-        sumlx += w * x[i] * fl
-        suml2 += w * fl * fl
-    for _itry in range(5):
-        n_changed = 0
-        for i in range(n):
-            w = quant_weights[i]
-            fli = F32(L[i])
-            slx = sumlx - w * x[i] * fli
-            sl2 = suml2 - w * fli * fli
-            if slx > _ZERO and sl2 > _ZERO:
-                new_l = nearest_int(x[i] * sl2 / slx)
-                new_l = min(nmax, new_l)
-                if new_l != L[i]:
-                    fnl = F32(new_l)
-                    slx += w * x[i] * fnl
-                    sl2 += w * fnl * fnl
-                    if slx * slx * suml2 > sumlx * sumlx * sl2:
-                        L[i] = new_l
-                        sumlx = slx
-                        suml2 = sl2
-                        n_changed += 1
-        if n_changed == 0:
-            break
-    return sumlx / suml2 if suml2 > _ZERO else _ZERO
+    return exact.qp_refine(n, nmax, x, L, quant_weights, iscale)

@@ -175,6 +175,14 @@ def make_qp_quants(n, nmax, x, L, quant_weights):
         if mse < best_mse:
             best_mse = mse
             iscale = iscale_is
+    return qp_refine(n, nmax, x, L, quant_weights, iscale)
+
+
+@njit(cache=True, error_model="numpy")
+def qp_refine(n, nmax, x, L, quant_weights, iscale):
+    """make_qp_quants after its scale search: levels at the chosen iscale, then up to five
+    passes moving single levels while that improves the weighted fit. Scalar, as the C
+    (each change feeds the next), and shared with the vectorized search."""
     sumlx = _ZERO
     suml2 = _ZERO
     for i in range(n):
