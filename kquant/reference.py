@@ -105,7 +105,8 @@ def llama_quantize(inp: str | Path, out: str | Path, ftype: int, *, n_threads: i
                    pure: bool = False, leave_output_tensor: bool = False,
                    output_tensor_type: int | None = None, token_embedding_type: int | None = None,
                    allow_requantize: bool = False, keep_split: bool = False,
-                   only_copy: bool = False) -> None:
+                   only_copy: bool = False,
+                   tensor_types: list[tuple[str, int]] = ()) -> None:
     """llama.cpp's own llama_model_quantize (through llama-cpp-python), for comparisons.
 
     `kv_overrides` are (key, "int"|"float"|"bool"|"str", value), set in order after the
@@ -153,6 +154,13 @@ def llama_quantize(inp: str | Path, out: str | Path, ftype: int, *, n_threads: i
                 kvs[i].value.val_str = str(value).encode()[:127]
         p.kv_overrides = kvs
         keep.append(kvs)
+    if tensor_types:  # (regex, ggml type) pairs, as llama-quantize's --tensor-type passes them
+        tts = (lc.llama_model_tensor_override * (len(tensor_types) + 1))()
+        for i, (pattern, qtype) in enumerate(tensor_types):
+            tts[i].pattern = pattern.encode()
+            tts[i].type = int(qtype)
+        p.tt_overrides = tts
+        keep.append(tts)
     rc = lc.llama_model_quantize(str(inp).encode(), str(out).encode(), ctypes.byref(p))
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize failed ({rc})")

@@ -87,6 +87,30 @@ def test_options_match_llama_quantize(llama_cpp, smollm2_f16, tmp_path):
     assert_same_file(tmp_path / "kq.gguf", want)
 
 
+def test_type_overrides_and_imatrix_filters(llama_cpp, smollm2_f16, tmp_path):
+    """--tensor-type (file and option), --output-tensor-type, --exclude-weights, as
+    llama-quantize passes them to the library."""
+    from gguf import GGMLQuantizationType as T
+
+    im = random_imatrix(smollm2_f16)
+    save_imatrix_gguf(im, tmp_path / "im.gguf")
+    weights = {k: v for k, v in weights_for_quantize(im).items() if "ffn_up" not in k}
+    overrides = [("quantize.imatrix.file", "str", str(tmp_path / "im.gguf")),
+                 ("quantize.imatrix.dataset", "str", "calibration.txt"),
+                 ("quantize.imatrix.entries_count", "int", len(weights)),
+                 ("quantize.imatrix.chunks_count", "int", 4)]
+    want = reference(smollm2_f16, tmp_path / "ref.gguf", "Q4_K_M", imatrix=weights,
+                     kv_overrides=overrides, output_tensor_type=int(T.Q8_0),
+                     tensor_types=[("attn_v", int(T.Q8_0)), ("blk\\.1\\.ffn_down", int(T.Q5_K))])
+    (tmp_path / "types.txt").write_text("blk\\.1\\.ffn_down=q5_K\n")
+    rc = quantize_main(["--imatrix", str(tmp_path / "im.gguf"), "--exclude-weights", "ffn_up",
+                        "--output-tensor-type", "q8_0", "--tensor-type", "attn_v=q8_0",
+                        "--tensor-type-file", str(tmp_path / "types.txt"),
+                        str(smollm2_f16), str(tmp_path / "kq.gguf"), "Q4_K_M"])
+    assert rc == 0
+    assert_same_file(tmp_path / "kq.gguf", want)
+
+
 def test_llama_cpp_runs_the_output(llama_cpp, smollm2_f16, tmp_path):
     """llama.cpp loads kquant's file and its logits stay close to the F16 model's."""
     out = tmp_path / "q8.gguf"
