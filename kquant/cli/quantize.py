@@ -20,6 +20,15 @@ from ..source import ModelError
 TYPES_HELP = ", ".join(sorted(k for k in mixes.FTYPES if not k.startswith(("IQ", "TQ", "MX", "Q1"))))
 
 
+class _InOrder(argparse.Action):
+    """Collect --tensor-type values and --tensor-type-file paths into one ordered list."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = list(getattr(namespace, self.dest) or [])
+        items.append((option_string, values))
+        setattr(namespace, self.dest, items)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="kquant-quantize",
@@ -39,9 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="do not use the imatrix for tensors whose name contains NAME")
     ap.add_argument("--output-tensor-type", metavar="GGML_TYPE")
     ap.add_argument("--token-embedding-type", metavar="GGML_TYPE")
-    ap.add_argument("--tensor-type", action="append", default=[], metavar="REGEX=GGML_TYPE",
+    # both go to one list in command-line order, as llama-quantize keeps them (first match wins)
+    ap.add_argument("--tensor-type", action=_InOrder, dest="tensor_types", default=[],
+                    metavar="REGEX=GGML_TYPE",
                     help="type for tensors whose name matches REGEX (repeatable)")
-    ap.add_argument("--tensor-type-file", metavar="FILE",
+    ap.add_argument("--tensor-type-file", action=_InOrder, dest="tensor_types", metavar="FILE",
                     help="REGEX=GGML_TYPE entries, separated by whitespace")
     ap.add_argument("--keep-split", action="store_true",
                     help="a split input gives split outputs of the same layout")
@@ -103,10 +114,13 @@ def parse_positionals(args: list[str], dry_run: bool) -> tuple[Path, Path | None
 
 
 def options_from_args(ns: argparse.Namespace, n_threads: int | None) -> QuantizeOptions:
-    tensor_types = list(ns.tensor_type)
-    if ns.tensor_type_file:
+    tensor_types = []
+    for option, value in ns.tensor_types:
+        if option != "--tensor-type-file":
+            tensor_types.append(value)
+            continue
         try:
-            tensor_types += Path(ns.tensor_type_file).read_text().split()
+            tensor_types += Path(value).read_text().split()
         except OSError as e:
             raise ModelError(f"--tensor-type-file: {e}") from None
     try:
