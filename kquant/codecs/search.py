@@ -177,20 +177,7 @@ def make_qkx_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad, ws):
     evaluated 8 at a time with the current min, walked in order, and the next window starts
     right after any acceptance that moved min (about 3 per call on Gaussian data).
     """
-    min_ = x[0]
-    max_ = x[0]
-    sum_w = weights[0]
-    sum_x = sum_w * x[0]
-    for i in range(1, n):
-        if x[i] < min_:
-            min_ = x[i]
-        if x[i] > max_:
-            max_ = x[i]
-        w = weights[i]
-        sum_w += w
-        sum_x += w * x[i]
-    if min_ > _ZERO:
-        min_ = _ZERO
+    min_, max_, sum_w, sum_x = exact.qkx_stats(n, x, weights)
     if max_ == min_:
         for i in range(n):
             L[i] = 0

@@ -68,15 +68,10 @@ def make_qx_quants(n, nmax, x, L, qw, use_qw):
     return scale
 
 
-@njit(cache=True, error_model="numpy")
-def make_qkx_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad):
-    """Asymmetric levels in [0, nmax] with a min: ggml's make_qkx2_quants / make_qkx3_quants.
-
-    The two C functions differ only in `max == min` versus `max <= min`, which cannot differ
-    once min is clamped to <= 0 (and both are false for NaN), so one port serves both.
-    Returns (scale, the_min) where the_min is C's `*the_min` (the negated offset).
-    """
-    Laux = np.empty(n, np.uint8)
+@njit(cache=True, error_model="numpy", inline="always")
+def qkx_stats(n, x, weights):
+    """The first pass of make_qkx2/3_quants: min (clamped to <= 0) and max of x, found with
+    C's comparisons (a NaN is passed over unless it is x[0]), sum of weights, sum of w * x."""
     min_ = x[0]
     max_ = x[0]
     sum_w = weights[0]
@@ -91,6 +86,19 @@ def make_qkx_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad):
         sum_x += w * x[i]
     if min_ > _ZERO:
         min_ = _ZERO
+    return min_, max_, sum_w, sum_x
+
+
+@njit(cache=True, error_model="numpy")
+def make_qkx_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad):
+    """Asymmetric levels in [0, nmax] with a min: ggml's make_qkx2_quants / make_qkx3_quants.
+
+    The two C functions differ only in `max == min` versus `max <= min`, which cannot differ
+    once min is clamped to <= 0 (and both are false for NaN), so one port serves both.
+    Returns (scale, the_min) where the_min is C's `*the_min` (the negated offset).
+    """
+    Laux = np.empty(n, np.uint8)
+    min_, max_, sum_w, sum_x = qkx_stats(n, x, weights)
     if max_ == min_:
         for i in range(n):
             L[i] = 0
