@@ -46,7 +46,8 @@ def _writer(source: ModelSource) -> GGUFWriter:
     return w
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one existing file (links and relative paths included)."""
     try:
         return a.exists() and b.exists() and os.path.samefile(a, b)
     except OSError:
@@ -66,7 +67,7 @@ def write_gguf(source: ModelSource, path: str | os.PathLike[str], progress: bool
     """Write `source` to `path` atomically and return the path. Refuses to write over the
     source's own file. `progress` shows a tqdm bar over the bytes."""
     out = Path(path)
-    if source.path and _same_file(Path(source.path), out):
+    if source.path and same_file(Path(source.path), out):
         raise ModelError(f"output {out} is the input: choose another output path")
     if out.is_dir():
         raise ModelError(f"{out} is a directory")

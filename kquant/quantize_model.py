@@ -11,7 +11,6 @@ file renamed into place only when complete.
 """
 from __future__ import annotations
 
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFValueType, Lla
 from . import mixes
 from .codecs import CODECS
 from .gguf_source import SPLIT_KEYS, is_gguf, load_gguf
+from .gguf_write import same_file, write_gguf
 from .imatrix_io import load_imatrix, weights_for_quantize
 from .quants import dequantize, quantize
 from .source import KV, ModelError, ModelSource, SourceTensor
@@ -78,7 +78,6 @@ class Plan:
     ftype: LlamaFileType
     kv: list[KV]
     tensors: list[PlannedTensor]
-    n_imatrix_entries: int = 0
 
     @property
     def size_in(self) -> int:
@@ -238,7 +237,7 @@ def plan_quantization(source: ModelSource, ftype: str | int | LlamaFileType,
     kv = output_metadata(source, ftype, overrides)
     if opts.prune_layers:
         _set(kv, KV(f"{source.arch}.block_count", n_blocks, GGUFValueType.UINT32))
-    return Plan(source, ftype, kv, planned, len(weights))
+    return Plan(source, ftype, kv, planned)
 
 
 _BLK = re.compile(r"blk\.(\d+)\.")
@@ -343,27 +342,14 @@ def convert_tensor(p: PlannedTensor, n_threads: int | None = None) -> np.ndarray
     return out.reshape(-1)
 
 
-def output_source(plan: Plan, n_threads: int | None = None,
-                  on_tensor: Callable[[PlannedTensor], None] | None = None) -> ModelSource:
+def output_source(plan: Plan, n_threads: int | None = None) -> ModelSource:
     """The quantized model as a ModelSource whose tensors are converted as they are loaded."""
     def loader(p: PlannedTensor) -> Callable[[], np.ndarray]:
-        def load() -> np.ndarray:
-            out = convert_tensor(p, n_threads)
-            if on_tensor is not None:
-                on_tensor(p)
-            return out
-        return load
+        return lambda: convert_tensor(p, n_threads)
 
     tensors = [SourceTensor(p.name, p.source.shape, p.target, loader(p), release=p.source.release)
                for p in plan.tensors]
     return ModelSource(plan.source.arch, plan.kv, tensors, plan.source.path)
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 def quantize_model(input_path: str | Path, output_path: str | Path,
@@ -373,11 +359,9 @@ def quantize_model(input_path: str | Path, output_path: str | Path,
 
     With `options.keep_split`, a split input gives split outputs named
     `<output without .gguf>-0000i-of-0000n.gguf`, each with its split.* keys."""
-    from .gguf_write import write_gguf
-
     t0 = time.perf_counter()
     inp, out = Path(input_path), Path(output_path)
-    if _same_file(inp, out) or inp.resolve() == out.resolve():
+    if same_file(inp, out) or inp.resolve() == out.resolve():
         raise ModelError(f"output {out} is the input: choose another output path")
     opts = options or QuantizeOptions()
     source = open_model(inp, opts.hf_outtype)

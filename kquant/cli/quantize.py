@@ -178,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     except ModelError as e:
         print(f"kquant-quantize: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # unwritable folder, disk full, ...: the temporary file is gone already
+        where = f": {e.filename}" if e.filename else ""
+        print(f"kquant-quantize: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("kquant-quantize: interrupted; no output written", file=sys.stderr)
         return 130
