@@ -7,17 +7,35 @@ Two formats (common/imatrix-loader.cpp, tools/imatrix/imatrix.cpp):
 - legacy .dat: int32 entry count; per entry the name, ncall, nval and nval float32 values
   already divided by count and multiplied by ncall; optionally the chunk count and dataset.
 
-`weights_for_quantize` turns either into the per-column weights llama-quantize passes as
-`quant_weights`, with its arithmetic (float32 division by the count, 1 where nothing counted).
+`load_imatrix` reads either as stored (`Imatrix.is_legacy` tells which). `weights_for_quantize`
+turns either into the per-column weights llama-quantize passes as `quant_weights`, with its
+arithmetic (float32 division by the count, 1 where nothing counted).
+
+llama-imatrix's own in-memory form (IMatrixCollector::m_stats) is the GGUF one: raw float32
+sums per column and int64 counts per matrix. `accumulate` adds a loaded file into it as
+IMatrixCollector::load_imatrix does (`--in-file`, legacy files scaled back by the chunk size),
+and `save_imatrix` writes it as llama-imatrix does, byte for byte: GGUF (save_imatrix) or
+legacy .dat (save_imatrix_legacy, `--output-format dat`). Files are written atomically: a
+temporary file next to the target, renamed over it only once complete.
+
+A `kquant-imatrix --in-file a --in-file b -o out` run is::
+
+    im = Imatrix()
+    for f in in_files:
+        accumulate(im, load_imatrix(f), chunk_size)   # chunk_size = n_ctx / n_parallel
+    save_imatrix(im, out, fmt, prompt_file)
 """
 from __future__ import annotations
 
+import os
 import struct
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFReader
 
 from .source import ModelError
 
@@ -38,6 +56,7 @@ class Imatrix:
     chunk_size: int = 0
     is_legacy: bool = False
     has_metadata: bool = False
+    path: str = ""  # the file it was loaded from, for messages
 
 
 def load_imatrix(path: str | Path) -> Imatrix:
@@ -47,7 +66,9 @@ def load_imatrix(path: str | Path) -> Imatrix:
         raise ModelError(f"{p}: no such imatrix file")
     with open(p, "rb") as f:
         magic = f.read(4)
-    return _load_gguf(p) if magic == b"GGUF" else _load_legacy(p)
+    im = _load_gguf(p) if magic == b"GGUF" else _load_legacy(p)
+    im.path = str(path)
+    return im
 
 
 def _load_gguf(p: Path) -> Imatrix:
@@ -147,26 +168,294 @@ def weights_for_quantize(im: Imatrix) -> dict[str, np.ndarray]:
     return out
 
 
-def save_imatrix_gguf(im: Imatrix, path: str | Path) -> None:
-    """Write the GGUF imatrix layout llama-imatrix writes (entries in name order)."""
-    w = GGUFWriter(str(path), arch="")
-    w.kv_data[0].clear()  # an imatrix file has no general.architecture
-    w.add_key_value("general.type", "imatrix", GGUFValueType.STRING)
-    w.add_key_value("imatrix.datasets", list(im.datasets), GGUFValueType.ARRAY, GGUFValueType.STRING)
-    w.add_key_value("imatrix.chunk_count", int(im.chunk_count), GGUFValueType.UINT32)
-    w.add_key_value("imatrix.chunk_size", int(im.chunk_size), GGUFValueType.UINT32)
-    arrays = []
+# --------------------------------------------------------------------------------------------
+# llama-imatrix's collector: --in-file accumulation and the two writers
+
+
+def _c_div(a: int, b: int) -> int:
+    """C integer division (truncation toward zero)."""
+    q = abs(a) // abs(b)
+    return q if (a >= 0) == (b >= 0) else -q
+
+
+def _i32(v: int) -> int:
+    """A value stored in an int32_t (two's complement wrap)."""
+    return (int(v) + 2**31) % 2**32 - 2**31
+
+
+def accumulate(dst: Imatrix, src: Imatrix, chunk_size: int) -> None:
+    """Add the loaded imatrix `src` into `dst` (the collector's form: raw sums, counts per
+    matrix) as IMatrixCollector::load_imatrix does for each `--in-file`:
+
+    - legacy .dat entries are scaled back to raw form: sums * chunk_size (float32) and
+      counts += ncall * chunk_size;
+    - GGUF sums and counts are added; a single earlier count is first broadcast over a
+      file's several (experts); a different number of sums or counts for one tensor raises ModelError naming
+      the tensor and the file (and leaves `dst` unchanged);
+    - src's datasets are appended, `dst.chunk_size = chunk_size` and `dst.chunk_count` becomes
+      the largest count // chunk_size (m_last_chunk).
+
+    `chunk_size` is llama-imatrix's n_ctx / n_parallel (see kquant-imatrix)."""
+    chunk_size = int(chunk_size)
+    if chunk_size <= 0:
+        raise ModelError(f"chunk size {chunk_size}: it must be positive (n_ctx / n_parallel)")
+    if dst.is_legacy and dst.entries:
+        raise ModelError("accumulate adds into llama-imatrix's raw form: start from Imatrix(), "
+                         "not from a loaded legacy .dat file")
+    where = src.path or "the imatrix"
+    work = dict(dst.entries)  # entries are replaced, not modified: dst stays intact on errors
+    c32 = np.float32(chunk_size)
+    for name in sorted(src.entries):
+        entry = src.entries[name]
+        sums = np.asarray(entry.sums, np.float32).ravel()
+        counts = np.asarray(entry.counts, np.int64).ravel()
+        e = work.get(name)
+        values = e.sums if e is not None else np.zeros(0, np.float32)
+        have = e.counts if e is not None else np.zeros(0, np.int64)
+        if src.is_legacy:
+            if values.size == 0:
+                values, have = np.zeros(sums.size, np.float32), np.zeros(1, np.int64)
+            if values.size < sums.size:
+                # the C++ writes past its buffer here; a clear error instead
+                raise ModelError(f"{where}: mismatched sums size for {name}: {sums.size} != "
+                                 f"{values.size}")
+            values = values.copy()
+            # C++: e.values[j] += entry.sums[j] * chunk_size (float arithmetic); a longer
+            # earlier entry keeps its tail, as there
+            values[:sums.size] += sums * c32
+            ncall = int(counts[0]) if counts.size else 0
+            have = have + np.int64(ncall * chunk_size)
+        else:
+            if values.size == 0:
+                values = np.zeros(sums.size, np.float32)
+            elif sums.size != values.size:
+                raise ModelError(f"{where}: mismatched sums size for {name}: {sums.size} != "
+                                 f"{values.size} (the imatrix files are of different models)")
+            if have.size == 0:
+                have = np.zeros(counts.size, np.int64)
+            elif have.size == 1 and counts.size > 1:
+                have = np.full(counts.size, have[0], np.int64)
+            elif counts.size != have.size:
+                raise ModelError(f"{where}: mismatched counts size for {name}: {counts.size} != "
+                                 f"{have.size} (the imatrix files are of different models)")
+            values = values + sums
+            have = have + counts
+        work[name] = ImatrixEntry(values.astype(np.float32, copy=False), have.astype(np.int64))
+    max_count = 0
+    for e in work.values():
+        if e.counts.size:
+            max_count = max(max_count, int(e.counts.max()))
+    dst.entries = work
+    dst.datasets = list(dst.datasets) + list(src.datasets)
+    dst.chunk_count = _i32(max_count // chunk_size)
+    dst.chunk_size = chunk_size
+    dst.is_legacy = False
+    dst.has_metadata = True
+
+
+def at_path(path: str | os.PathLike[str], n_chunk: int) -> str:
+    """The name of llama-imatrix's periodic copy after `n_chunk` chunks (--save-frequency):
+    `path + ".at_" + str(n_chunk)`; the plain path for n_chunk <= 0."""
+    path = os.fspath(path)
+    return f"{path}.at_{n_chunk}" if n_chunk > 0 else path
+
+
+def _temporary(out: Path) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)  # mkstemp makes 0600; an imatrix is an ordinary file
+    return Path(name)
+
+
+def _write_atomic(path: str | os.PathLike[str], chunks: Iterable[bytes]) -> Path:
+    """Write the byte chunks to a temporary file in the target's folder and rename it over
+    `path` when all are written; on any error (Ctrl-C included) the temporary file is removed
+    and an earlier file at `path` is left as it was."""
+    out = Path(path)
+    if out.is_dir():
+        raise ModelError(f"{out} is a directory")
+    if not out.parent.is_dir():
+        raise ModelError(f"folder {out.parent} does not exist")
+    tmp = _temporary(out)
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _c_str(s: str) -> bytes:
+    """A string as the C++ passes it (const char *): UTF-8, cut at a NUL."""
+    return s.encode("utf-8", "surrogateescape").split(b"\0")[0]
+
+
+def _f32_bytes(a: np.ndarray) -> bytes:
+    return np.ascontiguousarray(a, dtype="<f4").tobytes()
+
+
+def _check_form(im: Imatrix, name: str, e: ImatrixEntry) -> tuple[np.ndarray, np.ndarray]:
+    sums = np.asarray(e.sums, np.float32).ravel()
+    counts = np.asarray(e.counts, np.int64).ravel()
+    if counts.size and sums.size and (sums.size % counts.size or sums.size < counts.size):
+        raise ModelError(f"imatrix entry {name}: {sums.size} sums do not split into "
+                         f"{counts.size} counts")
+    return sums, counts
+
+
+_GGUF_ALIGN = 32
+_T_U32, _T_STRING, _T_ARRAY = 4, 8, 9
+
+
+def _gguf_chunks(im: Imatrix, datasets: list[str]) -> Iterator[bytes]:
+    def s(b: bytes) -> bytes:
+        return struct.pack("<Q", len(b)) + b
+
+    tensors = []  # (name, ne, data)
     for name in sorted(im.entries):
-        e = im.entries[name]
-        n_mat = max(1, e.counts.size)
-        sums = e.sums.astype(np.float32).reshape(n_mat, -1)
-        counts = e.counts.astype(np.float32).reshape(n_mat, 1)
-        for suffix, a in ((IN_SUM2, sums), (COUNTS, counts)):
-            w.add_tensor_info(name + suffix, a.shape, a.dtype, a.nbytes)
-            arrays.append(a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    for a in arrays:
-        w.write_tensor_data(a)
-    w.close()
+        sums, counts = _check_form(im, name, im.entries[name])
+        nval, nmat = sums.size, counts.size
+        if nval > 0 and nmat > 0:
+            tensors.append((name + IN_SUM2, (nval // nmat, nmat), sums))
+            tensors.append((name + COUNTS, (1, nmat), counts.astype(np.float32)))
+    kv = [s(b"general.type") + struct.pack("<I", _T_STRING) + s(b"imatrix"),
+          s(b"imatrix.datasets") + struct.pack("<IIQ", _T_ARRAY, _T_STRING, len(datasets))
+          + b"".join(s(_c_str(d)) for d in datasets),
+          s(b"imatrix.chunk_count") + struct.pack("<II", _T_U32, im.chunk_count % 2**32),
+          s(b"imatrix.chunk_size") + struct.pack("<II", _T_U32, im.chunk_size % 2**32)]
+    meta = [b"GGUF", struct.pack("<IQQ", 3, len(tensors), len(kv))] + kv
+    offset = 0
+    for name, ne, data in tensors:
+        n_dims = 2 if ne[1] != 1 else 1  # ggml_n_dims: trailing 1s dropped
+        meta.append(s(name.encode("utf-8", "surrogateescape")) + struct.pack("<I", n_dims)
+                    + struct.pack(f"<{n_dims}Q", *ne[:n_dims]) + struct.pack("<IQ", 0, offset))
+        offset += -(-data.nbytes // _GGUF_ALIGN) * _GGUF_ALIGN
+    head = b"".join(meta)
+    yield head + bytes(-len(head) % _GGUF_ALIGN)
+    for _, _, data in tensors:
+        raw = _f32_bytes(data)
+        yield raw + bytes(-len(raw) % _GGUF_ALIGN)
+
+
+def save_imatrix_gguf(im: Imatrix, path: str | os.PathLike[str], prompt_file: str = "") -> Path:
+    """Write `im` (the collector's raw form) as llama-imatrix's save_imatrix does, byte for
+    byte: KV general.type, imatrix.datasets (im.datasets, then `prompt_file` if given),
+    imatrix.chunk_count, imatrix.chunk_size; per entry in name order `<name>.in_sum2`
+    ([n, n_mat]) and `<name>.counts` ([1, n_mat]) F32, 32-byte aligned. Atomic."""
+    if im.is_legacy and im.entries:
+        raise ModelError("a legacy .dat imatrix holds normalized values: accumulate() it into "
+                         "Imatrix() before writing it as GGUF")
+    datasets = list(im.datasets) + ([prompt_file] if prompt_file else [])
+    for name in im.entries:  # shape errors before the target is touched
+        _check_form(im, name, im.entries[name])
+    return _write_atomic(path, _gguf_chunks(im, datasets))
+
+
+def _legacy_chunks(im: Imatrix, dataset: str) -> Iterator[bytes]:
+    chunk_size = int(im.chunk_size)
+    to_store = []
+    for name, e in im.entries.items():
+        counts = np.asarray(e.counts, np.int64).ravel()
+        if counts.size == 0:
+            continue
+        # C++: `for (const int c : counts)`, the counts narrowed to int
+        if np.all(counts.astype(np.int32) == 0):
+            continue
+        to_store.append(name)
+    to_store.sort(key=lambda n: n.encode("utf-8", "surrogateescape"))
+    out = [struct.pack("<i", len(to_store))]
+    for name in to_store:
+        sums, counts = _check_form(im, name, im.entries[name])
+        b = name.encode("utf-8", "surrogateescape")
+        ncall = _i32(_c_div(int(counts.max()) + (chunk_size - 1), chunk_size))
+        nval, nmat = sums.size, counts.size
+        out.append(struct.pack("<i", len(b)) + b + struct.pack("<ii", ncall, _i32(nval)))
+        if nval > 0 and nmat > 0:
+            count = np.repeat(counts.astype(np.float32), nval // nmat)
+            value = sums.copy()
+            empty = count == np.float32(0)
+            value[empty] = np.float32(1)  # store 1 for partial data
+            count[empty] = np.float32(1)
+            out.append(_f32_bytes((value / count) * np.float32(ncall)))
+        yield b"".join(out)
+        out = []
+    d = _c_str(dataset)
+    yield b"".join(out) + struct.pack("<ii", _i32(im.chunk_count), len(d)) + d
+
+
+def save_imatrix_legacy(im: Imatrix, path: str | os.PathLike[str],
+                        dataset: str | None = None) -> Path:
+    """Write `im` (the collector's raw form) as llama-imatrix's save_imatrix_legacy does
+    (`--output-format dat`), byte for byte: entries with every count zero are left out, the
+    rest in name order with ncall = ceil(max count / im.chunk_size) and values
+    sum / count * ncall (1 * ncall for an expert that counted nothing); then im.chunk_count and
+    the dataset name: `dataset` (llama-imatrix's prompt file) if given and not empty, else the
+    last of im.datasets, else empty. Atomic."""
+    if im.is_legacy and im.entries:
+        raise ModelError("a loaded legacy .dat imatrix must be accumulate()d into Imatrix() "
+                         "before it is written again")
+    if int(im.chunk_size) <= 0:
+        raise ModelError(f"imatrix chunk size {im.chunk_size}: the .dat format needs a positive "
+                         "one (n_ctx / n_parallel)")
+    for name in im.entries:
+        _check_form(im, name, im.entries[name])
+    if not dataset:
+        dataset = im.datasets[-1] if im.datasets else ""
+    return _write_atomic(path, _legacy_chunks(im, dataset))
+
+
+def save_imatrix(im: Imatrix, path: str | os.PathLike[str], fmt: str = "gguf",
+                 prompt_file: str = "") -> Path:
+    """llama-imatrix's IMatrixCollector::save_imatrix: write `im` to `path` as `fmt` ("gguf",
+    the default, or "dat" for `--output-format dat`); the format does not follow the
+    suffix. `prompt_file` is llama-imatrix's `-f` file name ("" when only combining
+    --in-files): GGUF lists it after im.datasets, .dat stores it (else the last of
+    im.datasets). For the periodic copies pass `at_path(path, n_chunk)`. The write is atomic;
+    see `save_warnings` for the messages llama-imatrix prints with it."""
+    if fmt == "gguf":
+        return save_imatrix_gguf(im, path, prompt_file)
+    if fmt == "dat":
+        return save_imatrix_legacy(im, path, prompt_file or None)
+    raise ValueError(f"invalid output format {fmt!r}: gguf or dat")
+
+
+def save_warnings(im: Imatrix, path: str | os.PathLike[str], fmt: str = "gguf",
+                  format_given: bool = False) -> list[str]:
+    """The messages llama-imatrix logs (to stderr, LOG_INF/LOG_WRN) when it saves `im` to
+    `path`, each with its newline, in name order (the C++ follows its hash map's order):
+    the GGUF suffix warning when the format was not given with --output-format and the
+    name does not end in .gguf, a blank line before the first entry with zero counts, then
+    'has partial data' / 'has no data - skipping' lines and, for .dat, 'storing only'."""
+    msgs: list[str] = []
+    func = "save_imatrix_legacy" if fmt == "dat" else "save_imatrix"
+    if fmt != "dat" and not format_given and not os.fspath(path).endswith(".gguf"):
+        msgs.append("\nsave_imatrix: saving imatrix using GGUF format with a different suffix "
+                    "than .gguf\n")
+        msgs.append("save_imatrix: if you want the previous imatrix format, use "
+                    "--output-format dat\n")
+    first = True
+    stored = 0
+    for name in sorted(im.entries, key=lambda n: n.encode("utf-8", "surrogateescape")):
+        counts = np.asarray(im.entries[name].counts, np.int64).ravel()
+        n_all = counts.size
+        if fmt == "dat" and n_all == 0:
+            continue
+        zeros = int(np.count_nonzero((counts.astype(np.int32) if fmt == "dat" else counts) == 0))
+        if zeros and first:
+            msgs.append("\n")
+            first = False
+        if fmt == "dat" and zeros == n_all:
+            msgs.append(f"{func}: entry '{name:>40}' has no data - skipping\n")
+            continue
+        if zeros:
+            pct = np.float32(100.0) * np.float32(n_all - zeros) / np.float32(n_all)
+            msgs.append(f"{func}: entry '{name:>40}' has partial data ({float(pct):.2f}%)\n")
+        stored += 1
+    if fmt == "dat" and stored < len(im.entries):
+        msgs.append(f"{func}: storing only {stored} out of {len(im.entries)} entries\n")
+    return msgs
