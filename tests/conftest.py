@@ -77,9 +77,10 @@ def smollm2_weights() -> dict[str, np.ndarray]:
     return out
 
 
-def write_smollm2_f16(path: Path, n_layers: int = 2) -> Path:
+def write_smollm2_f16(path: Path, n_layers: int = 2, f32: bool = False) -> Path:
     """A real F16 GGUF model: SmolLM2-135M cut to its first `n_layers` blocks, weights
-    dequantized from the shipped Q4_1 to F16 (norms F32, as convert_hf_to_gguf keeps them)."""
+    dequantized from the shipped Q4_1 to F16 (norms F32, as convert_hf_to_gguf keeps them);
+    with `f32`, every tensor F32 (the model llama-imatrix is compared on)."""
     from gguf import GGMLQuantizationType as T
 
     import kquant
@@ -93,15 +94,15 @@ def write_smollm2_f16(path: Path, n_layers: int = 2) -> Path:
         if k.key == "llama.block_count":
             k = KV(k.key, n_layers, k.type)
         elif k.key == "general.file_type":
-            k = KV(k.key, 1, k.type)  # MOSTLY_F16
+            k = KV(k.key, 0 if f32 else 1, k.type)  # ALL_F32 / MOSTLY_F16
         kv.append(k)
 
     def as_f16(t: SourceTensor) -> SourceTensor:
         def load() -> np.ndarray:
             raw = np.ascontiguousarray(t.load()).view(np.uint8)
             x = kquant.dequantize(raw.reshape(t.n_elements // t.shape[0], -1), t.type)
-            return x if len(t.shape) == 1 else x.astype(np.float16)
-        return SourceTensor(t.name, t.shape, T.F32 if len(t.shape) == 1 else T.F16, load)
+            return x if len(t.shape) == 1 or f32 else x.astype(np.float16)
+        return SourceTensor(t.name, t.shape, T.F32 if len(t.shape) == 1 or f32 else T.F16, load)
 
     keep = [t for t in src.tensors
             if not t.name.startswith("blk.") or int(t.name.split(".")[1]) < n_layers]
@@ -123,3 +124,25 @@ def llama_cpp():
     except ImportError:
         pytest.skip("llama-cpp-python not installed: pip install -e '.[interop]'")
     return lc
+
+
+@pytest.fixture(scope="session")
+def smollm2_2l_f32(tmp_path_factory) -> Path:
+    """SmolLM2's first 2 blocks, all F32: the model llama-imatrix's reference files were made on."""
+    if _smollm2_path() is None:
+        pytest.skip(f"SmolLM2 model not available ({SMOLLM2_PACKAGE} could not be fetched)")
+    return write_smollm2_f16(tmp_path_factory.mktemp("smollm2") / "smollm2-2l-f32.gguf", f32=True)
+
+
+TINY_LLAMA = Path(__file__).resolve().parents[1] / "data" / "tiny-llama"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_f32(tmp_path_factory) -> Path:
+    """The project's tiny model as an F32 GGUF (what convert_hf_to_gguf.py --outtype f32 writes)."""
+    from kquant.gguf_write import write_gguf
+    from kquant.hf import load_hf_model
+
+    path = tmp_path_factory.mktemp("tiny") / "tiny-llama-f32.gguf"
+    write_gguf(load_hf_model(TINY_LLAMA, "f32"), path, progress=False)
+    return path

@@ -1,0 +1,86 @@
+"""Where the runtime computes: numpy on the CPU or CuPy on an NVIDIA GPU, and how many threads.
+
+The forward pass is written once against an array module; this picks it. Thread counts go to
+both Numba and the BLAS numpy was built with (OpenBLAS in the numpy wheels), which has no
+Python API for it, so its setter is looked up among the loaded shared libraries.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Any
+
+import numpy as np
+
+from ..source import ModelError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def cuda_available() -> bool:
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no cupy, no driver, no device: all mean "no GPU"
+        return False
+
+
+def resolve_device(device: str) -> str:
+    """'auto' becomes 'cuda' when CuPy sees a GPU, else 'cpu'."""
+    if device not in DEVICES:
+        raise ModelError(f"unknown device {device!r} (choose from {', '.join(DEVICES)})")
+    if device == "auto":
+        return "cuda" if cuda_available() else "cpu"
+    if device == "cuda" and not cuda_available():
+        raise ModelError("--device cuda needs CuPy and an NVIDIA GPU: pip install 'kquant[gpu]'")
+    return device
+
+
+def array_module(device: str) -> Any:
+    device = resolve_device(device)
+    if device == "cuda":
+        import cupy
+        return cupy
+    return np
+
+
+def to_host(a: Any) -> np.ndarray:
+    """A numpy array of a numpy or CuPy array."""
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
+
+
+def _blas_setters() -> list[Any]:
+    """The set-num-threads functions of the BLAS libraries loaded in this process."""
+    setters = []
+    try:
+        with open("/proc/self/maps") as f:
+            libs = {line.split()[-1] for line in f if "blas" in line.lower() and ".so" in line}
+    except OSError:
+        return setters
+    for lib in sorted(libs):
+        try:
+            handle = ctypes.CDLL(lib)
+        except OSError:
+            continue
+        for name in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+                     "openblas_set_num_threads64_", "openblas_set_num_threads",
+                     "MKL_Set_Num_Threads", "bli_thread_set_num_threads"):
+            fn = getattr(handle, name, None)
+            if fn is not None:
+                setters.append(fn)
+                break
+    return setters
+
+
+def set_threads(n: int | None) -> int:
+    """Use n threads (default: every CPU this process may run on) for Numba and BLAS."""
+    import numba
+
+    if n is None or n <= 0:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    n = min(n, numba.config.NUMBA_NUM_THREADS)
+    numba.set_num_threads(n)
+    np.zeros(1) @ np.zeros(1)  # make sure numpy's BLAS is loaded before looking for it
+    for setter in _blas_setters():
+        setter(ctypes.c_int(n))
+    return n

@@ -1,0 +1,263 @@
+"""The forward pass of llama-family models (llama, mistral, qwen2, qwen3), a whole batch at once.
+
+It computes what llama.cpp's graph computes (src/models/llama.cpp, qwen2.cpp, qwen3.cpp), in
+float32, with matrix-matrix products over every token of a batch:
+
+    x = token_embd[tokens]
+    for each block:
+        h = rms_norm(x) * attn_norm
+        q, k, v = h @ Wq.T (+bq), h @ Wk.T (+bk), h @ Wv.T (+bv)
+        q, k = rms_norm per head * q_norm / k_norm           (qwen3)
+        q, k = rope(q), rope(k)                               (pairs: llama adjacent, qwen halves)
+        k, v -> KV cache, rounded to float16 as llama.cpp's default F16 cache stores them
+        a = softmax(q k^T / sqrt(d) + causal mask) v          (GQA: query head h reads KV head h // n_rep)
+        x = x + a @ Wo.T
+        h = rms_norm(x) * ffn_norm
+        x = x + (silu(h @ Wgate.T) * (h @ Wup.T)) @ Wdown.T
+    logits = (rms_norm(x) * output_norm) @ Wout.T
+
+All of it is written against an array module `xp`: numpy (BLAS) on the CPU, CuPy on a GPU.
+An `observe(name, x)` callback sees the input of every weight's matrix product, which is what an
+importance matrix accumulates (llama-imatrix's collect_imatrix sees the same tensors).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..source import ModelError, ModelSource
+from .config import ModelConfig, read_config
+from .device import array_module
+from .kernels import softmax_causal, swiglu
+from .weights import Layer, Weights, load_weights
+
+Observer = Callable[[str, Any], None]
+
+F32 = np.float32
+# queries are processed in blocks so that causal attention skips the keys no query of the block
+# can see (half of the score matrix); the result is exactly the same as one full block
+_QUERY_BLOCK = 128
+
+
+class KVCache:
+    """Keys and values of one sequence, per layer: (n_head_kv, n_ctx, head_dim) float32 arrays
+    holding float16-rounded values, and the number of positions filled."""
+
+    def __init__(self, config: ModelConfig, n_ctx: int, xp: Any = np):
+        shape = (config.n_head_kv, n_ctx, config.head_dim)
+        self.k = [xp.empty(shape, F32) for _ in range(config.n_layer)]
+        self.v = [xp.empty(shape, F32) for _ in range(config.n_layer)]
+        self.n_ctx = n_ctx
+        self.n = 0
+
+    def clear(self) -> None:
+        self.n = 0
+
+
+@dataclass
+class Segment:
+    """Tokens of one sequence in a batch, continuing at position `cache.n`."""
+
+    tokens: np.ndarray
+    cache: KVCache
+
+
+class Transformer:
+    """A loaded model: `forward` runs a batch of sequence segments and returns logits."""
+
+    def __init__(self, source: ModelSource, device: str = "cpu", progress: bool = True, xp: Any = None):
+        # `xp` overrides the array module: the tests pass a numpy stand-in that is not numpy
+        # itself, to run the CuPy code path on the CPU
+        self.xp = xp if xp is not None else array_module(device)
+        self.device = device
+        self.config = read_config(source)
+        self.weights: Weights = load_weights(source, self.config, self.xp, progress)
+        self._rope_cache: tuple[int, Any, Any] = (0, None, None)
+
+    def new_cache(self, n_ctx: int) -> KVCache:
+        return KVCache(self.config, n_ctx, self.xp)
+
+    # --- the pieces -------------------------------------------------------------------------
+
+    def _rms_norm(self, x: Any, w: Any) -> Any:
+        """ggml_rms_norm then the weight: squares summed in double, scale 1/sqrtf(mean + eps)."""
+        xp = self.xp
+        mean = ((x * x).sum(axis=-1, dtype=np.float64) / x.shape[-1]).astype(F32)
+        scale = F32(1.0) / xp.sqrt(mean + F32(self.config.rms_eps))
+        y = x * scale[..., None]
+        y *= w
+        return y
+
+    def _rope_tables(self, n_pos: int) -> tuple[Any, Any]:
+        """cos and sin of every (position, pair), with ggml's float32 arithmetic: theta starts at
+        the position and is multiplied by base^(-2/n_rot) once per pair (ggml_rope_cache_init)."""
+        have, cos, sin = self._rope_cache
+        if have >= n_pos:
+            return cos, sin
+        n_pos = max(n_pos, 2 * have, 512)
+        c = self.config
+        half = c.n_rot // 2
+        theta_scale = F32(np.power(F32(c.rope_base), F32(-2.0) / F32(c.n_rot)))
+        theta = np.arange(n_pos, dtype=F32)
+        table = np.empty((n_pos, half), F32)
+        for i in range(half):
+            table[:, i] = theta
+            theta = theta * theta_scale
+        if self.weights.rope_freqs is not None:
+            table = table / self.weights.rope_freqs[:half].astype(F32)
+        table = table * F32(c.rope_freq_scale)
+        # in double, then rounded: the correctly rounded values glibc's cosf/sinf give (numpy's
+        # float32 SIMD versions are 1 ulp off for ~9% of these arguments)
+        table = table.astype(np.float64)
+        cos, sin = self.xp.asarray(np.cos(table).astype(F32)), self.xp.asarray(np.sin(table).astype(F32))
+        self._rope_cache = (n_pos, cos, sin)
+        return cos, sin
+
+    def _rope(self, x: Any, pos: Any) -> Any:
+        """Rotate the first n_rot dims of every head of x (rows, heads, head_dim) in place."""
+        c = self.config
+        cos, sin = self._rope_tables(int(pos.max()) + 1)
+        cos, sin = cos[pos][:, None, :], sin[pos][:, None, :]
+        if c.rope_neox:  # rotate (i, i + n_rot/2)
+            x0, x1 = x[..., :c.n_rot // 2], x[..., c.n_rot // 2:c.n_rot]
+        else:  # rotate (2i, 2i + 1)
+            x0, x1 = x[..., 0:c.n_rot:2], x[..., 1:c.n_rot:2]
+        r0 = x0 * cos - x1 * sin
+        r1 = x0 * sin + x1 * cos
+        x0[...] = r0
+        x1[...] = r1
+        return x
+
+    def _attention(self, q: Any, seg_k: Any, seg_v: Any, n0: int) -> Any:
+        """Causal GQA attention of one segment's queries q (T, n_head, d) at positions n0.. over
+        the keys/values (n_head_kv, n0 + T, d) of its sequence; returns (T, n_head * d)."""
+        xp, c = self.xp, self.config
+        T = q.shape[0]
+        qh = xp.ascontiguousarray(q.reshape(T, c.n_head_kv, c.n_rep, c.head_dim).transpose(1, 2, 0, 3))
+        out = xp.empty((c.n_head_kv, c.n_rep, T, c.head_dim), F32)
+        scale = F32(1.0 / np.sqrt(np.float32(c.head_dim)))
+        for a in range(0, T, _QUERY_BLOCK):
+            b = min(T, a + _QUERY_BLOCK)
+            S = n0 + b  # keys visible to the last query of the block
+            rows = c.n_head_kv * c.n_rep * (b - a)
+            qb = qh[:, :, a:b].reshape(c.n_head_kv, c.n_rep * (b - a), c.head_dim)
+            s = xp.matmul(qb, seg_k[:, :S].transpose(0, 2, 1))
+            # the query at position n0 + t sees keys 0 .. n0 + t
+            visible = n0 + np.arange(a, b) + 1
+            if xp is np:
+                total = softmax_causal(s.reshape(rows, S), scale, np.tile(visible, rows // (b - a)))
+            else:
+                s *= scale
+                s[:, xp.arange(S)[None, :] >= xp.asarray(np.tile(visible, c.n_rep))[:, None]] = -np.inf
+                s -= s.max(axis=-1, keepdims=True)
+                xp.exp(s, out=s)
+                total = s.sum(axis=-1, dtype=np.float64).astype(F32)
+            o = xp.matmul(s, seg_v[:, :S]).reshape(c.n_head_kv, c.n_rep, b - a, c.head_dim)
+            out[:, :, a:b] = o / total.reshape(c.n_head_kv, c.n_rep, b - a, 1)
+        return out.transpose(2, 0, 1, 3).reshape(T, c.n_head * c.head_dim)
+
+    def _linear(self, x: Any, w: Any, b: Any, name: str, observe: Observer | None) -> Any:
+        if observe is not None:
+            observe(name, x)
+        y = x @ w.T
+        if b is not None:
+            y += b
+        return y
+
+    def _block(self, il: int, L: Layer, x: Any, segments: Sequence[Segment], pos: Any,
+               observe: Observer | None) -> Any:
+        xp, c = self.xp, self.config
+        p = f"blk.{il}."
+        N = x.shape[0]
+        h = self._rms_norm(x, L.attn_norm)
+        q = self._linear(h, L.wq, L.bq, p + "attn_q.weight", observe).reshape(N, c.n_head, c.head_dim)
+        k = self._linear(h, L.wk, L.bk, p + "attn_k.weight", observe).reshape(N, c.n_head_kv, c.head_dim)
+        v = self._linear(h, L.wv, L.bv, p + "attn_v.weight", observe).reshape(N, c.n_head_kv, c.head_dim)
+        if L.q_norm is not None:
+            q = self._rms_norm(q, L.q_norm)
+        if L.k_norm is not None:
+            k = self._rms_norm(k, L.k_norm)
+        q = self._rope(q, pos)
+        k = self._rope(k, pos)
+        # llama.cpp's KV cache is F16 by default: attention reads the rounded values
+        k = k.astype(np.float16).astype(F32)
+        v = v.astype(np.float16).astype(F32)
+        attn = xp.empty((N, c.n_head * c.head_dim), F32)
+        r = 0
+        for seg in segments:
+            T, n0, cache = len(seg.tokens), seg.cache.n, seg.cache
+            cache.k[il][:, n0:n0 + T] = k[r:r + T].transpose(1, 0, 2)
+            cache.v[il][:, n0:n0 + T] = v[r:r + T].transpose(1, 0, 2)
+            attn[r:r + T] = self._attention(q[r:r + T], cache.k[il], cache.v[il], n0)
+            r += T
+        x = x + self._linear(attn, L.wo, L.bo, p + "attn_output.weight", observe)
+        h = self._rms_norm(x, L.ffn_norm)
+        g = self._linear(h, L.w_gate, None, p + "ffn_gate.weight", observe)
+        u = self._linear(h, L.w_up, None, p + "ffn_up.weight", observe)
+        # swiglu: silu(g) * u, silu(g) = g / (1 + exp(-g))
+        if xp is np:
+            swiglu(g, u)
+        else:
+            g = g / (F32(1.0) + xp.exp(-g)) * u
+        x += self._linear(g, L.w_down, None, p + "ffn_down.weight", observe)
+        return x
+
+    # --- the pass ---------------------------------------------------------------------------
+
+    def forward(self, segments: Sequence[Segment], observe: Observer | None = None,
+                logit_rows: Any = None, observe_output: bool = False) -> Any:
+        """Run the segments (each continuing its own KV cache) as one batch.
+
+        Returns the logits (rows, n_vocab) of the batch rows `logit_rows` (indices into the
+        concatenated tokens; None = every row; an empty list = none, and None is returned).
+        With `observe_output`, `observe("output.weight", ...)` sees the normed final states of
+        every row, as llama-imatrix --process-output does."""
+        xp, W = self.xp, self.weights
+        tokens = np.concatenate([np.asarray(s.tokens, np.int64) for s in segments])
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= W.token_embd.shape[0]):
+            raise ModelError(f"token id out of range (vocabulary of {W.token_embd.shape[0]})")
+        for s in segments:
+            if s.cache.n + len(s.tokens) > s.cache.n_ctx:
+                raise ModelError(f"context of {s.cache.n_ctx} tokens exceeded")
+        pos = np.concatenate([np.arange(s.cache.n, s.cache.n + len(s.tokens)) for s in segments])
+        pos = xp.asarray(pos)
+        x = xp.asarray(W.token_embd[tokens])
+        for il, layer in enumerate(W.layers):
+            x = self._block(il, layer, x, segments, pos, observe)
+        for s in segments:
+            s.cache.n += len(s.tokens)
+        want_logits = logit_rows is None or len(logit_rows) > 0
+        if not (want_logits or observe_output):
+            return None
+        if observe_output:
+            h = self._rms_norm(x, W.output_norm)
+            observe("output.weight", h)
+            if logit_rows is not None:
+                h = h[xp.asarray(np.asarray(logit_rows, np.int64))]
+        else:
+            if logit_rows is not None:
+                x = x[xp.asarray(np.asarray(logit_rows, np.int64))]
+            h = self._rms_norm(x, W.output_norm)
+        return h @ W.output.T if want_logits else None
+
+
+def open_source(path: str | Path) -> ModelSource:
+    """The model at `path`: a GGUF file (split files too) or a Hugging Face folder (at float32)."""
+    from ..gguf_source import load_gguf
+    from ..hf import load_hf_model
+
+    p = Path(path)
+    if p.is_dir():
+        return load_hf_model(p, "f32")
+    if p.is_file():
+        return load_gguf(p)
+    raise ModelError(f"{path}: no such model file or folder")
+
+
+def load_model(path: str | Path, device: str = "cpu", progress: bool = True) -> Transformer:
+    """A Transformer from a GGUF file (F32/F16/BF16 or quantized; split files too) or a Hugging
+    Face model folder (read at float32)."""
+    return Transformer(open_source(path), device, progress)

@@ -1,0 +1,169 @@
+"""Numba kernels for the parts of the forward pass numpy does slowly or single-threaded.
+
+numpy's float32 exp runs at several ns per value here and every elementwise ufunc uses one core,
+which would make attention's softmax and the SwiGLU cost as much as the matrix products. These
+kernels are parallel over rows and use ggml's own vectorisable exp (ggml_v_expf: Cody-Waite range
+reduction and a degree-5 polynomial, within 1 ulp of expf), so they also round like llama.cpp's
+CPU backend does.  On a GPU the same steps run as CuPy expressions (`forward.py` picks).
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+F32 = np.float32
+
+_R = F32(float.fromhex("0x1.8p23"))
+_LOG2E = F32(float.fromhex("0x1.715476p+0"))
+_LN2_HI = F32(float.fromhex("0x1.62e4p-1"))
+_LN2_LO = F32(float.fromhex("0x1.7f7d1cp-20"))
+_P5 = F32(float.fromhex("0x1.0e4020p-7"))
+_P4 = F32(float.fromhex("0x1.573e2ep-5"))
+_P3 = F32(float.fromhex("0x1.555e66p-3"))
+_P2 = F32(float.fromhex("0x1.fffdb6p-2"))
+_P1 = F32(float.fromhex("0x1.ffffecp-1"))
+_ONE_BITS = np.int32(0x3F800000)
+_G_BITS = np.int32(-0x7E000000)  # 0x82000000 as int32
+_S1_BITS = np.int32(0x7F000000)
+
+
+@intrinsic
+def _bits(typingctx, x):
+    """float32 -> its int32 bit pattern (a register bitcast, so loops still vectorise)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
+def _float(typingctx, x):
+    """int32 bit pattern -> float32."""
+    if x != types.int32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.int32), codegen
+
+
+@njit(inline="always")
+def expf(x):
+    """ggml_v_expf (ggml-cpu/vec.h), one lane: exp(x) for float32 x."""
+    z = x * _LOG2E + _R
+    n = z - _R
+    b = (x - n * _LN2_HI) - n * _LN2_LO
+    e = np.int32(_bits(z) << 23)
+    k = _float(np.int32(e + _ONE_BITS))
+    u = b * b
+    j = ((_P5 * b + _P4) * u + (_P3 * b + _P2)) * u + _P1 * b
+    fast = j * k + k
+    an = abs(n)
+    g = _G_BITS if n <= F32(0.0) else np.int32(0)
+    s1 = _float(np.int32(g + _S1_BITS))
+    s2 = _float(np.int32(e - g))
+    slow = s1 * s1 if an > F32(192.0) else (s2 * j + s2) * s1
+    return fast if an <= F32(126.0) else slow
+
+
+@njit(fastmath=True, cache=True)
+def _scale_max(row, n, scale):
+    """row[:n] *= scale; returns the max (fastmath lets LLVM vectorise the reduction)."""
+    m = F32(-np.inf)
+    for j in range(n):
+        v = row[j] * scale
+        row[j] = v
+        m = max(m, v)
+    return m
+
+
+@njit(fastmath=True, cache=True)
+def _sum(row, n):
+    total = 0.0
+    for j in range(n):
+        total += row[j]
+    return total
+
+
+@njit(parallel=True, cache=True)
+def softmax_causal(s, scale, first_masked):
+    """In place over rows of s (rows, S) of raw scores q.k: keys j >= first_masked[r] are masked
+    out; the rest become exp(scale * x - max). Returns each row's sum (accumulated in float64,
+    as ggml does) as float32; the caller divides after multiplying by V, as flash attention does."""
+    rows, S = s.shape
+    sums = np.empty(rows, np.float32)
+    for r in prange(rows):
+        L = min(first_masked[r], S)
+        row = s[r]
+        m = _scale_max(row, L, scale)
+        for j in range(L):  # no reduction in this loop, so the exp vectorises
+            row[j] = expf(row[j] - m)
+        for j in range(L, S):
+            row[j] = F32(0.0)
+        sums[r] = F32(_sum(row, L))
+    return sums
+
+
+@njit(parallel=True, cache=True)
+def swiglu(g, u):
+    """In place: g <- silu(g) * u, silu(x) = x / (1 + exp(-x)) (ggml_v_silu)."""
+    rows, n = g.shape
+    for r in prange(rows):
+        for j in range(n):
+            x = g[r, j]
+            g[r, j] = x / (F32(1.0) + expf(-x)) * u[r, j]
+
+
+@njit(parallel=True, cache=True)
+def accumulate_sumsq(acc, x):
+    """acc[j] += x[r, j]^2 for every row r in order: llama-imatrix's float32 loop, column blocks
+    in parallel (each column keeps its own sequential order). The block is summed in a local
+    array, which LLVM knows does not alias x, so the column loop vectorises."""
+    rows, n = x.shape
+    block = 64
+    for b in prange((n + block - 1) // block):
+        j0 = b * block
+        w = min(n, j0 + block) - j0
+        local = np.empty(block, np.float32)
+        for j in range(w):
+            local[j] = acc[j0 + j]
+        for r in range(rows):
+            xr = x[r, j0:j0 + w]
+            for j in range(w):
+                local[j] += xr[j] * xr[j]
+        for j in range(w):
+            acc[j0 + j] = local[j]
+
+
+@njit(parallel=True, cache=True)
+def token_nll(logits, targets):
+    """Per row: -log softmax(logits)[target] (llama-perplexity's log_softmax: expf of the
+    max-shifted logits summed in double), the target's logit and its probability."""
+    rows, n = logits.shape
+    nll = np.empty(rows, np.float64)
+    logit = np.empty(rows, np.float32)
+    prob = np.empty(rows, np.float32)
+    for r in prange(rows):
+        row = logits[r]
+        m = _max(row, n)
+        e = np.empty(n, np.float32)
+        for j in range(n):  # vectorised; the sum is a separate (fastmath) reduction
+            e[j] = expf(row[j] - m)
+        total = _sum(e, n)
+        t = targets[r]
+        nll[r] = -(float(row[t] - m) - np.log(total))
+        logit[r] = row[t]
+        prob[r] = expf(row[t] - m) / F32(total)
+    return nll, logit, prob
+
+
+@njit(fastmath=True, cache=True)
+def _max(row, n):
+    m = F32(-np.inf)
+    for j in range(n):
+        m = max(m, row[j])
+    return m

@@ -1,0 +1,135 @@
+"""The forward pass against llama.cpp's (through llama-cpp-python) on the same F32 models.
+
+llama.cpp runs with flash attention, as llama-imatrix and llama-perplexity do by default on the
+CPU (its F16 KV cache is rounded the same way in kquant); the logits then agree to float32
+summation order: about 1e-6 relative on SmolLM2, 1e-5 on the tiny model.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kquant.runtime import Segment, Transformer, load_model, open_source, set_threads
+
+sys.path.insert(0, str(Path(__file__).parent))
+import make_hf_fixtures as fixtures  # noqa: E402
+
+
+def llama_logits(llama_cpp, path: Path, tokens: np.ndarray) -> np.ndarray:
+    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=512, n_batch=512, n_threads=2,
+                          flash_attn=True, verbose=False)
+    llm.eval(tokens.tolist())
+    return np.array(llm.scores[:len(tokens)], np.float32)
+
+
+def rel_error(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def tokens_for(n_vocab: int, n: int = 300, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, n_vocab, n)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    set_threads(2)
+
+
+def test_smollm2_logits_match_llama_cpp(smollm2_2l_f32, llama_cpp):
+    model = load_model(smollm2_2l_f32, progress=False)
+    toks = tokens_for(model.config.n_vocab)
+    ours = model.forward([Segment(toks, model.new_cache(512))])
+    assert rel_error(ours, llama_logits(llama_cpp, smollm2_2l_f32, toks)) < 1e-5
+
+
+def test_tiny_llama_from_hf_folder_matches_llama_cpp(tiny_llama_f32, llama_cpp):
+    from conftest import TINY_LLAMA
+
+    model = load_model(TINY_LLAMA, progress=False)  # the HF folder, read at float32
+    toks = tokens_for(model.config.n_vocab)
+    ours = model.forward([Segment(toks, model.new_cache(512))])
+    assert rel_error(ours, llama_logits(llama_cpp, tiny_llama_f32, toks)) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def hf_built(tmp_path_factory):
+    if not fixtures.DEFAULT_TEXT.is_file():
+        pytest.skip(f"training text {fixtures.DEFAULT_TEXT} (shared/) not available")
+    return fixtures.build(tmp_path_factory.mktemp("hf"))
+
+
+@pytest.mark.parametrize("name", list(fixtures.FIXTURES))
+def test_architectures_match_llama_cpp(hf_built, tmp_path, llama_cpp, name):
+    """llama (SPM, llama3 rope factors, tied), mistral (GQA, 2 shards), qwen2 (Q/K/V biases,
+    NEOX rope), qwen3 (q/k norms, head_dim 128), smollm: random weights, real layouts."""
+    from kquant.gguf_write import write_gguf
+    from kquant.hf import load_hf_model
+
+    gguf_path = tmp_path / f"{name}-f32.gguf"
+    write_gguf(load_hf_model(hf_built[name], "f32"), gguf_path, progress=False)
+    model = load_model(hf_built[name], progress=False)
+    toks = tokens_for(model.config.n_vocab, 200)
+    ours = model.forward([Segment(toks, model.new_cache(512))])
+    assert rel_error(ours, llama_logits(llama_cpp, gguf_path, toks)) < 1e-4
+
+
+def test_quantized_model_runs_on_dequantized_weights(tiny_llama_f32, tmp_path, llama_cpp):
+    """A Q8_0 file: kquant dequantizes bit-exactly, so it matches llama.cpp like F32 does."""
+    from kquant import QuantizeOptions, quantize_model
+    from kquant.mixes import parse_ftype
+
+    q8 = tmp_path / "tiny-q8_0.gguf"
+    quantize_model(tiny_llama_f32, q8, parse_ftype("Q8_0"), QuantizeOptions(), progress=False)
+    model = load_model(q8, progress=False)
+    toks = tokens_for(model.config.n_vocab, 200)
+    ours = model.forward([Segment(toks, model.new_cache(512))])
+    ref = llama_logits(llama_cpp, q8, toks)
+    # llama.cpp multiplies Q8_0 weights by Q8_0-quantized activations: within that error
+    assert rel_error(ours, ref) < 2e-2
+
+
+def test_kv_cache_and_batching_give_the_same_logits(tiny_llama_f32):
+    model = load_model(tiny_llama_f32, progress=False)
+    a, b = tokens_for(model.config.n_vocab, 160, 1), tokens_for(model.config.n_vocab, 96, 2)
+    whole_a = model.forward([Segment(a, model.new_cache(256))])
+    whole_b = model.forward([Segment(b, model.new_cache(256))])
+    # a in three pieces through its cache, b alongside in one batch, then token by token
+    ca, cb = model.new_cache(256), model.new_cache(256)
+    first = model.forward([Segment(a[:100], ca), Segment(b[:40], cb)])
+    second = model.forward([Segment(a[100:150], ca), Segment(b[40:], cb)])
+    steps = [model.forward([Segment(a[i:i + 1], ca)]) for i in range(150, 160)]
+    got_a = np.concatenate([first[:100], second[:50], *steps])
+    got_b = np.concatenate([first[100:], second[50:]])
+    assert rel_error(got_a, whole_a) < 1e-5
+    assert rel_error(got_b, whole_b) < 1e-5
+    only_last = model.forward([Segment(b, model.new_cache(256))], logit_rows=[95])
+    np.testing.assert_allclose(only_last[0], whole_b[95], rtol=1e-4, atol=1e-4)
+
+
+class _NumpyStandIn:
+    """numpy under another name: makes the runtime take its CuPy code path on the CPU."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+
+def test_array_module_path_matches_numba_path(tiny_llama_f32):
+    """The CuPy path (plain array expressions) computes what the numpy+Numba path does."""
+    source = open_source(tiny_llama_f32)
+    cpu = Transformer(source, "cpu", progress=False)
+    generic = Transformer(source, "cpu", progress=False, xp=_NumpyStandIn())
+    toks = tokens_for(cpu.config.n_vocab, 200, 3)
+    a = cpu.forward([Segment(toks, cpu.new_cache(256))])
+    b = generic.forward([Segment(toks, generic.new_cache(256))])
+    assert rel_error(b, a) < 1e-5
+
+
+def test_unsupported_architecture_is_a_clear_error(tmp_path):
+    from kquant.runtime.config import read_config
+    from kquant.source import KV, ModelError, ModelSource
+
+    with pytest.raises(ModelError, match="not supported"):
+        read_config(ModelSource("gemma3", [KV("general.architecture", "gemma3", None)], []))
