@@ -225,15 +225,19 @@ class Transformer:
         pos = np.concatenate([np.arange(s.cache.n, s.cache.n + len(s.tokens)) for s in segments])
         pos = xp.asarray(pos)
         x = xp.asarray(W.token_embd[tokens])
-        for il, layer in enumerate(W.layers):
-            x = self._block(il, layer, x, segments, pos, observe)
+        # an overflow becomes inf/NaN in the activations: the imatrix collector reports it with
+        # the tensor's name, perplexity shows it; numpy's warnings would only add noise
+        with np.errstate(over="ignore", invalid="ignore"):
+            for il, layer in enumerate(W.layers):
+                x = self._block(il, layer, x, segments, pos, observe)
         for s in segments:
             s.cache.n += len(s.tokens)
         want_logits = logit_rows is None or len(logit_rows) > 0
         if not (want_logits or observe_output):
             return None
         if observe_output:
-            h = self._rms_norm(x, W.output_norm)
+            with np.errstate(over="ignore", invalid="ignore"):
+                h = self._rms_norm(x, W.output_norm)
             observe("output.weight", h)
             if logit_rows is not None:
                 h = h[xp.asarray(np.asarray(logit_rows, np.int64))]

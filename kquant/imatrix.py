@@ -1,0 +1,320 @@
+"""Computing an importance matrix the way llama-imatrix does (tools/imatrix/imatrix.cpp).
+
+The text is tokenized once, cut into chunks of n_ctx tokens (BOS first when the model adds one),
+and run n_batch / n_ctx chunks at a time through the model. For every matrix product of the
+repeating blocks (and output.weight with process_output) the collector adds, per input column,
+the squares of the activations of every token, and counts the tokens: the `in_sum2` and
+`counts` of a GGUF imatrix. Products over fewer than 16 rows are skipped, as in llama.cpp.
+Perplexity over the second half of each chunk comes for free from the same pass.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from tqdm import tqdm
+
+from .imatrix_io import Imatrix, ImatrixEntry, accumulate, at_path, save_imatrix
+from .runtime import Segment, Transformer
+from .runtime.device import to_host
+from .runtime.kernels import accumulate_sumsq, token_nll
+from .source import ModelError
+
+# llama.cpp's collect_imatrix ignores products of fewer rows ("why are small batches ignored?")
+MIN_ROWS = 16
+N_UBATCH = 512  # llama.cpp's default physical batch
+
+
+@dataclass
+class ImatrixParams:
+    """llama-imatrix's settings, with its defaults."""
+
+    n_ctx: int = 512
+    n_batch: int = 2048
+    n_chunks: int = -1  # -1: every chunk of the text
+    from_chunk: int = 0
+    process_output: bool = False
+    compute_ppl: bool = True
+    parse_special: bool = False
+    output_frequency: int = 10  # save the imatrix every N chunks
+    save_frequency: int = 0  # keep a copy `<out>.at_N` every N chunks (0: none)
+    out_file: str = "imatrix.gguf"
+    output_format: str = "gguf"  # gguf | dat
+    prompt_file: str = ""  # stored in the file as the dataset name
+
+
+@dataclass
+class ImatrixResult:
+    imatrix: Imatrix
+    n_chunks: int
+    n_tokens: int
+    seconds: float  # forward passes and collection, without loading and tokenizing
+    ppl: float | None
+    ppl_error: float | None
+    chunk_ppl: list[float]
+
+
+class Collector:
+    """Accumulates sum-of-squares per column and token counts per weight, and saves the
+    imatrix every `output_frequency` chunks, as IMatrixCollector::collect_imatrix does."""
+
+    def __init__(self, params: ImatrixParams, imatrix: Imatrix, xp: Any = np,
+                 on_save: Callable[[str], None] | None = None):
+        self.params = params
+        self.im = imatrix
+        self.xp = xp
+        self.chunk_size = params.n_ctx
+        self.last_chunk = imatrix.chunk_count
+        self.on_save = on_save
+        self._device_sums: dict[str, Any] = {}  # GPU accumulators, copied back when saving
+
+    def wants(self, name: str, rows: int) -> bool:
+        if rows < MIN_ROWS:
+            return False
+        return name.startswith("blk.") or (self.params.process_output and name == "output.weight")
+
+    def observe(self, name: str, x: Any) -> None:
+        rows, cols = x.shape
+        if not self.wants(name, rows):
+            return
+        e = self.im.entries.get(name)
+        if e is None:
+            e = self.im.entries[name] = ImatrixEntry(np.zeros(cols, np.float32), np.zeros(1, np.int64))
+        elif e.sums.size != cols:
+            raise ModelError(f"inconsistent size for {name} ({e.sums.size} vs {cols}): the imatrix "
+                             "loaded with --in-file is not for this model")
+        if e.counts.size > 1 and (e.counts == e.counts[0]).all():
+            e.counts = e.counts[:1].copy()  # a dense tensor keeps a single count
+        if self.xp is np:
+            accumulate_sumsq(e.sums, np.ascontiguousarray(x, dtype=np.float32))
+            finite = np.isfinite(e.sums).all()
+        else:
+            acc = self._device_sums.get(name)
+            if acc is None:
+                acc = self._device_sums[name] = self.xp.asarray(e.sums)
+            acc += (x * x).sum(axis=0)
+            finite = bool(self.xp.isfinite(acc).all())
+        if not finite:
+            raise ModelError(f"non-finite values detected in the activations of {name}")
+        for i in range(e.counts.size):
+            e.counts[i] += rows
+            self._maybe_save(int(e.counts[i]) // self.chunk_size)
+
+    def _maybe_save(self, n_chunk: int) -> None:
+        if n_chunk <= self.last_chunk:
+            return
+        step = n_chunk - self.last_chunk
+        self.last_chunk = n_chunk
+        p = self.params
+        if p.output_frequency > 0 and (self.last_chunk % p.output_frequency) // step == 0:
+            self.save()
+        if p.save_frequency > 0 and (self.last_chunk % p.save_frequency) // step == 0:
+            self.save(self.last_chunk)
+
+    def snapshot(self) -> Imatrix:
+        """The imatrix as it stands (device sums copied back)."""
+        for name, acc in self._device_sums.items():
+            self.im.entries[name].sums = to_host(acc).astype(np.float32)
+        self.im.chunk_count = self.last_chunk
+        self.im.chunk_size = self.chunk_size
+        return self.im
+
+    def save(self, n_chunk: int = -1) -> str:
+        p = self.params
+        path = at_path(p.out_file, n_chunk) if n_chunk > 0 else p.out_file
+        save_imatrix(self.snapshot(), path, p.output_format, p.prompt_file)
+        if self.on_save is not None:
+            self.on_save(path)
+        return path
+
+
+def load_in_files(paths: list[str], chunk_size: int) -> Imatrix:
+    """The imatrices of --in-file, combined as llama-imatrix combines them."""
+    im = Imatrix(chunk_size=chunk_size)
+    for path in paths:
+        from .imatrix_io import load_imatrix
+        accumulate(im, load_imatrix(path), chunk_size)
+    return im
+
+
+def check_against_model(im: Imatrix, model: Transformer, process_output: bool) -> None:
+    """Every entry of a loaded imatrix must be a matrix of this model with the same row length."""
+    c = model.config
+    inputs = {"attn_q": c.n_embd, "attn_k": c.n_embd, "attn_v": c.n_embd,
+              "attn_output": c.n_head * c.head_dim, "ffn_gate": c.n_embd, "ffn_up": c.n_embd,
+              "ffn_down": c.n_ff}
+    for name, e in im.entries.items():
+        parts = name.split(".")
+        if name == "output.weight":
+            want = c.n_embd
+        elif (len(parts) == 4 and parts[0] == "blk" and parts[1].isdecimal() and parts[3] == "weight"
+              and int(parts[1]) < c.n_layer and parts[2] in inputs):
+            want = inputs[parts[2]]
+        else:
+            raise ModelError(f"the --in-file imatrix has an entry {name} that this model does not have")
+        n_mat = max(1, e.counts.size)
+        if e.sums.size != want * n_mat:
+            raise ModelError(f"the --in-file imatrix entry {name} has {e.sums.size // n_mat} columns, "
+                             f"this model's has {want}")
+
+
+def _ubatches(segments: list[tuple[int, np.ndarray]], n_ubatch: int,
+              n_stream: int) -> list[list[tuple[int, np.ndarray]]]:
+    """Split a batch of (sequence, tokens), all of one length, into llama.cpp's physical
+    batches. One sequence per context (n_stream 1): consecutive pieces of n_ubatch tokens
+    (split_simple). Several: every sequence advances by the same max(1, n_ubatch // n_seqs)
+    tokens per ubatch (split_equal), so a short last ubatch may fall under the 16 rows the
+    imatrix collects from, exactly as in llama-imatrix."""
+    length = len(segments[0][1])
+    step = n_ubatch if n_stream == 1 else max(1, n_ubatch // len(segments))
+    return [[(seq, toks[a:a + step]) for seq, toks in segments] for a in range(0, length, step)]
+
+
+def compute_imatrix(model: Transformer, tokens: np.ndarray, params: ImatrixParams, collector: Collector,
+                    bos: int | None, progress: bool = True, log: Callable[[str], None] | None = None) -> ImatrixResult:
+    """Run the chunks of `tokens` through the model, collecting into `collector`."""
+    log = log or (lambda s: print(s, file=sys.stderr))
+    n_ctx = params.n_ctx
+    if n_ctx <= 0:
+        raise ModelError("the imatrix needs a context size -c > 0")
+    tokens = np.asarray(tokens, np.int64)
+    if params.from_chunk > 0:
+        if (params.from_chunk + 2) * n_ctx >= len(tokens):
+            raise ModelError(f"there will be not enough tokens left after removing {params.from_chunk} chunks")
+        tokens = tokens[params.from_chunk * n_ctx:]
+    if len(tokens) < 2 * n_ctx:
+        raise ModelError(f"you need at least {2 * n_ctx} tokens for a context of {n_ctx} tokens; "
+                         f"the text tokenizes to only {len(tokens)} tokens")
+    n_chunk_max = len(tokens) // n_ctx
+    n_chunk = n_chunk_max if params.n_chunks < 0 else min(params.n_chunks, n_chunk_max)
+    n_seq = max(1, params.n_batch // n_ctx)
+    n_batch = min(params.n_batch, n_seq * n_ctx)  # below n_ctx, or a multiple of it
+    num_batches = (n_ctx + n_batch - 1) // n_batch
+    n_ubatch = min(N_UBATCH, n_batch)
+    first = n_ctx // 2
+    log(f"computing over {n_chunk} chunks, n_ctx={n_ctx}, batch_size={n_batch}, n_seq={n_seq}")
+
+    caches = [model.new_cache(n_ctx) for _ in range(min(n_seq, n_chunk))]
+    nll = nll2 = 0.0
+    count = 0
+    chunk_ppl: list[float] = []
+    start_time = time.perf_counter()
+    bar = tqdm(total=n_chunk, desc="imatrix", unit="chunk", disable=not progress, file=sys.stderr)
+    for i in range(0, n_chunk, n_seq):
+        start = i * n_ctx
+        n_seq_batch = min(n_seq, n_chunk - i)
+        for c in caches:
+            c.clear()
+        logits: list[list[np.ndarray]] = [[] for _ in range(n_seq_batch)]
+        for j in range(num_batches):
+            batch_start = start + j * n_batch
+            batch_size = min(start + n_ctx - batch_start, n_batch)
+            segs = []
+            for seq in range(n_seq_batch):
+                seq_start = batch_start + seq * n_ctx
+                toks = tokens[seq_start:seq_start + batch_size].copy()
+                if bos is not None and j == 0:
+                    toks[0] = bos
+                segs.append((seq, toks))
+            for ub in _ubatches(segs, n_ubatch, n_seq):
+                rows, r = [], 0
+                for seq, toks in ub:
+                    pos0 = caches[seq].n
+                    if params.compute_ppl:
+                        p = np.arange(pos0, pos0 + len(toks))
+                        rows.extend((r + np.nonzero((p >= first) & (p <= n_ctx - 2))[0]).tolist())
+                    r += len(toks)
+                out = model.forward([Segment(toks, caches[seq]) for seq, toks in ub], collector.observe,
+                                    logit_rows=rows, observe_output=params.process_output)
+                if rows:
+                    out = to_host(out)
+                    r = 0
+                    for seq, toks in ub:
+                        pos0 = caches[seq].n - len(toks)
+                        p = np.arange(pos0, pos0 + len(toks))
+                        n_here = int(((p >= first) & (p <= n_ctx - 2)).sum())
+                        logits[seq].append(out[r:r + n_here])
+                        r += n_here
+        if params.compute_ppl:
+            for seq in range(n_seq_batch):
+                lg = np.concatenate(logits[seq])
+                s0 = start + seq * n_ctx + first
+                v, _, _ = token_nll(np.ascontiguousarray(lg), tokens[s0 + 1:s0 + 1 + len(lg)])
+                nll += float(v.sum())
+                nll2 += float((v * v).sum())
+                count += len(v)
+                chunk_ppl.append(math.exp(nll / count))
+            bar.set_postfix_str(f"ppl {chunk_ppl[-1]:.4f}")
+        bar.update(n_seq_batch)
+    bar.close()
+    seconds = time.perf_counter() - start_time
+    ppl = err = None
+    if params.compute_ppl and count > 1:
+        mean, mean2 = nll / count, nll2 / count
+        ppl = math.exp(mean)
+        var = mean2 - mean * mean
+        err = math.sqrt(var / (count - 1)) * ppl if var > 0 else None
+    return ImatrixResult(collector.snapshot(), n_chunk, n_chunk * n_ctx, seconds, ppl, err, chunk_ppl)
+
+
+def read_text(path: str | Path) -> str:
+    """The calibration text as llama.cpp's -f reads it: the whole file, less one final newline."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read the text file ({e.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ModelError(f"{path}: not UTF-8 text ({e})") from None
+    return text[:-1] if text.endswith("\n") else text
+
+
+def run_imatrix(model_path: str | Path, text_path: str | Path, params: ImatrixParams,
+                in_files: list[str] | None = None, device: str = "auto", n_threads: int | None = None,
+                progress: bool = True, log: Callable[[str], None] | None = None) -> ImatrixResult:
+    """kquant-imatrix: load the model and text, start from `in_files`, compute, save
+    `params.out_file` (every `output_frequency` chunks and at the end)."""
+    from .runtime import Transformer, open_source, resolve_device, set_threads
+    from .tokenizer import Tokenizer
+
+    log = log or (lambda s: print(s, file=sys.stderr))
+    if params.output_format not in ("gguf", "dat"):
+        raise ModelError(f"unknown output format {params.output_format!r} (gguf or dat)")
+    out = Path(params.out_file)
+    for p in [model_path, text_path, *(in_files or [])]:
+        if out.exists() and Path(p).exists() and out.resolve() == Path(p).resolve():
+            raise ModelError(f"the output {out} is also an input")
+    device = resolve_device(device)
+    threads = set_threads(n_threads)
+    source = open_source(model_path)
+    tokenizer = Tokenizer.from_source(source)
+    text = read_text(text_path)
+    t0 = time.perf_counter()
+    tokens = tokenizer.tokenize(text, add_special=True, parse_special=params.parse_special)
+    log(f"tokenized {text_path}: {len(tokens)} tokens in {time.perf_counter() - t0:.2f} s")
+    model = Transformer(source, device, progress)
+    im = load_in_files(in_files or [], params.n_ctx)
+    check_against_model(im, model, params.process_output)
+    log(f"{source.arch} model, {model.config.n_layer} layers, {device}, {threads} threads")
+    collector = Collector(params, im, model.xp)
+    bos = tokenizer.bos_id if tokenizer.add_bos else None
+    result = compute_imatrix(model, tokens, params, collector, bos, progress, log)
+    collector.save()
+    return result
+
+
+def combine_files(in_files: list[str], params: ImatrixParams) -> tuple[str, int]:
+    """No text: the --in-file imatrices combined (or one converted) into params.out_file."""
+    for p in in_files:
+        if Path(p).exists() and Path(params.out_file).exists() and \
+                Path(p).resolve() == Path(params.out_file).resolve():
+            raise ModelError(f"the output {params.out_file} is also an input")
+    im = load_in_files(in_files, params.n_ctx)
+    save_imatrix(im, params.out_file, params.output_format, params.prompt_file)
+    return params.out_file, len(im.entries)
