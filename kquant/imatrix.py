@@ -72,6 +72,8 @@ class Collector:
         self.last_chunk = imatrix.chunk_count
         self.on_save = on_save
         self._device_sums: dict[str, Any] = {}  # GPU accumulators, copied back when saving
+        self._pending: list[str] = []
+        self._pending_x: Any = None
 
     def wants(self, name: str, rows: int) -> bool:
         if rows < MIN_ROWS:
@@ -79,31 +81,54 @@ class Collector:
         return name.startswith("blk.") or (self.params.process_output and name == "output.weight")
 
     def observe(self, name: str, x: Any) -> None:
-        rows, cols = x.shape
-        if not self.wants(name, rows):
+        """Called with the input of each weight's product. Consecutive calls with the same input
+        array (Q/K/V, gate/up) are collected in one pass over it, at the next call or `flush`."""
+        if not self.wants(name, x.shape[0]):
             return
-        e = self.im.entries.get(name)
-        if e is None:
-            e = self.im.entries[name] = ImatrixEntry(np.zeros(cols, np.float32), np.zeros(1, np.int64))
-        elif e.sums.size != cols:
-            raise ModelError(f"inconsistent size for {name} ({e.sums.size} vs {cols}): the imatrix "
-                             "loaded with --in-file is not for this model")
-        if e.counts.size > 1 and (e.counts == e.counts[0]).all():
-            e.counts = e.counts[:1].copy()  # a dense tensor keeps a single count
+        if self._pending and self._pending_x is not x:
+            self.flush()
+        self._pending.append(name)
+        self._pending_x = x
+
+    def flush(self) -> None:
+        names, x = self._pending, self._pending_x
+        self._pending, self._pending_x = [], None
+        if not names:
+            return
+        rows, cols = x.shape
+        entries = []
+        for name in names:
+            e = self.im.entries.get(name)
+            if e is None:
+                e = self.im.entries[name] = ImatrixEntry(np.zeros(cols, np.float32), np.zeros(1, np.int64))
+            elif e.sums.size != cols:
+                raise ModelError(f"inconsistent size for {name} ({e.sums.size} vs {cols}): the imatrix "
+                                 "loaded with --in-file is not for this model")
+            if e.counts.size > 1 and (e.counts == e.counts[0]).all():
+                e.counts = e.counts[:1].copy()  # a dense tensor keeps a single count
+            entries.append(e)
         if self.xp is np:
-            accumulate_sumsq(e.sums, np.ascontiguousarray(x, dtype=np.float32))
-            finite = np.isfinite(e.sums).all()
+            accumulate_sumsq(tuple(e.sums for e in entries), np.ascontiguousarray(x, dtype=np.float32))
+            bad = [n for n, e in zip(names, entries) if not np.isfinite(e.sums).all()]
         else:
-            acc = self._device_sums.get(name)
-            if acc is None:
-                acc = self._device_sums[name] = self.xp.asarray(e.sums)
-            acc += (x * x).sum(axis=0)
-            finite = bool(self.xp.isfinite(acc).all())
-        if not finite:
-            raise ModelError(f"non-finite values detected in the activations of {name}")
-        for i in range(e.counts.size):
-            e.counts[i] += rows
-            self._maybe_save(int(e.counts[i]) // self.chunk_size)
+            sq = (x * x).sum(axis=0)
+            bad = []
+            for name, e in zip(names, entries):
+                acc = self._device_sums.get(name)
+                if acc is None:
+                    acc = self._device_sums[name] = self.xp.asarray(e.sums)
+                acc += sq
+                if not bool(self.xp.isfinite(acc).all()):
+                    bad.append(name)
+        if bad:
+            raise ModelError(f"non-finite values detected in the activations of {bad[0]}")
+        # counts first, then llama.cpp's save triggers in its order: a file saved here holds
+        # every matrix of this input with its sums and counts in step
+        for e in entries:
+            e.counts += rows
+        for e in entries:
+            for c in e.counts:
+                self._maybe_save(int(c) // self.chunk_size)
 
     def _maybe_save(self, n_chunk: int) -> None:
         if n_chunk <= self.last_chunk:
@@ -118,6 +143,7 @@ class Collector:
 
     def snapshot(self) -> Imatrix:
         """The imatrix as it stands (device sums copied back)."""
+        self.flush()
         for name, acc in self._device_sums.items():
             self.im.entries[name].sums = to_host(acc).astype(np.float32)
         self.im.chunk_count = self.last_chunk
@@ -231,6 +257,7 @@ def compute_imatrix(model: Transformer, tokens: np.ndarray, params: ImatrixParam
                     r += len(toks)
                 out = model.forward([Segment(toks, caches[seq]) for seq, toks in ub], collector.observe,
                                     logit_rows=rows, observe_output=params.process_output)
+                collector.flush()
                 if rows:
                     out = to_host(out)
                     r = 0

@@ -31,7 +31,7 @@ import numpy as np
 from ..source import ModelError, ModelSource
 from .config import ModelConfig, read_config
 from .device import array_module
-from .kernels import softmax_causal, swiglu
+from .kernels import rope_inplace, softmax_causal, swiglu
 from .weights import Layer, Weights, load_weights
 
 Observer = Callable[[str, Any], None]
@@ -120,6 +120,9 @@ class Transformer:
         """Rotate the first n_rot dims of every head of x (rows, heads, head_dim) in place."""
         c = self.config
         cos, sin = self._rope_tables(int(pos.max()) + 1)
+        if self.xp is np:
+            rope_inplace(x, pos, cos, sin, c.n_rot, c.rope_neox)
+            return x
         cos, sin = cos[pos][:, None, :], sin[pos][:, None, :]
         if c.rope_neox:  # rotate (i, i + n_rot/2)
             x0, x1 = x[..., :c.n_rot // 2], x[..., c.n_rot // 2:c.n_rot]

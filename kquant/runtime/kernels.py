@@ -119,24 +119,49 @@ def swiglu(g, u):
 
 
 @njit(parallel=True, cache=True)
-def accumulate_sumsq(acc, x):
-    """acc[j] += x[r, j]^2 for every row r in order: llama-imatrix's float32 loop, column blocks
-    in parallel (each column keeps its own sequential order). The block is summed in a local
-    array, which LLVM knows does not alias x, so the column loop vectorises."""
+def accumulate_sumsq(accs, x):
+    """acc[j] += x[r, j]^2 for every row r in order, for each acc of the tuple `accs` (the
+    matrices that share an input: Q/K/V, gate/up): llama-imatrix's float32 loop, column blocks
+    in parallel, each column in its own sequential order. A block is summed in a local array,
+    which LLVM knows does not alias x, so the column loop vectorises."""
     rows, n = x.shape
     block = 64
     for b in prange((n + block - 1) // block):
         j0 = b * block
         w = min(n, j0 + block) - j0
-        local = np.empty(block, np.float32)
-        for j in range(w):
-            local[j] = acc[j0 + j]
+        local = np.empty((len(accs), block), np.float32)
+        for k in range(len(accs)):
+            for j in range(w):
+                local[k, j] = accs[k][j0 + j]
         for r in range(rows):
             xr = x[r, j0:j0 + w]
+            for k in range(len(accs)):
+                for j in range(w):
+                    local[k, j] += xr[j] * xr[j]
+        for k in range(len(accs)):
             for j in range(w):
-                local[j] += xr[j] * xr[j]
-        for j in range(w):
-            acc[j0 + j] = local[j]
+                accs[k][j0 + j] = local[k, j]
+
+
+@njit(parallel=True, cache=True)
+def rope_inplace(x, pos, cos, sin, n_rot, neox):
+    """Rotate the first n_rot dims of every head of x (rows, heads, head_dim) by the angles of
+    position pos[row] (tables cos/sin: (positions, n_rot / 2)): ggml_rope's NORM mode rotates
+    adjacent pairs (2i, 2i+1), NEOX mode the halves (i, i + n_rot/2)."""
+    rows, heads, _ = x.shape
+    half = n_rot // 2
+    for r in prange(rows):
+        c = cos[pos[r]]
+        s = sin[pos[r]]
+        for h in range(heads):
+            v = x[r, h]
+            for i in range(half):
+                a = 2 * i if not neox else i
+                b = a + 1 if not neox else i + half
+                x0 = v[a]
+                x1 = v[b]
+                v[a] = x0 * c[i] - x1 * s[i]
+                v[b] = x0 * s[i] + x1 * c[i]
 
 
 @njit(parallel=True, cache=True)
