@@ -87,8 +87,9 @@ def test_quantized_model_runs_on_dequantized_weights(tiny_llama_f32, tmp_path, l
     toks = tokens_for(model.config.n_vocab, 200)
     ours = model.forward([Segment(toks, model.new_cache(512))])
     ref = llama_logits(llama_cpp, q8, toks)
-    # llama.cpp multiplies Q8_0 weights by Q8_0-quantized activations: within that error
-    assert rel_error(ours, ref) < 2e-2
+    # activations rounded to Q8_0 as llama.cpp does; its tiled/sgemm kernels still round a
+    # little differently on some rows (measured 3e-3)
+    assert rel_error(ours, ref) < 1e-2
 
 
 def test_kv_cache_and_batching_give_the_same_logits(tiny_llama_f32):
@@ -133,3 +134,23 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path):
 
     with pytest.raises(ModelError, match="not supported"):
         read_config(ModelSource("gemma3", [KV("general.architecture", "gemma3", None)], []))
+
+
+@pytest.mark.parametrize("wtype", ["Q4_K", "Q8_0", "Q4_1", "F16", "BF16"])
+def test_activation_rounding_is_the_vec_dot_type_roundtrip(wtype):
+    """Activations rounded for a weight type = kquant's (ggml-exact) codec of its vec_dot type,
+    quantized and dequantized; the array-module path computes the same values."""
+    import kquant
+    from gguf import GGMLQuantizationType as T
+
+    from kquant.runtime.activations import round_activations, vec_dot_type
+
+    t = T[wtype]
+    x = np.random.default_rng(5).standard_normal((8, 512)).astype(np.float32) * 3
+    x[1, :256] = 0  # an all-zero block
+    got = round_activations(x, t)
+    vt = vec_dot_type(t)
+    codec = T.Q8_0 if vt == T.Q8_1 else vt
+    want = kquant.dequantize(kquant.quantize(x, codec), codec).reshape(x.shape)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(round_activations(x, t, _NumpyStandIn()), want)

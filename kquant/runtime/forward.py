@@ -27,10 +27,12 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from gguf import GGMLQuantizationType as T
 
 from ..source import ModelError, ModelSource
 from .config import ModelConfig, read_config
 from .device import array_module
+from .activations import round_activations, vec_dot_type
 from .kernels import rope_inplace, softmax_causal, swiglu
 from .weights import Layer, Weights, load_weights
 
@@ -76,6 +78,7 @@ class Transformer:
         self.config = read_config(source)
         self.weights: Weights = load_weights(source, self.config, self.xp, progress)
         self._rope_cache: tuple[int, Any, Any] = (0, None, None)
+        self._rounded: tuple[Any, Any, Any] = (None, None, None)
 
     def new_cache(self, n_ctx: int) -> KVCache:
         return KVCache(self.config, n_ctx, self.xp)
@@ -163,8 +166,19 @@ class Transformer:
         return out.transpose(2, 0, 1, 3).reshape(T, c.n_head * c.head_dim)
 
     def _linear(self, x: Any, w: Any, b: Any, name: str, observe: Observer | None) -> Any:
+        """x @ W.T (+ b), the activations first rounded as llama.cpp's CPU backend rounds them
+        for W's type (Q8_K, Q8_0, F16, ...; unchanged for F32). `observe` sees them unrounded,
+        as llama-imatrix's callback does."""
         if observe is not None:
             observe(name, x)
+        qtype = self.weights.types.get(name, T.F32)
+        if qtype != T.F32:
+            vt = vec_dot_type(qtype)
+            src, have, rounded = self._rounded
+            if src is not x or have != vt:  # Q/K/V and gate/up share their input: round it once
+                rounded = round_activations(x, qtype, self.xp)
+                self._rounded = (x, vt, rounded)  # holding x keeps the identity test sound
+            x = rounded
         y = x @ w.T
         if b is not None:
             y += b
@@ -248,7 +262,10 @@ class Transformer:
             if logit_rows is not None:
                 x = x[xp.asarray(np.asarray(logit_rows, np.int64))]
             h = self._rms_norm(x, W.output_norm)
-        return h @ W.output.T if want_logits else None
+        if not want_logits:
+            return None
+        self._rounded = (None, None, None)
+        return self._linear(h, W.output, None, "output.weight", None)
 
 
 def open_source(path: str | Path) -> ModelSource:

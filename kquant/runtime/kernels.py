@@ -9,9 +9,9 @@ CPU backend does.  On a GPU the same steps run as CuPy expressions (`forward.py`
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
+
+from ..codecs.bits import bits_f32, f32_bits
 
 F32 = np.float32
 
@@ -29,43 +29,21 @@ _G_BITS = np.int32(-0x7E000000)  # 0x82000000 as int32
 _S1_BITS = np.int32(0x7F000000)
 
 
-@intrinsic
-def _bits(typingctx, x):
-    """float32 -> its int32 bit pattern (a register bitcast, so loops still vectorise)."""
-    if x != types.float32:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-    return types.int32(types.float32), codegen
-
-
-@intrinsic
-def _float(typingctx, x):
-    """int32 bit pattern -> float32."""
-    if x != types.int32:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.FloatType())
-    return types.float32(types.int32), codegen
-
-
 @njit(inline="always")
 def expf(x):
     """ggml_v_expf (ggml-cpu/vec.h), one lane: exp(x) for float32 x."""
     z = x * _LOG2E + _R
     n = z - _R
     b = (x - n * _LN2_HI) - n * _LN2_LO
-    e = np.int32(_bits(z) << 23)
-    k = _float(np.int32(e + _ONE_BITS))
+    e = np.int32(np.int64(f32_bits(z)) << 23)
+    k = bits_f32(np.int32(e + _ONE_BITS))
     u = b * b
     j = ((_P5 * b + _P4) * u + (_P3 * b + _P2)) * u + _P1 * b
     fast = j * k + k
     an = abs(n)
     g = _G_BITS if n <= F32(0.0) else np.int32(0)
-    s1 = _float(np.int32(g + _S1_BITS))
-    s2 = _float(np.int32(e - g))
+    s1 = bits_f32(np.int32(g + _S1_BITS))
+    s2 = bits_f32(np.int32(e - g))
     slow = s1 * s1 if an > F32(192.0) else (s2 * j + s2) * s1
     return fast if an <= F32(126.0) else slow
 

@@ -44,6 +44,9 @@ class Weights:
     output: Any  # the token embedding when tied
     layers: list[Layer]
     rope_freqs: np.ndarray | None  # llama3's per-frequency divisors
+    # each matrix's stored ggml type, by GGUF name: it decides how llama.cpp rounds the
+    # activations multiplied with it (kquant.runtime.activations)
+    types: dict[str, T]
 
 
 def tensor_f32(t: SourceTensor) -> np.ndarray:
@@ -108,7 +111,10 @@ def load_weights(source: ModelSource, config: ModelConfig, xp: Any = np, progres
     if output is None:  # tied embeddings
         output = token_embd if xp is np else xp.asarray(token_embd)
     freqs = by_name.get("rope_freqs.weight")
+    types = {t.name: t.type for t in source.tensors if len(t.shape) == 2}
+    types.setdefault("output.weight", embd.type)
     return Weights(
+        types=types,
         token_embd=token_embd,
         output_norm=get("output_norm.weight", (c.n_embd,)),
         output=output,
