@@ -255,5 +255,5 @@ def test_cli_errors(built, tmp_path, capsys, case):
     captured = capsys.readouterr()
     assert rc == 1
     err = captured.err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and captured.out == ""
+    assert len(err) == 1 and err[0].startswith("kquant-convert: error: ") and captured.out == ""
     assert _no_partial_files(d)

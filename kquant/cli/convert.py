@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from ..source import ModelError
+from . import run_command
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0", "auto")
 
@@ -43,38 +44,32 @@ def _size(n: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_command("kquant-convert", lambda: _run(args), "interrupted; no output written")
+
+
+def _run(args: argparse.Namespace) -> int:
     from gguf import LlamaFileType, fill_templated_filename
 
     from ..gguf_write import write_gguf
     from ..hf import default_outfile_name, guess_outtype, load_hf_model
 
     t0 = time.time()
-    try:
-        folder = Path(args.model)
-        outtype = args.outtype
-        if outtype == "auto":
-            if not folder.is_dir():
-                raise ModelError(f"{folder} is not a directory")
-            outtype = guess_outtype(folder)
-        source = load_hf_model(folder, outtype)
-        if args.outfile is None:
-            out = folder / default_outfile_name(source)
-        elif args.outfile.is_dir():
-            out = args.outfile / default_outfile_name(source)
-        else:
-            ftype_name = LlamaFileType(source.get("general.file_type")).name.partition("_")[2]
-            out = args.outfile.parent / fill_templated_filename(args.outfile.name, ftype_name)
-        progress = not args.no_progress and sys.stderr.isatty()
-        write_gguf(source, out, progress=progress)
-    except ModelError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    folder = Path(args.model)
+    outtype = args.outtype
+    if outtype == "auto":
+        if not folder.is_dir():
+            raise ModelError(f"{folder} is not a directory")
+        outtype = guess_outtype(folder)
+    source = load_hf_model(folder, outtype)
+    if args.outfile is None:
+        out = folder / default_outfile_name(source)
+    elif args.outfile.is_dir():
+        out = args.outfile / default_outfile_name(source)
+    else:
+        ftype_name = LlamaFileType(source.get("general.file_type")).name.partition("_")[2]
+        out = args.outfile.parent / fill_templated_filename(args.outfile.name, ftype_name)
+    progress = not args.no_progress and sys.stderr.isatty()
+    write_gguf(source, out, progress=progress)
     size = sum(t.nbytes for t in source.tensors)
     print(f"{out}: {len(source.tensors)} tensors, {_size(size)} of tensor data ({outtype}), "
           f"{len(source.kv)} metadata keys, {time.time() - t0:.1f} s")

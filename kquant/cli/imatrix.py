@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from ..source import ModelError
+from . import run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,49 +95,43 @@ def _show_statistics(ns: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    try:
-        if ns.show_statistics:
-            _show_statistics(ns)
-            return 0
-        from ..imatrix import combine_files, run_imatrix
+    return run_command("kquant-imatrix", lambda: _run(ns),
+                       "interrupted; files saved before this point are intact")
 
-        params = _params(ns)
-        if not ns.file:
-            if not ns.in_file:
-                raise ModelError("no text (-f) and no imatrix (--in-file) to combine")
-            for f in ns.in_file:
-                print(f"kquant-imatrix: loading imatrix from '{f}'", file=sys.stderr)
-            what = "combined imatrix" if len(ns.in_file) > 1 else "imatrix"
-            print(f"kquant-imatrix: no text; saving {what} to '{params.out_file}'", file=sys.stderr)
-            path, n_entries = combine_files(ns.in_file, params)
-            print(f"kquant-imatrix: {len(ns.in_file)} imatrix file(s) -> {path} ({n_entries} entries, "
-                  f"{params.output_format})")
-            return 0
-        if not ns.model:
-            raise ModelError("no model: give -m MODEL")
-        t0 = time.perf_counter()
-        result = run_imatrix(ns.model, ns.file, params, in_files=ns.in_file, device=ns.device,
-                             n_threads=ns.threads, progress=not ns.no_progress and sys.stderr.isatty())
-        if result.chunk_ppl:
-            print(",".join(f"[{i + 1}]{p:.4f}" for i, p in enumerate(result.chunk_ppl)) + ",")
-        if result.ppl is not None and result.ppl_error is not None:
-            print(f"Final estimate: PPL = {result.ppl:.4f} +/- {result.ppl_error:.5f}")
-        size = Path(params.out_file).stat().st_size
-        print(f"kquant-imatrix: {result.n_chunks} chunks x {params.n_ctx} tokens in {result.seconds:.1f} s "
-              f"({result.n_tokens / max(result.seconds, 1e-9):.0f} tokens/s), "
-              f"{len(result.imatrix.entries)} entries -> {params.out_file} ({size / 1024:.1f} KiB, "
-              f"{params.output_format}), {time.perf_counter() - t0:.1f} s in all")
+
+def _run(ns: argparse.Namespace) -> int:
+    if ns.show_statistics:
+        _show_statistics(ns)
         return 0
-    except ModelError as e:
-        print(f"kquant-imatrix: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        where = f": {e.filename}" if e.filename else ""
-        print(f"kquant-imatrix: error: {e.strerror or e}{where}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("kquant-imatrix: interrupted; files saved before this point are intact", file=sys.stderr)
-        return 130
+    from ..imatrix import combine_files, run_imatrix
+
+    params = _params(ns)
+    if not ns.file:
+        if not ns.in_file:
+            raise ModelError("no text (-f) and no imatrix (--in-file) to combine")
+        for f in ns.in_file:
+            print(f"kquant-imatrix: loading imatrix from '{f}'", file=sys.stderr)
+        what = "combined imatrix" if len(ns.in_file) > 1 else "imatrix"
+        print(f"kquant-imatrix: no text; saving {what} to '{params.out_file}'", file=sys.stderr)
+        path, n_entries = combine_files(ns.in_file, params)
+        print(f"kquant-imatrix: {len(ns.in_file)} imatrix file(s) -> {path} ({n_entries} entries, "
+              f"{params.output_format})")
+        return 0
+    if not ns.model:
+        raise ModelError("no model: give -m MODEL")
+    t0 = time.perf_counter()
+    result = run_imatrix(ns.model, ns.file, params, in_files=ns.in_file, device=ns.device,
+                         n_threads=ns.threads, progress=not ns.no_progress and sys.stderr.isatty())
+    if result.chunk_ppl:
+        print(",".join(f"[{i + 1}]{p:.4f}" for i, p in enumerate(result.chunk_ppl)) + ",")
+    if result.ppl is not None and result.ppl_error is not None:
+        print(f"Final estimate: PPL = {result.ppl:.4f} +/- {result.ppl_error:.5f}")
+    size = Path(params.out_file).stat().st_size
+    print(f"kquant-imatrix: {result.n_chunks} chunks x {params.n_ctx} tokens in {result.seconds:.1f} s "
+          f"({result.n_tokens / max(result.seconds, 1e-9):.0f} tokens/s), "
+          f"{len(result.imatrix.entries)} entries -> {params.out_file} ({size / 1024:.1f} KiB, "
+          f"{params.output_format}), {time.perf_counter() - t0:.1f} s in all")
+    return 0
 
 
 if __name__ == "__main__":

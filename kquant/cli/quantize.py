@@ -16,6 +16,7 @@ from .. import mixes
 from ..quantize_model import (QuantizeOptions, default_output_name, open_model,
                               parse_override_kv, plan_quantization, quantize_model)
 from ..source import ModelError
+from . import run_command
 
 TYPES_HELP = ", ".join(sorted(k for k in mixes.FTYPES if not k.startswith(("IQ", "TQ", "MX", "Q1"))))
 
@@ -164,27 +165,20 @@ def dry_run(inp: Path, ftype, opts: QuantizeOptions) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    try:
-        inp, out, ftype, n_threads = parse_positionals(ns.args, ns.dry_run)
-        opts = options_from_args(ns, n_threads)
-        if ns.dry_run:
-            dry_run(inp, ftype, opts)
-            return 0
-        shown = ftype if isinstance(ftype, str) else ftype.name.replace("MOSTLY_", "")
-        print(f"kquant-quantize: quantizing '{inp}' to '{out}' as {shown}", file=sys.stderr)
-        summary = quantize_model(inp, out, ftype, opts, progress=sys.stderr.isatty())
-        print(summary.line())
+    return run_command("kquant-quantize", lambda: _run(ns), "interrupted; no output written")
+
+
+def _run(ns: argparse.Namespace) -> int:
+    inp, out, ftype, n_threads = parse_positionals(ns.args, ns.dry_run)
+    opts = options_from_args(ns, n_threads)
+    if ns.dry_run:
+        dry_run(inp, ftype, opts)
         return 0
-    except ModelError as e:
-        print(f"kquant-quantize: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # unwritable folder, disk full, ...: the temporary file is gone already
-        where = f": {e.filename}" if e.filename else ""
-        print(f"kquant-quantize: error: {e.strerror or e}{where}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("kquant-quantize: interrupted; no output written", file=sys.stderr)
-        return 130
+    shown = ftype if isinstance(ftype, str) else ftype.name.replace("MOSTLY_", "")
+    print(f"kquant-quantize: quantizing '{inp}' to '{out}' as {shown}", file=sys.stderr)
+    summary = quantize_model(inp, out, ftype, opts, progress=sys.stderr.isatty())
+    print(summary.line())
+    return 0
 
 
 if __name__ == "__main__":
