@@ -164,3 +164,92 @@ def llama_quantize(inp: str | Path, out: str | Path, ftype: int, *, n_threads: i
     rc = lc.llama_model_quantize(str(inp).encode(), str(out).encode(), ctypes.byref(p))
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize failed ({rc})")
+
+
+class GGMLCompute:
+    """ggml's CPU backend (libggml-cpu beside libggml-base) running single ops on numpy arrays:
+    the oracle for the runtime's products, attention and RoPE."""
+
+    I32, F16 = 26, 1
+
+    def __init__(self, path: Path | str | None = None):
+        base_path = Path(path or find_libggml() or "")
+        cpu_path = base_path.with_name(base_path.name.replace("ggml-base", "ggml-cpu"))
+        if not base_path.is_file() or not cpu_path.is_file():
+            raise FileNotFoundError("libggml-base / libggml-cpu not found: install llama-cpp-python==0.3.36")
+        vp = ctypes.c_void_p
+        self.base = b = ctypes.CDLL(str(base_path), mode=ctypes.RTLD_GLOBAL)
+        self.cpu = c = ctypes.CDLL(str(cpu_path), mode=ctypes.RTLD_GLOBAL)
+
+        class InitParams(ctypes.Structure):
+            _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", vp), ("no_alloc", ctypes.c_bool)]
+        self._params = InitParams
+        for name, res, args in [
+                ("ggml_init", vp, [InitParams]), ("ggml_free", None, [vp]),
+                ("ggml_new_tensor_1d", vp, [vp, ctypes.c_int, ctypes.c_int64]),
+                ("ggml_new_tensor_2d", vp, [vp, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]),
+                ("ggml_new_tensor_3d", vp, [vp, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]),
+                ("ggml_mul_mat", vp, [vp, vp, vp]), ("ggml_new_graph", vp, [vp]),
+                ("ggml_build_forward_expand", None, [vp, vp]), ("ggml_get_data", vp, [vp]),
+                ("ggml_nbytes", ctypes.c_size_t, [vp]),
+                ("ggml_flash_attn_ext", vp, [vp, vp, vp, vp, vp] + [ctypes.c_float] * 3),
+                ("ggml_rope_ext", vp, [vp, vp, vp, vp] + [ctypes.c_int] * 3 + [ctypes.c_float] * 6)]:
+            f = getattr(b, name)
+            f.restype, f.argtypes = res, args
+        c.ggml_graph_compute_with_ctx.argtypes = [vp, vp, ctypes.c_int]
+        if hasattr(c, "ggml_cpu_init"):
+            c.ggml_cpu_init()
+
+    def _run(self, build, inputs: list[tuple[int, tuple[int, ...], np.ndarray]], out_shape, threads=2):
+        """`inputs`: (ggml type, ggml ne, data); `build(ctx, tensors)` returns the result tensor."""
+        b = self.base
+        size = sum(a.nbytes for _, _, a in inputs) * 2 + int(np.prod(out_shape)) * 8 + (64 << 20)
+        ctx = b.ggml_init(self._params(size, None, False))
+        try:
+            ts = []
+            for gtype, ne, data in inputs:
+                t = getattr(b, f"ggml_new_tensor_{len(ne)}d")(ctx, gtype, *ne)
+                data = np.ascontiguousarray(data)
+                ctypes.memmove(b.ggml_get_data(t), data.ctypes.data, data.nbytes)
+                ts.append(t)
+            res = build(ctx, ts)
+            graph = b.ggml_new_graph(ctx)
+            b.ggml_build_forward_expand(graph, res)
+            self.cpu.ggml_graph_compute_with_ctx(ctx, graph, threads)
+            out = np.empty(out_shape, np.float32)
+            ctypes.memmove(out.ctypes.data, b.ggml_get_data(res), out.nbytes)
+            return out
+        finally:
+            b.ggml_free(ctx)
+
+    def mul_mat(self, w: np.ndarray, wtype: GGMLQuantizationType, k: int, x: np.ndarray) -> np.ndarray:
+        """x (n, k) float32 times W (rows, k) stored as ggml blocks of `wtype`: (n, rows)."""
+        rows, n = w.shape[0], x.shape[0]
+        return self._run(lambda ctx, t: self.base.ggml_mul_mat(ctx, t[0], t[1]),
+                         [(int(wtype), (k, rows), w), (0, (k, n), x.astype(np.float32))], (n, rows))
+
+    def flash_attn(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
+        """Causal attention of q (T, n_head, d) float32 over F16 k, v (T, n_head_kv, d) from
+        position 0, as llama.cpp calls ggml_flash_attn_ext; (T, n_head, d)."""
+        T, hq, d = q.shape
+        hkv = k.shape[1]
+        n_kv = -(-T // 256) * 256
+        t_pad = -(-T // 64) * 64
+        kk = np.zeros((hkv, n_kv, d), np.float16)
+        vv = np.zeros((hkv, n_kv, d), np.float16)
+        kk[:, :T], vv[:, :T] = k.transpose(1, 0, 2), v.transpose(1, 0, 2)
+        mask = np.full((t_pad, n_kv), -np.inf, np.float32)
+        mask[np.tril_indices(T)] = 0
+        return self._run(
+            lambda ctx, t: self.base.ggml_flash_attn_ext(ctx, *t, scale, 0.0, 0.0),
+            [(0, (d, T, hq), q.transpose(1, 0, 2)), (self.F16, (d, n_kv, hkv), kk),
+             (self.F16, (d, n_kv, hkv), vv), (self.F16, (n_kv, t_pad), mask.astype(np.float16))],
+            (T, hq, d))
+
+    def rope(self, x: np.ndarray, n_rot: int, neox: bool, base: float) -> np.ndarray:
+        """ggml_rope_ext of x (T, heads, d) at positions 0..T-1 (no scaling)."""
+        T, h, d = x.shape
+        return self._run(
+            lambda ctx, t: self.base.ggml_rope_ext(ctx, t[0], t[1], None, n_rot, 2 if neox else 0, 0,
+                                                   base, 1.0, 0.0, 1.0, 32.0, 1.0),
+            [(0, (d, h, T), x), (self.I32, (T,), np.arange(T, dtype=np.int32))], (T, h, d))

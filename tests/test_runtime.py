@@ -154,3 +154,80 @@ def test_activation_rounding_is_the_vec_dot_type_roundtrip(wtype):
     want = kquant.dequantize(kquant.quantize(x, codec), codec).reshape(x.shape)
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(round_activations(x, t, _NumpyStandIn()), want)
+
+
+# --- single operations against ggml's CPU backend (libggml-cpu through ctypes) --------------
+
+@pytest.fixture(scope="module")
+def ggml_cpu():
+    from kquant.reference import GGMLCompute
+
+    try:
+        return GGMLCompute()
+    except (FileNotFoundError, OSError) as e:
+        pytest.skip(f"ggml's CPU backend not available: {e}")
+
+
+@pytest.mark.parametrize("wtype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0",
+                                   "Q5_1", "Q8_0", "F16", "BF16"])
+def test_products_match_ggml_mul_mat(ggml_cpu, wtype):
+    """Rounded activations times dequantized weights (+ the Q8_1 block-sum term) is ggml's
+    quantized product up to float32 summation order, for 1 token (vec_dot), 8 (the tiled K-quant
+    kernels) and 64 (llamafile's sgemm)."""
+    import kquant
+    from gguf import GGMLQuantizationType as T
+
+    from kquant.runtime.activations import block_mins, min_term_correction, round_activations
+
+    t = T[wtype]
+    rng = np.random.default_rng(7)
+    rows, k = 128, 576 if t not in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K) else 512
+    w = rng.standard_normal((rows, k)).astype(np.float32)
+    wq = kquant.quantize(w, t)
+    wd = kquant.dequantize(wq, t).reshape(rows, k)
+    for n in (1, 8, 64):
+        x = rng.standard_normal((n, k)).astype(np.float32)
+        ours = round_activations(x, t) @ wd.T
+        if t in (T.Q4_1, T.Q5_1):
+            ours += min_term_correction(x, t) @ block_mins(wq, t, rows).T
+        ref = ggml_cpu.mul_mat(wq, t, k, x)
+        assert rel_error(ours, ref) < 2e-6, (n, rel_error(ours, ref))
+
+
+def test_flash_attention_is_ggmls_bit_for_bit(ggml_cpu):
+    from kquant.runtime.kernels import flash_attention
+
+    rng = np.random.default_rng(8)
+    T, hq, hkv, d = 200, 6, 2, 64
+    q = rng.standard_normal((T, hq, d)).astype(np.float32)
+    k = rng.standard_normal((T, hkv, d)).astype(np.float16)
+    v = rng.standard_normal((T, hkv, d)).astype(np.float16)
+    scale = np.float32(1) / np.sqrt(np.float32(d))
+    ours = np.empty_like(q)
+    flash_attention(q, np.ascontiguousarray(k.astype(np.float32).transpose(1, 2, 0)),
+                    np.ascontiguousarray(v.astype(np.float32).transpose(1, 0, 2)), 0, scale, hq // hkv, ours)
+    np.testing.assert_array_equal(ours, ggml_cpu.flash_attn(q, k, v, float(scale)))
+
+
+@pytest.mark.parametrize("neox, base", [(False, 10000.0), (True, 1000000.0)])
+def test_rope_is_ggmls_bit_for_bit(ggml_cpu, neox, base):
+    from kquant.runtime.forward import Transformer
+    from kquant.runtime.kernels import rope_inplace
+
+    T, h, d = 300, 3, 64
+    x = np.random.default_rng(9).standard_normal((T, h, d)).astype(np.float32)
+
+    class Model:  # just what the table builder reads
+        xp = np
+        _rope_cache = (0, None, None)
+
+        class config:
+            n_rot, rope_base, rope_freq_scale, rope_neox = d, base, 1.0, neox
+
+        class weights:
+            rope_freqs = None
+
+    cos, sin = Transformer._rope_tables(Model(), T)
+    ours = x.copy()
+    rope_inplace(ours, np.arange(T), cos, sin, d, neox)
+    np.testing.assert_array_equal(ours, ggml_cpu.rope(x, d, neox, base))

@@ -124,3 +124,54 @@ def round_activations(x: Any, weight_type: T, xp: Any = np) -> Any:
     out = np.empty_like(x)
     (_round_q8_k if vt == T.Q8_K else _round_q8_0)(x, out)
     return out
+
+
+@njit(parallel=True, cache=True)
+def _q8_1_sum_error(x, out):
+    """Per 32 values: fp16(d * sum(q)) - fp16(d) * sum(q), the part of Q8_1's stored block sum s
+    (quantize_row_q8_1, x86) that the dequantized values do not carry."""
+    rows, n = x.shape
+    nb = n // 32
+    for r in prange(rows * nb):
+        i, b = r // nb, r % nb
+        blk = x[i, b * 32:(b + 1) * 32]
+        amax = F32(0.0)
+        for j in range(32):
+            amax = max(amax, abs(blk[j]))
+        d = amax / F32(127.0)
+        inv = F32(127.0) / amax if amax != F32(0.0) else F32(0.0)
+        total = 0
+        for j in range(32):
+            total += int(np.rint(blk[j] * inv))
+        s = F32(total)
+        out[i, b] = fp16_to_fp32(fp32_to_fp16(d * s)) - fp16_to_fp32(fp32_to_fp16(d)) * s
+
+
+def min_term_correction(x: Any, weight_type: T, xp: Any = np) -> Any:
+    """For Q4_1/Q5_1 weights, ggml adds each block's min times the activation block sum s that
+    Q8_1 stores as fp16(d * sum(q)) (ggml_vec_dot_q4_1_q8_1: summs += m * s), not the sum of the
+    rounded values. Returns the per-block differences (rows, k / 32); the caller adds
+    differences @ mins.T to the product. None for other types."""
+    if weight_type not in (T.Q4_1, T.Q5_1):
+        return None
+    if xp is not np:
+        rows, n = x.shape
+        b = x.reshape(rows, n // 32, 32)
+        amax = xp.abs(b).max(axis=-1)
+        d = amax / F32(127.0)
+        inv = xp.where(amax != 0, F32(127.0) / xp.where(amax == 0, F32(1.0), amax), F32(0.0))
+        s = xp.rint(b * inv[..., None]).sum(axis=-1).astype(F32)
+        f16 = lambda v: v.astype(xp.float16).astype(F32)  # noqa: E731
+        return f16(d * s) - f16(d) * s
+    x = np.ascontiguousarray(x, dtype=F32)
+    out = np.empty((x.shape[0], x.shape[1] // 32), F32)
+    _q8_1_sum_error(x, out)
+    return out
+
+
+def block_mins(raw: np.ndarray, weight_type: T, rows: int) -> np.ndarray:
+    """The fp16 min `m` of every block of Q4_1/Q5_1 weights, (rows, k / 32) float32: bytes 2-3
+    of each 20-byte (Q4_1) or 24-byte (Q5_1) block."""
+    size = 20 if weight_type == T.Q4_1 else 24
+    blocks = np.ascontiguousarray(raw).view(np.uint8).reshape(rows, -1, size)
+    return np.ascontiguousarray(blocks[:, :, 2:4]).view(np.float16)[..., 0].astype(F32)

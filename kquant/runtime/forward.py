@@ -32,8 +32,8 @@ from gguf import GGMLQuantizationType as T
 from ..source import ModelError, ModelSource
 from .config import ModelConfig, read_config
 from .device import array_module
-from .activations import round_activations, vec_dot_type
-from .kernels import rope_inplace, softmax_causal, swiglu
+from .activations import min_term_correction, round_activations, vec_dot_type
+from .kernels import flash_attention, rope_inplace, rope_table, swiglu
 from .weights import Layer, Weights, load_weights
 
 Observer = Callable[[str, Any], None]
@@ -45,13 +45,14 @@ _QUERY_BLOCK = 128
 
 
 class KVCache:
-    """Keys and values of one sequence, per layer: (n_head_kv, n_ctx, head_dim) float32 arrays
-    holding float16-rounded values, and the number of positions filled."""
+    """Keys and values of one sequence, per layer, float32 arrays holding float16-rounded values:
+    keys (n_head_kv, head_dim, n_ctx), transposed so that a dimension's values over consecutive
+    keys are contiguous (the attention kernel vectorises over keys), values (n_head_kv, n_ctx,
+    head_dim); and the number of positions filled."""
 
     def __init__(self, config: ModelConfig, n_ctx: int, xp: Any = np):
-        shape = (config.n_head_kv, n_ctx, config.head_dim)
-        self.k = [xp.empty(shape, F32) for _ in range(config.n_layer)]
-        self.v = [xp.empty(shape, F32) for _ in range(config.n_layer)]
+        self.k = [xp.zeros((config.n_head_kv, config.head_dim, n_ctx), F32) for _ in range(config.n_layer)]
+        self.v = [xp.zeros((config.n_head_kv, n_ctx, config.head_dim), F32) for _ in range(config.n_layer)]
         self.n_ctx = n_ctx
         self.n = 0
 
@@ -112,10 +113,10 @@ class Transformer:
         if self.weights.rope_freqs is not None:
             table = table / self.weights.rope_freqs[:half].astype(F32)
         table = table * F32(c.rope_freq_scale)
-        # in double, then rounded: the correctly rounded values glibc's cosf/sinf give (numpy's
-        # float32 SIMD versions are 1 ulp off for ~9% of these arguments)
-        table = table.astype(np.float64)
-        cos, sin = self.xp.asarray(np.cos(table).astype(F32)), self.xp.asarray(np.sin(table).astype(F32))
+        # libm's cosf/sinf, as ggml calls them (numpy's float32 SIMD versions differ in the last
+        # bit for ~9% of these arguments, and even correctly rounded ones for ~1%)
+        cos, sin = rope_table(table)
+        cos, sin = self.xp.asarray(cos), self.xp.asarray(sin)
         self._rope_cache = (n_pos, cos, sin)
         return cos, sin
 
@@ -139,28 +140,29 @@ class Transformer:
 
     def _attention(self, q: Any, seg_k: Any, seg_v: Any, n0: int) -> Any:
         """Causal GQA attention of one segment's queries q (T, n_head, d) at positions n0.. over
-        the keys/values (n_head_kv, n0 + T, d) of its sequence; returns (T, n_head * d)."""
+        the keys (n_head_kv, d, n0 + T) and values (n_head_kv, n0 + T, d) of its sequence;
+        returns (T, n_head * d). On the CPU, ggml's flash attention order (bit for bit on the
+        same inputs); on a GPU, matrix products by query blocks."""
         xp, c = self.xp, self.config
         T = q.shape[0]
+        scale = F32(1.0) / np.sqrt(F32(c.head_dim))  # 1.0f/sqrtf(n_embd_head), in float
+        if xp is np:
+            out = np.empty((T, c.n_head, c.head_dim), F32)
+            flash_attention(np.ascontiguousarray(q), seg_k, seg_v, n0, scale, c.n_rep, out)
+            return out.reshape(T, c.n_head * c.head_dim)
         qh = xp.ascontiguousarray(q.reshape(T, c.n_head_kv, c.n_rep, c.head_dim).transpose(1, 2, 0, 3))
         out = xp.empty((c.n_head_kv, c.n_rep, T, c.head_dim), F32)
-        scale = F32(1.0 / np.sqrt(np.float32(c.head_dim)))
         for a in range(0, T, _QUERY_BLOCK):
             b = min(T, a + _QUERY_BLOCK)
             S = n0 + b  # keys visible to the last query of the block
-            rows = c.n_head_kv * c.n_rep * (b - a)
             qb = qh[:, :, a:b].reshape(c.n_head_kv, c.n_rep * (b - a), c.head_dim)
-            s = xp.matmul(qb, seg_k[:, :S].transpose(0, 2, 1))
+            s = xp.matmul(qb, seg_k[:, :, :S]) * scale
             # the query at position n0 + t sees keys 0 .. n0 + t
             visible = n0 + np.arange(a, b) + 1
-            if xp is np:
-                total = softmax_causal(s.reshape(rows, S), scale, np.tile(visible, rows // (b - a)))
-            else:
-                s *= scale
-                s[:, xp.arange(S)[None, :] >= xp.asarray(np.tile(visible, c.n_rep))[:, None]] = -np.inf
-                s -= s.max(axis=-1, keepdims=True)
-                xp.exp(s, out=s)
-                total = s.sum(axis=-1, dtype=np.float64).astype(F32)
+            s[:, xp.arange(S)[None, :] >= xp.asarray(np.tile(visible, c.n_rep))[:, None]] = -np.inf
+            s -= s.max(axis=-1, keepdims=True)
+            xp.exp(s, out=s)
+            total = s.sum(axis=-1, dtype=np.float64).astype(F32)
             o = xp.matmul(s, seg_v[:, :S]).reshape(c.n_head_kv, c.n_rep, b - a, c.head_dim)
             out[:, :, a:b] = o / total.reshape(c.n_head_kv, c.n_rep, b - a, 1)
         return out.transpose(2, 0, 1, 3).reshape(T, c.n_head * c.head_dim)
@@ -172,6 +174,7 @@ class Transformer:
         if observe is not None:
             observe(name, x)
         qtype = self.weights.types.get(name, T.F32)
+        src_x = x
         if qtype != T.F32:
             vt = vec_dot_type(qtype)
             src, have, rounded = self._rounded
@@ -180,6 +183,8 @@ class Transformer:
                 self._rounded = (x, vt, rounded)  # holding x keeps the identity test sound
             x = rounded
         y = x @ w.T
+        if name in self.weights.mins:
+            y += min_term_correction(src_x, qtype, self.xp) @ self.weights.mins[name].T
         if b is not None:
             y += b
         return y
@@ -206,7 +211,7 @@ class Transformer:
         r = 0
         for seg in segments:
             T, n0, cache = len(seg.tokens), seg.cache.n, seg.cache
-            cache.k[il][:, n0:n0 + T] = k[r:r + T].transpose(1, 0, 2)
+            cache.k[il][:, :, n0:n0 + T] = k[r:r + T].transpose(1, 2, 0)
             cache.v[il][:, n0:n0 + T] = v[r:r + T].transpose(1, 0, 2)
             attn[r:r + T] = self._attention(q[r:r + T], cache.k[il], cache.v[il], n0)
             r += T

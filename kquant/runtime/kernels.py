@@ -8,8 +8,11 @@ CPU backend does.  On a GPU the same steps run as CuPy expressions (`forward.py`
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from ..codecs.bits import bits_f32, f32_bits
 
@@ -29,22 +32,34 @@ _G_BITS = np.int32(-0x7E000000)  # 0x82000000 as int32
 _S1_BITS = np.int32(0x7F000000)
 
 
+@intrinsic
+def fmaf(typingctx, a, b, c):
+    """a * b + c with one rounding (llvm.fma.f32: vfmadd with FMA3), as _mm256_fmadd_ps."""
+    if not (a == b == c == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fma(*args)
+    return types.float32(types.float32, types.float32, types.float32), codegen
+
+
 @njit(inline="always")
 def expf(x):
-    """ggml_v_expf (ggml-cpu/vec.h), one lane: exp(x) for float32 x."""
-    z = x * _LOG2E + _R
+    """ggml_v_expf (ggml-cpu/vec.h, the AVX2+FMA version), one lane: exp(x) for float32 x,
+    with the same fused multiply-adds, so it rounds as llama.cpp's softmax and SiLU do."""
+    z = fmaf(x, _LOG2E, _R)
     n = z - _R
-    b = (x - n * _LN2_HI) - n * _LN2_LO
+    b = fmaf(-n, _LN2_LO, fmaf(-n, _LN2_HI, x))
     e = np.int32(np.int64(f32_bits(z)) << 23)
     k = bits_f32(np.int32(e + _ONE_BITS))
     u = b * b
-    j = ((_P5 * b + _P4) * u + (_P3 * b + _P2)) * u + _P1 * b
-    fast = j * k + k
+    j = fmaf(fmaf(fmaf(_P5, b, _P4), u, fmaf(_P3, b, _P2)), u, _P1 * b)
+    fast = fmaf(j, k, k)
     an = abs(n)
     g = _G_BITS if n <= F32(0.0) else np.int32(0)
     s1 = bits_f32(np.int32(g + _S1_BITS))
     s2 = bits_f32(np.int32(e - g))
-    slow = s1 * s1 if an > F32(192.0) else (s2 * j + s2) * s1
+    slow = s1 * s1 if an > F32(192.0) else fmaf(s2, j, s2) * s1
     return fast if an <= F32(126.0) else slow
 
 
@@ -121,11 +136,24 @@ def accumulate_sumsq(accs, x):
                 accs[k][j0 + j] = local[k, j]
 
 
+@njit(cache=True)
+def rope_table(theta):
+    """cos and sin of float32 angles with libm's cosf/sinf, which ggml_rope_cache_init calls."""
+    cos = np.empty_like(theta)
+    sin = np.empty_like(theta)
+    for i in range(theta.shape[0]):
+        for j in range(theta.shape[1]):
+            cos[i, j] = math.cos(theta[i, j])
+            sin[i, j] = math.sin(theta[i, j])
+    return cos, sin
+
+
 @njit(parallel=True, cache=True)
 def rope_inplace(x, pos, cos, sin, n_rot, neox):
     """Rotate the first n_rot dims of every head of x (rows, heads, head_dim) by the angles of
     position pos[row] (tables cos/sin: (positions, n_rot / 2)): ggml_rope's NORM mode rotates
-    adjacent pairs (2i, 2i+1), NEOX mode the halves (i, i + n_rot/2)."""
+    adjacent pairs (2i, 2i+1), NEOX mode the halves (i, i + n_rot/2). The products are fused as
+    GCC compiles ggml's rotate_pairs (x0*cos - x1*sin -> fma(x0, cos, -(x1*sin))): bit-exact."""
     rows, heads, _ = x.shape
     half = n_rot // 2
     for r in prange(rows):
@@ -138,8 +166,8 @@ def rope_inplace(x, pos, cos, sin, n_rot, neox):
                 b = a + 1 if not neox else i + half
                 x0 = v[a]
                 x1 = v[b]
-                v[a] = x0 * c[i] - x1 * s[i]
-                v[b] = x0 * s[i] + x1 * c[i]
+                v[a] = fmaf(x0, c[i], -(x1 * s[i]))
+                v[b] = fmaf(x0, s[i], x1 * c[i])
 
 
 @njit(parallel=True, cache=True)
@@ -170,3 +198,65 @@ def _max(row, n):
     for j in range(n):
         m = max(m, row[j])
     return m
+
+
+FA_TILE = 64  # GGML_FA_TILE_KV (ggml-cpu/common.h): keys per tile of the online softmax
+
+
+@njit(parallel=True, cache=True)
+def flash_attention(q, kt, v, n0, scale, n_rep, out):
+    """Causal attention of queries q (T, n_head, d) at positions n0.. over keys kt (n_head_kv,
+    d, keys) and values v (n_head_kv, keys, d) into out (T, n_head, d), computed as ggml's CPU
+    flash attention (ops.cpp, ggml_compute_forward_flash_attn_ext_tiled) computes it: per tile
+    of 64 keys, scores as a fused multiply-add chain over d (simd_gemm), scaled, the running
+    maximum and sum updated with libm's expf, probabilities with ggml_v_expf and the tile sum
+    taken 8 lanes at a time as AVX2 does, values accumulated by fused multiply-adds over the
+    tile's keys, and the result scaled by 1/sum. Query head h reads KV head h // n_rep."""
+    T, n_head, d = q.shape
+    for th in prange(T * n_head):
+        t = th // n_head
+        h = th % n_head
+        kvh = h // n_rep
+        last = n0 + t  # the last key this query sees
+        m = F32(-np.inf)
+        s_sum = F32(0.0)
+        acc = np.zeros(d, np.float32)
+        sc = np.empty(FA_TILE, np.float32)
+        qv = q[t, h]
+        for ic in range(0, last + 1, FA_TILE):
+            w = min(FA_TILE, last + 1 - ic)
+            for j in range(FA_TILE):
+                sc[j] = F32(0.0)
+            for dk in range(d):
+                qd = qv[dk]
+                krow = kt[kvh, dk, ic:ic + w]
+                for j in range(w):
+                    sc[j] = fmaf(qd, krow[j], sc[j])
+            for j in range(w):
+                sc[j] *= scale
+            for j in range(w, FA_TILE):
+                sc[j] = F32(-np.inf)
+            tile_max = _max(sc, FA_TILE)
+            m_new = max(m, tile_max)
+            if m_new > m:
+                ms = F32(math.exp(m - m_new))
+                for i in range(d):
+                    acc[i] *= ms
+                s_sum *= ms
+            m = m_new
+            for j in range(FA_TILE):
+                sc[j] = expf(sc[j] - m)
+            total = 0.0
+            for g in range(0, FA_TILE, 8):
+                lo = (sc[g + 4] + sc[g]) + (sc[g + 6] + sc[g + 2])
+                hi = (sc[g + 5] + sc[g + 1]) + (sc[g + 7] + sc[g + 3])
+                total += float(lo + hi)
+            s_sum = F32(float(s_sum) + total)
+            for j in range(w):
+                p = sc[j]
+                vrow = v[kvh, ic + j]
+                for i in range(d):
+                    acc[i] = fmaf(p, vrow[i], acc[i])
+        inv = F32(1.0) / s_sum if s_sum != F32(0.0) else F32(0.0)
+        for i in range(d):
+            out[t, h, i] = acc[i] * inv

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from ..quants import dequantize
 from ..source import ModelError, ModelSource, SourceTensor
+from .activations import block_mins
 from .config import ModelConfig
 
 
@@ -47,6 +48,8 @@ class Weights:
     # each matrix's stored ggml type, by GGUF name: it decides how llama.cpp rounds the
     # activations multiplied with it (kquant.runtime.activations)
     types: dict[str, T]
+    # per-block mins of Q4_1/Q5_1 matrices, which ggml multiplies by Q8_1's fp16 block sums
+    mins: dict[str, Any]
 
 
 def tensor_f32(t: SourceTensor) -> np.ndarray:
@@ -113,8 +116,15 @@ def load_weights(source: ModelSource, config: ModelConfig, xp: Any = np, progres
     freqs = by_name.get("rope_freqs.weight")
     types = {t.name: t.type for t in source.tensors if len(t.shape) == 2}
     types.setdefault("output.weight", embd.type)
+    mins = {}
+    for name, qtype in types.items():
+        if qtype in (T.Q4_1, T.Q5_1):
+            t = by_name["token_embd.weight" if name not in by_name else name]
+            m = block_mins(t.load(), qtype, t.shape[1])
+            mins[name] = m if xp is np else xp.asarray(m)
     return Weights(
         types=types,
+        mins=mins,
         token_embd=token_embd,
         output_norm=get("output_norm.weight", (c.n_embd,)),
         output=output,
