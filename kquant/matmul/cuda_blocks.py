@@ -1,0 +1,396 @@
+"""Block decoders for the CUDA matmul kernels (kquant.matmul.cuda): one lane's share of a block.
+
+A row of ggml blocks is cut into *slices*: lane `s` (0 <= s < lanes) of block `blk` of row
+`row` (an unsigned integer) decodes
+`runs * run_len` values, `run_len` consecutive values starting at `run_start(s, r)` for each
+run r, into `vals[r * run_len + c]` as float32. The slices of one block cover it exactly,
+and slice ids `blk * lanes + s` taken in order cover the row 128 values at a time (the tiled
+kernel's chunk), so both kernels can share these decoders:
+
+    type        values/block  lanes  runs x len  a lane reads
+    Q2_K        256           16     4 x 4       one 32-bit word of qs, 2 words of scales
+    Q3_K        256           16     4 x 4       1 word of qs, 1 of hmask, 3 of scales
+    Q4_K/Q5_K   256           16     2 x 8       2 words of qs (+2 of qh), 3 of scales
+    Q6_K        256           16     4 x 4       2 words of ql, 1 of qh, 2 of scales
+    Q4_0..Q5_1  32            4      2 x 4       1 word of qs (+1 of qh)
+    Q8_0        32            4      2 x 4       2 words of qs
+    F32/F16/BF16 128          32     4x1 / 2x2   consecutive elements, lane-interleaved
+
+Lanes with consecutive `s` read consecutive bytes of the block, so a warp's loads coalesce.
+Each value is ggml's dequantized float32 (`dequantize_row_*`, same formula and operation
+order; on a GPU the compiler may fuse a multiply-add, which changes the last bit at most).
+
+Integers become floats without int-to-float conversions (a quarter-rate instruction on NVIDIA
+GPUs): a level 0 <= q < 2^23 OR-ed into the bits of 2^23 is the float 2^23 + q, and subtracting
+2^23 (+ the type's offset) gives q (- offset) exactly.
+
+Words are read through an integer view of the raw block bytes: uint32 for types whose blocks
+are a multiple of 4 bytes (Q2_K, Q4_K, Q5_K, Q4_1, Q5_1), uint16 pairs for the others (Q3_K,
+Q6_K, Q4_0, Q5_0, Q8_0, whose blocks are only 2-byte aligned), and the fp16 scales through a
+float16 view of the same bytes. Everything is widened to int64 before shifting, so Python's
+numpy scalars (the CUDA simulator) and Numba agree bit for bit; LLVM narrows the arithmetic
+back to 32 bits where it can.
+
+These are plain Python functions registered with `register_jitable`: importing this module
+needs no GPU and no numba.cuda; Numba compiles them for the kernels that call them, and the
+CUDA simulator (and the tests, directly) run them as Python.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import numpy as np
+from numba.extending import register_jitable
+
+
+def _dev(fn):
+    """A device helper: plain Python outside Numba, a device function inside a kernel.
+
+    NVVM inlines them all (the PTX has no calls and no local memory); inlining them at
+    Numba's IR level instead gives the same code, compiles 3-5x slower and trips a pedantic
+    Numba SSA warning on the conditional expressions."""
+    return register_jitable(inline="never")(fn)
+
+
+_F = np.float32
+_TWO23 = _F(8388608.0)          # 2^23
+_TWO23_4 = _F(8388612.0)        # 2^23 + 4   (Q3_K levels are q - 4)
+_TWO23_8 = _F(8388616.0)        # 2^23 + 8   (Q4_0)
+_TWO23_16 = _F(8388624.0)       # 2^23 + 16  (Q5_0)
+_TWO23_32 = _F(8388640.0)       # 2^23 + 32  (Q6_K levels, Q3_K scales)
+_TWO23_128 = _F(8388736.0)      # 2^23 + 128 (int8 stored with its sign bit flipped)
+_ZERO = _F(0.0)
+
+
+@_dev
+def _lvl(bits):
+    """The float 2^23 + bits, for an integer 0 <= bits < 2^23 (exact, no conversion)."""
+    return np.uint32(bits | 0x4B000000).view(np.float32)
+
+
+@_dev
+def _u(bits):
+    """float32(bits) for an integer 0 <= bits < 2^23, exactly."""
+    return _lvl(bits) - _TWO23
+
+
+# Indices are converted to unsigned before indexing: Numba then omits its negative-index
+# wraparound, which costs several 64-bit instructions per load on a GPU. `row` arrives as
+# an unsigned integer from the kernels.
+
+@_dev
+def _w16(q, row, i):
+    """The little-endian 32-bit word in uint16 elements i, i+1 of a row (as int64)."""
+    return np.int64(q[row, np.uint64(i)]) | (np.int64(q[row, np.uint64(i + 1)]) << 16)
+
+
+@_dev
+def _w32(q, row, i):
+    return np.int64(q[row, np.uint64(i)])
+
+
+@_dev
+def _f16(h, row, i):
+    return np.float32(h[row, np.uint64(i)])
+
+
+# --- K-quants: 256 values, 16 lanes of 16 values -------------------------------------------
+
+@_dev
+def _start_2bit(s, r):
+    """Q2_K / Q3_K / Q6_K: lane s holds bytes 4(s&7).. of its 128-value half's planes."""
+    return 128 * (s >> 3) + 32 * r + 4 * (s & 7)
+
+
+@_dev
+def _start_4bit(s, r):
+    """Q4_K / Q5_K: lane s holds bytes 8s..8s+7 of qs: low nibbles, then high nibbles."""
+    return 64 * (s >> 2) + 32 * r + 8 * (s & 3)
+
+
+@_dev
+def deq_q2_k(q, h, row, blk, s, n, vals):
+    # block_q2_K: scales[16] @0, qs[64] @16, d @80, dmin @82; 21 uint32 words
+    o = blk * 21
+    d = _f16(h, row, blk * 42 + 40)
+    dmin = _f16(h, row, blk * 42 + 41)
+    w = _w32(q, row, o + 4 + s)              # qs bytes 32h + 16g + 4(s&3), h = s>>3, g = (s>>2)&1
+    hh = s >> 3
+    g = (s >> 2) & 1
+    sa = _w32(q, row, o + 2 * hh)            # scales of this half: bytes 8h .. 8h+3
+    sb = _w32(q, row, o + 2 * hh + 1)        # bytes 8h+4 .. 8h+7
+    for r in range(4):                       # shift plane r: sub-block 8h + 2r + g
+        sw = sa if r < 2 else sb
+        sc = (sw >> (8 * (2 * (r & 1) + g))) & 0xFF
+        dl = d * _u(sc & 0xF)
+        ml = dmin * _u(sc >> 4)
+        for c in range(4):
+            vals[4 * r + c] = dl * _u((w >> (8 * c + 2 * r)) & 3) - ml
+
+
+@_dev
+def deq_q3_k(q, h, row, blk, s, n, vals):
+    # block_q3_K: hmask[32] @0, qs[64] @32, scales[12] @96, d @108; 55 uint16
+    o = blk * 55
+    d = _f16(h, row, o + 54)
+    hh = s >> 3
+    g = (s >> 2) & 1
+    t = s & 7
+    w = _w16(q, row, o + 16 + 16 * hh + 2 * t)   # qs bytes 32h + 4t
+    m = _w16(q, row, o + 2 * t)                  # hmask bytes 4t (bit 4h + r is the high bit)
+    s0 = _w16(q, row, o + 48)                    # scales bytes 0-3
+    s1 = _w16(q, row, o + 50)                    # 4-7
+    s2 = _w16(q, row, o + 52)                    # 8-11
+    for r in range(4):                           # sub-block j = 8h + 2r + g
+        sh = 8 * (2 * (r & 1) + g)               # byte (2r+g) & 3 of s0 (r < 2) or s1
+        lo = ((s0 if r < 2 else s1) >> (sh + 4 * hh)) & 0xF
+        hi = (s2 >> (sh + 2 * (2 * hh + (r >> 1)))) & 3
+        dl = d * (_lvl(lo | (hi << 4)) - _TWO23_32)
+        for c in range(4):
+            low = (w >> (8 * c + 2 * r)) & 3
+            high = (m >> (8 * c + 4 * hh + r)) & 1
+            vals[4 * r + c] = dl * (_lvl(low | (high << 2)) - _TWO23_4)
+
+
+@_dev
+def _scale_min_k4(j, s0, s1, s2):
+    """ggml's get_scale_min_k4 from the 12 scale bytes held in three words."""
+    if j < 4:
+        return (s0 >> (8 * j)) & 63, (s1 >> (8 * j)) & 63
+    jj = j - 4
+    b = (s2 >> (8 * jj)) & 0xFF
+    sc = (b & 0xF) | (((s0 >> (8 * jj + 6)) & 3) << 4)
+    mn = (b >> 4) | (((s1 >> (8 * jj + 6)) & 3) << 4)
+    return sc, mn
+
+
+@_dev
+def deq_q4_k(q, h, row, blk, s, n, vals):
+    # block_q4_K: d @0, dmin @2, scales[12] @4, qs[128] @16; 36 uint32 words
+    o = blk * 36
+    d = _f16(h, row, blk * 72)
+    dmin = _f16(h, row, blk * 72 + 1)
+    s0 = _w32(q, row, o + 1)
+    s1 = _w32(q, row, o + 2)
+    s2 = _w32(q, row, o + 3)
+    j = s >> 2
+    sc, mn = _scale_min_k4(2 * j, s0, s1, s2)
+    d1 = d * _u(sc)
+    m1 = dmin * _u(mn)
+    sc, mn = _scale_min_k4(2 * j + 1, s0, s1, s2)
+    d2 = d * _u(sc)
+    m2 = dmin * _u(mn)
+    wa = _w32(q, row, o + 4 + 2 * s)
+    wb = _w32(q, row, o + 5 + 2 * s)
+    for c in range(4):
+        vals[c] = d1 * _u((wa >> (8 * c)) & 0xF) - m1
+        vals[4 + c] = d1 * _u((wb >> (8 * c)) & 0xF) - m1
+        vals[8 + c] = d2 * _u((wa >> (8 * c + 4)) & 0xF) - m2
+        vals[12 + c] = d2 * _u((wb >> (8 * c + 4)) & 0xF) - m2
+
+
+@_dev
+def deq_q5_k(q, h, row, blk, s, n, vals):
+    # block_q5_K: d @0, dmin @2, scales[12] @4, qh[32] @16, qs[128] @48; 44 uint32 words
+    o = blk * 44
+    d = _f16(h, row, blk * 88)
+    dmin = _f16(h, row, blk * 88 + 1)
+    s0 = _w32(q, row, o + 1)
+    s1 = _w32(q, row, o + 2)
+    s2 = _w32(q, row, o + 3)
+    j = s >> 2
+    sc, mn = _scale_min_k4(2 * j, s0, s1, s2)
+    d1 = d * _u(sc)
+    m1 = dmin * _u(mn)
+    sc, mn = _scale_min_k4(2 * j + 1, s0, s1, s2)
+    d2 = d * _u(sc)
+    m2 = dmin * _u(mn)
+    ha = _w32(q, row, o + 4 + 2 * (s & 3))     # qh bytes 8(s&3) .. +7: bit 2j / 2j+1
+    hb = _w32(q, row, o + 5 + 2 * (s & 3))
+    wa = _w32(q, row, o + 12 + 2 * s)
+    wb = _w32(q, row, o + 13 + 2 * s)
+    for c in range(4):
+        sh = 8 * c
+        lo = sh + 2 * j                         # qh bit of sub-block 2j for byte c
+        vals[c] = d1 * _u(((wa >> sh) & 0xF) | (((ha >> lo) & 1) << 4)) - m1
+        vals[4 + c] = d1 * _u(((wb >> sh) & 0xF) | (((hb >> lo) & 1) << 4)) - m1
+        vals[8 + c] = d2 * _u(((wa >> (sh + 4)) & 0xF) | (((ha >> (lo + 1)) & 1) << 4)) - m2
+        vals[12 + c] = d2 * _u(((wb >> (sh + 4)) & 0xF) | (((hb >> (lo + 1)) & 1) << 4)) - m2
+
+
+@_dev
+def deq_q6_k(q, h, row, blk, s, n, vals):
+    # block_q6_K: ql[128] @0, qh[64] @128, scales[16] (int8) @192, d @208; 105 uint16
+    o = blk * 105
+    d = _f16(h, row, o + 104)
+    hh = s >> 3
+    t = s & 7
+    sub = (s >> 2) & 1
+    qa = _w16(q, row, o + 32 * hh + 2 * t)        # ql bytes 64h + 4t      (planes 0 and 2)
+    qb = _w16(q, row, o + 32 * hh + 16 + 2 * t)   # ql bytes 64h + 32 + 4t (planes 1 and 3)
+    qh = _w16(q, row, o + 64 + 16 * hh + 2 * t)   # qh bytes 32h + 4t
+    sa = _w16(q, row, o + 96 + 4 * hh)            # scales bytes 8h .. 8h+3
+    sb = _w16(q, row, o + 98 + 4 * hh)            # 8h+4 .. 8h+7
+    for r in range(4):                            # plane r: scale sub + 2r
+        sw = sa if r < 2 else sb
+        b = (sw >> (8 * (2 * (r & 1) + sub))) & 0xFF
+        ds = d * (_lvl(b ^ 0x80) - _TWO23_128)    # d * (int8)scale, as ggml: (d * sc) * q
+        ql = qa if (r & 1) == 0 else qb
+        for c in range(4):
+            lv = ((ql >> (8 * c + 4 * (r >> 1))) & 0xF) | (((qh >> (8 * c + 2 * r)) & 3) << 4)
+            vals[4 * r + c] = ds * (_lvl(lv) - _TWO23_32)
+
+
+# --- legacy 32-value blocks: 4 lanes of 8 values ---------------------------------------------
+
+@_dev
+def _start_legacy(s, r):
+    """Q4_0/Q4_1/Q5_0/Q5_1: lane s holds qs bytes 4s..4s+3: values 4s.. and 16+4s.."""
+    return 4 * s + 16 * r
+
+
+@_dev
+def _start_q8_0(s, r):
+    return 8 * s + 4 * r
+
+
+@_dev
+def deq_q4_0(q, h, row, blk, s, n, vals):
+    # block_q4_0: d @0, qs[16] @2; 9 uint16
+    o = blk * 9
+    d = _f16(h, row, o)
+    w = _w16(q, row, o + 1 + 2 * s)
+    for c in range(4):
+        vals[c] = (_lvl((w >> (8 * c)) & 0xF) - _TWO23_8) * d
+        vals[4 + c] = (_lvl((w >> (8 * c + 4)) & 0xF) - _TWO23_8) * d
+
+
+@_dev
+def deq_q4_1(q, h, row, blk, s, n, vals):
+    # block_q4_1: d @0, m @2, qs[16] @4; 5 uint32 words
+    d = _f16(h, row, blk * 10)
+    m = _f16(h, row, blk * 10 + 1)
+    w = _w32(q, row, blk * 5 + 1 + s)
+    for c in range(4):
+        vals[c] = _u((w >> (8 * c)) & 0xF) * d + m
+        vals[4 + c] = _u((w >> (8 * c + 4)) & 0xF) * d + m
+
+
+@_dev
+def deq_q5_0(q, h, row, blk, s, n, vals):
+    # block_q5_0: d @0, qh[4] @2, qs[16] @6; 11 uint16
+    o = blk * 11
+    d = _f16(h, row, o)
+    qh = _w16(q, row, o + 1)
+    w = _w16(q, row, o + 3 + 2 * s)
+    for c in range(4):
+        j = 4 * s + c
+        x0 = ((w >> (8 * c)) & 0xF) | (((qh >> j) & 1) << 4)
+        x1 = ((w >> (8 * c + 4)) & 0xF) | (((qh >> (j + 16)) & 1) << 4)
+        vals[c] = (_lvl(x0) - _TWO23_16) * d
+        vals[4 + c] = (_lvl(x1) - _TWO23_16) * d
+
+
+@_dev
+def deq_q5_1(q, h, row, blk, s, n, vals):
+    # block_q5_1: d @0, m @2, qh[4] @4, qs[16] @8; 6 uint32 words
+    d = _f16(h, row, blk * 12)
+    m = _f16(h, row, blk * 12 + 1)
+    qh = _w32(q, row, blk * 6 + 1)
+    w = _w32(q, row, blk * 6 + 2 + s)
+    for c in range(4):
+        j = 4 * s + c
+        x0 = ((w >> (8 * c)) & 0xF) | (((qh >> j) & 1) << 4)
+        x1 = ((w >> (8 * c + 4)) & 0xF) | (((qh >> (j + 16)) & 1) << 4)
+        vals[c] = _u(x0) * d + m
+        vals[4 + c] = _u(x1) * d + m
+
+
+@_dev
+def deq_q8_0(q, h, row, blk, s, n, vals):
+    # block_q8_0: d @0, qs[32] (int8) @2; 17 uint16
+    o = blk * 17
+    d = _f16(h, row, o)
+    for r in range(2):
+        w = _w16(q, row, o + 1 + 4 * s + 2 * r)
+        for c in range(4):
+            vals[4 * r + c] = (_lvl(((w >> (8 * c)) & 0xFF) ^ 0x80) - _TWO23_128) * d
+
+
+# --- unquantized rows: virtual blocks of 128 values, 32 lanes ---------------------------------
+# Rows of these types may have any length: values past the row's end decode as 0.
+
+@_dev
+def _start_f32(s, r):
+    return 32 * r + s
+
+
+@_dev
+def _start_half(s, r):
+    return 64 * r + 2 * s
+
+
+@_dev
+def deq_f32(q, h, row, blk, s, n, vals):
+    for r in range(4):
+        p = blk * 128 + 32 * r + s
+        vals[r] = q[row, np.uint64(p)] if p < n else _ZERO
+
+
+@_dev
+def deq_f16(q, h, row, blk, s, n, vals):
+    for r in range(2):
+        for c in range(2):
+            p = blk * 128 + 64 * r + 2 * s + c
+            vals[2 * r + c] = _f16(h, row, p) if p < n else _ZERO
+
+
+@_dev
+def deq_bf16(q, h, row, blk, s, n, vals):
+    for r in range(2):
+        for c in range(2):
+            p = blk * 128 + 64 * r + 2 * s + c
+            vals[2 * r + c] = (np.uint32(np.int64(q[row, np.uint64(p)]) << 16).view(np.float32)
+                               if p < n else _ZERO)
+
+
+class Family(NamedTuple):
+    """How one ggml type is sliced across lanes, and the device functions that decode it."""
+    name: str
+    qk: int                 # values per (virtual) block
+    block_bytes: int        # bytes per block (per value for the float types)
+    lanes: int              # lanes per block
+    runs: int
+    run_len: int
+    view: str               # dtype of the integer view `q`: "u32", "u16" or "f32"
+    deq: Callable
+    run_start: Callable
+    tail: bool = False      # rows need not be whole blocks (the float types)
+
+    @property
+    def vals(self) -> int:
+        return self.runs * self.run_len
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("Q2_K", 256, 84, 16, 4, 4, "u32", deq_q2_k, _start_2bit),
+    Family("Q3_K", 256, 110, 16, 4, 4, "u16", deq_q3_k, _start_2bit),
+    Family("Q4_K", 256, 144, 16, 2, 8, "u32", deq_q4_k, _start_4bit),
+    Family("Q5_K", 256, 176, 16, 2, 8, "u32", deq_q5_k, _start_4bit),
+    Family("Q6_K", 256, 210, 16, 4, 4, "u16", deq_q6_k, _start_2bit),
+    Family("Q4_0", 32, 18, 4, 2, 4, "u16", deq_q4_0, _start_legacy),
+    Family("Q4_1", 32, 20, 4, 2, 4, "u32", deq_q4_1, _start_legacy),
+    Family("Q5_0", 32, 22, 4, 2, 4, "u16", deq_q5_0, _start_legacy),
+    Family("Q5_1", 32, 24, 4, 2, 4, "u32", deq_q5_1, _start_legacy),
+    Family("Q8_0", 32, 34, 4, 2, 4, "u16", deq_q8_0, _start_q8_0),
+    Family("F32", 128, 4, 32, 4, 1, "f32", deq_f32, _start_f32, tail=True),
+    Family("F16", 128, 2, 32, 2, 2, "u16", deq_f16, _start_half, tail=True),
+    Family("BF16", 128, 2, 32, 2, 2, "u16", deq_bf16, _start_half, tail=True),
+)}
+
+#: values per chunk of the tiled kernel; every family's slices tile it exactly
+CHUNK = 128
+for _f in FAMILIES.values():
+    assert _f.lanes * _f.vals == _f.qk and CHUNK % _f.vals == 0
+    assert _f.qk % CHUNK == 0 or CHUNK % _f.qk == 0
+del _f
