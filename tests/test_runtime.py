@@ -231,3 +231,26 @@ def test_rope_is_ggmls_bit_for_bit(ggml_cpu, neox, base):
     ours = x.copy()
     rope_inplace(ours, np.arange(T), cos, sin, d, neox)
     np.testing.assert_array_equal(ours, ggml_cpu.rope(x, d, neox, base))
+
+
+def test_generation_steps_read_the_quantized_blocks(tiny_llama_f32, tmp_path):
+    """A few tokens go through kquant.matmul's block kernels (ggml's vec_dot arithmetic) instead
+    of the dequantized float32 copy: the same logits as the batched BLAS path, to the float
+    order of the products (both round activations as ggml does)."""
+    from kquant import QuantizeOptions, quantize_model
+    from kquant.mixes import parse_ftype
+
+    q = tmp_path / "tiny-q4_k_m.gguf"
+    quantize_model(tiny_llama_f32, q, parse_ftype("Q4_K_M"), QuantizeOptions(), progress=False)
+    model = load_model(q, progress=False)
+    assert "blk.0.attn_q.weight" in model.weights.blocks
+    toks = tokens_for(model.config.n_vocab, 1, 4)
+    step = model.forward([Segment(toks, model.new_cache(64))])  # 1 token: block kernels
+    import kquant.runtime.forward as F
+
+    saved, F._BLOCK_KERNEL_TOKENS = F._BLOCK_KERNEL_TOKENS, 0
+    try:
+        batched = model.forward([Segment(toks, model.new_cache(64))])  # dequantized + BLAS
+    finally:
+        F._BLOCK_KERNEL_TOKENS = saved
+    assert rel_error(step, batched) < 1e-4

@@ -22,6 +22,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..source import ModelError
+from . import run_command
 
 F32 = np.float32
 
@@ -122,51 +123,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    try:
-        from ..runtime import Transformer, open_source, resolve_device, set_threads
-        from ..tokenizer import Tokenizer
+    return run_command("kquant-generate", lambda: _run(ns), "interrupted")
 
-        if ns.temp > 0 and not 0 < ns.top_p <= 1:
-            raise ModelError("--top-p must be in (0, 1]")
-        device = resolve_device(ns.device)
-        set_threads(ns.threads)
-        source = open_source(ns.model)
-        tokenizer = Tokenizer.from_source(source)
-        prompt = tokenizer.tokenize(ns.prompt, add_special=True, parse_special=True)
-        model = Transformer(source, device, progress=False)
-        n_ctx = ns.ctx_size if ns.ctx_size > 0 else None
-        sampler = Sampler(ns.temp, ns.top_k, ns.top_p, ns.min_p, ns.seed)
-        out = sys.stdout.buffer
-        if not ns.no_display_prompt:
-            out.write(ns.prompt.encode("utf-8", "surrogateescape"))
-            out.flush()
-        t0 = time.perf_counter()
-        t_first = None
-        n = 0
-        for tok in generate(model, prompt, ns.n_predict, sampler, n_ctx, tokenizer.eog_ids):
-            if t_first is None:
-                t_first = time.perf_counter()
-            out.write(tokenizer.token_to_piece(tok))
-            out.flush()
-            n += 1
-        t1 = time.perf_counter()
-        out.write(b"\n")
+
+def _run(ns: argparse.Namespace) -> int:
+    from ..runtime import Transformer, open_source, resolve_device, set_threads
+    from ..tokenizer import Tokenizer
+
+    if ns.temp > 0 and not 0 < ns.top_p <= 1:
+        raise ModelError("--top-p must be in (0, 1]")
+    device = resolve_device(ns.device)
+    set_threads(ns.threads)
+    source = open_source(ns.model)
+    tokenizer = Tokenizer.from_source(source)
+    prompt = tokenizer.tokenize(ns.prompt, add_special=True, parse_special=True)
+    model = Transformer(source, device, progress=False)
+    n_ctx = ns.ctx_size if ns.ctx_size > 0 else None
+    sampler = Sampler(ns.temp, ns.top_k, ns.top_p, ns.min_p, ns.seed)
+    out = sys.stdout.buffer
+    if not ns.no_display_prompt:
+        out.write(ns.prompt.encode("utf-8", "surrogateescape"))
         out.flush()
-        t_first = t_first or t1
-        gen = f", {n - 1} more in {t1 - t_first:.2f} s ({(n - 1) / max(t1 - t_first, 1e-9):.1f} tokens/s)" if n > 1 else ""
-        print(f"kquant-generate: prompt {len(prompt)} tokens, first token after {t_first - t0:.2f} s{gen}",
-              file=sys.stderr)
-        return 0
-    except ModelError as e:
-        print(f"kquant-generate: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        where = f": {e.filename}" if e.filename else ""
-        print(f"kquant-generate: error: {e.strerror or e}{where}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\nkquant-generate: interrupted", file=sys.stderr)
-        return 130
+    t0 = time.perf_counter()
+    t_first = None
+    n = 0
+    for tok in generate(model, prompt, ns.n_predict, sampler, n_ctx, tokenizer.eog_ids):
+        if t_first is None:
+            t_first = time.perf_counter()
+        out.write(tokenizer.token_to_piece(tok))
+        out.flush()
+        n += 1
+    t1 = time.perf_counter()
+    out.write(b"\n")
+    out.flush()
+    t_first = t_first or t1
+    gen = f", {n - 1} more in {t1 - t_first:.2f} s ({(n - 1) / max(t1 - t_first, 1e-9):.1f} tokens/s)" if n > 1 else ""
+    print(f"kquant-generate: prompt {len(prompt)} tokens, first token after {t_first - t0:.2f} s{gen}",
+          file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from ..source import ModelError
+from . import run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,19 +69,22 @@ class _Stdout:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    out = None
-    try:
-        from ..perplexity import KLDivergenceResult, PerplexityParams, run_perplexity
+    return run_command("kquant-perplexity", lambda: _run(ns), "interrupted; no logits file written")
 
-        if not ns.model:
-            raise ModelError("no model: give -m MODEL")
-        if not ns.kl_divergence and not ns.file:
-            raise ModelError("no text: give -f TEXT (or --kl-divergence with --kl-divergence-base F)")
-        params = PerplexityParams(n_ctx=ns.ctx_size, n_batch=ns.batch_size, n_chunks=ns.chunks,
-                                  ppl_stride=ns.ppl_stride, ppl_output_type=ns.ppl_output_type,
-                                  logits_file=ns.logits_file or "", kl_divergence=ns.kl_divergence)
-        progress = not ns.no_progress and sys.stderr.isatty()
-        out = _Stdout(hold=progress and sys.stdout.isatty())
+
+def _run(ns: argparse.Namespace) -> int:
+    from ..perplexity import KLDivergenceResult, PerplexityParams, run_perplexity
+
+    if not ns.model:
+        raise ModelError("no model: give -m MODEL")
+    if not ns.kl_divergence and not ns.file:
+        raise ModelError("no text: give -f TEXT (or --kl-divergence with --kl-divergence-base F)")
+    params = PerplexityParams(n_ctx=ns.ctx_size, n_batch=ns.batch_size, n_chunks=ns.chunks,
+                              ppl_stride=ns.ppl_stride, ppl_output_type=ns.ppl_output_type,
+                              logits_file=ns.logits_file or "", kl_divergence=ns.kl_divergence)
+    progress = not ns.no_progress and sys.stderr.isatty()
+    out = _Stdout(hold=progress and sys.stdout.isatty())
+    try:  # lines held back for the progress bar are printed even on an error
         t0 = time.perf_counter()
         result = run_perplexity(ns.model, ns.file, params, device=ns.device, n_threads=ns.threads,
                                 progress=progress, emit=out)
@@ -104,18 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kquant-perplexity: {result.n_chunks} chunks x {result.n_ctx} tokens in {result.seconds:.1f} s "
               f"({rate:.0f} tokens/s), PPL {result.ppl:.4f}{saved}, {time.perf_counter() - t0:.1f} s in all")
         return 0
-    except ModelError as e:
-        if out is not None:
-            out.flush()
-        print(f"kquant-perplexity: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        where = f": {e.filename}" if e.filename else ""
-        print(f"kquant-perplexity: error: {e.strerror or e}{where}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("kquant-perplexity: interrupted", file=sys.stderr)
-        return 130
+    finally:
+        out.flush()
 
 
 if __name__ == "__main__":

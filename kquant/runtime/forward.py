@@ -32,6 +32,7 @@ from gguf import GGMLQuantizationType as T
 from ..source import ModelError, ModelSource
 from .config import ModelConfig, read_config
 from .device import array_module
+from ..matmul import matmul as block_matmul
 from .activations import min_term_correction, round_activations, vec_dot_type
 from .kernels import flash_attention, rope_inplace, rope_table, swiglu
 from .weights import Layer, Weights, load_weights
@@ -42,6 +43,9 @@ F32 = np.float32
 # queries are processed in blocks so that causal attention skips the keys no query of the block
 # can see (half of the score matrix); the result is exactly the same as one full block
 _QUERY_BLOCK = 128
+# up to this many tokens, quantized products run on the blocks themselves (memory-bound: 4-8x
+# fewer bytes than the dequantized float32 matrix); above, dequantized float32 BLAS is faster
+_BLOCK_KERNEL_TOKENS = 4
 
 
 class KVCache:
@@ -174,6 +178,10 @@ class Transformer:
         if observe is not None:
             observe(name, x)
         qtype = self.weights.types.get(name, T.F32)
+        if self.xp is np and x.shape[0] <= _BLOCK_KERNEL_TOKENS and name in self.weights.blocks:
+            # a token or a few (generation): read the quantized blocks, not the float32 copy
+            y = block_matmul(self.weights.blocks[name], qtype, np.ascontiguousarray(x, dtype=F32))
+            return y + b if b is not None else y
         src_x = x
         if qtype != T.F32:
             vt = vec_dot_type(qtype)

@@ -50,6 +50,9 @@ class Weights:
     types: dict[str, T]
     # per-block mins of Q4_1/Q5_1 matrices, which ggml multiplies by Q8_1's fp16 block sums
     mins: dict[str, Any]
+    # quantized matrices as stored (uint8 rows of blocks, a view of the file's memory map), for
+    # products over a few tokens straight from the blocks (kquant.matmul: ggml's vec_dot)
+    blocks: dict[str, np.ndarray]
 
 
 def tensor_f32(t: SourceTensor) -> np.ndarray:
@@ -116,8 +119,11 @@ def load_weights(source: ModelSource, config: ModelConfig, xp: Any = np, progres
     freqs = by_name.get("rope_freqs.weight")
     types = {t.name: t.type for t in source.tensors if len(t.shape) == 2}
     types.setdefault("output.weight", embd.type)
-    mins = {}
+    mins, blocks = {}, {}
     for name, qtype in types.items():
+        if qtype not in (T.F32, T.F16, T.BF16):
+            t = by_name["token_embd.weight" if name not in by_name else name]
+            blocks[name] = np.asarray(t.load()).view(np.uint8).reshape(t.shape[1], -1)
         if qtype in (T.Q4_1, T.Q5_1):
             t = by_name["token_embd.weight" if name not in by_name else name]
             m = block_mins(t.load(), qtype, t.shape[1])
@@ -125,6 +131,7 @@ def load_weights(source: ModelSource, config: ModelConfig, xp: Any = np, progres
     return Weights(
         types=types,
         mins=mins,
+        blocks=blocks,
         token_embd=token_embd,
         output_norm=get("output_norm.weight", (c.n_embd,)),
         output=output,
