@@ -34,7 +34,7 @@ from .config import ModelConfig, read_config
 from .device import array_module
 from ..matmul import matmul as block_matmul
 from .activations import min_term_correction, round_activations, vec_dot_type
-from .kernels import flash_attention, rope_inplace, rope_table, swiglu
+from .kernels import flash_attention, rope_inplace, rope_table, softmax_causal, swiglu
 from .weights import Layer, Weights, load_weights
 
 Observer = Callable[[str, Any], None]
@@ -84,6 +84,9 @@ class Transformer:
         self.weights: Weights = load_weights(source, self.config, self.xp, progress)
         self._rope_cache: tuple[int, Any, Any] = (0, None, None)
         self._rounded: tuple[Any, Any, Any] = (None, None, None)
+        # attention in ggml's exact flash-attention order (kernels.flash_attention): bit for bit
+        # on the same inputs, several times slower than the BLAS path; off by default
+        self.exact_attention = False
 
     def new_cache(self, n_ctx: int) -> KVCache:
         return KVCache(self.config, n_ctx, self.xp)
@@ -145,12 +148,13 @@ class Transformer:
     def _attention(self, q: Any, seg_k: Any, seg_v: Any, n0: int) -> Any:
         """Causal GQA attention of one segment's queries q (T, n_head, d) at positions n0.. over
         the keys (n_head_kv, d, n0 + T) and values (n_head_kv, n0 + T, d) of its sequence;
-        returns (T, n_head * d). On the CPU, ggml's flash attention order (bit for bit on the
-        same inputs); on a GPU, matrix products by query blocks."""
+        returns (T, n_head * d): matrix products by query blocks, a Numba softmax with ggml's
+        expf. With `exact_attention` (CPU), the Numba kernel that adds in ggml's flash-attention
+        order, bit for bit, but several times slower than BLAS."""
         xp, c = self.xp, self.config
         T = q.shape[0]
         scale = F32(1.0) / np.sqrt(F32(c.head_dim))  # 1.0f/sqrtf(n_embd_head), in float
-        if xp is np:
+        if xp is np and self.exact_attention:
             out = np.empty((T, c.n_head, c.head_dim), F32)
             flash_attention(np.ascontiguousarray(q), seg_k, seg_v, n0, scale, c.n_rep, out)
             return out.reshape(T, c.n_head * c.head_dim)
@@ -159,14 +163,19 @@ class Transformer:
         for a in range(0, T, _QUERY_BLOCK):
             b = min(T, a + _QUERY_BLOCK)
             S = n0 + b  # keys visible to the last query of the block
+            rows = c.n_head_kv * c.n_rep * (b - a)
             qb = qh[:, :, a:b].reshape(c.n_head_kv, c.n_rep * (b - a), c.head_dim)
-            s = xp.matmul(qb, seg_k[:, :, :S]) * scale
+            s = xp.matmul(qb, seg_k[:, :, :S])
             # the query at position n0 + t sees keys 0 .. n0 + t
             visible = n0 + np.arange(a, b) + 1
-            s[:, xp.arange(S)[None, :] >= xp.asarray(np.tile(visible, c.n_rep))[:, None]] = -np.inf
-            s -= s.max(axis=-1, keepdims=True)
-            xp.exp(s, out=s)
-            total = s.sum(axis=-1, dtype=np.float64).astype(F32)
+            if xp is np:
+                total = softmax_causal(s.reshape(rows, S), scale, np.tile(visible, rows // (b - a)))
+            else:
+                s *= scale
+                s[:, xp.arange(S)[None, :] >= xp.asarray(np.tile(visible, c.n_rep))[:, None]] = -np.inf
+                s -= s.max(axis=-1, keepdims=True)
+                xp.exp(s, out=s)
+                total = s.sum(axis=-1, dtype=np.float64).astype(F32)
             o = xp.matmul(s, seg_v[:, :S]).reshape(c.n_head_kv, c.n_rep, b - a, c.head_dim)
             out[:, :, a:b] = o / total.reshape(c.n_head_kv, c.n_rep, b - a, 1)
         return out.transpose(2, 0, 1, 3).reshape(T, c.n_head * c.head_dim)
