@@ -16,25 +16,9 @@ from gguf import GGMLQuantizationType as T
 from numba import njit, prange
 
 from ..codecs.bits import fp16_to_fp32, fp32_to_fp16
+from ..matmul.cpu import vec_dot_type
 
 F32 = np.float32
-
-K_QUANTS = {T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K}
-Q8_0_USERS = {T.Q4_0, T.Q5_0, T.Q8_0, T.Q4_1, T.Q5_1}
-
-
-def vec_dot_type(weight_type: T) -> T:
-    """The type ggml's CPU backend converts activations to for a product with `weight_type`."""
-    if weight_type in K_QUANTS:
-        return T.Q8_K
-    if weight_type in (T.Q4_1, T.Q5_1):
-        return T.Q8_1
-    if weight_type in (T.Q4_0, T.Q5_0, T.Q8_0):
-        return T.Q8_0
-    if weight_type in (T.F16, T.BF16):
-        return weight_type
-    return T.F32
-
 
 @njit(parallel=True, cache=True)
 def _round_q8_0(x, out):
