@@ -355,6 +355,18 @@ class LogitsWriter:
 
 # --- running chunks through the model --------------------------------------------------------
 
+def _chunk_sequences(tokens: np.ndarray, start: int, n_seq: int, n_ctx: int, bos: int | None) -> list[np.ndarray]:
+    """The next n_seq chunks from `start`, each with its first token replaced by BOS when the
+    model adds one (as llama-perplexity does)."""
+    seqs = []
+    for seq in range(n_seq):
+        toks = tokens[start + seq * n_ctx:start + (seq + 1) * n_ctx].copy()
+        if bos is not None:
+            toks[0] = bos
+        seqs.append(toks)
+    return seqs
+
+
 def _run_sequences(model: Transformer, caches: list, seqs: list[np.ndarray], n_batch: int, n_ubatch: int,
                    n_stream: int, lo: int, hi: int) -> list[np.ndarray]:
     """Run sequences of equal length from position 0 as llama.cpp's batches of n_batch positions
@@ -466,12 +478,7 @@ def perplexity(model: Transformer, tokens: np.ndarray, params: PerplexityParams,
             start = i * n_ctx
             n_seq_batch = min(n_seq, n_chunk - i)
             t_start = time.perf_counter()
-            seqs = []
-            for seq in range(n_seq_batch):
-                toks = tokens[start + seq * n_ctx:start + (seq + 1) * n_ctx].copy()
-                if bos is not None:
-                    toks[0] = bos
-                seqs.append(toks)
+            seqs = _chunk_sequences(tokens, start, n_seq_batch, n_ctx, bos)
             logits = _run_sequences(model, caches, seqs, n_batch, n_ubatch, n_par, first, n_ctx)
             if i == 0:
                 log(_eta_line("perplexity", time.perf_counter() - t_start, n_chunk, n_seq))
@@ -757,12 +764,7 @@ def kl_divergence(model: Transformer, base: BaseLogits, params: PerplexityParams
             start = i * n_ctx
             n_seq_batch = min(n_seq, n_chunk - i)
             t_start = time.perf_counter()
-            seqs = []
-            for seq in range(n_seq_batch):
-                toks = tokens[start + seq * n_ctx:start + (seq + 1) * n_ctx].copy()
-                if bos is not None:
-                    toks[0] = bos
-                seqs.append(toks)
+            seqs = _chunk_sequences(tokens, start, n_seq_batch, n_ctx, bos)
             logits = _run_sequences(model, caches, seqs, n_batch, n_ubatch, n_par, first, n_ctx)
             if i == 0:
                 log(_eta_line("kl_divergence", time.perf_counter() - t_start, n_chunk, n_seq))
