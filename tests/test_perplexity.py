@@ -291,7 +291,12 @@ def test_base_file_is_llamas_format(tmp_path, capsys, tiny_llama_f32):
     fy = np.ascontiguousarray(y.log_probs[..., :4]).view(np.float32)
     np.testing.assert_allclose(fx, fy, rtol=1e-4)  # scale and minimum log-probability per token
     d = np.abs(x.log_probs[..., 4:].astype(np.int32) - y.log_probs[..., 4:])
-    assert d.max() <= 4 and (d == 0).mean() > 0.9, (d.max(), (d == 0).mean())
+    # how many steps of the 16-bit code apart depends on the BLAS kernel summing the logits:
+    # OpenBLAS's Haswell kernel (FMA over 8 lanes, as the AVX2 ggml that made the reference)
+    # leaves 95% equal and 99.9% within one step, its SkylakeX and Sandybridge kernels 87-88%
+    # and 98.5%; a wrong layout or token would leave next to none equal
+    share0, share1 = (d == 0).mean(), (d <= 1).mean()
+    assert d.max() <= 4 and share0 > 0.8 and share1 > 0.97, (d.max(), share0, share1)
 
 
 # llama-perplexity's two log_softmax functions (tools/perplexity/perplexity.cpp, llama.cpp of

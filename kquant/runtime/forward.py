@@ -34,7 +34,8 @@ from .config import ModelConfig, read_config
 from .device import array_module
 from ..matmul import matmul as block_matmul
 from .activations import min_term_correction, round_activations, vec_dot_type
-from .kernels import flash_attention, rope_inplace, rope_table, softmax_causal, swiglu
+from .kernels import (flash_attention, rope_inplace, rope_table, rope_theta_scale, softmax_causal,
+                      swiglu)
 from .weights import Layer, Weights, load_weights
 
 Observer = Callable[[str, Any], None]
@@ -111,7 +112,7 @@ class Transformer:
         n_pos = max(n_pos, 2 * have, 512)
         c = self.config
         half = c.n_rot // 2
-        theta_scale = F32(np.power(F32(c.rope_base), F32(-2.0) / F32(c.n_rot)))
+        theta_scale = rope_theta_scale(F32(c.rope_base), c.n_rot)
         theta = np.arange(n_pos, dtype=F32)
         table = np.empty((n_pos, half), F32)
         for i in range(half):

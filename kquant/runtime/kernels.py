@@ -137,6 +137,13 @@ def accumulate_sumsq(accs, x):
 
 
 @njit(cache=True)
+def rope_theta_scale(base, n_rot):
+    """libm's powf(base, -2.0f/n_rot), as ggml_rope_cache_init computes it: numpy's float32
+    power takes a SIMD path on AVX-512 machines that is 1 ulp off for base 10000."""
+    return math.pow(np.float32(base), np.float32(-2.0) / np.float32(n_rot))
+
+
+@njit(cache=True)
 def rope_table(theta):
     """cos and sin of float32 angles with libm's cosf/sinf, which ggml_rope_cache_init calls."""
     cos = np.empty_like(theta)
