@@ -28,7 +28,8 @@ CALIB = ROOT / "data" / "calibration.txt"
 # across a rounding boundary of Q8_K/Q8_0 changes it by a whole quantum, and the network carries
 # that on: logits of single tokens then differ by ~1e-3 and a few short chunks' PPL by up to 0.3%.
 # Over a whole text in the model's own domain these average out: the tiny model's final estimates
-# agree to 2e-4 and its KL-divergence statistics to 0.3%, which is what these tests hold.
+# agree to 2e-4 and its KL-divergence statistics to 0.3%, which is what these tests hold. On
+# SmolLM2's 30 blocks the flips compound further (test_smollm2_quantized_matches_llama_perplexity).
 
 @pytest.fixture(scope="module", autouse=True)
 def _wiki():
@@ -81,14 +82,22 @@ def smollm2_f16_full(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def smollm2_q4_k_m(smollm2_f16_full):
-    """SmolLM2-135M F16 quantized to Q4_K_M by kquant-quantize (byte-identical to llama-quantize)."""
+def smollm2_quant(smollm2_f16_full):
+    """SmolLM2-135M F16 quantized by kquant-quantize (byte-identical to llama-quantize)."""
     from kquant import QuantizeOptions, quantize_model
     from kquant.mixes import parse_ftype
 
-    out = smollm2_f16_full.with_name("smollm2-Q4_K_M.gguf")
-    quantize_model(smollm2_f16_full, out, parse_ftype("Q4_K_M"), QuantizeOptions(), progress=False)
-    return out
+    def get(ftype: str) -> Path:
+        out = smollm2_f16_full.with_name(f"smollm2-{ftype}.gguf")
+        if not out.is_file():
+            quantize_model(smollm2_f16_full, out, parse_ftype(ftype), QuantizeOptions(), progress=False)
+        return out
+    return get
+
+
+@pytest.fixture(scope="module")
+def smollm2_q4_k_m(smollm2_quant):
+    return smollm2_quant("Q4_K_M")
 
 
 def model_path(request, tiny_quant, name: str) -> Path:
@@ -123,14 +132,23 @@ def test_matches_llama_perplexity(request, capsys, tiny_quant, ref_name, model, 
     np.testing.assert_allclose(final_estimate(out), final_estimate(ref), rtol=rtol)
 
 
-def test_smollm2_quantized_near_llama_perplexity(capsys, smollm2_q4_k_m):
-    """SmolLM2-135M Q4_K_M (30 layers, 576-wide Q5_0/Q8_0 fallbacks) on 2 chunks of WikiText-2:
-    within 1% of llama-perplexity. Measured 5.6e-3 here, and 1.3e-3 to 3.1e-3 over 20 chunks for
-    Q6_K/Q4_K_M/Q2_K (README): outside the 0.1% the tiny model reaches. Every single product and
-    the attention match ggml (test_runtime); rounding flips compound over the 30 layers."""
-    out = run(capsys, ["-m", str(smollm2_q4_k_m), "-f", str(WIKI), "--chunks", "2"])
-    ref = (REF / "smollm2-Q4_K_M.c512.out").read_text()
-    np.testing.assert_allclose(final_estimate(out)[0], final_estimate(ref)[0], rtol=1e-2)
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q6_K", "Q2_K"])
+def test_smollm2_quantized_matches_llama_perplexity(capsys, smollm2_quant, ftype):
+    """SmolLM2-135M (30 blocks; its 576-wide rows fall back to Q5_0/Q8_0/Q4_1) on 20 chunks of
+    WikiText-2 against llama-perplexity's AVX2 build. Measured on an AVX-512 Xeon: -6.2e-4,
+    +8.2e-4, +6.5e-4 (Q4_K_M, Q6_K, Q2_K). Every product rounds its activations to 8 bits, so
+    any change of float32 summation order moves a 20-chunk estimate by up to ~0.2%, in llama.cpp
+    as in kquant: llama.cpp's AVX-512 build differs from its AVX2 build by -6.0e-4, -1.7e-3,
+    -2.1e-3 on these files; kquant with OpenBLAS's Haswell kernel instead of SkylakeX by +7e-6,
+    -2.1e-4, -1.4e-3 (README; tools/compare_perplexity.py shows the per-token KL divergences).
+    The final estimate must be within that spread, 2.5e-3; each running estimate within 2%
+    (measured: at most 8e-3 for kquant and for llama.cpp's AVX-512 build)."""
+    out = run(capsys, ["-m", str(smollm2_quant(ftype)), "-f", str(WIKI), "--chunks", "20"])
+    ref = (REF / f"smollm2-{ftype}.c512x20.out").read_text()
+    ours, theirs = chunk_ppls(out), chunk_ppls(ref)
+    assert len(ours) == len(theirs) == 20
+    np.testing.assert_allclose(ours, theirs, rtol=2e-2)
+    np.testing.assert_allclose(final_estimate(out), final_estimate(ref), rtol=2.5e-3)
 
 
 # --- token by token against llama.cpp (llama-cpp-python) on the real model ----------------
