@@ -32,7 +32,9 @@ from gguf import GGMLQuantizationType as T
 from ..source import ModelError, ModelSource
 from .config import ModelConfig, read_config
 from .device import array_module
-from ..matmul import matmul as block_matmul
+from ..codecs import vectorizing
+from ..matmul.activations import quantize_rows
+from ..matmul.cpu import run_blocks, weight_rows
 from .activations import min_term_correction, round_activations, vec_dot_type
 from .kernels import (flash_attention, rope_inplace, rope_table, rope_theta_scale, softmax_causal,
                       swiglu)
@@ -85,6 +87,7 @@ class Transformer:
         self.weights: Weights = load_weights(source, self.config, self.xp, progress)
         self._rope_cache: tuple[int, Any, Any] = (0, None, None)
         self._rounded: tuple[Any, Any, Any] = (None, None, None)
+        self._quantized: tuple[Any, Any, Any] = (None, None, None)
         # attention in ggml's exact flash-attention order (kernels.flash_attention): bit for bit
         # on the same inputs, several times slower than the BLAS path; off by default
         self.exact_attention = False
@@ -190,7 +193,7 @@ class Transformer:
         qtype = self.weights.types.get(name, T.F32)
         if self.xp is np and x.shape[0] <= _BLOCK_KERNEL_TOKENS and name in self.weights.blocks:
             # a token or a few (generation): read the quantized blocks, not the float32 copy
-            y = block_matmul(self.weights.blocks[name], qtype, np.ascontiguousarray(x, dtype=F32))
+            y = self._block_product(x, self.weights.blocks[name], qtype)
             return y + b if b is not None else y
         src_x = x
         if qtype != T.F32:
@@ -206,6 +209,20 @@ class Transformer:
         if b is not None:
             y += b
         return y
+
+    def _block_product(self, x: Any, w: Any, qtype: Any) -> Any:
+        """x @ W.T on W's quantized blocks with ggml's integer dot products: the activations
+        quantized to W's vec_dot type once for Q/K/V and once for gate/up, the kernels called
+        directly (on the threads set_threads chose), as each of a token's ~200 products is
+        short enough for per-call overhead to matter."""
+        wb, _ = weight_rows(w, qtype)
+        vt = vec_dot_type(qtype)
+        src, have, acts = self._quantized
+        with vectorizing():  # compiles on first use only
+            if src is not x or have != vt:
+                acts = quantize_rows(np.ascontiguousarray(x, dtype=F32), vt)
+                self._quantized = (x, vt, acts)  # holding x keeps the identity test sound
+            return run_blocks(wb, qtype, acts)
 
     def _block(self, il: int, L: Layer, x: Any, segments: Sequence[Segment], pos: Any,
                observe: Observer | None) -> Any:
@@ -287,7 +304,7 @@ class Transformer:
             h = self._rms_norm(x, W.output_norm)
         if not want_logits:
             return None
-        self._rounded = (None, None, None)
+        self._rounded = self._quantized = (None, None, None)
         return self._linear(h, W.output, None, "output.weight", None)
 
 
