@@ -86,8 +86,8 @@ class Transformer:
         self.config = read_config(source)
         self.weights: Weights = load_weights(source, self.config, self.xp, progress)
         self._rope_cache: tuple[int, Any, Any] = (0, None, None)
-        self._rounded: tuple[Any, Any, Any] = (None, None, None)
-        self._quantized: tuple[Any, Any, Any] = (None, None, None)
+        # the last product's input and what was made of it (see _once_per_input)
+        self._prepared: tuple[Any, Any, Any] = (None, None, None)
         # attention in ggml's exact flash-attention order (kernels.flash_attention): bit for bit
         # on the same inputs, several times slower than the BLAS path; off by default
         self.exact_attention = False
@@ -197,12 +197,8 @@ class Transformer:
             return y + b if b is not None else y
         src_x = x
         if qtype != T.F32:
-            vt = vec_dot_type(qtype)
-            src, have, rounded = self._rounded
-            if src is not x or have != vt:  # Q/K/V and gate/up share their input: round it once
-                rounded = round_activations(x, qtype, self.xp)
-                self._rounded = (x, vt, rounded)  # holding x keeps the identity test sound
-            x = rounded
+            x = self._once_per_input(x, ("rounded", vec_dot_type(qtype)),
+                                     lambda: round_activations(x, qtype, self.xp))
         y = x @ w.T
         if name in self.weights.mins:
             y += min_term_correction(src_x, qtype, self.xp) @ self.weights.mins[name].T
@@ -217,12 +213,19 @@ class Transformer:
         short enough for per-call overhead to matter."""
         wb, _ = weight_rows(w, qtype)
         vt = vec_dot_type(qtype)
-        src, have, acts = self._quantized
         with vectorizing():  # compiles on first use only
-            if src is not x or have != vt:
-                acts = quantize_rows(np.ascontiguousarray(x, dtype=F32), vt)
-                self._quantized = (x, vt, acts)  # holding x keeps the identity test sound
+            acts = self._once_per_input(x, ("quantized", vt),
+                                        lambda: quantize_rows(np.ascontiguousarray(x, dtype=F32), vt))
             return run_blocks(wb, qtype, acts)
+
+    def _once_per_input(self, x: Any, key: tuple, make: Callable[[], Any]) -> Any:
+        """make() for input x, or what it gave for the previous product if that had the same
+        input and key: Q/K/V and gate/up share their input, so it is rounded or quantized once."""
+        src, have, value = self._prepared
+        if src is not x or have != key:
+            value = make()
+            self._prepared = (x, key, value)  # holding x keeps the identity test sound
+        return value
 
     def _block(self, il: int, L: Layer, x: Any, segments: Sequence[Segment], pos: Any,
                observe: Observer | None) -> Any:
@@ -304,7 +307,7 @@ class Transformer:
             h = self._rms_norm(x, W.output_norm)
         if not want_logits:
             return None
-        self._rounded = self._quantized = (None, None, None)
+        self._prepared = (None, None, None)
         return self._linear(h, W.output, None, "output.weight", None)
 
 
