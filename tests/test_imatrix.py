@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from kquant.cli.imatrix import main
-from kquant.imatrix_io import Imatrix, load_imatrix
+from kquant.calibration.imatrix_file import Imatrix, load_imatrix
 
 ROOT = Path(__file__).resolve().parents[1]
 REF = Path(__file__).parent / "data" / "imatrix_ref"
@@ -65,7 +65,7 @@ def test_quantizes_like_llama_imatrix_output(tmp_path, tiny_llama_f32, capsys):
     """kquant-imatrix's file quantizes to what llama-imatrix's does, but for roundings moved by
     float order (kquant-quantize is byte-identical to llama-quantize: test_quantize_model)."""
     from kquant import QuantizeOptions, quantize_model
-    from kquant.mixes import parse_ftype
+    from kquant.quantization.mixes import parse_ftype
 
     ours = tmp_path / "ours.gguf"
     assert main(["-m", str(tiny_llama_f32), "-f", str(TEXTS / "pg84.txt"), "-o", str(ours), "-c", "128",
@@ -136,11 +136,12 @@ def test_array_module_path_collects_the_same(tiny_llama_f32):
     """The CuPy code path (run here on a numpy stand-in) accumulates what the Numba path does."""
     from test_runtime import _NumpyStandIn
 
-    from kquant.imatrix import Collector, ImatrixParams, compute_imatrix, read_text
-    from kquant.runtime import Transformer, open_source
+    from kquant.calibration.imatrix import Collector, ImatrixParams, compute_imatrix, read_text
+    from kquant.models import open_model
+    from kquant.runtime import Transformer
     from kquant.tokenizer import Tokenizer
 
-    source = open_source(tiny_llama_f32)
+    source = open_model(tiny_llama_f32, "f32")
     tok = Tokenizer.from_source(source)
     tokens = tok.tokenize(read_text(TEXTS / "pg84.txt"))[:1024]
     params = ImatrixParams(n_ctx=128, n_chunks=4, output_frequency=0)
@@ -201,9 +202,9 @@ def test_bad_sizes_and_same_output(tmp_path, capsys):
 def test_nan_in_activations_keeps_earlier_file(tmp_path, tiny_llama_f32, capsys):
     """A weight that overflows the activations to inf: a clear error naming the tensor, and the
     imatrix saved earlier at the output path is left as it was."""
-    from kquant.gguf_source import load_gguf
-    from kquant.gguf_write import write_gguf
-    from kquant.source import SourceTensor
+    from kquant.files.gguf_read import load_gguf
+    from kquant.files.gguf_write import write_gguf
+    from kquant.files.source import SourceTensor
 
     src = load_gguf(tiny_llama_f32)
 

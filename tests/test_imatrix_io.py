@@ -1,4 +1,4 @@
-"""kquant.imatrix_io / kquant.imatrix_stats against llama-imatrix's own files, byte for byte.
+"""kquant.calibration.imatrix_file / kquant.calibration.statistics against llama-imatrix's own files, byte for byte.
 
 The references in tests/data/imatrix_io were made by llama-imatrix (see the README there and
 make_reference.py, whose RUNS list of command lines these tests replay); the binary itself
@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kquant import imatrix_io
-from kquant.imatrix_io import (Imatrix, ImatrixEntry, accumulate, at_path, load_imatrix,
+from kquant.calibration import imatrix_file as imatrix_io
+from kquant.calibration.imatrix_file import (Imatrix, ImatrixEntry, accumulate, at_path, load_imatrix,
                                save_imatrix, save_imatrix_legacy,
                                save_warnings, weights_for_quantize)
-from kquant.imatrix_stats import (compute_statistics, format_statistics, plot_statistics,
+from kquant.calibration.statistics import (compute_statistics, format_statistics, plot_statistics,
                                   process_tensor_name, statistics_of_file)
-from kquant.source import ModelError
+from kquant.errors import ModelError
 
 DATA = Path(__file__).parent / "data" / "imatrix_io"
 

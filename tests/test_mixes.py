@@ -1,4 +1,4 @@
-"""kquant.mixes against llama.cpp's own type-selection snapshots, plus unit tests of its rules.
+"""kquant.quantization.mixes against llama.cpp's own type-selection snapshots, plus unit tests of its rules.
 
 The snapshots (tests/data/snapshots/*.schema, copied from llama.cpp's tests/snapshots, MIT) are
 what llama.cpp's tests/test-quant-type-selection.cpp compares against.  That test downloads the
@@ -37,8 +37,8 @@ from gguf import LlamaFileType as F
 from gguf import MODEL_ARCH as A
 from gguf import MODEL_TENSOR as MT
 
-from kquant import mixes
-from kquant.mixes import FTYPES, ModelInfo, TensorInfo, choose_types, parse_ftype
+from kquant.quantization import mixes
+from kquant.quantization.mixes import FTYPES, ModelInfo, TensorInfo, choose_types, parse_ftype
 
 SNAPSHOT_DIR = Path(__file__).parent / "data" / "snapshots"
 

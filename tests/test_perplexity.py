@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from kquant.cli.perplexity import main
-from kquant.perplexity import BaseLogits, row_values
+from kquant.validation.perplexity import BaseLogits, row_values
 
 ROOT = Path(__file__).resolve().parents[1]
 REF = Path(__file__).parent / "data" / "perplexity_ref"
@@ -58,7 +58,7 @@ def run(capsys, args: list[str]) -> str:
 def tiny_quant(tmp_path_factory, tiny_llama_f32):
     """The tiny model quantized by kquant-quantize (byte-identical to llama-quantize)."""
     from kquant import QuantizeOptions, quantize_model
-    from kquant.mixes import parse_ftype
+    from kquant.quantization.mixes import parse_ftype
 
     made: dict[str, Path] = {}
     folder = tmp_path_factory.mktemp("tiny-quant")
@@ -85,7 +85,7 @@ def smollm2_f16_full(tmp_path_factory):
 def smollm2_quant(smollm2_f16_full):
     """SmolLM2-135M F16 quantized by kquant-quantize (byte-identical to llama-quantize)."""
     from kquant import QuantizeOptions, quantize_model
-    from kquant.mixes import parse_ftype
+    from kquant.quantization.mixes import parse_ftype
 
     def get(ftype: str) -> Path:
         out = smollm2_f16_full.with_name(f"smollm2-{ftype}.gguf")
@@ -266,15 +266,16 @@ def test_output_lines(capsys, tiny_llama_f32):
 
 
 def test_python_api_and_array_module_path(tiny_llama_f32):
-    """kquant.perplexity.perplexity on the CuPy code path (a numpy stand-in) gives the same chunks."""
+    """kquant.validation.perplexity.perplexity on the CuPy code path (a numpy stand-in) gives the same chunks."""
     from test_runtime import _NumpyStandIn
 
-    from kquant.imatrix import read_text
-    from kquant.perplexity import PerplexityParams, perplexity
-    from kquant.runtime import Transformer, open_source
+    from kquant.calibration.imatrix import read_text
+    from kquant.validation.perplexity import PerplexityParams, perplexity
+    from kquant.models import open_model
+    from kquant.runtime import Transformer
     from kquant.tokenizer import Tokenizer
 
-    source = open_source(tiny_llama_f32)
+    source = open_model(tiny_llama_f32, "f32")
     tok = Tokenizer.from_source(source)
     tokens = tok.tokenize(read_text(WIKI)[:20000])
     params = PerplexityParams(n_ctx=128, n_chunks=3)
@@ -452,7 +453,7 @@ int main(int argc, char ** argv) {
 def test_log_prob_kernels_are_llamas_code(tmp_path):
     """On the same logits, kquant's kernels write llama-perplexity's bytes and compute its
     KL-divergence values and sums bit for bit (its C++ compiled here, when a compiler is)."""
-    from kquant.perplexity import _kld_accumulate, _kld_rows, compress_log_probs
+    from kquant.validation.perplexity import _kld_accumulate, _kld_rows, compress_log_probs
 
     cxx = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if cxx is None:
@@ -627,14 +628,14 @@ def run_error(capsys, args: list[str]) -> str:
 
 def test_text_too_short(tmp_path, capsys, tiny_llama_f32):
     """llama-perplexity's condition: fewer than 2 * n_ctx tokens (BOS included)."""
-    from kquant.runtime import open_source
+    from kquant.models import open_model
     from kquant.tokenizer import Tokenizer
 
     text = tmp_path / "short.txt"
     text.write_text("Only a few words here.\n")
     msg = run_error(capsys, ["-m", str(tiny_llama_f32), "-f", str(text)])
     assert "you need at least 1024 tokens" in msg and "tokenizes to only" in msg
-    tok = Tokenizer.from_source(open_source(tiny_llama_f32))
+    tok = Tokenizer.from_source(open_model(tiny_llama_f32, "f32"))
     words = "the house was quiet and " * 20
     n = len(tok.tokenize(words))
     text.write_text(words + "\n")
@@ -697,7 +698,8 @@ def test_greedy_generation_matches_llama_cpp(capsys, tiny_llama_f32, llama_cpp):
     argmax of its logits) for 20 tokens; kquant-generate streams the same text."""
     from kquant.cli.generate import Sampler, generate
     from kquant.cli.generate import main as generate_main
-    from kquant.runtime import Transformer, open_source
+    from kquant.models import open_model
+    from kquant.runtime import Transformer
     from kquant.tokenizer import Tokenizer
 
     llm = llama_cpp.Llama(str(tiny_llama_f32), n_ctx=128, n_threads=2, logits_all=True, verbose=False)
@@ -707,7 +709,7 @@ def test_greedy_generation_matches_llama_cpp(capsys, tiny_llama_f32, llama_cpp):
     for _ in range(20):
         theirs.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
         llm.eval([theirs[-1]])
-    source = open_source(tiny_llama_f32)
+    source = open_model(tiny_llama_f32, "f32")
     tok = Tokenizer.from_source(source)
     mine = tok.tokenize(PROMPT, add_special=True, parse_special=True)
     assert mine.tolist() == prompt
@@ -721,10 +723,11 @@ def test_greedy_generation_matches_llama_cpp(capsys, tiny_llama_f32, llama_cpp):
 
 def test_sampling_and_stop_tokens(tiny_llama_f32):
     from kquant.cli.generate import Sampler, generate
-    from kquant.runtime import Transformer, open_source
+    from kquant.models import open_model
+    from kquant.runtime import Transformer
     from kquant.tokenizer import Tokenizer
 
-    source = open_source(tiny_llama_f32)
+    source = open_model(tiny_llama_f32, "f32")
     tok = Tokenizer.from_source(source)
     model = Transformer(source, "cpu", progress=False)
     prompt = tok.tokenize(PROMPT)

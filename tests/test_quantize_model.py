@@ -9,18 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kquant import mixes
+from kquant.quantization import mixes
 from kquant.cli.quantize import main as quantize_main
-from kquant.gguf_source import load_gguf
-from kquant.imatrix_io import Imatrix, ImatrixEntry, save_imatrix_gguf, weights_for_quantize
-from kquant.quantize_model import QuantizeOptions, quantize_model
+from kquant.files.gguf_read import load_gguf
+from kquant.calibration.imatrix_file import Imatrix, ImatrixEntry, save_imatrix_gguf, weights_for_quantize
+from kquant.quantization.pipeline import QuantizeOptions, quantize_model
 
 FTYPES = ["Q4_K_M", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q5_K_S", "Q5_K_M", "Q6_K",
           "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "BF16"]
 
 
 def reference(inp: Path, out: Path, ftype: str, **kw) -> bytes:
-    from kquant.reference import llama_quantize
+    from kquant.reference.libggml import llama_quantize
 
     llama_quantize(inp, out, mixes.parse_ftype(ftype), n_threads=2, **kw)
     return out.read_bytes()
@@ -148,8 +148,8 @@ def write_split(model: Path, folder: Path) -> Path:
     """The model as two split files, as gguf-split writes them (split keys after the rest)."""
     from gguf import GGUFValueType as V
 
-    from kquant.gguf_write import write_gguf
-    from kquant.source import KV, ModelSource
+    from kquant.files.gguf_write import write_gguf
+    from kquant.files.source import KV, ModelSource
 
     src = load_gguf(model)
     halves = [src.tensors[: len(src.tensors) // 2], src.tensors[len(src.tensors) // 2:]]
@@ -168,7 +168,7 @@ def test_split_input_and_keep_split(llama_cpp, smollm2_f16, tmp_path):
     quantize_model(smollm2_f16, tmp_path / "whole.gguf", "Q4_K_M", progress=False)
     assert (tmp_path / "one.gguf").read_bytes() == (tmp_path / "whole.gguf").read_bytes()
     # --keep-split: split outputs, byte-identical to llama.cpp's
-    from kquant.reference import llama_quantize
+    from kquant.reference.libggml import llama_quantize
 
     # llama-quantize's main() strips ".gguf" before the library adds -0000i-of-0000n.gguf
     llama_quantize(first, tmp_path / "ref", mixes.parse_ftype("Q4_K_M"), keep_split=True)
@@ -256,8 +256,8 @@ def test_nan_in_weights(smollm2_f16, tmp_path):
     """A NaN in the weights stops the job with the tensor named, and no output is left."""
     from gguf import GGMLQuantizationType as T
 
-    from kquant.gguf_write import write_gguf
-    from kquant.source import ModelSource, SourceTensor
+    from kquant.files.gguf_write import write_gguf
+    from kquant.files.source import ModelSource, SourceTensor
 
     src = load_gguf(smollm2_f16)
     tensors = []
@@ -299,8 +299,8 @@ def hf_folders(tmp_path_factory):
 @pytest.mark.parametrize("ftype", ["Q4_K_M", "Q6_K"])
 def test_hf_folder_in_one_step(llama_cpp, hf_folders, tmp_path, name, ftype):
     """kquant-quantize on a folder = convert_hf_to_gguf (f16, its default) + llama-quantize."""
-    from kquant.gguf_write import write_gguf
-    from kquant.hf import load_hf_model
+    from kquant.files.gguf_write import write_gguf
+    from kquant.files.hf import load_hf_model
 
     f16 = write_gguf(load_hf_model(hf_folders[name], "f16"), tmp_path / "f16.gguf", progress=False)
     want = reference(f16, tmp_path / "ref.gguf", ftype)
@@ -310,7 +310,7 @@ def test_hf_folder_in_one_step(llama_cpp, hf_folders, tmp_path, name, ftype):
 
 def test_copy(llama_cpp, smollm2_f16, tmp_path):
     """COPY: every tensor as it is, general.file_type from the input, as llama-quantize."""
-    from kquant.reference import llama_quantize
+    from kquant.reference.libggml import llama_quantize
 
     llama_quantize(smollm2_f16, tmp_path / "ref.gguf", 0, only_copy=True)
     assert quantize_main([str(smollm2_f16), str(tmp_path / "kq.gguf"), "COPY"]) == 0
@@ -329,8 +329,8 @@ LOGIT_TOLERANCE = {"Q8_0": 0.015, "Q6_K": 0.03, "Q5_K_M": 0.04, "Q4_K_M": 0.07, 
 
 @pytest.fixture(scope="module")
 def tiny_f32_logits(llama_cpp, tmp_path_factory):
-    from kquant.gguf_write import write_gguf
-    from kquant.hf import load_hf_model
+    from kquant.files.gguf_write import write_gguf
+    from kquant.files.hf import load_hf_model
 
     f32 = write_gguf(load_hf_model(TINY, "f32"), tmp_path_factory.mktemp("tiny") / "f32.gguf",
                      progress=False)

@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kquant.runtime import Segment, Transformer, load_model, open_source, set_threads
+from kquant.models import open_model
+
+from kquant.runtime import Segment, Transformer, load_model, set_threads
 
 sys.path.insert(0, str(Path(__file__).parent))
 import make_hf_fixtures as fixtures  # noqa: E402
@@ -65,8 +67,8 @@ def hf_built(tmp_path_factory):
 def test_architectures_match_llama_cpp(hf_built, tmp_path, llama_cpp, name):
     """llama (SPM, llama3 rope factors, tied), mistral (GQA, 2 shards), qwen2 (Q/K/V biases,
     NEOX rope), qwen3 (q/k norms, head_dim 128), smollm: random weights, real layouts."""
-    from kquant.gguf_write import write_gguf
-    from kquant.hf import load_hf_model
+    from kquant.files.gguf_write import write_gguf
+    from kquant.files.hf import load_hf_model
 
     gguf_path = tmp_path / f"{name}-f32.gguf"
     write_gguf(load_hf_model(hf_built[name], "f32"), gguf_path, progress=False)
@@ -79,7 +81,7 @@ def test_architectures_match_llama_cpp(hf_built, tmp_path, llama_cpp, name):
 def test_quantized_model_runs_on_dequantized_weights(tiny_llama_f32, tmp_path, llama_cpp):
     """A Q8_0 file: kquant dequantizes bit-exactly, so it matches llama.cpp like F32 does."""
     from kquant import QuantizeOptions, quantize_model
-    from kquant.mixes import parse_ftype
+    from kquant.quantization.mixes import parse_ftype
 
     q8 = tmp_path / "tiny-q8_0.gguf"
     quantize_model(tiny_llama_f32, q8, parse_ftype("Q8_0"), QuantizeOptions(), progress=False)
@@ -119,7 +121,7 @@ class _NumpyStandIn:
 
 def test_array_module_path_matches_numba_path(tiny_llama_f32):
     """The CuPy path (plain array expressions) computes what the numpy+Numba path does."""
-    source = open_source(tiny_llama_f32)
+    source = open_model(tiny_llama_f32, "f32")
     cpu = Transformer(source, "cpu", progress=False)
     generic = Transformer(source, "cpu", progress=False, xp=_NumpyStandIn())
     toks = tokens_for(cpu.config.n_vocab, 200, 3)
@@ -130,7 +132,8 @@ def test_array_module_path_matches_numba_path(tiny_llama_f32):
 
 def test_unsupported_architecture_is_a_clear_error(tmp_path):
     from kquant.runtime.config import read_config
-    from kquant.source import KV, ModelError, ModelSource
+    from kquant.errors import ModelError
+    from kquant.files.source import KV, ModelSource
 
     with pytest.raises(ModelError, match="not supported"):
         read_config(ModelSource("gemma3", [KV("general.architecture", "gemma3", None)], []))
@@ -160,7 +163,7 @@ def test_activation_rounding_is_the_vec_dot_type_roundtrip(wtype):
 
 @pytest.fixture(scope="module")
 def ggml_cpu():
-    from kquant.reference import GGMLCompute
+    from kquant.reference.libggml import GGMLCompute
 
     try:
         return GGMLCompute()
@@ -238,7 +241,7 @@ def test_generation_steps_read_the_quantized_blocks(tiny_llama_f32, tmp_path):
     of the dequantized float32 copy: the same logits as the batched BLAS path, to the float
     order of the products (both round activations as ggml does)."""
     from kquant import QuantizeOptions, quantize_model
-    from kquant.mixes import parse_ftype
+    from kquant.quantization.mixes import parse_ftype
 
     q = tmp_path / "tiny-q4_k_m.gguf"
     quantize_model(tiny_llama_f32, q, parse_ftype("Q4_K_M"), QuantizeOptions(), progress=False)

@@ -23,10 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import make_hf_fixtures as fixtures  # noqa: E402
 from conftest import _smollm2_path  # noqa: E402
-from kquant.gguf_source import load_gguf  # noqa: E402
-from kquant.gguf_write import write_gguf  # noqa: E402
-from kquant.hf import load_hf_model  # noqa: E402
-from kquant.source import KV, ModelError, ModelSource  # noqa: E402
+from kquant.files.gguf_read import load_gguf  # noqa: E402
+from kquant.files.gguf_write import write_gguf  # noqa: E402
+from kquant.files.hf import load_hf_model  # noqa: E402
+from kquant.errors import ModelError
+from kquant.files.source import KV, ModelSource  # noqa: E402
 from kquant.tokenizer import BPE_PRE_TOKENIZERS, Tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

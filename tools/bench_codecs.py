@@ -31,7 +31,7 @@ import numba  # noqa: E402
 from gguf import GGMLQuantizationType  # noqa: E402
 
 import kquant  # noqa: E402
-from kquant.reference import GGML  # noqa: E402
+from kquant.reference.libggml import GGML  # noqa: E402
 
 TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
          "F16", "BF16"]

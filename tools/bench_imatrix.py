@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from kquant.imatrix_io import load_imatrix  # noqa: E402
+from kquant.calibration.imatrix_file import load_imatrix  # noqa: E402
 
 DEFAULT_TEXT = ROOT.parent / "shared" / "text" / "calibration" / "pg1342.txt"
 

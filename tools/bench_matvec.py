@@ -215,7 +215,7 @@ def main(argv=None) -> int:
     if args.crossover:
         bench_crossover(args)
         return 0
-    from kquant.matmul.ggml_ref import ggml_cpu
+    from kquant.reference.ggml_cpu import ggml_cpu
 
     try:
         ggml = ggml_cpu()

@@ -31,9 +31,9 @@ sys.path.insert(0, str(ROOT))
 
 from gguf import GGMLQuantizationType as T, GGUFValueType  # noqa: E402
 
-from kquant.gguf_write import write_gguf  # noqa: E402
-from kquant.imatrix_io import Imatrix, ImatrixEntry, save_imatrix_gguf  # noqa: E402
-from kquant.source import KV, ModelSource, SourceTensor  # noqa: E402
+from kquant.files.gguf_write import write_gguf  # noqa: E402
+from kquant.calibration.imatrix_file import Imatrix, ImatrixEntry, save_imatrix_gguf  # noqa: E402
+from kquant.files.source import KV, ModelSource, SourceTensor  # noqa: E402
 
 HIDDEN, FFN, HEADS, KV_HEADS, VOCAB = 2048, 5632, 32, 4, 32000
 

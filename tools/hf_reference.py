@@ -8,7 +8,7 @@ uses those.  For every folder and outtype it runs
 * llama.cpp's convert_hf_to_gguf.py (from the llama-cpp-python sdist, with llama.cpp's own
   gguf-py) in a separate virtual environment that has torch, transformers, sentencepiece and
   safetensors (default /work/cache/convvenv; --convvenv), and
-* kquant.hf.load_hf_model + kquant.gguf_write.write_gguf in this interpreter,
+* kquant.files.hf.load_hf_model + kquant.files.gguf_write.write_gguf in this interpreter,
 
 then compares the two files key by key (value, type, order) and tensor by tensor (name, shape,
 type, bytes), and says whether the two files are byte-identical.  --record writes the reference
@@ -91,8 +91,8 @@ def run_reference(folder: Path, outtype: str, out: Path, pre: str | None) -> tup
 
 
 def run_kquant(folder: Path, outtype: str, out: Path) -> float:
-    from kquant.gguf_write import write_gguf
-    from kquant.hf import load_hf_model
+    from kquant.files.gguf_write import write_gguf
+    from kquant.files.hf import load_hf_model
 
     t0 = time.time()
     write_gguf(load_hf_model(folder, outtype), out, progress=False)
@@ -139,7 +139,7 @@ def check_pre(work: Path, extra: dict[str, Path] | None = None) -> int:
     """Real vocabularies from llama.cpp's ggml-vocab-*.gguf (and `extra`: pre-tokenizer name ->
     a GGUF of a model of that family): the converter's hash naming vs kquant's naming."""
     from gguf import GGUFReader
-    from kquant.hf import bpe_pre_tokenizer_name
+    from kquant.files.hf import bpe_pre_tokenizer_name
 
     pre_sections = {
         "llama-bpe": fixtures._split_pre(fixtures._LLAMA3_RE),

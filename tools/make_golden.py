@@ -29,7 +29,7 @@ from gguf import GGMLQuantizationType as T  # noqa: E402
 
 from cases import CASES, IMATRIX_MODES, make_case, make_imatrix  # noqa: E402
 import kquant  # noqa: E402
-from kquant.reference import GGML  # noqa: E402
+from kquant.reference.libggml import GGML  # noqa: E402
 
 TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_K, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1,
          T.Q8_0, T.F16, T.BF16, T.F32]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from ..source import ModelError
+from ..errors import ModelError
 
 
 def run_command(prog: str, body: Callable[[], int], interrupted: str = "interrupted") -> int:

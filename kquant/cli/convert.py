@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..source import ModelError
+from ..errors import ModelError
 from . import run_command
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0", "auto")
@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from gguf import LlamaFileType, fill_templated_filename
 
-    from ..gguf_write import write_gguf
-    from ..hf import default_outfile_name, guess_outtype, load_hf_model
+    from ..files.gguf_write import write_gguf
+    from ..files.hf import default_outfile_name, guess_outtype, load_hf_model
 
     t0 = time.time()
     folder = Path(args.model)

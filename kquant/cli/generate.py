@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..source import ModelError
+from ..errors import ModelError
 from . import run_command
 
 F32 = np.float32
@@ -127,14 +127,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(ns: argparse.Namespace) -> int:
-    from ..runtime import Transformer, open_source, resolve_device, set_threads
+    from ..models import open_model
+    from ..runtime import Transformer, resolve_device, set_threads
     from ..tokenizer import Tokenizer
 
     if ns.temp > 0 and not 0 < ns.top_p <= 1:
         raise ModelError("--top-p must be in (0, 1]")
     device = resolve_device(ns.device)
     set_threads(ns.threads)
-    source = open_source(ns.model)
+    source = open_model(ns.model, "f32")
     tokenizer = Tokenizer.from_source(source)
     prompt = tokenizer.tokenize(ns.prompt, add_special=True, parse_special=True)
     model = Transformer(source, device, progress=False)

@@ -1,4 +1,4 @@
-"""kquant-imatrix: llama-imatrix's command line over kquant.imatrix.
+"""kquant-imatrix: llama-imatrix's command line over kquant.calibration.imatrix.
 
     kquant-imatrix -m MODEL -f TEXT [-o imatrix.gguf] [--output-format gguf|dat] [-c 512] [-b N]
                    [--chunks N] [--chunk|--from-chunk N] [--process-output] [--no-ppl]
@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..source import ModelError
+from ..errors import ModelError
 from . import run_command
 
 
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _params(ns: argparse.Namespace):
-    from ..imatrix import ImatrixParams
+    from ..calibration.imatrix import ImatrixParams
 
     fmt = ns.output_format
     if fmt is None:
@@ -75,7 +75,7 @@ def _params(ns: argparse.Namespace):
 
 
 def _show_statistics(ns: argparse.Namespace) -> None:
-    from ..imatrix_stats import format_statistics, plot_statistics, statistics_of_file
+    from ..calibration.statistics import format_statistics, plot_statistics, statistics_of_file
 
     if len(ns.in_file) != 1:
         raise ModelError("a single imatrix file (--in-file) is required to compute tensor statistics")
@@ -103,7 +103,7 @@ def _run(ns: argparse.Namespace) -> int:
     if ns.show_statistics:
         _show_statistics(ns)
         return 0
-    from ..imatrix import combine_files, run_imatrix
+    from ..calibration.imatrix import combine_files, run_imatrix
 
     params = _params(ns)
     if not ns.file:

@@ -1,4 +1,4 @@
-"""kquant-perplexity: llama-perplexity's perplexity and KL-divergence modes over kquant.perplexity.
+"""kquant-perplexity: llama-perplexity's perplexity and KL-divergence modes over kquant.validation.perplexity.
 
     kquant-perplexity -m MODEL -f TEXT [-c 512] [-b 2048] [--chunks N] [--ppl-stride S]
                       [--ppl-output-type 0|1] [--kl-divergence-base F] [-t N] [--device auto|cpu|cuda]
@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..source import ModelError
+from ..errors import ModelError
 from . import run_command
 
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(ns: argparse.Namespace) -> int:
-    from ..perplexity import KLDivergenceResult, PerplexityParams, run_perplexity
+    from ..validation.perplexity import KLDivergenceResult, PerplexityParams, run_perplexity
 
     if not ns.model:
         raise ModelError("no model: give -m MODEL")

@@ -1,4 +1,4 @@
-"""kquant-quantize: llama-quantize's command line over kquant.quantize_model.
+"""kquant-quantize: llama-quantize's command line over kquant.quantization.pipeline.
 
     kquant-quantize [options] INPUT [OUTPUT] TYPE [nthreads]
 
@@ -12,10 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-from .. import mixes
-from ..quantize_model import (QuantizeOptions, default_output_name, open_model,
+from ..quantization import mixes
+from ..models import open_model
+from ..quantization.pipeline import (QuantizeOptions, default_output_name,
                               parse_override_kv, plan_quantization, quantize_model)
-from ..source import ModelError
+from ..errors import ModelError
 from . import run_command
 
 TYPES_HELP = ", ".join(sorted(k for k in mixes.FTYPES if not k.startswith(("IQ", "TQ", "MX", "Q1"))))

@@ -9,7 +9,7 @@ then integer dot products per block scaled by the block scales.
     Y = dot(w, "Q4_K", X)                      # picks the block kernels or dequantize + BLAS
 
 The Numba CPU kernels live in kquant.matmul.cpu (with .kquants, .legacy, .floats, the
-vector helpers in .simd and the activation quantizers in .activations); kquant.matmul.ggml_ref
+vector helpers in .simd and the activation quantizers in .activations); kquant.reference.ggml_cpu
 binds ggml's own CPU kernels for comparison, `python -m kquant.matmul.asm` shows the
 instructions LLVM chose. The GPU kernels are kquant.matmul.cuda, imported on their own.
 """

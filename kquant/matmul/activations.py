@@ -83,7 +83,7 @@ class Activations:
         if self.qtype == T.F32:
             return self.values.copy()
         if self.qtype in (T.F16, T.BF16):
-            from ..quants import dequantize
+            from ..codecs.api import dequantize
             return dequantize(self.values.view(np.uint8), self.qtype)
         block = 256 if self.qtype == T.Q8_K else 32
         n, k = self.qs.shape

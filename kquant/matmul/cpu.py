@@ -33,7 +33,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..codecs import vectorizing
-from ..quants import dequantize, numba_threads
+from ..codecs.api import dequantize, numba_threads
 from . import floats, kquants, legacy
 from .activations import Activations, quantize_rows
 
@@ -228,7 +228,7 @@ def kernel(qtype):
 
 def kernel_args(qtype, rng: np.random.Generator | None = None) -> tuple:
     """Arguments qtype's kernel compiles for (a small random matrix), for kquant.matmul.asm."""
-    from ..quants import quantize
+    from ..codecs.api import quantize
 
     qtype = qtype_of(qtype)
     rng = rng or np.random.default_rng(0)

@@ -1,13 +1,14 @@
 """A model's shape and numerics, read from GGUF metadata (what llama.cpp's llama_hparams holds).
 
-Every input kquant reads becomes GGUF metadata first (an HF folder through kquant.hf, exactly as
+Every input kquant reads becomes GGUF metadata first (an HF folder through kquant.files.hf, exactly as
 convert_hf_to_gguf.py writes it), so this is the one place that interprets hyperparameters.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..source import ModelError, ModelSource
+from ..errors import ModelError
+from ..files.source import ModelSource
 
 # llama.cpp's rope type per architecture (llama_model_rope_type): the GGUF converter permutes
 # llama's Q/K rows so that rotated pairs are adjacent (NORM); qwen2/qwen3 keep HF's halves (NEOX)

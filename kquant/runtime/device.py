@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ..source import ModelError
+from ..errors import ModelError
 
 DEVICES = ("auto", "cpu", "cuda")
 

@@ -29,7 +29,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from ..source import ModelError, ModelSource
+from ..errors import ModelError
+from ..models import open_model
+from ..files.source import ModelSource
 from .config import ModelConfig, read_config
 from .device import array_module
 from ..codecs import vectorizing
@@ -311,20 +313,7 @@ class Transformer:
         return self._linear(h, W.output, None, "output.weight", None)
 
 
-def open_source(path: str | Path) -> ModelSource:
-    """The model at `path`: a GGUF file (split files too) or a Hugging Face folder (at float32)."""
-    from ..gguf_source import load_gguf
-    from ..hf import load_hf_model
-
-    p = Path(path)
-    if p.is_dir():
-        return load_hf_model(p, "f32")
-    if p.is_file():
-        return load_gguf(p)
-    raise ModelError(f"{path}: no such model file or folder")
-
-
 def load_model(path: str | Path, device: str = "cpu", progress: bool = True) -> Transformer:
     """A Transformer from a GGUF file (F32/F16/BF16 or quantized; split files too) or a Hugging
     Face model folder (read at float32)."""
-    return Transformer(open_source(path), device, progress)
+    return Transformer(open_model(path, "f32"), device, progress)

@@ -13,8 +13,9 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from tqdm import tqdm
 
-from ..quants import dequantize
-from ..source import ModelError, ModelSource, SourceTensor
+from ..codecs.api import dequantize
+from ..errors import ModelError
+from ..files.source import ModelSource, SourceTensor
 from .activations import block_mins
 from .config import ModelConfig
 

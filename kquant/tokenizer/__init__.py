@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from ..source import ModelError
+from ..errors import ModelError
 from . import pretokenize
 from .bpe import BPE
 from .spm import SPM
@@ -124,7 +124,7 @@ class Tokenizer:
 
     @classmethod
     def from_source(cls, source) -> "Tokenizer":
-        """From a kquant.source.ModelSource (a GGUF file or a Hugging Face folder)."""
+        """From a kquant.files.source.ModelSource (a GGUF file or a Hugging Face folder)."""
         return cls.from_metadata(source.get)
 
     @classmethod

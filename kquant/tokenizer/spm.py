@@ -15,7 +15,7 @@ from heapq import heapify, heappop, heappush
 
 import numpy as np
 
-from ..source import ModelError
+from ..errors import ModelError
 from .unicode import codepoints
 
 _CACHE_LIMIT = 1 << 20

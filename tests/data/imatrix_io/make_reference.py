@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kquant.imatrix_io import Imatrix, ImatrixEntry, save_imatrix_gguf
+from kquant.calibration.imatrix_file import Imatrix, ImatrixEntry, save_imatrix_gguf
 
 HERE = Path(__file__).resolve().parent
 BINARY = Path("/work/cache/llama-build/bin/llama-imatrix")  # or the first argument

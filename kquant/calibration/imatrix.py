@@ -19,11 +19,11 @@ from typing import Any, Callable
 import numpy as np
 from tqdm import tqdm
 
-from .imatrix_io import Imatrix, ImatrixEntry, accumulate, at_path, save_imatrix
-from .runtime import Segment, Transformer
-from .runtime.device import to_host
-from .runtime.kernels import accumulate_sumsq, token_nll
-from .source import ModelError
+from .imatrix_file import Imatrix, ImatrixEntry, accumulate, at_path, save_imatrix
+from ..runtime import Segment, Transformer
+from ..runtime.device import to_host
+from ..runtime.kernels import accumulate_sumsq, token_nll
+from ..errors import ModelError
 
 # llama.cpp's collect_imatrix ignores products of fewer rows ("why are small batches ignored?")
 MIN_ROWS = 16
@@ -163,7 +163,7 @@ def load_in_files(paths: list[str], chunk_size: int) -> Imatrix:
     """The imatrices of --in-file, combined as llama-imatrix combines them."""
     im = Imatrix(chunk_size=chunk_size)
     for path in paths:
-        from .imatrix_io import load_imatrix
+        from .imatrix_file import load_imatrix
         accumulate(im, load_imatrix(path), chunk_size)
     return im
 
@@ -307,8 +307,9 @@ def run_imatrix(model_path: str | Path, text_path: str | Path, params: ImatrixPa
                 progress: bool = True, log: Callable[[str], None] | None = None) -> ImatrixResult:
     """kquant-imatrix: load the model and text, start from `in_files`, compute, save
     `params.out_file` (every `output_frequency` chunks and at the end)."""
-    from .runtime import Transformer, open_source, resolve_device, set_threads
-    from .tokenizer import Tokenizer
+    from ..models import open_model
+    from ..runtime import Transformer, resolve_device, set_threads
+    from ..tokenizer import Tokenizer
 
     log = log or (lambda s: print(s, file=sys.stderr))
     if params.output_format not in ("gguf", "dat"):
@@ -319,7 +320,7 @@ def run_imatrix(model_path: str | Path, text_path: str | Path, params: ImatrixPa
             raise ModelError(f"the output {out} is also an input")
     device = resolve_device(device)
     threads = set_threads(n_threads)
-    source = open_source(model_path)
+    source = open_model(model_path, "f32")
     tokenizer = Tokenizer.from_source(source)
     text = read_text(text_path)
     t0 = time.perf_counter()

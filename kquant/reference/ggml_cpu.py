@@ -9,8 +9,8 @@
         int64_t           nrows;         // rows per call (1 on x86)
     };
 
-libggml-cpu.so comes with llama-cpp-python, next to libggml-base.so (kquant.reference finds
-that one; KQUANT_LIBGGML_CPU names another build). Like kquant.reference this is for tests
+libggml-cpu.so comes with llama-cpp-python, next to libggml-base.so (kquant.reference.libggml finds
+that one; KQUANT_LIBGGML_CPU names another build). Like kquant.reference.libggml this is for tests
 and benchmarks only. `vec_dot_rows` calls ggml's vec_dot from a Numba `prange` loop over the
 weight rows, so ggml and kquant are timed on the same rows, threads and harness.
 """
@@ -24,8 +24,8 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
 
-from ..reference import find_libggml
-from .activations import block_geometry
+from .libggml import find_libggml
+from ..matmul.activations import block_geometry
 
 T = GGMLQuantizationType
 

@@ -3,8 +3,8 @@
     summary = quantize_model("model-f16.gguf", "model-Q4_K_M.gguf", "Q4_K_M", imatrix="imatrix.gguf")
 
 The input is a GGUF file (F32/F16/BF16, split files too; quantized only with
-allow_requantize) or a Hugging Face folder (converted on the fly by kquant.hf). Each tensor's
-type comes from llama.cpp's mix rules (kquant.mixes); tensors are read, quantized and
+allow_requantize) or a Hugging Face folder (converted on the fly by kquant.files.hf). Each tensor's
+type comes from llama.cpp's mix rules (kquant.quantization.mixes); tensors are read, quantized and
 written one at a time, so memory stays at about one tensor in and one out. The output file
 has llama-quantize's metadata and tensor order, byte for byte; it is written to a temporary
 file renamed into place only when complete.
@@ -21,12 +21,14 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFValueType, LlamaFileType
 
 from . import mixes
-from .codecs import CODECS
-from .gguf_source import SPLIT_KEYS, is_gguf, load_gguf
-from .gguf_write import same_file, write_gguf
-from .imatrix_io import load_imatrix, weights_for_quantize
-from .quants import dequantize, quantize
-from .source import KV, ModelError, ModelSource, SourceTensor
+from ..codecs import CODECS
+from ..files.gguf_read import SPLIT_KEYS, load_gguf
+from ..files.gguf_write import same_file, write_gguf
+from ..calibration.imatrix_file import load_imatrix, weights_for_quantize
+from ..codecs.api import dequantize, quantize
+from ..errors import ModelError
+from ..models import open_model
+from ..files.source import KV, ModelSource, SourceTensor
 
 _UNQUANTIZED = (T.F32, T.F16, T.BF16)
 # llama-quantize's own keys for the imatrix it used (tools/quantize/quantize.cpp)
@@ -106,23 +108,6 @@ class Summary:
                 f"BPW), quant size = {self.size_out / mib:.2f} MiB "
                 f"({8 * self.size_out / self.n_elements:.2f} BPW), {self.n_tensors} tensors, "
                 f"{self.seconds:.1f} s")
-
-
-def open_model(path: str | Path, hf_outtype: str = "f16") -> ModelSource:
-    """A GGUF file or a Hugging Face model folder, as a ModelSource. A folder's tensors come
-    as `convert_hf_to_gguf.py --outtype hf_outtype` writes them (its default, f16; "auto"
-    keeps bf16 checkpoints bf16), so that quantizing the folder gives the same file as
-    converting it and running llama-quantize on the result."""
-    p = Path(path)
-    if p.is_dir():
-        from .hf import guess_outtype, load_hf_model  # only needed for folders
-
-        return load_hf_model(p, guess_outtype(p) if hf_outtype == "auto" else hf_outtype)
-    if not p.exists():
-        raise ModelError(f"{p}: no such file or directory")
-    if not is_gguf(p):
-        raise ModelError(f"{p}: neither a GGUF file nor a Hugging Face model folder")
-    return load_gguf(p)
 
 
 def _set(kv: list[KV], item: KV) -> None:

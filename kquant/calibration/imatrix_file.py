@@ -37,7 +37,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
 
-from .source import ModelError
+from ..errors import ModelError
 
 IN_SUM2, COUNTS = ".in_sum2", ".counts"
 

@@ -17,7 +17,8 @@ import numpy as np
 from gguf import GGUFValueType, GGUFWriter
 from tqdm import tqdm
 
-from .source import ModelError, ModelSource
+from ..errors import ModelError
+from .source import ModelSource
 
 __all__ = ["write_gguf"]
 

@@ -8,7 +8,7 @@ import numba
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from .codecs import Codec, get_codec
+from . import Codec, get_codec
 
 QType = GGMLQuantizationType | str | int
 

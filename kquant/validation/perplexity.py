@@ -43,11 +43,11 @@ import numpy as np
 from numba import njit, prange
 from tqdm import tqdm
 
-from .imatrix import N_UBATCH, _ubatches, read_text
-from .runtime import Segment, Transformer
-from .runtime.device import to_host
-from .runtime.kernels import token_nll
-from .source import ModelError
+from ..calibration.imatrix import N_UBATCH, _ubatches, read_text
+from ..runtime import Segment, Transformer
+from ..runtime.device import to_host
+from ..runtime.kernels import token_nll
+from ..errors import ModelError
 
 F32 = np.float32
 LOGITS_MAGIC = b"_logits_"
@@ -795,12 +795,13 @@ def kl_divergence(model: Transformer, base: BaseLogits, params: PerplexityParams
 # --- from files -----------------------------------------------------------------------------
 
 def _load(model_path: str | Path, device: str, n_threads: int | None, progress: bool):
-    from .runtime import open_source, resolve_device, set_threads
-    from .tokenizer import Tokenizer
+    from ..models import open_model
+    from ..runtime import resolve_device, set_threads
+    from ..tokenizer import Tokenizer
 
     device = resolve_device(device)
     threads = set_threads(n_threads)
-    source = open_source(model_path)
+    source = open_model(model_path, "f32")
     tokenizer = Tokenizer.from_source(source)
     if tokenizer.add_eos:
         raise ModelError("the model's tokenizer adds EOS to every text, which llama-perplexity does not "

@@ -42,7 +42,8 @@ import numpy as np
 import gguf
 from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType, MODEL_ARCH, MODEL_TENSOR
 
-from .source import KV, ModelError, ModelSource, SourceTensor
+from ..errors import ModelError
+from .source import KV, ModelSource, SourceTensor
 
 __all__ = [
     "load_hf_model", "default_outfile_name", "SUPPORTED_ARCHITECTURES", "OUTTYPES",

@@ -1,6 +1,6 @@
 """What the quantize pipeline reads: a model as GGUF metadata plus lazily loaded tensors.
 
-A GGUF file (kquant.gguf_source) and a Hugging Face folder (kquant.hf) both become a
+A GGUF file (kquant.files.gguf_read) and a Hugging Face folder (kquant.files.hf) both become a
 `ModelSource`: the key-value pairs in the order they are written, and the tensors under their
 GGUF names, each loaded only when asked for, so that a model is never all in memory at once.
 """
@@ -11,10 +11,6 @@ from typing import Any, Callable
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
-
-
-class ModelError(ValueError):
-    """A model input kquant cannot use: one clear message for the user, no traceback."""
 
 
 @dataclass

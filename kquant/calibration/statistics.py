@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 from numba import njit
 
-from .imatrix_io import Imatrix, accumulate, load_imatrix
-from .source import ModelError
+from .imatrix_file import Imatrix, accumulate, load_imatrix
+from ..errors import ModelError
 
 __all__ = ["TensorStats", "compute_statistics", "format_statistics", "plot_statistics",
            "statistics_of_file"]
