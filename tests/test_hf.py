@@ -1,4 +1,4 @@
-"""kquant.files.hf / kquant.files.gguf_write / kquant-convert against llama.cpp's convert_hf_to_gguf.py.
+"""kquant.files.hf (with kquant.archs) / kquant.files.gguf_write / kquant-convert against llama.cpp's convert_hf_to_gguf.py.
 
 The fixtures (tests/make_hf_fixtures.py) are built into a temporary folder; the reference results
 in tests/data/hf_reference/*.json were recorded from llama.cpp's own converter on those exact
@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_hf_fixtures as fixtures  # noqa: E402
 from kquant.cli import convert as convert_cli  # noqa: E402
 from kquant.files.gguf_write import write_gguf  # noqa: E402
-from kquant.files.hf import bpe_pre_tokenizer_name, default_outfile_name, load_hf_model  # noqa: E402
+from kquant.files.hf import default_outfile_name, load_hf_model  # noqa: E402
+from kquant.files.hf_vocab import bpe_pre_tokenizer_name  # noqa: E402
 from kquant.errors import ModelError
 from kquant.files.source import ModelSource, SourceTensor  # noqa: E402
 
@@ -115,6 +116,16 @@ def test_default_outfile_name(built):
     assert default_outfile_name(load_hf_model(built["tiny-smollm"], "f32")) == "Tiny-Smollm-103K-F32.gguf"
 
 
+def test_arch_registry():
+    """kquant.archs finds each architecture file by GGUF name and by Hugging Face class."""
+    from kquant.archs import ARCHS, arch_for_hf_class, get_arch
+    assert sorted(ARCHS) == ["llama", "qwen2", "qwen3"]
+    assert arch_for_hf_class("MistralForCausalLM") is arch_for_hf_class("LlamaForCausalLM") is get_arch("llama")
+    assert arch_for_hf_class("Qwen3ForCausalLM").name == "qwen3"
+    assert arch_for_hf_class("GPT2LMHeadModel") is None
+    assert [get_arch(n).rope_neox for n in ("llama", "qwen2", "qwen3")] == [False, True, True]
+
+
 def test_pre_tokenizer_names():
     def split(regex):
         return {"pre_tokenizer": fixtures._split_pre(regex)}
@@ -183,8 +194,8 @@ def test_missing_tokenizer(built, tmp_path):
 
 def test_unknown_tensor(built, tmp_path):
     d = _copy(built, "tiny-smollm", tmp_path)
-    from kquant.files.hf import _index_tensors
-    tensors = {name: st.load().astype(np.float32) for name, st in _index_tensors(d).items()}
+    from kquant.files.safetensors import index_tensors
+    tensors = {name: st.load().astype(np.float32) for name, st in index_tensors(d).items()}
     tensors["model.layers.0.mystery.weight"] = np.zeros((4, 4), np.float32)
     fixtures.write_safetensors(d / "model.safetensors", tensors, "F32")
     with pytest.raises(ModelError, match="'model.layers.0.mystery.weight'.* has no GGUF name"):
@@ -221,7 +232,7 @@ def test_write_removes_partial_file(built, tmp_path, exc):
 def test_write_refuses_to_overwrite_input(tmp_path):
     f = tmp_path / "model.gguf"
     f.write_bytes(b"GGUF")
-    with pytest.raises(ModelError, match="is the input"):
+    with pytest.raises(ModelError, match="is also an input"):
         write_gguf(ModelSource(arch="llama", kv=[], tensors=[], path=str(f)), f, progress=False)
     assert f.read_bytes() == b"GGUF"
 

@@ -136,7 +136,8 @@ def test_array_module_path_collects_the_same(tiny_llama_f32):
     """The CuPy code path (run here on a numpy stand-in) accumulates what the Numba path does."""
     from test_runtime import _NumpyStandIn
 
-    from kquant.calibration.imatrix import Collector, ImatrixParams, compute_imatrix, read_text
+    from kquant.calibration.imatrix import Collector, ImatrixParams, compute_imatrix
+    from kquant.files.text import read_text
     from kquant.models import open_model
     from kquant.runtime import Transformer
     from kquant.tokenizer import Tokenizer

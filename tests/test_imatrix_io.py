@@ -16,7 +16,7 @@ import pytest
 from kquant.calibration import imatrix_file as imatrix_io
 from kquant.calibration.imatrix_file import (Imatrix, ImatrixEntry, accumulate, at_path, load_imatrix,
                                save_imatrix, save_imatrix_legacy,
-                               save_warnings, weights_for_quantize)
+                               weights_for_quantize)
 from kquant.calibration.statistics import (compute_statistics, format_statistics, plot_statistics,
                                   process_tensor_name, statistics_of_file)
 from kquant.errors import ModelError
@@ -240,29 +240,6 @@ def test_at_path():
     assert at_path("imatrix.gguf", 20) == "imatrix.gguf.at_20"
     assert at_path(Path("out/x.dat"), 3) == os.path.join("out", "x.dat") + ".at_3"
     assert at_path("imatrix.gguf", 0) == "imatrix.gguf"
-
-
-def test_save_warnings():
-    """As llama-imatrix logs them (stderr, --no-log-prefix) for a.gguf."""
-    im = Imatrix()
-    accumulate(im, load_imatrix(DATA / "a.gguf"), 512)
-    assert "".join(save_warnings(im, "w.dat", "dat")) == (
-        "\n"
-        "save_imatrix_legacy: entry '                blk.0.ffn_up_exps.weight' has partial data "
-        "(75.00%)\n"
-        "save_imatrix_legacy: entry '                blk.2.ffn_up_exps.weight' has no data - "
-        "skipping\n"
-        "save_imatrix_legacy: storing only 12 out of 13 entries\n")
-    assert "".join(save_warnings(im, "w.dat", "gguf")) == (
-        "\nsave_imatrix: saving imatrix using GGUF format with a different suffix than .gguf\n"
-        "save_imatrix: if you want the previous imatrix format, use --output-format dat\n"
-        "\n"
-        "save_imatrix: entry '                blk.0.ffn_up_exps.weight' has partial data "
-        "(75.00%)\n"
-        "save_imatrix: entry '                blk.2.ffn_up_exps.weight' has partial data "
-        "(0.00%)\n")
-    assert save_warnings(im, "w.dat", "gguf", format_given=True)[0] == "\n"
-    assert save_warnings(im, "w.gguf", "gguf")[0] == "\n"
 
 
 @pytest.mark.parametrize("out,args", STAT_RUNS, ids=[o for o, _ in STAT_RUNS])

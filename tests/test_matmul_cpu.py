@@ -46,7 +46,8 @@ MIN_OFFSET = {"Q4_1": 20, "Q5_1": 24}   # block bytes; the min m is the fp16 at 
 
 @pytest.fixture(scope="module")
 def ggml_cpu():
-    from kquant.reference.ggml_cpu import find_libggml_cpu, ggml_cpu as get
+    from kquant.reference import find_libggml_cpu
+    from kquant.reference.ggml_cpu import ggml_cpu as get
 
     if find_libggml_cpu() is None:
         pytest.skip("llama.cpp's libggml-cpu not found: pip install -e '.[interop]' "

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from kquant.cli.perplexity import main
-from kquant.validation.perplexity import BaseLogits, row_values
+from kquant.validation.logits_file import BaseLogits, row_values
 
 ROOT = Path(__file__).resolve().parents[1]
 REF = Path(__file__).parent / "data" / "perplexity_ref"
@@ -269,7 +269,7 @@ def test_python_api_and_array_module_path(tiny_llama_f32):
     """kquant.validation.perplexity.perplexity on the CuPy code path (a numpy stand-in) gives the same chunks."""
     from test_runtime import _NumpyStandIn
 
-    from kquant.calibration.imatrix import read_text
+    from kquant.files.text import read_text
     from kquant.validation.perplexity import PerplexityParams, perplexity
     from kquant.models import open_model
     from kquant.runtime import Transformer
@@ -453,7 +453,8 @@ int main(int argc, char ** argv) {
 def test_log_prob_kernels_are_llamas_code(tmp_path):
     """On the same logits, kquant's kernels write llama-perplexity's bytes and compute its
     KL-divergence values and sums bit for bit (its C++ compiled here, when a compiler is)."""
-    from kquant.validation.perplexity import _kld_accumulate, _kld_rows, compress_log_probs
+    from kquant.validation.kld import _kld_accumulate, _kld_rows
+    from kquant.validation.logits_file import compress_log_probs
 
     cxx = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if cxx is None:
@@ -696,7 +697,7 @@ PROMPT = "It was a dark and stormy night, and"
 def test_greedy_generation_matches_llama_cpp(capsys, tiny_llama_f32, llama_cpp):
     """Greedy continuation through the KV cache, token by token, = llama.cpp's (llama-cpp-python,
     argmax of its logits) for 20 tokens; kquant-generate streams the same text."""
-    from kquant.cli.generate import Sampler, generate
+    from kquant.validation.generate import Sampler, generate
     from kquant.cli.generate import main as generate_main
     from kquant.models import open_model
     from kquant.runtime import Transformer
@@ -722,7 +723,7 @@ def test_greedy_generation_matches_llama_cpp(capsys, tiny_llama_f32, llama_cpp):
 
 
 def test_sampling_and_stop_tokens(tiny_llama_f32):
-    from kquant.cli.generate import Sampler, generate
+    from kquant.validation.generate import Sampler, generate
     from kquant.models import open_model
     from kquant.runtime import Transformer
     from kquant.tokenizer import Tokenizer

@@ -209,7 +209,7 @@ def test_truncated_gguf(smollm2_f16, tmp_path):
 def test_output_equal_to_input(smollm2_f16, tmp_path):
     before = smollm2_f16.stat().st_mtime_ns
     r = run_cli([str(smollm2_f16), str(smollm2_f16), "Q4_K_M"])
-    assert r.returncode == 1 and "is the input" in r.stderr
+    assert r.returncode == 1 and "is also an input" in r.stderr
     assert smollm2_f16.stat().st_mtime_ns == before
 
 

@@ -139,7 +139,7 @@ def check_pre(work: Path, extra: dict[str, Path] | None = None) -> int:
     """Real vocabularies from llama.cpp's ggml-vocab-*.gguf (and `extra`: pre-tokenizer name ->
     a GGUF of a model of that family): the converter's hash naming vs kquant's naming."""
     from gguf import GGUFReader
-    from kquant.files.hf import bpe_pre_tokenizer_name
+    from kquant.files.hf_vocab import bpe_pre_tokenizer_name
 
     pre_sections = {
         "llama-bpe": fixtures._split_pre(fixtures._LLAMA3_RE),

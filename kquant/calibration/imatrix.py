@@ -9,7 +9,6 @@ Perplexity over the second half of each chunk comes for free from the same pass.
 """
 from __future__ import annotations
 
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -20,14 +19,16 @@ import numpy as np
 from tqdm import tqdm
 
 from .imatrix_file import Imatrix, ImatrixEntry, accumulate, at_path, save_imatrix
-from ..runtime import Segment, Transformer
+from ..files.atomic import refuse_input_as_output
+from ..files.text import read_text
+from ..runtime import Transformer
 from ..runtime.device import to_host
+from ..runtime.chunks import NllTotals, run_chunks
 from ..runtime.kernels import accumulate_sumsq, token_nll
 from ..errors import ModelError
 
 # llama.cpp's collect_imatrix ignores products of fewer rows ("why are small batches ignored?")
 MIN_ROWS = 16
-N_UBATCH = 512  # llama.cpp's default physical batch
 
 
 @dataclass
@@ -189,18 +190,6 @@ def check_against_model(im: Imatrix, model: Transformer, process_output: bool) -
                              f"this model's has {want}")
 
 
-def _ubatches(segments: list[tuple[int, np.ndarray]], n_ubatch: int,
-              n_stream: int) -> list[list[tuple[int, np.ndarray]]]:
-    """Split a batch of (sequence, tokens), all of one length, into llama.cpp's physical
-    batches. One sequence per context (n_stream 1): consecutive pieces of n_ubatch tokens
-    (split_simple). Several: every sequence advances by the same max(1, n_ubatch // n_seqs)
-    tokens per ubatch (split_equal), so a short last ubatch may fall under the 16 rows the
-    imatrix collects from, exactly as in llama-imatrix."""
-    length = len(segments[0][1])
-    step = n_ubatch if n_stream == 1 else max(1, n_ubatch // len(segments))
-    return [[(seq, toks[a:a + step]) for seq, toks in segments] for a in range(0, length, step)]
-
-
 def compute_imatrix(model: Transformer, tokens: np.ndarray, params: ImatrixParams, collector: Collector,
                     bos: int | None, progress: bool = True, log: Callable[[str], None] | None = None) -> ImatrixResult:
     """Run the chunks of `tokens` through the model, collecting into `collector`."""
@@ -220,86 +209,30 @@ def compute_imatrix(model: Transformer, tokens: np.ndarray, params: ImatrixParam
     n_chunk = n_chunk_max if params.n_chunks < 0 else min(params.n_chunks, n_chunk_max)
     n_seq = max(1, params.n_batch // n_ctx)
     n_batch = min(params.n_batch, n_seq * n_ctx)  # below n_ctx, or a multiple of it
-    num_batches = (n_ctx + n_batch - 1) // n_batch
-    n_ubatch = min(N_UBATCH, n_batch)
     first = n_ctx // 2
+    # scored positions: the second half of each chunk, each predicting the next token
+    lo, hi = (first, n_ctx - 1) if params.compute_ppl else (0, 0)
     log(f"computing over {n_chunk} chunks, n_ctx={n_ctx}, batch_size={n_batch}, n_seq={n_seq}")
 
-    caches = [model.new_cache(n_ctx) for _ in range(min(n_seq, n_chunk))]
-    nll = nll2 = 0.0
-    count = 0
+    totals = NllTotals()
     chunk_ppl: list[float] = []
     start_time = time.perf_counter()
     bar = tqdm(total=n_chunk, desc="imatrix", unit="chunk", disable=not progress, file=sys.stderr)
-    for i in range(0, n_chunk, n_seq):
-        start = i * n_ctx
-        n_seq_batch = min(n_seq, n_chunk - i)
-        for c in caches:
-            c.clear()
-        logits: list[list[np.ndarray]] = [[] for _ in range(n_seq_batch)]
-        for j in range(num_batches):
-            batch_start = start + j * n_batch
-            batch_size = min(start + n_ctx - batch_start, n_batch)
-            segs = []
-            for seq in range(n_seq_batch):
-                seq_start = batch_start + seq * n_ctx
-                toks = tokens[seq_start:seq_start + batch_size].copy()
-                if bos is not None and j == 0:
-                    toks[0] = bos
-                segs.append((seq, toks))
-            for ub in _ubatches(segs, n_ubatch, n_seq):
-                rows, r = [], 0
-                for seq, toks in ub:
-                    pos0 = caches[seq].n
-                    if params.compute_ppl:
-                        p = np.arange(pos0, pos0 + len(toks))
-                        rows.extend((r + np.nonzero((p >= first) & (p <= n_ctx - 2))[0]).tolist())
-                    r += len(toks)
-                out = model.forward([Segment(toks, caches[seq]) for seq, toks in ub], collector.observe,
-                                    logit_rows=rows, observe_output=params.process_output)
-                collector.flush()
-                if rows:
-                    out = to_host(out)
-                    r = 0
-                    for seq, toks in ub:
-                        pos0 = caches[seq].n - len(toks)
-                        p = np.arange(pos0, pos0 + len(toks))
-                        n_here = int(((p >= first) & (p <= n_ctx - 2)).sum())
-                        logits[seq].append(out[r:r + n_here])
-                        r += n_here
+    for i, logits, _ in run_chunks(model, tokens, n_chunk, n_ctx, n_seq, n_batch, n_seq, lo, hi, bos,
+                                   collector.observe, params.process_output, collector.flush):
         if params.compute_ppl:
-            for seq in range(n_seq_batch):
-                lg = np.concatenate(logits[seq])
-                s0 = start + seq * n_ctx + first
-                v, _, _ = token_nll(np.ascontiguousarray(lg), tokens[s0 + 1:s0 + 1 + len(lg)])
-                nll += float(v.sum())
-                nll2 += float((v * v).sum())
-                count += len(v)
-                chunk_ppl.append(math.exp(nll / count))
+            for seq in range(len(logits)):
+                s0 = (i + seq) * n_ctx + first
+                v, _, _ = token_nll(logits[seq], tokens[s0 + 1:s0 + 1 + len(logits[seq])])
+                chunk_ppl.append(totals.add(v))
             bar.set_postfix_str(f"ppl {chunk_ppl[-1]:.4f}")
-        bar.update(n_seq_batch)
+        bar.update(len(logits))
     bar.close()
     seconds = time.perf_counter() - start_time
     ppl = err = None
-    if params.compute_ppl and count > 1:
-        mean, mean2 = nll / count, nll2 / count
-        ppl = math.exp(mean)
-        var = mean2 - mean * mean
-        err = math.sqrt(var / (count - 1)) * ppl if var > 0 else None
+    if params.compute_ppl and totals.count > 1:
+        ppl, err = totals.estimate()
     return ImatrixResult(collector.snapshot(), n_chunk, n_chunk * n_ctx, seconds, ppl, err, chunk_ppl)
-
-
-def read_text(path: str | Path) -> str:
-    """The calibration text as llama.cpp's -f reads it: the whole file, less one final newline."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise ModelError(f"{path}: cannot read the text file ({e.strerror})") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ModelError(f"{path}: not UTF-8 text ({e})") from None
-    return text[:-1] if text.endswith("\n") else text
 
 
 def run_imatrix(model_path: str | Path, text_path: str | Path, params: ImatrixParams,
@@ -314,10 +247,7 @@ def run_imatrix(model_path: str | Path, text_path: str | Path, params: ImatrixPa
     log = log or (lambda s: print(s, file=sys.stderr))
     if params.output_format not in ("gguf", "dat"):
         raise ModelError(f"unknown output format {params.output_format!r} (gguf or dat)")
-    out = Path(params.out_file)
-    for p in [model_path, text_path, *(in_files or [])]:
-        if out.exists() and Path(p).exists() and out.resolve() == Path(p).resolve():
-            raise ModelError(f"the output {out} is also an input")
+    refuse_input_as_output(params.out_file, [model_path, text_path, *(in_files or [])])
     device = resolve_device(device)
     threads = set_threads(n_threads)
     source = open_model(model_path, "f32")
@@ -339,10 +269,7 @@ def run_imatrix(model_path: str | Path, text_path: str | Path, params: ImatrixPa
 
 def combine_files(in_files: list[str], params: ImatrixParams) -> tuple[str, int]:
     """No text: the --in-file imatrices combined (or one converted) into params.out_file."""
-    for p in in_files:
-        if Path(p).exists() and Path(params.out_file).exists() and \
-                Path(p).resolve() == Path(params.out_file).resolve():
-            raise ModelError(f"the output {params.out_file} is also an input")
+    refuse_input_as_output(params.out_file, in_files)
     im = load_in_files(in_files, params.n_ctx)
     save_imatrix(im, params.out_file, params.output_format, params.prompt_file)
     return params.out_file, len(im.entries)

@@ -29,15 +29,15 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
 
 from ..errors import ModelError
+from ..files.atomic import write_atomic
 
 IN_SUM2, COUNTS = ".in_sum2", ".counts"
 
@@ -260,36 +260,6 @@ def at_path(path: str | os.PathLike[str], n_chunk: int) -> str:
     return f"{path}.at_{n_chunk}" if n_chunk > 0 else path
 
 
-def _temporary(out: Path) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(name, 0o666 & ~umask)  # mkstemp makes 0600; an imatrix is an ordinary file
-    return Path(name)
-
-
-def _write_atomic(path: str | os.PathLike[str], chunks: Iterable[bytes]) -> Path:
-    """Write the byte chunks to a temporary file in the target's folder and rename it over
-    `path` when all are written; on any error (Ctrl-C included) the temporary file is removed
-    and an earlier file at `path` is left as it was."""
-    out = Path(path)
-    if out.is_dir():
-        raise ModelError(f"{out} is a directory")
-    if not out.parent.is_dir():
-        raise ModelError(f"folder {out.parent} does not exist")
-    tmp = _temporary(out)
-    try:
-        with open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
-
-
 def _c_str(s: str) -> bytes:
     """A string as the C++ passes it (const char *): UTF-8, cut at a NUL."""
     return s.encode("utf-8", "surrogateescape").split(b"\0")[0]
@@ -353,7 +323,7 @@ def save_imatrix_gguf(im: Imatrix, path: str | os.PathLike[str], prompt_file: st
     datasets = list(im.datasets) + ([prompt_file] if prompt_file else [])
     for name in im.entries:  # shape errors before the target is touched
         _check_form(im, name, im.entries[name])
-    return _write_atomic(path, _gguf_chunks(im, datasets))
+    return write_atomic(path, _gguf_chunks(im, datasets))
 
 
 def _legacy_chunks(im: Imatrix, dataset: str) -> Iterator[bytes]:
@@ -406,7 +376,7 @@ def save_imatrix_legacy(im: Imatrix, path: str | os.PathLike[str],
         _check_form(im, name, im.entries[name])
     if not dataset:
         dataset = im.datasets[-1] if im.datasets else ""
-    return _write_atomic(path, _legacy_chunks(im, dataset))
+    return write_atomic(path, _legacy_chunks(im, dataset))
 
 
 def save_imatrix(im: Imatrix, path: str | os.PathLike[str], fmt: str = "gguf",
@@ -415,47 +385,9 @@ def save_imatrix(im: Imatrix, path: str | os.PathLike[str], fmt: str = "gguf",
     the default, or "dat" for `--output-format dat`); the format does not follow the
     suffix. `prompt_file` is llama-imatrix's `-f` file name ("" when only combining
     --in-files): GGUF lists it after im.datasets, .dat stores it (else the last of
-    im.datasets). For the periodic copies pass `at_path(path, n_chunk)`. The write is atomic;
-    see `save_warnings` for the messages llama-imatrix prints with it."""
+    im.datasets). For the periodic copies pass `at_path(path, n_chunk)`. The write is atomic."""
     if fmt == "gguf":
         return save_imatrix_gguf(im, path, prompt_file)
     if fmt == "dat":
         return save_imatrix_legacy(im, path, prompt_file or None)
     raise ValueError(f"invalid output format {fmt!r}: gguf or dat")
-
-
-def save_warnings(im: Imatrix, path: str | os.PathLike[str], fmt: str = "gguf",
-                  format_given: bool = False) -> list[str]:
-    """The messages llama-imatrix logs (to stderr, LOG_INF/LOG_WRN) when it saves `im` to
-    `path`, each with its newline, in name order (the C++ follows its hash map's order):
-    the GGUF suffix warning when the format was not given with --output-format and the
-    name does not end in .gguf, a blank line before the first entry with zero counts, then
-    'has partial data' / 'has no data - skipping' lines and, for .dat, 'storing only'."""
-    msgs: list[str] = []
-    func = "save_imatrix_legacy" if fmt == "dat" else "save_imatrix"
-    if fmt != "dat" and not format_given and not os.fspath(path).endswith(".gguf"):
-        msgs.append("\nsave_imatrix: saving imatrix using GGUF format with a different suffix "
-                    "than .gguf\n")
-        msgs.append("save_imatrix: if you want the previous imatrix format, use "
-                    "--output-format dat\n")
-    first = True
-    stored = 0
-    for name in sorted(im.entries, key=lambda n: n.encode("utf-8", "surrogateescape")):
-        counts = np.asarray(im.entries[name].counts, np.int64).ravel()
-        n_all = counts.size
-        if fmt == "dat" and n_all == 0:
-            continue
-        zeros = int(np.count_nonzero((counts.astype(np.int32) if fmt == "dat" else counts) == 0))
-        if zeros and first:
-            msgs.append("\n")
-            first = False
-        if fmt == "dat" and zeros == n_all:
-            msgs.append(f"{func}: entry '{name:>40}' has no data - skipping\n")
-            continue
-        if zeros:
-            pct = np.float32(100.0) * np.float32(n_all - zeros) / np.float32(n_all)
-            msgs.append(f"{func}: entry '{name:>40}' has partial data ({float(pct):.2f}%)\n")
-        stored += 1
-    if fmt == "dat" and stored < len(im.entries):
-        msgs.append(f"{func}: storing only {stored} out of {len(im.entries)} entries\n")
-    return msgs

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from ..errors import ModelError
-from . import run_command
+from . import add_chunk_args, add_runtime_args, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,10 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="output file (default: imatrix.gguf)")
     ap.add_argument("--output-format", choices=("gguf", "dat"),
                     help="gguf (default) or dat, the legacy format")
-    ap.add_argument("-c", "--ctx-size", type=int, default=512, help="tokens per chunk (default 512)")
-    ap.add_argument("-b", "--batch-size", type=int, default=2048,
-                    help="tokens per batch: b / c chunks run together (default 2048)")
-    ap.add_argument("--chunks", type=int, default=-1, help="chunks to process (default: all)")
+    add_chunk_args(ap)
     ap.add_argument("--chunk", "--from-chunk", dest="from_chunk", type=int, default=0,
                     help="start from this chunk of the text")
     ap.add_argument("--process-output", action="store_true", help="collect output.weight too")
@@ -51,10 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--plot", metavar="F.png", help="with --show-statistics: plot them per layer")
     ap.add_argument("-np", "--parallel", type=int, default=1,
                     help="with --show-statistics: the chunk size is -c / -np, as in llama-imatrix")
-    ap.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all)")
-    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                    help="where the forward pass runs (default: cuda when a GPU is present)")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_runtime_args(ap)
     return ap
 
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from ..errors import ModelError
-from . import run_command
+from . import add_chunk_args, add_runtime_args, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,10 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         "as llama-perplexity computes them."))
     ap.add_argument("-m", "--model", help="GGUF file or Hugging Face model folder")
     ap.add_argument("-f", "--file", help="text file (not needed with --kl-divergence)")
-    ap.add_argument("-c", "--ctx-size", type=int, default=512, help="tokens per chunk (default 512)")
-    ap.add_argument("-b", "--batch-size", type=int, default=2048,
-                    help="tokens per batch: b / c chunks run together (default 2048)")
-    ap.add_argument("--chunks", type=int, default=-1, help="chunks to process (default: all)")
+    add_chunk_args(ap)
     ap.add_argument("--ppl-stride", type=int, default=0,
                     help="strided perplexity: a window every S tokens (default 0: chunks)")
     ap.add_argument("--ppl-output-type", type=int, choices=(0, 1), default=0,
@@ -38,10 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="base logits file: written with -f, read with --kl-divergence")
     ap.add_argument("--kl-divergence", action="store_true",
                     help="KL divergence from the logits of --kl-divergence-base")
-    ap.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all)")
-    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                    help="where the forward pass runs (default: cuda when a GPU is present)")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_runtime_args(ap)
     return ap
 
 
@@ -73,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(ns: argparse.Namespace) -> int:
-    from ..validation.perplexity import KLDivergenceResult, PerplexityParams, run_perplexity
+    from ..validation.kld import KLDivergenceResult
+    from ..validation.perplexity import PerplexityParams, run_perplexity
 
     if not ns.model:
         raise ModelError("no model: give -m MODEL")

@@ -2,14 +2,12 @@
 
 The layout is gguf.cpp's (and gguf's GGUFWriter's): header, the key-value pairs in the
 source's order with their own value types, the tensor infos, then each tensor's data padded
-to the alignment. The data goes to a temporary file in the output's folder that is renamed
-into place only when everything is written; an error or Ctrl-C removes it and leaves any
-earlier file alone.
+to the alignment. The file is written atomically (kquant.files.atomic).
 """
 from __future__ import annotations
 
+import contextlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ from gguf import GGUFValueType, GGUFWriter
 from tqdm import tqdm
 
 from ..errors import ModelError
+from .atomic import atomic_path, check_writable, refuse_input_as_output
 from .source import ModelSource
 
 __all__ = ["write_gguf"]
@@ -47,60 +46,41 @@ def _writer(source: ModelSource) -> GGUFWriter:
     return w
 
 
-def same_file(a: Path, b: Path) -> bool:
-    """Whether two paths name one existing file (links and relative paths included)."""
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def _temporary(out: Path) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(name, 0o666 & ~umask)  # mkstemp makes 0600; a finished model is an ordinary file
-    return Path(name)
-
-
 def write_gguf(source: ModelSource, path: str | os.PathLike[str], progress: bool = True) -> Path:
     """Write `source` to `path` atomically and return the path. Refuses to write over the
     source's own file. `progress` shows a tqdm bar over the bytes."""
     out = Path(path)
-    if source.path and same_file(Path(source.path), out):
-        raise ModelError(f"output {out} is the input: choose another output path")
-    if out.is_dir():
-        raise ModelError(f"{out} is a directory")
-    if not out.parent.is_dir():
-        raise ModelError(f"folder {out.parent} does not exist")
+    if source.path:
+        refuse_input_as_output(out, [source.path])
+    check_writable(out)
     writer = _writer(source)
-    tmp = _temporary(out)
-    try:
-        writer.write_header_to_file(path=tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        total = sum(t.nbytes for t in source.tensors)
-        with tqdm(total=total, unit="B", unit_scale=True, disable=not progress,
-                  desc=out.name, leave=False) as bar:
-            for t in source.tensors:
-                bar.set_postfix_str(t.name, refresh=False)
-                data = np.ascontiguousarray(t.load())
-                if data.nbytes != t.nbytes:
-                    raise ModelError(f"tensor {t.name}: {data.nbytes} bytes of data, {t.nbytes} "
-                                     f"expected ({t.type.name} {list(t.shape)})")
-                writer.write_tensor_data(data.reshape(-1).view(np.uint8))
-                del data
-                if t.release is not None:
-                    t.release()
-                bar.update(t.nbytes)
-        writer.close()
-        os.replace(tmp, out)
-    except BaseException:
+    with atomic_path(out) as tmp:
         try:
-            writer.close()
-        except Exception:  # already failing: the first error is the one to report
-            pass
-        tmp.unlink(missing_ok=True)
-        raise
+            writer.write_header_to_file(path=tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            _write_tensors(writer, source, out.name, progress)
+        except BaseException:
+            with contextlib.suppress(Exception):  # already failing: report the first error
+                writer.close()
+            raise
+        writer.close()
     return out
+
+
+def _write_tensors(writer: GGUFWriter, source: ModelSource, label: str, progress: bool) -> None:
+    """Each tensor's data in turn, loaded, checked, written and released."""
+    total = sum(t.nbytes for t in source.tensors)
+    with tqdm(total=total, unit="B", unit_scale=True, disable=not progress,
+              desc=label, leave=False) as bar:
+        for t in source.tensors:
+            bar.set_postfix_str(t.name, refresh=False)
+            data = np.ascontiguousarray(t.load())
+            if data.nbytes != t.nbytes:
+                raise ModelError(f"tensor {t.name}: {data.nbytes} bytes of data, {t.nbytes} "
+                                 f"expected ({t.type.name} {list(t.shape)})")
+            writer.write_tensor_data(data.reshape(-1).view(np.uint8))
+            del data
+            if t.release is not None:
+                t.release()
+            bar.update(t.nbytes)

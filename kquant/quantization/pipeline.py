@@ -22,8 +22,9 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFValueType, Lla
 
 from . import mixes
 from ..codecs import CODECS
-from ..files.gguf_read import SPLIT_KEYS, load_gguf
-from ..files.gguf_write import same_file, write_gguf
+from ..files.gguf_read import SPLIT_KEYS
+from ..files.atomic import refuse_input_as_output
+from ..files.gguf_write import write_gguf
 from ..calibration.imatrix_file import load_imatrix, weights_for_quantize
 from ..codecs.api import dequantize, quantize
 from ..errors import ModelError
@@ -346,9 +347,8 @@ def quantize_model(input_path: str | Path, output_path: str | Path,
     `<output without .gguf>-0000i-of-0000n.gguf`, each with its split.* keys."""
     t0 = time.perf_counter()
     inp, out = Path(input_path), Path(output_path)
-    if same_file(inp, out) or inp.resolve() == out.resolve():
-        raise ModelError(f"output {out} is the input: choose another output path")
     opts = options or QuantizeOptions()
+    refuse_input_as_output(out, [inp, opts.imatrix])
     source = open_model(inp, opts.hf_outtype)
     plan = plan_quantization(source, ftype, opts)
     result = output_source(plan, opts.n_threads)

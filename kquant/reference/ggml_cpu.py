@@ -17,14 +17,13 @@ weight rows, so ggml and kquant are timed on the same rows, threads and harness.
 from __future__ import annotations
 
 import ctypes
-import os
 from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
 
-from .libggml import find_libggml
+from . import load_library
 from ..matmul.activations import block_geometry
 
 T = GGMLQuantizationType
@@ -43,33 +42,12 @@ _VEC_DOT = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_size_t, ctypes.c_size_t
 _FROM_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int64)
 
 
-def find_libggml_cpu() -> Path | None:
-    env = os.environ.get("KQUANT_LIBGGML_CPU")
-    if env:
-        return Path(env) if Path(env).is_file() else None
-    base = find_libggml()
-    if base is None:
-        return None
-    for name in ("libggml-cpu.so", "libggml-cpu.dylib", "ggml-cpu.dll"):
-        p = base.parent / name
-        if p.is_file():
-            return p
-    return None
-
-
 class GGMLCPU:
     """ggml-cpu's type traits: activation quantizers and vec_dot kernels."""
 
     def __init__(self, path: Path | str | None = None):
-        path = path or find_libggml_cpu()
-        if path is None:
-            raise FileNotFoundError("libggml-cpu not found: install llama-cpp-python==0.3.36 "
-                                    "or set KQUANT_LIBGGML_CPU")
-        self.path = Path(path)
-        base = find_libggml()
-        if base is not None:  # the symbols libggml-cpu needs from it, shared
-            ctypes.CDLL(str(base), mode=ctypes.RTLD_GLOBAL)
-        lib = self.lib = ctypes.CDLL(str(self.path))
+        lib = self.lib = load_library("cpu", path)
+        self.path = Path(lib._name)
         lib.ggml_cpu_init.restype = None
         lib.ggml_cpu_init()
         lib.ggml_get_type_traits_cpu.restype = ctypes.POINTER(_Traits)

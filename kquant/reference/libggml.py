@@ -1,40 +1,16 @@
-"""ctypes bindings to llama.cpp's own libggml-base, the reference kquant is checked against.
-
-The library comes with llama-cpp-python (`pip install kquant[interop]`), or from any llama.cpp
-build named by the KQUANT_LIBGGML environment variable. Used by the parity tests, the golden
-vector generator and the benchmarks; kquant itself never needs it.
-"""
+"""ctypes bindings to llama.cpp's libggml-base and libllama: ggml's quantizers, single ops on
+its CPU backend, and llama_model_quantize (the libraries found by kquant.reference)."""
 from __future__ import annotations
 
 import ctypes
-import os
 from pathlib import Path
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from . import find_library, load_library
+
 _c_float_p = ctypes.POINTER(ctypes.c_float)
-
-
-def find_libggml() -> Path | None:
-    """libggml-base from $KQUANT_LIBGGML or the installed llama_cpp package, else None."""
-    env = os.environ.get("KQUANT_LIBGGML")
-    if env:
-        return Path(env) if Path(env).is_file() else None
-    try:
-        import importlib.util
-
-        spec = importlib.util.find_spec("llama_cpp")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for folder in spec.submodule_search_locations:
-        for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
-            p = Path(folder) / "lib" / name
-            if p.is_file():
-                return p
-    return None
 
 
 class GGML:
@@ -42,12 +18,8 @@ class GGML:
     and the dequantize_row_* functions."""
 
     def __init__(self, path: Path | str | None = None):
-        path = path or find_libggml()
-        if path is None:
-            raise FileNotFoundError("libggml-base not found: install llama-cpp-python==0.3.36 "
-                                    "or set KQUANT_LIBGGML")
-        self.path = Path(path)
-        lib = self.lib = ctypes.CDLL(str(path))
+        lib = self.lib = load_library("base", path)
+        self.path = Path(lib._name)
         lib.ggml_quantize_chunk.restype = ctypes.c_size_t
         lib.ggml_quantize_chunk.argtypes = (ctypes.c_int, _c_float_p, ctypes.c_void_p,
                                             ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
@@ -173,13 +145,9 @@ class GGMLCompute:
     I32, F16 = 26, 1
 
     def __init__(self, path: Path | str | None = None):
-        base_path = Path(path or find_libggml() or "")
-        cpu_path = base_path.with_name(base_path.name.replace("ggml-base", "ggml-cpu"))
-        if not base_path.is_file() or not cpu_path.is_file():
-            raise FileNotFoundError("libggml-base / libggml-cpu not found: install llama-cpp-python==0.3.36")
         vp = ctypes.c_void_p
-        self.base = b = ctypes.CDLL(str(base_path), mode=ctypes.RTLD_GLOBAL)
-        self.cpu = c = ctypes.CDLL(str(cpu_path), mode=ctypes.RTLD_GLOBAL)
+        self.base = b = load_library("base", path)
+        self.cpu = c = load_library("cpu", find_library("cpu", beside=Path(b._name)))
 
         class InitParams(ctypes.Structure):
             _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", vp), ("no_alloc", ctypes.c_bool)]

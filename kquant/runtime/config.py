@@ -2,17 +2,18 @@
 
 Every input kquant reads becomes GGUF metadata first (an HF folder through kquant.files.hf, exactly as
 convert_hf_to_gguf.py writes it), so this is the one place that interprets hyperparameters.
+Which architectures the runtime accepts, and each one's rope style, come from kquant.archs.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gguf import MODEL_TENSOR
+
+from ..archs import ARCHS
+from ..archs.base import tensor_name
 from ..errors import ModelError
 from ..files.source import ModelSource
-
-# llama.cpp's rope type per architecture (llama_model_rope_type): the GGUF converter permutes
-# llama's Q/K rows so that rotated pairs are adjacent (NORM); qwen2/qwen3 keep HF's halves (NEOX)
-ROPE_NEOX = {"qwen2": True, "qwen3": True, "llama": False}
 
 
 @dataclass(frozen=True)
@@ -25,12 +26,11 @@ class ModelConfig:
     n_head_kv: int
     head_dim: int  # attention.key_length (qwen3 has head_dim != n_embd / n_head)
     n_rot: int  # rope.dimension_count: leading dims of each head that rotate
-    rope_neox: bool
+    rope_neox: bool  # the arch's rope style (kquant.archs): NEOX halves or NORM adjacent pairs
     rope_base: float
     rope_freq_scale: float  # 1 / linear scaling factor
     rms_eps: float
     n_vocab: int
-    n_ctx_train: int
 
     @property
     def n_rep(self) -> int:
@@ -41,9 +41,9 @@ class ModelConfig:
 def read_config(source: ModelSource) -> ModelConfig:
     """The hyperparameters of a llama/mistral/qwen2/qwen3 model, with llama.cpp's defaults."""
     arch = source.arch
-    if arch not in ROPE_NEOX:
+    if arch not in ARCHS:
         raise ModelError(f"architecture {arch!r} is not supported by kquant's runtime "
-                         f"(supported: {', '.join(sorted(ROPE_NEOX))})")
+                         f"(supported: {', '.join(sorted(ARCHS))})")
 
     def key(name: str, default=None, required: bool = False):
         value = source.get(f"{arch}.{name}", default)
@@ -65,9 +65,10 @@ def read_config(source: ModelSource) -> ModelConfig:
     factor = float(key("rope.scaling.factor", 0.0) or 0.0)
     tokens = source.get("tokenizer.ggml.tokens")
     n_vocab = int(key("vocab_size", len(tokens) if tokens is not None else 0))
-    embd = next((t for t in source.tensors if t.name == "token_embd.weight"), None)
+    embd_name = tensor_name(MODEL_TENSOR.TOKEN_EMBD)
+    embd = next((t for t in source.tensors if t.name == embd_name), None)
     if embd is None:
-        raise ModelError(f"{source.path}: no token_embd.weight")
+        raise ModelError(f"{source.path}: no {embd_name}")
     n_vocab = embd.shape[1] if len(embd.shape) == 2 else n_vocab
     return ModelConfig(
         arch=arch,
@@ -78,10 +79,9 @@ def read_config(source: ModelSource) -> ModelConfig:
         n_head_kv=n_head_kv,
         head_dim=head_dim,
         n_rot=int(key("rope.dimension_count", head_dim)),
-        rope_neox=ROPE_NEOX[arch],
+        rope_neox=ARCHS[arch].rope_neox,
         rope_base=float(key("rope.freq_base", 10000.0)),
         rope_freq_scale=1.0 / factor if scaling == "linear" and factor > 0 else 1.0,
         rms_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
         n_vocab=n_vocab,
-        n_ctx_train=int(key("context_length", 0) or 0),
     )

@@ -2,17 +2,22 @@
 
 F32 tensors of a GGUF file are used in place (a view of the memory map); F16/BF16 and quantized
 tensors are dequantized with kquant's codecs, which are bit-exact with ggml's, so a quantized
-model computes with exactly the values llama.cpp's dequantization gives.
+model computes with exactly the values llama.cpp's dequantization gives.  Tensors are found under
+gguf's TENSOR_NAMES; the architecture's record (kquant.archs) says which optional block parts
+(Q/K/V biases, Q/K norms) every block of it must have.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
+from gguf import MODEL_TENSOR as MT
 from tqdm import tqdm
 
+from ..archs import Arch, get_arch
+from ..archs.base import BLOCK_PREFIX, tensor_name
 from ..codecs.api import dequantize
 from ..errors import ModelError
 from ..files.source import ModelSource, SourceTensor
@@ -31,11 +36,11 @@ class Layer:
     w_gate: Any
     w_up: Any
     w_down: Any
-    bq: Any = None  # qwen2's Q/K/V biases
+    bq: Any = None  # Q/K/V biases (every qwen2 block; optional in llama's)
     bk: Any = None
     bv: Any = None
     bo: Any = None
-    q_norm: Any = None  # qwen3's per-head RMSNorm of Q and K
+    q_norm: Any = None  # per-head RMSNorm of Q and K (every qwen3 block)
     k_norm: Any = None
 
 
@@ -69,6 +74,39 @@ def tensor_f32(t: SourceTensor) -> np.ndarray:
     return data.reshape(tuple(reversed(t.shape)))
 
 
+# the names under which a model's tensors are found (gguf's TENSOR_NAMES)
+TOKEN_EMBD = tensor_name(MT.TOKEN_EMBD)
+OUTPUT = tensor_name(MT.OUTPUT)
+OUTPUT_NORM = tensor_name(MT.OUTPUT_NORM)
+ROPE_FREQS = tensor_name(MT.ROPE_FREQS)
+
+
+def _load_layer(get: Callable[..., Any], c: ModelConfig, arch: Arch, i: int) -> Layer:
+    """Block i's weights; the arch record says which optional parts its blocks must have."""
+    q_dim, kv_dim = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
+
+    def w(key: MT, shape: tuple[int, ...], required: bool = True, suffix: str = "weight") -> Any:
+        return get(tensor_name(key, i, suffix), shape, required)
+
+    return Layer(
+        attn_norm=w(MT.ATTN_NORM, (c.n_embd,)),
+        wq=w(MT.ATTN_Q, (q_dim, c.n_embd)),
+        wk=w(MT.ATTN_K, (kv_dim, c.n_embd)),
+        wv=w(MT.ATTN_V, (kv_dim, c.n_embd)),
+        wo=w(MT.ATTN_OUT, (c.n_embd, q_dim)),
+        ffn_norm=w(MT.FFN_NORM, (c.n_embd,)),
+        w_gate=w(MT.FFN_GATE, (c.n_ff, c.n_embd)),
+        w_up=w(MT.FFN_UP, (c.n_ff, c.n_embd)),
+        w_down=w(MT.FFN_DOWN, (c.n_embd, c.n_ff)),
+        bq=w(MT.ATTN_Q, (q_dim,), arch.attn_bias, "bias"),
+        bk=w(MT.ATTN_K, (kv_dim,), arch.attn_bias, "bias"),
+        bv=w(MT.ATTN_V, (kv_dim,), arch.attn_bias, "bias"),
+        bo=w(MT.ATTN_OUT, (c.n_embd,), False, "bias"),
+        q_norm=w(MT.ATTN_Q_NORM, (c.head_dim,), arch.qk_norm),
+        k_norm=w(MT.ATTN_K_NORM, (c.head_dim,), arch.qk_norm),
+    )
+
+
 def load_weights(source: ModelSource, config: ModelConfig, xp: Any = np, progress: bool = True) -> Weights:
     """Every weight the forward pass uses, as float32, on the device of array module `xp`."""
     by_name = {t.name: t for t in source.tensors}
@@ -87,46 +125,27 @@ def load_weights(source: ModelSource, config: ModelConfig, xp: Any = np, progres
             raise ModelError(f"{source.path}: tensor {name} holds NaN or Inf")
         return data if xp is np else xp.asarray(data)
 
-    c = config
-    q_dim, kv_dim = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
-    layers = []
-    for i in tqdm(range(c.n_layer), desc="loading", unit="layer", disable=not progress, leave=False):
-        p = f"blk.{i}."
-        layers.append(Layer(
-            attn_norm=get(p + "attn_norm.weight", (c.n_embd,)),
-            wq=get(p + "attn_q.weight", (q_dim, c.n_embd)),
-            wk=get(p + "attn_k.weight", (kv_dim, c.n_embd)),
-            wv=get(p + "attn_v.weight", (kv_dim, c.n_embd)),
-            wo=get(p + "attn_output.weight", (c.n_embd, q_dim)),
-            ffn_norm=get(p + "ffn_norm.weight", (c.n_embd,)),
-            w_gate=get(p + "ffn_gate.weight", (c.n_ff, c.n_embd)),
-            w_up=get(p + "ffn_up.weight", (c.n_ff, c.n_embd)),
-            w_down=get(p + "ffn_down.weight", (c.n_embd, c.n_ff)),
-            bq=get(p + "attn_q.bias", (q_dim,), False),
-            bk=get(p + "attn_k.bias", (kv_dim,), False),
-            bv=get(p + "attn_v.bias", (kv_dim,), False),
-            bo=get(p + "attn_output.bias", (c.n_embd,), False),
-            q_norm=get(p + "attn_q_norm.weight", (c.head_dim,), False),
-            k_norm=get(p + "attn_k_norm.weight", (c.head_dim,), False),
-        ))
+    c, arch = config, get_arch(config.arch)
+    layers = [_load_layer(get, c, arch, i)
+              for i in tqdm(range(c.n_layer), desc="loading", unit="layer", disable=not progress, leave=False)]
     for name in by_name:
-        if name.startswith("blk.") and int(name.split(".")[1]) >= c.n_layer:
+        if name.startswith(BLOCK_PREFIX) and int(name.split(".")[1]) >= c.n_layer:
             raise ModelError(f"{source.path}: tensor {name} is beyond block_count {c.n_layer}")
-    embd = by_name.get("token_embd.weight")
+    embd = by_name.get(TOKEN_EMBD)
     token_embd = tensor_f32(embd)
-    output = get("output.weight", (c.n_vocab, c.n_embd), required=False)
+    output = get(OUTPUT, (c.n_vocab, c.n_embd), required=False)
     if output is None:  # tied embeddings
         output = token_embd if xp is np else xp.asarray(token_embd)
-    freqs = by_name.get("rope_freqs.weight")
+    freqs = by_name.get(ROPE_FREQS)
     types = {t.name: t.type for t in source.tensors if len(t.shape) == 2}
-    types.setdefault("output.weight", embd.type)
+    types.setdefault(OUTPUT, embd.type)
     mins, blocks = {}, {}
     for name, qtype in types.items():
         if qtype not in (T.F32, T.F16, T.BF16):
-            t = by_name["token_embd.weight" if name not in by_name else name]
+            t = by_name[TOKEN_EMBD if name not in by_name else name]
             blocks[name] = np.asarray(t.load()).view(np.uint8).reshape(t.shape[1], -1)
         if qtype in (T.Q4_1, T.Q5_1):
-            t = by_name["token_embd.weight" if name not in by_name else name]
+            t = by_name[TOKEN_EMBD if name not in by_name else name]
             m = block_mins(t.load(), qtype, t.shape[1])
             mins[name] = m if xp is np else xp.asarray(m)
     return Weights(
@@ -134,7 +153,7 @@ def load_weights(source: ModelSource, config: ModelConfig, xp: Any = np, progres
         mins=mins,
         blocks=blocks,
         token_embd=token_embd,
-        output_norm=get("output_norm.weight", (c.n_embd,)),
+        output_norm=get(OUTPUT_NORM, (c.n_embd,)),
         output=output,
         layers=layers,
         rope_freqs=tensor_f32(freqs).ravel() if freqs is not None else None,
