@@ -23,8 +23,10 @@ from ..files.atomic import refuse_input_as_output
 from ..files.text import read_text
 from ..runtime import Transformer
 from ..runtime.device import to_host
+from ..runtime.weights import OUTPUT
 from ..runtime.chunks import NllTotals, run_chunks
 from ..runtime.kernels import accumulate_sumsq, token_nll
+from ..archs.base import BLOCK_PREFIX
 from ..errors import ModelError
 
 # llama.cpp's collect_imatrix ignores products of fewer rows ("why are small batches ignored?")
@@ -79,7 +81,7 @@ class Collector:
     def wants(self, name: str, rows: int) -> bool:
         if rows < MIN_ROWS:
             return False
-        return name.startswith("blk.") or (self.params.process_output and name == "output.weight")
+        return name.startswith(BLOCK_PREFIX) or (self.params.process_output and name == OUTPUT)
 
     def observe(self, name: str, x: Any) -> None:
         """Called with the input of each weight's product. Consecutive calls with the same input
@@ -171,18 +173,13 @@ def load_in_files(paths: list[str], chunk_size: int) -> Imatrix:
 
 def check_against_model(im: Imatrix, model: Transformer, process_output: bool) -> None:
     """Every entry of a loaded imatrix must be a matrix of this model with the same row length."""
-    c = model.config
-    inputs = {"attn_q": c.n_embd, "attn_k": c.n_embd, "attn_v": c.n_embd,
-              "attn_output": c.n_head * c.head_dim, "ffn_gate": c.n_embd, "ffn_up": c.n_embd,
-              "ffn_down": c.n_ff}
+    # each matrix's row length (the width of its input), by GGUF name
+    widths = {name: getattr(layer, field).shape[1]
+              for layer in model.weights.layers for field, name in layer.names.items()}
+    widths[OUTPUT] = model.config.n_embd
     for name, e in im.entries.items():
-        parts = name.split(".")
-        if name == "output.weight":
-            want = c.n_embd
-        elif (len(parts) == 4 and parts[0] == "blk" and parts[1].isdecimal() and parts[3] == "weight"
-              and int(parts[1]) < c.n_layer and parts[2] in inputs):
-            want = inputs[parts[2]]
-        else:
+        want = widths.get(name)
+        if want is None:
             raise ModelError(f"the --in-file imatrix has an entry {name} that this model does not have")
         n_mat = max(1, e.counts.size)
         if e.sums.size != want * n_mat:

@@ -8,7 +8,7 @@ gguf's TENSOR_NAMES; the architecture's record (kquant.archs) says which optiona
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -42,6 +42,9 @@ class Layer:
     bo: Any = None
     q_norm: Any = None  # per-head RMSNorm of Q and K (every qwen3 block)
     k_norm: Any = None
+    # the GGUF name of each matrix ("wq" -> "blk.3.attn_q.weight"): what the imatrix and the
+    # activation rounding (by the matrix's stored type) know it by
+    names: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -81,6 +84,11 @@ OUTPUT_NORM = tensor_name(MT.OUTPUT_NORM)
 ROPE_FREQS = tensor_name(MT.ROPE_FREQS)
 
 
+# each matrix of a block: its Layer field and its gguf tensor
+MATRICES = {"wq": MT.ATTN_Q, "wk": MT.ATTN_K, "wv": MT.ATTN_V, "wo": MT.ATTN_OUT,
+            "w_gate": MT.FFN_GATE, "w_up": MT.FFN_UP, "w_down": MT.FFN_DOWN}
+
+
 def _load_layer(get: Callable[..., Any], c: ModelConfig, arch: Arch, i: int) -> Layer:
     """Block i's weights; the arch record says which optional parts its blocks must have."""
     q_dim, kv_dim = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
@@ -104,6 +112,7 @@ def _load_layer(get: Callable[..., Any], c: ModelConfig, arch: Arch, i: int) -> 
         bo=w(MT.ATTN_OUT, (c.n_embd,), False, "bias"),
         q_norm=w(MT.ATTN_Q_NORM, (c.head_dim,), arch.qk_norm),
         k_norm=w(MT.ATTN_K_NORM, (c.head_dim,), arch.qk_norm),
+        names={f: tensor_name(key, i) for f, key in MATRICES.items()},
     )
 
 
