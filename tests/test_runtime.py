@@ -146,7 +146,7 @@ def test_activation_rounding_is_the_vec_dot_type_roundtrip(wtype):
     import kquant
     from gguf import GGMLQuantizationType as T
 
-    from kquant.runtime.activations import round_activations, vec_dot_type
+    from kquant.matmul.activations import round_activations, vec_dot_type
 
     t = T[wtype]
     x = np.random.default_rng(5).standard_normal((8, 512)).astype(np.float32) * 3
@@ -180,7 +180,7 @@ def test_products_match_ggml_mul_mat(ggml_cpu, wtype):
     import kquant
     from gguf import GGMLQuantizationType as T
 
-    from kquant.runtime.activations import block_mins, min_term_correction, round_activations
+    from kquant.matmul.activations import block_mins, min_term_correction, round_activations
 
     t = T[wtype]
     rng = np.random.default_rng(7)

@@ -1,18 +1,21 @@
-"""Registry of the ggml types kquant encodes and decodes, by `gguf.GGMLQuantizationType`.
+"""The codecs of the ggml types kquant encodes and decodes, by `gguf.GGMLQuantizationType`.
 
 Each codec turns float32 rows (nrows, n_per_row) into the bytes of ggml's blocks and back.
 The Numba kernels live in one module per family; a codec here only allocates and dispatches.
+Which codec class and module serve a type is its record's business (kquant.types).
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
 from types import ModuleType
 
 import numba
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGMLQuantizationType
 
-from . import floats, legacy, q2_k, q3_k, q4_k, q5_k, q6_k, q8_k
+from ..types import TYPES, QuantType, find_type
+from . import floats, legacy
 
 _NO_WEIGHTS = np.zeros(0, np.float32)
 
@@ -37,13 +40,12 @@ def vectorizing():
 class Codec:
     """One ggml type: its block geometry and row-wise quantize/dequantize."""
 
-    #: whether an importance matrix changes the result (ggml ignores it for the others)
-    uses_imatrix = True
-
-    def __init__(self, qtype: GGMLQuantizationType):
-        self.qtype = qtype
-        self.name = qtype.name
-        self.block_size, self.type_size = GGML_QUANT_SIZES[qtype]
+    def __init__(self, record: QuantType):
+        self.qtype = record.qtype
+        self.name = record.name
+        self.block_size, self.type_size = record.block_size, record.type_size
+        #: whether an importance matrix changes the result (ggml ignores it for some types)
+        self.uses_imatrix = record.uses_imatrix
 
     def row_bytes(self, n_per_row: int) -> int:
         return n_per_row // self.block_size * self.type_size
@@ -65,12 +67,12 @@ class Codec:
 
 
 class BlockCodec(Codec):
-    """K-quants: a module with quantize_rows(x, qw, use_qw, out) and dequantize_rows(q, out)."""
+    """K-quants: the record's module, with quantize_rows(x, qw, use_qw, out) and
+    dequantize_rows(q, out)."""
 
-    def __init__(self, qtype: GGMLQuantizationType, module: ModuleType, uses_imatrix: bool = True):
-        super().__init__(qtype)
-        self.module = module
-        self.uses_imatrix = uses_imatrix
+    def __init__(self, record: QuantType):
+        super().__init__(record)
+        self.module: ModuleType = importlib.import_module(f".{record.codec_module}", __package__)
 
     def _quantize(self, x, imatrix, out):
         use_qw = imatrix is not None and self.uses_imatrix
@@ -81,12 +83,12 @@ class BlockCodec(Codec):
 
 
 class LegacyCodec(Codec):
-    """Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: one kernel pair for the family, selected by `kind`."""
+    """Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: one kernel pair for the family, selected by `kind`
+    (legacy's constant named after the type)."""
 
-    def __init__(self, qtype: GGMLQuantizationType, kind: int):
-        super().__init__(qtype)
-        self.kind = kind
-        self.uses_imatrix = kind != legacy.Q8_0
+    def __init__(self, record: QuantType):
+        super().__init__(record)
+        self.kind = getattr(legacy, record.name)
 
     def _quantize(self, x, imatrix, out):
         use_qw = imatrix is not None and self.uses_imatrix
@@ -100,13 +102,11 @@ class LegacyCodec(Codec):
 
 
 class HalfCodec(Codec):
-    """F16 and BF16: 2-byte floats rounded to nearest even."""
+    """F16 and BF16: 2-byte floats rounded to nearest even (floats' constant of that name)."""
 
-    uses_imatrix = False
-
-    def __init__(self, qtype: GGMLQuantizationType, kind: int):
-        super().__init__(qtype)
-        self.kind = kind
+    def __init__(self, record: QuantType):
+        super().__init__(record)
+        self.kind = getattr(floats, record.name)
 
     def _quantize(self, x, imatrix, out):
         floats.quantize_rows(self.kind, x, out.view(np.uint16))
@@ -116,8 +116,6 @@ class HalfCodec(Codec):
 
 
 class F32Codec(Codec):
-    uses_imatrix = False
-
     def _quantize(self, x, imatrix, out):
         out.view(np.float32)[...] = x
 
@@ -125,36 +123,15 @@ class F32Codec(Codec):
         out[...] = q.view(np.float32)
 
 
-T = GGMLQuantizationType
+#: a view of kquant.types: the codec of every registered type that names one
 CODECS: dict[GGMLQuantizationType, Codec] = {
-    c.qtype: c
-    for c in (
-        F32Codec(T.F32),
-        HalfCodec(T.F16, floats.F16),
-        HalfCodec(T.BF16, floats.BF16),
-        LegacyCodec(T.Q4_0, legacy.Q4_0),
-        LegacyCodec(T.Q4_1, legacy.Q4_1),
-        LegacyCodec(T.Q5_0, legacy.Q5_0),
-        LegacyCodec(T.Q5_1, legacy.Q5_1),
-        LegacyCodec(T.Q8_0, legacy.Q8_0),
-        BlockCodec(T.Q2_K, q2_k),
-        BlockCodec(T.Q3_K, q3_k),
-        BlockCodec(T.Q4_K, q4_k),
-        BlockCodec(T.Q5_K, q5_k),
-        BlockCodec(T.Q6_K, q6_k),
-        BlockCodec(T.Q8_K, q8_k, uses_imatrix=False),
-    )
-}
+    r.qtype: globals()[r.codec_class](r) for r in TYPES.values() if r.codec_class is not None}
 
 
 def get_codec(qtype: GGMLQuantizationType | str | int) -> Codec:
     """The codec of a type given as a GGMLQuantizationType, its name ("q4_k") or its id."""
-    try:
-        if isinstance(qtype, str):
-            qtype = GGMLQuantizationType[qtype.strip().upper()]
-        else:
-            qtype = GGMLQuantizationType(qtype)
-        return CODECS[qtype]
-    except (KeyError, ValueError):
+    record = find_type(qtype)
+    if record is None or record.qtype not in CODECS:
         known = ", ".join(c.name for c in CODECS.values())
-        raise ValueError(f"unsupported ggml type {qtype!r}; kquant handles {known}") from None
+        raise ValueError(f"unsupported ggml type {qtype!r}; kquant handles {known}")
+    return CODECS[record.qtype]

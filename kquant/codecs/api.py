@@ -6,11 +6,9 @@ from typing import Iterator
 
 import numba
 import numpy as np
-from gguf import GGMLQuantizationType
 
+from ..types import QType
 from . import Codec, get_codec
-
-QType = GGMLQuantizationType | str | int
 
 
 @contextlib.contextmanager

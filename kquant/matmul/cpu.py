@@ -30,32 +30,25 @@ simd.py or prims.py, clear it (`find kquant -name '*.nb[ic]' -delete`).
 from __future__ import annotations
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGMLQuantizationType
 
 from ..codecs import vectorizing
 from ..codecs.api import dequantize, numba_threads
-from . import floats, kquants, legacy
-from .activations import Activations, quantize_rows
+from ..types import TYPES, weight_types
+from .activations import Activations, qtype_of, quantize_rows, vec_dot_type
 
 T = GGMLQuantizationType
 
-WEIGHT_TYPES = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0,
-                T.F16, T.BF16, T.F32)
+# Views of kquant.types: the weight types, their activation types and their block kernels
+WEIGHT_TYPES = weight_types()
+VEC_DOT_TYPE = {t: TYPES[t].vec_dot for t in WEIGHT_TYPES}
+_KERNELS = {t: TYPES[t].matmul_kernel for t in WEIGHT_TYPES}
 
-VEC_DOT_TYPE = {T.Q2_K: T.Q8_K, T.Q3_K: T.Q8_K, T.Q4_K: T.Q8_K, T.Q5_K: T.Q8_K,
-                T.Q6_K: T.Q8_K, T.Q4_0: T.Q8_0, T.Q5_0: T.Q8_0, T.Q8_0: T.Q8_0,
-                T.Q4_1: T.Q8_1, T.Q5_1: T.Q8_1, T.F16: T.F16, T.BF16: T.BF16, T.F32: T.F32}
-
-_KERNELS = {T.Q2_K: kquants.mm_q2_k, T.Q3_K: kquants.mm_q3_k, T.Q4_K: kquants.mm_q4_k,
-            T.Q5_K: kquants.mm_q5_k, T.Q6_K: kquants.mm_q6_k, T.Q4_0: legacy.mm_q4_0,
-            T.Q4_1: legacy.mm_q4_1, T.Q5_0: legacy.mm_q5_0, T.Q5_1: legacy.mm_q5_1,
-            T.Q8_0: legacy.mm_q8_0, T.F16: floats.mm_f16, T.BF16: floats.mm_bf16,
-            T.F32: floats.mm_f32}
-
-# Tokens from which `dot` dequantizes weight tiles and calls BLAS instead of the block
-# kernels. Measured with `python tools/bench_matvec.py --crossover --threads 1` (4096 x 4096,
-# one Numba and one OpenBLAS thread, this project's 2-vCPU AMD EPYC; ms per call, activation
-# quantization included, block kernels / BLAS):
+# BLAS_MIN_TOKENS (each record's blas_min_tokens in kquant.types): tokens from which `dot`
+# dequantizes weight tiles and calls BLAS instead of the block kernels. Measured with
+# `python tools/bench_matvec.py --crossover --threads 1` (4096 x 4096, one Numba and one
+# OpenBLAS thread, this project's 2-vCPU AMD EPYC; ms per call, activation quantization
+# included, block kernels / BLAS):
 #   type    1 tok        16 tok       64 tok       128 tok       256 tok
 #   Q4_K    1.5 / 12.3   13.9 / 31.3  40.1 / 47.0   81.2 / 70.1  185.9 / 123.4
 #   Q6_K    7.0 / 46.7   24.3 / 75.5  52.4 / 80.7  101.7 / 119.6 174.8 / 150.7
@@ -71,35 +64,13 @@ _KERNELS = {T.Q2_K: kquants.mm_q2_k, T.Q3_K: kquants.mm_q3_k, T.Q4_K: kquants.mm
 # OpenBLAS) puts the crossings at the same places give or take one column (Q4_K 256, Q4_0 64,
 # Q8_0 128, F32 1).
 # (The shared machine makes single cells noisy; the thresholds follow the rows' trend.)
-BLAS_MIN_TOKENS = {T.Q2_K: 128, T.Q3_K: 128, T.Q4_K: 128, T.Q5_K: 128, T.Q6_K: 256,
-                   T.Q4_0: 128, T.Q4_1: 64, T.Q5_0: 64, T.Q5_1: 64, T.Q8_0: 64, T.F16: 128,
-                   T.BF16: 64, T.F32: 2}
+BLAS_MIN_TOKENS = {t: TYPES[t].blas_min_tokens for t in WEIGHT_TYPES}
 
 #: float32 values per dequantized weight tile on the BLAS path (64 MiB: a 4096 x 4096 matrix
 #: in one tile). Large on purpose: every switch between Numba's thread pool (dequantizing) and
 #: OpenBLAS's (whose threads spin a while after each call) costs, on 2 cores 4x the work
 #: itself with 1 MiB tiles (124 ms against 28 ms for 16 MiB, 4096 x 4096 Q4_K, 8 tokens).
 BLAS_TILE_VALUES = 1 << 24
-
-
-def qtype_of(qtype) -> GGMLQuantizationType:
-    """A weight type given as a GGMLQuantizationType, its name or its number."""
-    try:
-        if isinstance(qtype, str):
-            t = T[qtype.strip().upper()]
-        else:
-            t = T(int(qtype))
-    except (KeyError, ValueError):
-        t = None
-    if t not in VEC_DOT_TYPE:
-        known = ", ".join(t.name for t in WEIGHT_TYPES)
-        raise ValueError(f"unsupported weight type {qtype!r}; kquant.matmul handles {known}")
-    return t
-
-
-def vec_dot_type(weight_type) -> GGMLQuantizationType:
-    """The activation type ggml's CPU dot product of `weight_type` wants (type_traits_cpu)."""
-    return VEC_DOT_TYPE[qtype_of(weight_type)]
 
 
 def weight_rows(w: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndarray, int]:
@@ -110,7 +81,7 @@ def weight_rows(w: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndarray,
     if not isinstance(w, np.ndarray) or w.ndim != 2:
         raise ValueError("weights must be a 2-D numpy array (rows, row_bytes or values)")
     wb = np.ascontiguousarray(w).view(np.uint8)
-    block, size = GGML_QUANT_SIZES[qtype]
+    block, size = TYPES[qtype].block_size, TYPES[qtype].type_size
     if wb.shape[1] == 0 or wb.shape[1] % size:
         raise ValueError(f"{qtype.name}: a row of {wb.shape[1]} bytes is not a whole number of "
                          f"{size}-byte blocks")
@@ -150,19 +121,20 @@ def run_blocks(wb: np.ndarray, qtype: GGMLQuantizationType, act: Activations,
     (callers have them); the caller sets the Numba thread count."""
     if out is None:
         out = np.empty((act.n_tok, wb.shape[0]), np.float32)
-    kernel = _KERNELS[qtype]
     with vectorizing():
-        if qtype == T.F32:
-            kernel(wb.view(np.float32), act.values, out)
-        elif qtype in (T.F16, T.BF16):
-            kernel(wb.view(np.uint16), act.values, out)
-        elif VEC_DOT_TYPE[qtype] == T.Q8_K:
-            kernel(wb, act.qs, act.d, act.sums, out)
-        elif VEC_DOT_TYPE[qtype] == T.Q8_1:
-            kernel(wb, act.qs, act.d, act.s, out)
-        else:
-            kernel(wb, act.qs, act.d, act.d, out)
+        _KERNELS[qtype](*_kernel_args(wb, qtype, act, out))
     return out
+
+
+def _kernel_args(wb: np.ndarray, qtype: GGMLQuantizationType, act: Activations,
+                 out: np.ndarray) -> tuple:
+    """What qtype's block kernel takes: the weights (the float types' as their values) and the
+    activation fields its vec_dot type has (the 8-bit kernels take a third array, unused for
+    Q8_0, so all share one signature)."""
+    if act.values is not None:
+        return wb.view(np.float32 if qtype == T.F32 else np.uint16), act.values, out
+    third = act.sums if act.qtype == T.Q8_K else act.s if act.qtype == T.Q8_1 else act.d
+    return wb, act.qs, act.d, third, out
 
 
 def run_blas(wb: np.ndarray, qtype: GGMLQuantizationType, act: Activations,
@@ -235,11 +207,4 @@ def kernel_args(qtype, rng: np.random.Generator | None = None) -> tuple:
     x = rng.standard_normal((4, 512)).astype(np.float32)
     wb = weight_rows(quantize(x, qtype), qtype)[0]
     act = quantize_activations(x[:1], qtype)
-    out = np.empty((1, 4), np.float32)
-    if qtype == T.F32:
-        return wb.view(np.float32), act.values, out
-    if qtype in (T.F16, T.BF16):
-        return wb.view(np.uint16), act.values, out
-    third = act.sums if VEC_DOT_TYPE[qtype] == T.Q8_K else (
-        act.s if VEC_DOT_TYPE[qtype] == T.Q8_1 else act.d)
-    return wb, act.qs, act.d, third, out
+    return _kernel_args(wb, qtype, act, np.empty((1, 4), np.float32))

@@ -35,12 +35,12 @@ from ..files.source import ModelSource
 from .config import ModelConfig, read_config
 from .device import array_module
 from ..codecs import vectorizing
-from ..matmul.activations import quantize_rows
+from ..matmul.activations import (min_term_correction, quantize_rows, round_activations,
+                                  vec_dot_type)
 from ..matmul.cpu import run_blocks, weight_rows
-from .activations import min_term_correction, round_activations, vec_dot_type
 from .kernels import (flash_attention, rope_inplace, rope_table, rope_theta_scale, softmax_causal,
                       swiglu)
-from .weights import Layer, Weights, load_weights
+from .weights import OUTPUT, Layer, Weights, load_weights
 
 Observer = Callable[[str, Any], None]
 
@@ -232,12 +232,12 @@ class Transformer:
     def _block(self, il: int, L: Layer, x: Any, segments: Sequence[Segment], pos: Any,
                observe: Observer | None) -> Any:
         xp, c = self.xp, self.config
-        p = f"blk.{il}."
+        n = L.names
         N = x.shape[0]
         h = self._rms_norm(x, L.attn_norm)
-        q = self._linear(h, L.wq, L.bq, p + "attn_q.weight", observe).reshape(N, c.n_head, c.head_dim)
-        k = self._linear(h, L.wk, L.bk, p + "attn_k.weight", observe).reshape(N, c.n_head_kv, c.head_dim)
-        v = self._linear(h, L.wv, L.bv, p + "attn_v.weight", observe).reshape(N, c.n_head_kv, c.head_dim)
+        q = self._linear(h, L.wq, L.bq, n["wq"], observe).reshape(N, c.n_head, c.head_dim)
+        k = self._linear(h, L.wk, L.bk, n["wk"], observe).reshape(N, c.n_head_kv, c.head_dim)
+        v = self._linear(h, L.wv, L.bv, n["wv"], observe).reshape(N, c.n_head_kv, c.head_dim)
         if L.q_norm is not None:
             q = self._rms_norm(q, L.q_norm)
         if L.k_norm is not None:
@@ -255,16 +255,16 @@ class Transformer:
             cache.v[il][:, n0:n0 + T] = v[r:r + T].transpose(1, 0, 2)
             attn[r:r + T] = self._attention(q[r:r + T], cache.k[il], cache.v[il], n0)
             r += T
-        x = x + self._linear(attn, L.wo, L.bo, p + "attn_output.weight", observe)
+        x = x + self._linear(attn, L.wo, L.bo, n["wo"], observe)
         h = self._rms_norm(x, L.ffn_norm)
-        g = self._linear(h, L.w_gate, None, p + "ffn_gate.weight", observe)
-        u = self._linear(h, L.w_up, None, p + "ffn_up.weight", observe)
+        g = self._linear(h, L.w_gate, None, n["w_gate"], observe)
+        u = self._linear(h, L.w_up, None, n["w_up"], observe)
         # swiglu: silu(g) * u, silu(g) = g / (1 + exp(-g))
         if xp is np:
             swiglu(g, u)
         else:
             g = g / (F32(1.0) + xp.exp(-g)) * u
-        x += self._linear(g, L.w_down, None, p + "ffn_down.weight", observe)
+        x += self._linear(g, L.w_down, None, n["w_down"], observe)
         return x
 
     # --- the pass ---------------------------------------------------------------------------
@@ -300,7 +300,7 @@ class Transformer:
         if observe_output:
             with np.errstate(over="ignore", invalid="ignore"):
                 h = self._rms_norm(x, W.output_norm)
-            observe("output.weight", h)
+            observe(OUTPUT, h)
             if logit_rows is not None:
                 h = h[xp.asarray(np.asarray(logit_rows, np.int64))]
         else:
@@ -310,7 +310,7 @@ class Transformer:
         if not want_logits:
             return None
         self._prepared = (None, None, None)
-        return self._linear(h, W.output, None, "output.weight", None)
+        return self._linear(h, W.output, None, OUTPUT, None)
 
 
 def load_model(path: str | Path, device: str = "cpu", progress: bool = True) -> Transformer:

@@ -21,7 +21,7 @@ from ..archs.base import BLOCK_PREFIX, tensor_name
 from ..codecs.api import dequantize
 from ..errors import ModelError
 from ..files.source import ModelSource, SourceTensor
-from .activations import block_mins
+from ..matmul.activations import block_mins
 from .config import ModelConfig
 
 
@@ -55,7 +55,7 @@ class Weights:
     layers: list[Layer]
     rope_freqs: np.ndarray | None  # llama3's per-frequency divisors
     # each matrix's stored ggml type, by GGUF name: it decides how llama.cpp rounds the
-    # activations multiplied with it (kquant.runtime.activations)
+    # activations multiplied with it (kquant.matmul.activations)
     types: dict[str, T]
     # per-block mins of Q4_1/Q5_1 matrices, which ggml multiplies by Q8_1's fp16 block sums
     mins: dict[str, Any]
