@@ -177,3 +177,17 @@ def get_f32(y, pos):
     u = (np.int64(y[pos]) | (np.int64(y[pos + 1]) << 8)
          | (np.int64(y[pos + 2]) << 16) | (np.int64(y[pos + 3]) << 24))
     return bits_f32(u)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def signed_absmax(n, x):
+    """(x[i], |x[i]|) for the first i of largest |x[i]| among x[:n] (C's `if (ax > amax)`
+    scan: a NaN is passed over); (0, 0) when all are zero or NaN."""
+    max_ = F32(0.0)
+    amax = F32(0.0)
+    for i in range(n):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            max_ = x[i]
+    return max_, amax

@@ -12,26 +12,25 @@ from .bits import bf16_to_fp32, fp16_to_fp32, fp32_to_bf16, fp32_to_fp16
 F16, BF16 = 0, 1
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
-def quantize_rows(kind, x, out):
-    """out: uint16 (nrows, n_per_row)."""
-    nrows, n = x.shape
-    for r in prange(nrows):
-        if kind == F16:
-            for j in range(n):
-                out[r, j] = fp32_to_fp16(x[r, j])
-        else:
-            for j in range(n):
-                out[r, j] = fp32_to_bf16(x[r, j])
-
-
-@njit(cache=True, error_model="numpy", parallel=True)
-def dequantize_rows(kind, h, out):
+@njit(cache=True, error_model="numpy", inline="always")
+def _convert_rows(kind, src, out, to_f16, to_bf16):
+    """out[r, j] = to_f16(src[r, j]) (kind F16) or to_bf16(src[r, j]), rows in parallel."""
     nrows, n = out.shape
     for r in prange(nrows):
         if kind == F16:
             for j in range(n):
-                out[r, j] = fp16_to_fp32(h[r, j])
+                out[r, j] = to_f16(src[r, j])
         else:
             for j in range(n):
-                out[r, j] = bf16_to_fp32(h[r, j])
+                out[r, j] = to_bf16(src[r, j])
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def quantize_rows(kind, x, out):
+    """out: uint16 (nrows, n_per_row)."""
+    _convert_rows(kind, x, out, fp32_to_fp16, fp32_to_bf16)
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def dequantize_rows(kind, h, out):
+    _convert_rows(kind, h, out, fp16_to_fp32, bf16_to_fp32)

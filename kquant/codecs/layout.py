@@ -1,10 +1,42 @@
-"""Bit layouts shared by several K-quant blocks (ggml-common.h's block_q*_K)."""
+"""Bit layouts shared by several K-quant blocks (ggml-common.h's block_q*_K), and the codecs'
+row drivers."""
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 QK_K = 256
+
+
+# The row drivers of the K-quant codecs: each codec's quantize_rows / dequantize_rows is one
+# call with its block function (inlined here, so the rows stay one prange loop and the block
+# function a direct call). qw is a zero-length placeholder without an imatrix; slicing it
+# stays empty.
+
+@njit(cache=True, error_model="numpy", inline="always")
+def quantize_blocks(x, qw, use_qw, out, block_bytes, scratch, quantize_block):
+    """Rows in parallel, each with its own `scratch()` (buffers and search workspace),
+    its QK_K-value blocks in order: quantize_block(x, qw, use_qw, y, scratch)."""
+    nrows, n = x.shape
+    for r in prange(nrows):
+        s = scratch()
+        for i in range(n // QK_K):
+            quantize_block(x[r, i * QK_K:(i + 1) * QK_K], qw[i * QK_K:(i + 1) * QK_K], use_qw,
+                           out[r, i * block_bytes:(i + 1) * block_bytes], s)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def dequantize_blocks(q, out, block_bytes, dequantize_block):
+    """Rows in parallel: dequantize_block(b, y, qk) for each block b and its QK_K values y.
+
+    qk is QK_K as a value LLVM cannot fold (from the shapes): loops bounded by it vectorize
+    where a constant bound does not (see legacy.dequantize_rows); most blocks ignore it."""
+    nrows, n = out.shape
+    qk = n // (q.shape[1] // block_bytes) if q.shape[1] else QK_K
+    for r in prange(nrows):
+        for i in range(n // QK_K):
+            dequantize_block(q[r, i * block_bytes:(i + 1) * block_bytes],
+                             out[r, i * QK_K:(i + 1) * QK_K], qk)
 
 
 @njit(cache=True, error_model="numpy", inline="always")

@@ -6,12 +6,12 @@ dequantize_row_q2_K from ggml-quants.c.
 """
 from __future__ import annotations
 
-import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .bits import F32, get_f16, nearest_int, put_f16
-from .layout import QK_K, pack_2bit
-from .search import make_qkx_quants, make_qp_quants, workspace
+from .layout import QK_K, dequantize_blocks, pack_2bit, quantize_blocks
+from .search import (imatrix_sigma2, imatrix_weights, make_qkx_quants, make_qp_quants,
+                     max_scale_min, qkx_scratch)
 
 BLOCK_BYTES = 84
 _SCALES, _QS, _D, _DMIN = 0, 16, 80, 82
@@ -43,13 +43,7 @@ def quantize_block(x, y, L, weights, scales, mins, ws):
             weights[l] = abs(xs[l])
         scales[j], mins[j] = make_qkx_quants(16, 3, xs, weights, L[16 * j:16 * j + 16],
                                              F32(-0.5), F32(0.1), 15, True, ws)
-    max_scale = _ZERO
-    max_min = _ZERO
-    for j in range(QK_K // 16):
-        if scales[j] > max_scale:
-            max_scale = scales[j]
-        if mins[j] > max_min:
-            max_min = mins[j]
+    max_scale, max_min = max_scale_min(QK_K // 16, scales, mins)
     if max_scale > _ZERO:
         iscale = _Q4SCALE / max_scale
         for j in range(QK_K // 16):
@@ -72,18 +66,10 @@ def quantize_block(x, y, L, weights, scales, mins, ws):
 
 @njit(cache=True, error_model="numpy")
 def quantize_block_imatrix(x, qw, y, L, weights, scales, mins, sw, Ls, Lm, ws):
-    sumx2 = _ZERO
-    for j in range(QK_K):
-        sumx2 += x[j] * x[j]
-    sigma2 = sumx2 / F32(QK_K)
+    sigma2 = imatrix_sigma2(x, F32(1.0))  # 1 * sum is the sum: C has no factor here
     for j in range(QK_K // 16):
         xs = x[16 * j:16 * j + 16]
-        for l in range(16):
-            weights[l] = qw[16 * j + l] * np.sqrt(sigma2 + xs[l] * xs[l])
-        s = _ZERO
-        for l in range(16):
-            s += weights[l]
-        sw[j] = s
+        sw[j] = imatrix_weights(16, qw[16 * j:16 * j + 16], xs, sigma2, weights)
         scales[j], mins[j] = make_qkx_quants(16, 3, xs, weights, L[16 * j:16 * j + 16],
                                              F32(-0.9), F32(0.05), 36, False, ws)
     dm = make_qp_quants(QK_K // 16, 15, scales, Ls, sw, ws)
@@ -96,46 +82,43 @@ def quantize_block_imatrix(x, qw, y, L, weights, scales, mins, sw, Ls, Lm, ws):
     pack_2bit(L, y, _QS)
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _scratch():
+    return qkx_scratch(16, 16)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _quantize_block(x, qw, use_qw, y, s):
+    L, weights, scales, mins, sw, Ls, Lm, ws = s
+    if use_qw:
+        quantize_block_imatrix(x, qw, y, L, weights, scales, mins, sw, Ls, Lm, ws)
+    else:
+        quantize_block(x, y, L, weights, scales, mins, ws)
+
+
 @njit(cache=True, error_model="numpy", parallel=True)
 def quantize_rows(x, qw, use_qw, out):
-    nrows, n = x.shape
-    for r in prange(nrows):
-        L = np.empty(QK_K, np.uint8)
-        ws = workspace()
-        weights = np.empty(16, np.float32)
-        scales = np.empty(16, np.float32)
-        mins = np.empty(16, np.float32)
-        sw = np.empty(16, np.float32)
-        Ls = np.empty(16, np.uint8)
-        Lm = np.empty(16, np.uint8)
-        for i in range(n // QK_K):
-            xb = x[r, i * QK_K:(i + 1) * QK_K]
-            yb = out[r, i * BLOCK_BYTES:(i + 1) * BLOCK_BYTES]
-            if use_qw:
-                quantize_block_imatrix(xb, qw[i * QK_K:(i + 1) * QK_K], yb, L, weights,
-                                       scales, mins, sw, Ls, Lm, ws)
-            else:
-                quantize_block(xb, yb, L, weights, scales, mins, ws)
+    quantize_blocks(x, qw, use_qw, out, BLOCK_BYTES, _scratch, _quantize_block)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _dequantize_block(b, y, qk):
+    d = get_f16(b, _D)
+    dmin = get_f16(b, _DMIN)
+    # C's order: two 128-value halves, each four 2-bit planes of 32 bytes, each plane
+    # two sub-blocks of 16 with their own scale and min
+    for h in range(2):
+        for shift in range(4):
+            for g in range(2):
+                sc = b[_SCALES + 8 * h + 2 * shift + g]
+                dl = d * F32(sc & 0xF)
+                ml = dmin * F32(sc >> 4)
+                base = 128 * h + 32 * shift + 16 * g
+                qb = _QS + 32 * h + 16 * g
+                for l in range(16):
+                    y[base + l] = dl * F32((b[qb + l] >> (2 * shift)) & 3) - ml
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
 def dequantize_rows(q, out):
-    nrows, n = out.shape
-    for r in prange(nrows):
-        for i in range(n // QK_K):
-            b = q[r, i * BLOCK_BYTES:(i + 1) * BLOCK_BYTES]
-            y = out[r, i * QK_K:(i + 1) * QK_K]
-            d = get_f16(b, _D)
-            dmin = get_f16(b, _DMIN)
-            # C's order: two 128-value halves, each four 2-bit planes of 32 bytes, each plane
-            # two sub-blocks of 16 with their own scale and min
-            for h in range(2):
-                for shift in range(4):
-                    for g in range(2):
-                        sc = b[_SCALES + 8 * h + 2 * shift + g]
-                        dl = d * F32(sc & 0xF)
-                        ml = dmin * F32(sc >> 4)
-                        base = 128 * h + 32 * shift + 16 * g
-                        qb = _QS + 32 * h + 16 * g
-                        for l in range(16):
-                            y[base + l] = dl * F32((b[qb + l] >> (2 * shift)) & 3) - ml
+    dequantize_blocks(q, out, BLOCK_BYTES, _dequantize_block)

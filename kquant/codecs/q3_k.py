@@ -6,11 +6,11 @@ Ports quantize_row_q3_K_ref, quantize_row_q3_K_impl and dequantize_row_q3_K.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
-from .bits import F32, get_f16, nearest_int, put_f16, round_nearest
-from .layout import QK_K, pack_2bit, q3_scale
-from .search import make_q3_quants, make_qx_quants, workspace
+from .bits import F32, get_f16, nearest_int, put_f16, round_nearest, signed_absmax
+from .layout import QK_K, dequantize_blocks, pack_2bit, q3_scale, quantize_blocks
+from .search import imatrix_sigma2, imatrix_weights, make_q3_quants, make_qx_quants, workspace
 
 BLOCK_BYTES = 110
 _HMASK, _QS, _SCALES, _D = 0, 32, 96, 108
@@ -59,14 +59,9 @@ def _finish(x, y, L):
 
 @njit(cache=True, error_model="numpy")
 def quantize_block(x, y, L, scales):
-    max_scale = _ZERO
-    amax = _ZERO
     for j in range(QK_K // 16):
         scales[j] = make_q3_quants(16, 4, x[16 * j:16 * j + 16], L[16 * j:16 * j + 16], True)
-        scale = abs(scales[j])
-        if scale > amax:
-            amax = scale
-            max_scale = scales[j]
+    max_scale = signed_absmax(QK_K // 16, scales)[0]
     for j in range(12):
         y[_SCALES + j] = 0
     if max_scale != _ZERO:
@@ -83,18 +78,10 @@ def quantize_block(x, y, L, scales):
 
 @njit(cache=True, error_model="numpy")
 def quantize_block_imatrix(x, qw, y, L, scales, weight, sw, Ls, ws):
-    sumx2 = _ZERO
-    for j in range(QK_K):
-        sumx2 += x[j] * x[j]
-    sigma2 = F32(2.0) * sumx2 / F32(QK_K)
+    sigma2 = imatrix_sigma2(x, F32(2.0))
     for j in range(QK_K // 16):
         xs = x[16 * j:16 * j + 16]
-        for l in range(16):
-            weight[l] = qw[16 * j + l] * np.sqrt(sigma2 + xs[l] * xs[l])
-        sumw = _ZERO
-        for l in range(16):
-            sumw += weight[l]
-        sw[j] = sumw
+        sw[j] = imatrix_weights(16, qw[16 * j:16 * j + 16], xs, sigma2, weight)
         scales[j] = make_qx_quants(16, 4, xs, L[16 * j:16 * j + 16], weight, True, ws)
     for j in range(12):
         y[_SCALES + j] = 0
@@ -105,37 +92,39 @@ def quantize_block_imatrix(x, qw, y, L, scales, weight, sw, Ls, ws):
     _finish(x, y, L)
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _scratch():
+    """L, scales, weight, sw, Ls and the search workspace."""
+    return (np.empty(QK_K, np.int8), np.empty(16, np.float32), np.empty(16, np.float32),
+            np.empty(16, np.float32), np.empty(16, np.int8), workspace())
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _quantize_block(x, qw, use_qw, y, s):
+    L, scales, weight, sw, Ls, ws = s
+    if use_qw:
+        quantize_block_imatrix(x, qw, y, L, scales, weight, sw, Ls, ws)
+    else:
+        quantize_block(x, y, L, scales)
+
+
 @njit(cache=True, error_model="numpy", parallel=True)
 def quantize_rows(x, qw, use_qw, out):
-    nrows, n = x.shape
-    for r in prange(nrows):
-        L = np.empty(QK_K, np.int8)
-        scales = np.empty(16, np.float32)
-        weight = np.empty(16, np.float32)
-        sw = np.empty(16, np.float32)
-        Ls = np.empty(16, np.int8)
-        ws = workspace()
-        for i in range(n // QK_K):
-            xb = x[r, i * QK_K:(i + 1) * QK_K]
-            yb = out[r, i * BLOCK_BYTES:(i + 1) * BLOCK_BYTES]
-            if use_qw:
-                quantize_block_imatrix(xb, qw[i * QK_K:(i + 1) * QK_K], yb, L, scales, weight, sw, Ls, ws)
-            else:
-                quantize_block(xb, yb, L, scales)
+    quantize_blocks(x, qw, use_qw, out, BLOCK_BYTES, _scratch, _quantize_block)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _dequantize_block(b, y, qk):
+    d_all = get_f16(b, _D)
+    for j in range(QK_K // 16):
+        dl = d_all * F32(q3_scale(b, _SCALES, j))
+        for ii in range(16):
+            p = 16 * j + ii
+            low = (b[_QS + (p // 128) * 32 + p % 32] >> (2 * ((p % 128) // 32))) & 3
+            high = (b[_HMASK + p % 32] >> (p // 32)) & 1
+            y[p] = dl * F32(np.int64(low) - (0 if high else 4))
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
 def dequantize_rows(q, out):
-    nrows, n = out.shape
-    for r in prange(nrows):
-        for i in range(n // QK_K):
-            b = q[r, i * BLOCK_BYTES:(i + 1) * BLOCK_BYTES]
-            y = out[r, i * QK_K:(i + 1) * QK_K]
-            d_all = get_f16(b, _D)
-            for j in range(QK_K // 16):
-                dl = d_all * F32(q3_scale(b, _SCALES, j))
-                for ii in range(16):
-                    p = 16 * j + ii
-                    low = (b[_QS + (p // 128) * 32 + p % 32] >> (2 * ((p % 128) // 32))) & 3
-                    high = (b[_HMASK + p % 32] >> (p // 32)) & 1
-                    y[p] = dl * F32(np.int64(low) - (0 if high else 4))
+    dequantize_blocks(q, out, BLOCK_BYTES, _dequantize_block)

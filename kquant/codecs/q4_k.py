@@ -7,11 +7,12 @@ Ports quantize_row_q4_K_ref, quantize_row_q4_K_impl and dequantize_row_q4_K.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .bits import F32, get_f16, nearest_int, put_f16
-from .layout import QK_K, get_scale_min_k4, pack_scale_min_k4
-from .search import make_qkx_quants, make_qp_quants, workspace
+from .layout import QK_K, dequantize_blocks, get_scale_min_k4, pack_scale_min_k4, quantize_blocks
+from .search import (imatrix_sigma2, imatrix_weights, make_qkx_quants, make_qp_quants,
+                     max_scale_min, qkx_scratch)
 
 BLOCK_BYTES = 144
 _D, _DMIN, _SCALES, _QS = 0, 2, 4, 16
@@ -33,13 +34,7 @@ def scales_mins_ref(x, y, L, weights, scales, mins, nmax, rmin, rdelta, nstep, w
             weights[l] = av_x + abs(xs[l])
         scales[j], mins[j] = make_qkx_quants(32, nmax, xs, weights, L[32 * j:32 * j + 32],
                                              rmin, rdelta, nstep, False, ws)
-    max_scale = _ZERO
-    max_min = _ZERO
-    for j in range(QK_K // 32):
-        if scales[j] > max_scale:
-            max_scale = scales[j]
-        if mins[j] > max_min:
-            max_min = mins[j]
+    max_scale, max_min = max_scale_min(QK_K // 32, scales, mins)
     inv_scale = _S63 / max_scale if max_scale > _ZERO else _ZERO
     inv_min = _S63 / max_min if max_min > _ZERO else _ZERO
     for j in range(QK_K // 32):
@@ -57,18 +52,10 @@ def scales_mins_imatrix(x, qw, y, L, weights, scales, mins, sw, Ls, Lm, nmax, cl
 
     `clamp63`: Q5_K's C clamps the levels to 63 before packing, Q4_K's does not; they differ
     only when make_qp_quants wrapped a negative level into its uint8 array."""
-    sum_x2 = _ZERO
-    for l in range(QK_K):
-        sum_x2 += x[l] * x[l]
-    sigma2 = F32(2.0) * sum_x2 / F32(QK_K)
+    sigma2 = imatrix_sigma2(x, F32(2.0))
     for j in range(QK_K // 32):
         xs = x[32 * j:32 * j + 32]
-        for l in range(32):
-            weights[l] = qw[32 * j + l] * np.sqrt(sigma2 + xs[l] * xs[l])
-        sumw = _ZERO
-        for l in range(32):
-            sumw += weights[l]
-        sw[j] = sumw
+        sw[j] = imatrix_weights(32, qw[32 * j:32 * j + 32], xs, sigma2, weights)
         scales[j], mins[j] = make_qkx_quants(32, nmax, xs, weights, L[32 * j:32 * j + 32],
                                              F32(-0.9), F32(0.05), 36, False, ws)
     d_block = make_qp_quants(QK_K // 32, 63, scales, Ls, sw, ws)
@@ -107,49 +94,65 @@ def _pack(L, y):
             y[_QS + j // 2 + l] = L[j + l] | (L[j + l + 32] << 4)
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def scratch():
+    """Q4_K/Q5_K's per-row buffers (8 sub-blocks of 32)."""
+    return qkx_scratch(32, 8)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def scales_mins(x, qw, use_qw, y, s, nmax, clamp63, rmin, rdelta, nstep):
+    """Q4_K/Q5_K's fit of one block, imatrix or reference (its search steps rmin, rdelta,
+    nstep): fills y's d, dmin and scales; returns the levels L, to pack."""
+    L, weights, scales, mins, sw, Ls, Lm, ws = s
+    if use_qw:
+        scales_mins_imatrix(x, qw, y, L, weights, scales, mins, sw, Ls, Lm, nmax, clamp63, ws)
+    else:
+        scales_mins_ref(x, y, L, weights, scales, mins, nmax, rmin, rdelta, nstep, ws)
+    return L
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _quantize_block(x, qw, use_qw, y, s):
+    _pack(scales_mins(x, qw, use_qw, y, s, 15, False, F32(-1.0), F32(0.1), 20), y)
+
+
 @njit(cache=True, error_model="numpy", parallel=True)
 def quantize_rows(x, qw, use_qw, out):
-    nrows, n = x.shape
-    for r in prange(nrows):
-        L = np.empty(QK_K, np.uint8)
-        ws = workspace()
-        weights = np.empty(32, np.float32)
-        scales = np.empty(8, np.float32)
-        mins = np.empty(8, np.float32)
-        sw = np.empty(8, np.float32)
-        Ls = np.empty(8, np.uint8)
-        Lm = np.empty(8, np.uint8)
-        for i in range(n // QK_K):
-            xb = x[r, i * QK_K:(i + 1) * QK_K]
-            yb = out[r, i * BLOCK_BYTES:(i + 1) * BLOCK_BYTES]
-            if use_qw:
-                scales_mins_imatrix(xb, qw[i * QK_K:(i + 1) * QK_K], yb, L, weights,
-                                    scales, mins, sw, Ls, Lm, 15, False, ws)
-            else:
-                scales_mins_ref(xb, yb, L, weights, scales, mins, 15,
-                                F32(-1.0), F32(0.1), 20, ws)
-            _pack(L, yb)
+    quantize_blocks(x, qw, use_qw, out, BLOCK_BYTES, scratch, _quantize_block)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def dequantize_block_k4(b, y, qk, qs, qh):
+    """dequantize_row_q4_K's block (qh < 0), or dequantize_row_q5_K's: its fifth bits at qh."""
+    d = get_f16(b, _D)
+    dmin = get_f16(b, _DMIN)
+    sub = qk // 8  # 32 as a value LLVM cannot fold: see layout.dequantize_blocks
+    for j in range(QK_K // 64):
+        sc, m = get_scale_min_k4(2 * j, b, _SCALES)
+        d1 = d * F32(sc)
+        m1 = dmin * F32(m)
+        sc, m = get_scale_min_k4(2 * j + 1, b, _SCALES)
+        d2 = d * F32(sc)
+        m2 = dmin * F32(m)
+        u1 = 1 << (2 * j)
+        u2 = 2 << (2 * j)
+        for l in range(sub):
+            qb = b[qs + 32 * j + l]
+            h1 = 0
+            h2 = 0
+            if qh >= 0:
+                h1 = 16 if b[qh + l] & u1 else 0
+                h2 = 16 if b[qh + l] & u2 else 0
+            y[64 * j + l] = d1 * F32((qb & 0xF) + h1) - m1
+            y[64 * j + 32 + l] = d2 * F32((qb >> 4) + h2) - m2
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _dequantize_block(b, y, qk):
+    dequantize_block_k4(b, y, qk, _QS, -1)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
 def dequantize_rows(q, out):
-    nrows, n = out.shape
-    # 32 as a value LLVM cannot fold: see legacy.dequantize_rows (vectorizes the l loops)
-    sub = n // (q.shape[1] // BLOCK_BYTES) // 8 if q.shape[1] else 32
-    for r in prange(nrows):
-        for i in range(n // QK_K):
-            b = q[r, i * BLOCK_BYTES:(i + 1) * BLOCK_BYTES]
-            y = out[r, i * QK_K:(i + 1) * QK_K]
-            d = get_f16(b, _D)
-            dmin = get_f16(b, _DMIN)
-            for j in range(QK_K // 64):
-                sc, m = get_scale_min_k4(2 * j, b, _SCALES)
-                d1 = d * F32(sc)
-                m1 = dmin * F32(m)
-                sc, m = get_scale_min_k4(2 * j + 1, b, _SCALES)
-                d2 = d * F32(sc)
-                m2 = dmin * F32(m)
-                for l in range(sub):
-                    qb = b[_QS + 32 * j + l]
-                    y[64 * j + l] = d1 * F32(qb & 0xF) - m1
-                    y[64 * j + 32 + l] = d2 * F32(qb >> 4) - m2
+    dequantize_blocks(q, out, BLOCK_BYTES, _dequantize_block)

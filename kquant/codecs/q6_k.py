@@ -6,10 +6,10 @@ Ports quantize_row_q6_K_ref, quantize_row_q6_K_impl and dequantize_row_q6_K.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
-from .bits import F32, get_f16, nearest_int, put_f16
-from .layout import QK_K
+from .bits import F32, get_f16, nearest_int, put_f16, signed_absmax
+from .layout import QK_K, dequantize_blocks, quantize_blocks
 from .search import GROUP_MAX_EPS, make_qx_quants, workspace
 
 BLOCK_BYTES = 210
@@ -18,19 +18,14 @@ _ZERO = F32(0.0)
 
 
 @njit(cache=True, error_model="numpy")
-def quantize_block(x, qw, use_qw, y, L, scales, ws):
+def quantize_block(x, qw, use_qw, y, s):
     """Both C paths in one: the imatrix path passes the raw importance as make_qx_quants'
     weights, the reference path weights by x^2 (rmse_type 1 with no weights)."""
-    max_scale = _ZERO
-    max_abs_scale = _ZERO
+    L, scales, ws = s
     for ib in range(QK_K // 16):
-        scale = make_qx_quants(16, 32, x[16 * ib:16 * ib + 16], L[16 * ib:16 * ib + 16],
-                               qw[16 * ib:16 * ib + 16], use_qw, ws)
-        scales[ib] = scale
-        abs_scale = abs(scale)
-        if abs_scale > max_abs_scale:
-            max_abs_scale = abs_scale
-            max_scale = scale
+        scales[ib] = make_qx_quants(16, 32, x[16 * ib:16 * ib + 16], L[16 * ib:16 * ib + 16],
+                                    qw[16 * ib:16 * ib + 16], use_qw, ws)
+    max_scale, max_abs_scale = signed_absmax(QK_K // 16, scales)
     if max_abs_scale < GROUP_MAX_EPS:
         for k in range(BLOCK_BYTES):
             y[k] = 0
@@ -59,39 +54,37 @@ def quantize_block(x, qw, use_qw, y, L, scales, ws):
                                    | ((L[j + l + 64] >> 4) << 4) | ((L[j + l + 96] >> 4) << 6))
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _scratch():
+    """L, scales and the search workspace."""
+    return np.empty(QK_K, np.int8), np.empty(16, np.float32), workspace()
+
+
 @njit(cache=True, error_model="numpy", parallel=True)
 def quantize_rows(x, qw, use_qw, out):
-    nrows, n = x.shape
-    for r in prange(nrows):
-        L = np.empty(QK_K, np.int8)
-        scales = np.empty(16, np.float32)
-        ws = workspace()
-        for i in range(n // QK_K):
-            # qw is a zero-length placeholder without an imatrix; slicing it stays empty
-            quantize_block(x[r, i * QK_K:(i + 1) * QK_K], qw[i * QK_K:(i + 1) * QK_K], use_qw,
-                           out[r, i * BLOCK_BYTES:(i + 1) * BLOCK_BYTES], L, scales, ws)
+    quantize_blocks(x, qw, use_qw, out, BLOCK_BYTES, _scratch, quantize_block)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _dequantize_block(b, y, qk):
+    d = get_f16(b, _D)
+    for h in range(2):
+        ql = _QL + 64 * h
+        qh = _QH + 32 * h
+        sc = _SCALES + 8 * h
+        for l in range(32):
+            is_ = l // 16
+            hb = b[qh + l]
+            q1 = np.int64((b[ql + l] & 0xF) | (((hb >> 0) & 3) << 4)) - 32
+            q2 = np.int64((b[ql + l + 32] & 0xF) | (((hb >> 2) & 3) << 4)) - 32
+            q3 = np.int64((b[ql + l] >> 4) | (((hb >> 4) & 3) << 4)) - 32
+            q4 = np.int64((b[ql + l + 32] >> 4) | (((hb >> 6) & 3) << 4)) - 32
+            y[128 * h + l] = d * F32(np.int8(b[sc + is_])) * F32(q1)
+            y[128 * h + l + 32] = d * F32(np.int8(b[sc + is_ + 2])) * F32(q2)
+            y[128 * h + l + 64] = d * F32(np.int8(b[sc + is_ + 4])) * F32(q3)
+            y[128 * h + l + 96] = d * F32(np.int8(b[sc + is_ + 6])) * F32(q4)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
 def dequantize_rows(q, out):
-    nrows, n = out.shape
-    for r in prange(nrows):
-        for i in range(n // QK_K):
-            b = q[r, i * BLOCK_BYTES:(i + 1) * BLOCK_BYTES]
-            y = out[r, i * QK_K:(i + 1) * QK_K]
-            d = get_f16(b, _D)
-            for h in range(2):
-                ql = _QL + 64 * h
-                qh = _QH + 32 * h
-                sc = _SCALES + 8 * h
-                for l in range(32):
-                    is_ = l // 16
-                    hb = b[qh + l]
-                    q1 = np.int64((b[ql + l] & 0xF) | (((hb >> 0) & 3) << 4)) - 32
-                    q2 = np.int64((b[ql + l + 32] & 0xF) | (((hb >> 2) & 3) << 4)) - 32
-                    q3 = np.int64((b[ql + l] >> 4) | (((hb >> 4) & 3) << 4)) - 32
-                    q4 = np.int64((b[ql + l + 32] >> 4) | (((hb >> 6) & 3) << 4)) - 32
-                    y[128 * h + l] = d * F32(np.int8(b[sc + is_])) * F32(q1)
-                    y[128 * h + l + 32] = d * F32(np.int8(b[sc + is_ + 2])) * F32(q2)
-                    y[128 * h + l + 64] = d * F32(np.int8(b[sc + is_ + 4])) * F32(q3)
-                    y[128 * h + l + 96] = d * F32(np.int8(b[sc + is_ + 6])) * F32(q4)
+    dequantize_blocks(q, out, BLOCK_BYTES, _dequantize_block)

@@ -6,10 +6,10 @@ Ports quantize_row_q8_K_ref and dequantize_row_q8_K. No imatrix form exists.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
-from .bits import F32, get_f32, nearest_int, put_f32
-from .layout import QK_K
+from .bits import F32, get_f32, nearest_int, put_f32, signed_absmax
+from .layout import QK_K, dequantize_blocks, quantize_blocks
 
 BLOCK_BYTES = 292
 _D, _QS, _BSUMS = 0, 4, 260
@@ -18,13 +18,7 @@ _ZERO = F32(0.0)
 
 @njit(cache=True, error_model="numpy")
 def quantize_block(x, y):
-    max_ = _ZERO
-    amax = _ZERO
-    for j in range(QK_K):
-        ax = abs(x[j])
-        if ax > amax:
-            amax = ax
-            max_ = x[j]
+    max_, amax = signed_absmax(QK_K, x)
     if amax == _ZERO:
         # The C leaves bsums untouched here; kquant writes zeros (what a zeroed buffer holds).
         for k in range(BLOCK_BYTES):
@@ -42,20 +36,28 @@ def quantize_block(x, y):
     put_f32(y, _D, F32(1.0) / iscale)
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _no_scratch():
+    return 0
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _quantize_block(x, qw, use_qw, y, s):
+    quantize_block(x, y)  # no imatrix form, no scratch
+
+
 @njit(cache=True, error_model="numpy", parallel=True)
 def quantize_rows(x, qw, use_qw, out):
-    nrows, n = x.shape
-    for r in prange(nrows):
-        for i in range(n // QK_K):
-            quantize_block(x[r, i * QK_K:(i + 1) * QK_K], out[r, i * BLOCK_BYTES:(i + 1) * BLOCK_BYTES])
+    quantize_blocks(x, qw, use_qw, out, BLOCK_BYTES, _no_scratch, _quantize_block)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _dequantize_block(b, y, qk):
+    d = get_f32(b, _D)
+    for j in range(QK_K):
+        y[j] = d * F32(np.int8(b[_QS + j]))
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
 def dequantize_rows(q, out):
-    nrows, n = out.shape
-    for r in prange(nrows):
-        for i in range(n // QK_K):
-            b = q[r, i * BLOCK_BYTES:(i + 1) * BLOCK_BYTES]
-            d = get_f32(b, _D)
-            for j in range(QK_K):
-                out[r, i * QK_K + j] = d * F32(np.int8(b[_QS + j]))
+    dequantize_blocks(q, out, BLOCK_BYTES, _dequantize_block)

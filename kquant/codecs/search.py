@@ -14,7 +14,8 @@ import numpy as np
 from numba import njit
 
 from . import search_exact as exact
-from .bits import F32, nearest_int, round_nearest
+from .bits import F32, nearest_int, round_nearest, signed_absmax
+from .layout import QK_K
 
 GROUP_MAX_EPS = F32(1e-15)
 _ZERO = F32(0.0)
@@ -46,6 +47,48 @@ def workspace():
 
 
 @njit(cache=True, error_model="numpy", inline="always")
+def qkx_scratch(sub, nsub):
+    """Per-row buffers of the asymmetric (scale + min) types, sub-blocks of `sub` values,
+    `nsub` a block: L, weights, scales, mins, sw, Ls, Lm and the search workspace."""
+    return (np.empty(QK_K, np.uint8), np.empty(sub, np.float32), np.empty(nsub, np.float32),
+            np.empty(nsub, np.float32), np.empty(nsub, np.float32), np.empty(nsub, np.uint8),
+            np.empty(nsub, np.uint8), workspace())
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def imatrix_sigma2(x, factor):
+    """The imatrix paths' sigma2: factor * sum(x^2) / QK_K over the block, in C's order."""
+    sum_x2 = _ZERO
+    for l in range(QK_K):
+        sum_x2 += x[l] * x[l]
+    return factor * sum_x2 / F32(QK_K)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def imatrix_weights(n, qw, xs, sigma2, weights):
+    """weights[l] = qw[l] * sqrt(sigma2 + xs[l]^2) for a sub-block of n; returns their sum."""
+    for l in range(n):
+        weights[l] = qw[l] * np.sqrt(sigma2 + xs[l] * xs[l])
+    sumw = _ZERO
+    for l in range(n):
+        sumw += weights[l]
+    return sumw
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def max_scale_min(n, scales, mins):
+    """The largest of scales[:n] and of mins[:n] (0 floors, NaNs passed over), as C's scan."""
+    max_scale = _ZERO
+    max_min = _ZERO
+    for j in range(n):
+        if scales[j] > max_scale:
+            max_scale = scales[j]
+        if mins[j] > max_min:
+            max_min = mins[j]
+    return max_scale, max_min
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def _all_finite(n, x):
     ok = True
     for i in range(n):
@@ -60,17 +103,9 @@ def make_qx_quants(n, nmax, x, L, qw, use_qw, ws):
     This is make_qx_quants with rmse_type 1, the only form llama.cpp's types use: weights
     `qw` when given, else x^2. Returns the scale.
     """
-    max_ = _ZERO
-    amax = _ZERO
-    for i in range(n):
-        ax = abs(x[i])
-        if ax > amax:
-            amax = ax
-            max_ = x[i]
+    max_, amax = signed_absmax(n, x)
     if amax < GROUP_MAX_EPS:
-        for i in range(n):
-            L[i] = 0
-        return _ZERO
+        return exact.zero_levels(n, L)
     if not _all_finite(n, x):  # then |iscale * x| <= nmax + 1 in every lane
         return exact.make_qx_quants(n, nmax, x, L, qw, use_qw)
     for i in range(n):
@@ -102,66 +137,26 @@ def make_qx_quants(n, nmax, x, L, qw, use_qw, ws):
             best_k = k
             scale = slx[k] / sl2[k]
             best = scale * slx[k]
-    iscale = ws[_ISC + best_k]
-    for i in range(n):
-        L[i] = nmax + max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
+    exact.set_levels(n, nmax, ws[_ISC + best_k], x, L, nmax)
     return scale
 
 
 @njit(cache=True, error_model="numpy")
 def make_q3_quants(n, nmax, x, L, do_rmse):
     """Q3_K's reference search: x^2-weighted levels refined by coordinate descent."""
-    max_ = _ZERO
-    amax = _ZERO
-    for i in range(n):
-        ax = abs(x[i])
-        if ax > amax:
-            amax = ax
-            max_ = x[i]
+    max_, amax = signed_absmax(n, x)
     if amax < GROUP_MAX_EPS:
-        for i in range(n):
-            L[i] = 0
-        return _ZERO
+        return exact.zero_levels(n, L)
     iscale = F32(-nmax) / max_
     if do_rmse:
-        sumlx = _ZERO
-        suml2 = _ZERO
-        for i in range(n):
-            l = nearest_int(iscale * x[i])
-            l = max(-nmax, min(nmax - 1, l))
-            L[i] = l
-            w = x[i] * x[i]
-            fl = F32(l)
-            sumlx += w * x[i] * fl
-            suml2 += w * fl * fl
-        for _itry in range(5):
-            n_changed = 0
-            for i in range(n):
-                w = x[i] * x[i]
-                fli = F32(L[i])
-                slx = sumlx - w * x[i] * fli
-                if slx > _ZERO:
-                    sl2 = suml2 - w * fli * fli
-                    new_l = nearest_int(x[i] * sl2 / slx)
-                    new_l = max(-nmax, min(nmax - 1, new_l))
-                    if new_l != L[i]:
-                        fnl = F32(new_l)
-                        slx += w * x[i] * fnl
-                        sl2 += w * fnl * fnl
-                        if sl2 > _ZERO and slx * slx * suml2 > sumlx * sumlx * sl2:
-                            L[i] = new_l
-                            sumlx = slx
-                            suml2 = sl2
-                            n_changed += 1
-            if n_changed == 0:
-                break
+        exact.set_levels(n, nmax, iscale, x, L, 0)
+        sumlx, suml2 = exact.qx_sums(n, nmax, iscale, x, x, False)  # weights x^2
+        sumlx, suml2 = exact.refine_levels(n, -nmax, nmax - 1, x, L, x, False, sumlx, suml2,
+                                           True)
         for i in range(n):
             L[i] += nmax
         return sumlx / suml2 if suml2 > _ZERO else _ZERO
-    for i in range(n):
-        l = nearest_int(iscale * x[i])
-        l = max(-nmax, min(nmax - 1, l))
-        L[i] = l + nmax
+    exact.set_levels(n, nmax, iscale, x, L, nmax)
     return _ONE / iscale
 
 
@@ -179,9 +174,7 @@ def make_qkx_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad, ws):
     """
     min_, max_, sum_w, sum_x = exact.qkx_stats(n, x, weights)
     if max_ == min_:
-        for i in range(n):
-            L[i] = 0
-        return _ZERO, -min_
+        return exact.zero_levels(n, L), -min_
     if not (_all_finite(n, x) and max_ - min_ <= _FLT_MAX):
         # a later min can only shrink |iscale * (x - min)| <= nmax + 1 while max - min stays
         # finite; it is re-checked per window below
@@ -234,17 +227,7 @@ def _qkx_trials(n, nmax, x, weights, sum_w, sum_x, min_, max_, rmin, rdelta, sta
         ws[_S1 + k] = _ZERO
         ws[_S2 + k] = _ZERO
         ws[_S3 + k] = _ZERO
-    hi = F32(nmax)
-    for i in range(n):
-        xi = x[i]
-        xm = xi - min_
-        wi = weights[i]
-        for k in range(_QKX_LANES):
-            fl = min(hi, max(_ZERO, round_nearest(ws[_ISC + k] * xm)))
-            wl = wi * fl
-            ws[_S1 + k] += wl
-            ws[_S2 + k] += wl * fl
-            ws[_S3 + k] += wl * xi
+    _qkx_pass(n, nmax, x, weights, min_, use_mad, ws, False)
     for k in range(_QKX_LANES):
         sl = ws[_S1 + k]
         sl2 = ws[_S2 + k]
@@ -259,38 +242,41 @@ def _qkx_trials(n, nmax, x, weights, sum_w, sum_x, min_, max_, rmin, rdelta, sta
         ws[_TSC + k] = this_scale
         ws[_TMN + k] = this_min
         ws[_ERR + k] = _ZERO
+    _qkx_pass(n, nmax, x, weights, min_, use_mad, ws, True)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _qkx_pass(n, nmax, x, weights, min_, use_mad, ws, errors):
+    """One pass of _qkx_trials over x, each lane's levels clamp(round(iscale * (x - min))):
+    their weighted sums l, l^2, l*x (S1, S2, S3) or, with `errors` (a constant), the weighted
+    errors of the lanes' fits (ERR)."""
+    hi = F32(nmax)
     for i in range(n):
         xi = x[i]
         xm = xi - min_
         wi = weights[i]
         for k in range(_QKX_LANES):
             fl = min(hi, max(_ZERO, round_nearest(ws[_ISC + k] * xm)))
-            diff = ws[_TSC + k] * fl + ws[_TMN + k] - xi
-            ws[_ERR + k] += wi * (abs(diff) if use_mad else diff * diff)
+            if errors:
+                diff = ws[_TSC + k] * fl + ws[_TMN + k] - xi
+                ws[_ERR + k] += wi * (abs(diff) if use_mad else diff * diff)
+            else:
+                wl = wi * fl
+                ws[_S1 + k] += wl
+                ws[_S2 + k] += wl * fl
+                ws[_S3 + k] += wl * xi
 
 
 @njit(cache=True, error_model="numpy")
 def make_qp_quants(n, nmax, x, L, quant_weights, ws):
     """Levels in [0, nmax] for non-negative values (the sub-block scales of the imatrix paths)."""
-    max_ = _ZERO
-    for i in range(n):
-        max_ = max_ if max_ > x[i] else x[i]  # C's MAX: takes a NaN x[i]; Numba's max skips it
+    max_ = exact.c_max(n, x)
     if max_ < GROUP_MAX_EPS:
-        for i in range(n):
-            L[i] = 0
-        return _ZERO
+        return exact.zero_levels(n, L)
     for i in range(n):  # the trial lanes need |x| <= max (then |iscale * x| <= nmax + 1)
         if not abs(x[i]) <= max_:
             return exact.make_qp_quants(n, nmax, x, L, quant_weights)
-    iscale = F32(nmax) / max_
-    for i in range(n):
-        L[i] = nearest_int(iscale * x[i])
-    scale = _ONE / iscale
-    best_mse = _ZERO
-    for i in range(n):
-        diff = x[i] - scale * F32(L[i])  # L is uint8: C reads back the wrapped level
-        w = quant_weights[i]
-        best_mse += w * diff * diff
+    iscale, best_mse = exact.qp_levels(n, nmax, x, L, quant_weights, max_)
     # the 8 trials is = -4..-1, 1..4 side by side (lane k: is = k - 4, or k - 3 from k = 4)
     for k in range(8):
         is_ = k - 4 if k < 4 else k - 3

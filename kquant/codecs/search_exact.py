@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .bits import F32, nearest_int
+from .bits import F32, nearest_int, signed_absmax
 
 GROUP_MAX_EPS = F32(1e-15)
 _ZERO = F32(0.0)
@@ -19,50 +19,53 @@ _ONE = F32(1.0)
 _TENTH = F32(0.1)
 
 
-@njit(cache=True, error_model="numpy")
-def make_qx_quants(n, nmax, x, L, qw, use_qw):
-    """make_qx_quants with rmse_type 1: weights qw, or x^2 without them."""
-    max_ = _ZERO
-    amax = _ZERO
+@njit(cache=True, error_model="numpy", inline="always")
+def zero_levels(n, L):
+    """L[:n] = 0; returns the scale 0 (what every search returns for an all-zero group)."""
     for i in range(n):
-        ax = abs(x[i])
-        if ax > amax:
-            amax = ax
-            max_ = x[i]
-    if amax < GROUP_MAX_EPS:
-        for i in range(n):
-            L[i] = 0
-        return _ZERO
-    iscale = F32(-nmax) / max_
+        L[i] = 0
+    return _ZERO
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def set_levels(n, nmax, iscale, x, L, offset):
+    """L[i] = offset + nearest_int(iscale * x[i]) clamped to [-nmax, nmax - 1]."""
+    for i in range(n):
+        L[i] = offset + max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def qx_sums(n, nmax, iscale, x, qw, use_qw):
+    """(sum w*x*l, sum w*l*l) over the levels of set_levels, w = qw or x^2, in C's order."""
     sumlx = _ZERO
     suml2 = _ZERO
     for i in range(n):
-        l = nearest_int(iscale * x[i])
-        l = max(-nmax, min(nmax - 1, l))
-        L[i] = l + nmax
+        l = max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
         w = qw[i] if use_qw else x[i] * x[i]
         fl = F32(l)
         sumlx += w * x[i] * fl
         suml2 += w * fl * fl
+    return sumlx, suml2
+
+
+@njit(cache=True, error_model="numpy")
+def make_qx_quants(n, nmax, x, L, qw, use_qw):
+    """make_qx_quants with rmse_type 1: weights qw, or x^2 without them."""
+    max_, amax = signed_absmax(n, x)
+    if amax < GROUP_MAX_EPS:
+        return zero_levels(n, L)
+    iscale = F32(-nmax) / max_
+    set_levels(n, nmax, iscale, x, L, nmax)
+    sumlx, suml2 = qx_sums(n, nmax, iscale, x, qw, use_qw)
     scale = sumlx / suml2 if suml2 != _ZERO else _ZERO
     best = scale * sumlx
     for is_ in range(-9, 10):
         if is_ == 0:
             continue
         iscale = -(F32(nmax) + _TENTH * F32(is_)) / max_
-        sumlx = _ZERO
-        suml2 = _ZERO
-        for i in range(n):
-            l = nearest_int(iscale * x[i])
-            l = max(-nmax, min(nmax - 1, l))
-            w = qw[i] if use_qw else x[i] * x[i]
-            fl = F32(l)
-            sumlx += w * x[i] * fl
-            suml2 += w * fl * fl
+        sumlx, suml2 = qx_sums(n, nmax, iscale, x, qw, use_qw)
         if suml2 > _ZERO and sumlx * sumlx > best * suml2:
-            for i in range(n):
-                l = nearest_int(iscale * x[i])
-                L[i] = nmax + max(-nmax, min(nmax - 1, l))
+            set_levels(n, nmax, iscale, x, L, nmax)
             scale = sumlx / suml2
             best = scale * sumlx
     return scale
@@ -100,9 +103,7 @@ def make_qkx_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad):
     Laux = np.empty(n, np.uint8)
     min_, max_, sum_w, sum_x = qkx_stats(n, x, weights)
     if max_ == min_:
-        for i in range(n):
-            L[i] = 0
-        return _ZERO, -min_
+        return zero_levels(n, L), -min_
     iscale = F32(nmax) / (max_ - min_)
     scale = _ONE / iscale
     best_error = _ZERO
@@ -149,16 +150,19 @@ def make_qkx_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad):
     return scale, -min_
 
 
-@njit(cache=True, error_model="numpy")
-def make_qp_quants(n, nmax, x, L, quant_weights):
-    """Levels in [0, nmax] for non-negative values (the sub-block scales of the imatrix paths)."""
+@njit(cache=True, error_model="numpy", inline="always")
+def c_max(n, x):
+    """C's MAX over x[:n] from 0: takes a NaN x[i] (Numba's max skips it)."""
     max_ = _ZERO
     for i in range(n):
-        max_ = max_ if max_ > x[i] else x[i]  # C's MAX: takes a NaN x[i]; Numba's max skips it
-    if max_ < GROUP_MAX_EPS:
-        for i in range(n):
-            L[i] = 0
-        return _ZERO
+        max_ = max_ if max_ > x[i] else x[i]
+    return max_
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def qp_levels(n, nmax, x, L, quant_weights, max_):
+    """make_qp_quants' first try, iscale = nmax / max: its levels in L (uint8: stores wrap,
+    and C reads the wrapped level back) and weighted squared error. Returns both."""
     iscale = F32(nmax) / max_
     for i in range(n):
         L[i] = nearest_int(iscale * x[i])
@@ -168,6 +172,16 @@ def make_qp_quants(n, nmax, x, L, quant_weights):
         diff = x[i] - scale * F32(L[i])
         w = quant_weights[i]
         best_mse += w * diff * diff
+    return iscale, best_mse
+
+
+@njit(cache=True, error_model="numpy")
+def make_qp_quants(n, nmax, x, L, quant_weights):
+    """Levels in [0, nmax] for non-negative values (the sub-block scales of the imatrix paths)."""
+    max_ = c_max(n, x)
+    if max_ < GROUP_MAX_EPS:
+        return zero_levels(n, L)
+    iscale, best_mse = qp_levels(n, nmax, x, L, quant_weights, max_)
     for is_ in range(-4, 5):
         if is_ == 0:
             continue
@@ -201,25 +215,39 @@ def qp_refine(n, nmax, x, L, quant_weights, iscale):
         fl = F32(l)
         sumlx += w * x[i] * fl
         suml2 += w * fl * fl
+    sumlx, suml2 = refine_levels(n, 0, nmax, x, L, quant_weights, True, sumlx, suml2, False)
+    return sumlx / suml2 if suml2 > _ZERO else _ZERO
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def refine_levels(n, lo, hi, x, L, qw, use_qw, sumlx, suml2, q3_order):
+    """The passes closing make_q3_quants (`q3_order`) and make_qp_quants: up to five sweeps
+    moving single levels L[i] to the best level for the others' fit while that improves
+    sumlx^2 / suml2 (weights qw, or x^2). Returns the new sumlx, suml2.
+
+    The two C loops differ in their clamps and in one guard: make_q3_quants clamps to
+    [lo, hi] and needs the new sl2 > 0, make_qp_quants clamps to hi only and needs the old
+    sl2 > 0 (computing sl2 before C's make_q3_quants does changes nothing)."""
     for _itry in range(5):
         n_changed = 0
         for i in range(n):
-            w = quant_weights[i]
+            w = qw[i] if use_qw else x[i] * x[i]
             fli = F32(L[i])
             slx = sumlx - w * x[i] * fli
             sl2 = suml2 - w * fli * fli
-            if slx > _ZERO and sl2 > _ZERO:
-                new_l = nearest_int(x[i] * sl2 / slx)
-                new_l = min(nmax, new_l)
+            if slx > _ZERO and (q3_order or sl2 > _ZERO):
+                new_l = min(hi, nearest_int(x[i] * sl2 / slx))
+                if q3_order:
+                    new_l = max(lo, new_l)
                 if new_l != L[i]:
                     fnl = F32(new_l)
                     slx += w * x[i] * fnl
                     sl2 += w * fnl * fnl
-                    if slx * slx * suml2 > sumlx * sumlx * sl2:
+                    if (sl2 > _ZERO or not q3_order) and slx * slx * suml2 > sumlx * sumlx * sl2:
                         L[i] = new_l
                         sumlx = slx
                         suml2 = sl2
                         n_changed += 1
         if n_changed == 0:
             break
-    return sumlx / suml2 if suml2 > _ZERO else _ZERO
+    return sumlx, suml2

@@ -168,6 +168,15 @@ def _weights(dw, weight_type) -> DeviceWeights:
     return to_device(dw, weight_type)
 
 
+def _inputs(dw, weight_type, x):
+    """The DeviceWeights of `dw`; `x` as a device array if it is one, else as numpy; whether
+    it was on the device (the result then stays there)."""
+    dw = _weights(dw, weight_type)  # first: an unsupported type fails before numba.cuda loads
+    dev = _device_array(x)
+    on_device = dev is not None
+    return dw, dev if on_device else np.asarray(x), on_device
+
+
 # ---------------------------------------------------------------------------------------------
 # host API
 
@@ -178,10 +187,7 @@ def matvec(dw, weight_type, x, out=None, *, warps_per_row: int | None = None):
     numpy array returns numpy; as a device array returns a device array (`out` if given, a
     float32 (rows,) device array). `warps_per_row` overrides the launch heuristic (1, 2 or 4).
     """
-    dw = _weights(dw, weight_type)
-    dev = _device_array(x)
-    on_device = dev is not None
-    x = dev if on_device else np.asarray(x)
+    dw, x, on_device = _inputs(dw, weight_type, x)
     if len(x.shape) != 1 or x.shape[0] != dw.cols:
         raise ValueError(f"x must have shape ({dw.cols},), got {tuple(x.shape)}")
     X = x.reshape(1, dw.cols)
@@ -199,10 +205,7 @@ def matmul(dw, weight_type, X, out=None, *, method: str = "auto",
     "auto" (the warp kernel up to MAX_WARP_TOKENS tokens, the tiled kernel above), "warp"
     (any token count, run in groups of up to 8) or "tiled".
     """
-    dw = _weights(dw, weight_type)
-    dev = _device_array(X)
-    on_device = dev is not None
-    X = dev if on_device else np.asarray(X)
+    dw, X, on_device = _inputs(dw, weight_type, X)
     if len(X.shape) != 2 or X.shape[1] != dw.cols:
         raise ValueError(f"X must have shape (tokens, {dw.cols}), got {tuple(X.shape)}")
     if method not in ("auto", "warp", "tiled"):

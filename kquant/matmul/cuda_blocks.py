@@ -40,7 +40,10 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 import numpy as np
+from gguf import GGMLQuantizationType as T
 from numba.extending import register_jitable
+
+from ..types import TYPES, QuantType
 
 
 def _dev(fn):
@@ -165,11 +168,12 @@ def _scale_min_k4(j, s0, s1, s2):
 
 
 @_dev
-def deq_q4_k(q, h, row, blk, s, n, vals):
-    # block_q4_K: d @0, dmin @2, scales[12] @4, qs[128] @16; 36 uint32 words
-    o = blk * 36
-    d = _f16(h, row, blk * 72)
-    dmin = _f16(h, row, blk * 72 + 1)
+def _scales_mins_k4(q, h, row, blk, s, words):
+    """Q4_K/Q5_K (blocks of `words` uint32: d, dmin, then the 12 scale bytes): the factors
+    d1, m1, d2, m2 of sub-blocks 2j, 2j+1, j = s >> 2, the pair slice s reads."""
+    o = blk * words
+    d = _f16(h, row, 2 * o)
+    dmin = _f16(h, row, 2 * o + 1)
     s0 = _w32(q, row, o + 1)
     s1 = _w32(q, row, o + 2)
     s2 = _w32(q, row, o + 3)
@@ -178,8 +182,14 @@ def deq_q4_k(q, h, row, blk, s, n, vals):
     d1 = d * _u(sc)
     m1 = dmin * _u(mn)
     sc, mn = _scale_min_k4(2 * j + 1, s0, s1, s2)
-    d2 = d * _u(sc)
-    m2 = dmin * _u(mn)
+    return d1, m1, d * _u(sc), dmin * _u(mn)
+
+
+@_dev
+def deq_q4_k(q, h, row, blk, s, n, vals):
+    # block_q4_K: d @0, dmin @2, scales[12] @4, qs[128] @16; 36 uint32 words
+    o = blk * 36
+    d1, m1, d2, m2 = _scales_mins_k4(q, h, row, blk, s, 36)
     wa = _w32(q, row, o + 4 + 2 * s)
     wb = _w32(q, row, o + 5 + 2 * s)
     for c in range(4):
@@ -193,18 +203,8 @@ def deq_q4_k(q, h, row, blk, s, n, vals):
 def deq_q5_k(q, h, row, blk, s, n, vals):
     # block_q5_K: d @0, dmin @2, scales[12] @4, qh[32] @16, qs[128] @48; 44 uint32 words
     o = blk * 44
-    d = _f16(h, row, blk * 88)
-    dmin = _f16(h, row, blk * 88 + 1)
-    s0 = _w32(q, row, o + 1)
-    s1 = _w32(q, row, o + 2)
-    s2 = _w32(q, row, o + 3)
     j = s >> 2
-    sc, mn = _scale_min_k4(2 * j, s0, s1, s2)
-    d1 = d * _u(sc)
-    m1 = dmin * _u(mn)
-    sc, mn = _scale_min_k4(2 * j + 1, s0, s1, s2)
-    d2 = d * _u(sc)
-    m2 = dmin * _u(mn)
+    d1, m1, d2, m2 = _scales_mins_k4(q, h, row, blk, s, 44)
     ha = _w32(q, row, o + 4 + 2 * (s & 3))     # qh bytes 8(s&3) .. +7: bit 2j / 2j+1
     hb = _w32(q, row, o + 5 + 2 * (s & 3))
     wa = _w32(q, row, o + 12 + 2 * s)
@@ -372,24 +372,33 @@ class Family(NamedTuple):
         return self.runs * self.run_len
 
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("Q2_K", 256, 84, 16, 4, 4, "u32", deq_q2_k, _start_2bit),
-    Family("Q3_K", 256, 110, 16, 4, 4, "u16", deq_q3_k, _start_2bit),
-    Family("Q4_K", 256, 144, 16, 2, 8, "u32", deq_q4_k, _start_4bit),
-    Family("Q5_K", 256, 176, 16, 2, 8, "u32", deq_q5_k, _start_4bit),
-    Family("Q6_K", 256, 210, 16, 4, 4, "u16", deq_q6_k, _start_2bit),
-    Family("Q4_0", 32, 18, 4, 2, 4, "u16", deq_q4_0, _start_legacy),
-    Family("Q4_1", 32, 20, 4, 2, 4, "u32", deq_q4_1, _start_legacy),
-    Family("Q5_0", 32, 22, 4, 2, 4, "u16", deq_q5_0, _start_legacy),
-    Family("Q5_1", 32, 24, 4, 2, 4, "u32", deq_q5_1, _start_legacy),
-    Family("Q8_0", 32, 34, 4, 2, 4, "u16", deq_q8_0, _start_q8_0),
-    Family("F32", 128, 4, 32, 4, 1, "f32", deq_f32, _start_f32, tail=True),
-    Family("F16", 128, 2, 32, 2, 2, "u16", deq_f16, _start_half, tail=True),
-    Family("BF16", 128, 2, 32, 2, 2, "u16", deq_bf16, _start_half, tail=True),
-)}
-
 #: values per chunk of the tiled kernel; every family's slices tile it exactly
 CHUNK = 128
+
+
+# How a lane takes its values (runs x run_len of them, starting where run_start says), by the
+# kquant.types records' cuda_family.
+_SLICINGS = {"2bit": (4, 4, _start_2bit), "4bit": (2, 8, _start_4bit),
+             "legacy": (2, 4, _start_legacy), "q8_0": (2, 4, _start_q8_0),
+             "f32": (4, 1, _start_f32), "half": (2, 2, _start_half)}
+
+
+def _family(r: QuantType) -> Family:
+    """A type's Family: its record's slicing and geometry, its decoder deq_<name>. The float
+    types (one value a block) are cut into virtual CHUNK-value blocks, and their rows may end
+    inside one; a block's lanes take all its values; words are uint32 where every block starts
+    4-byte aligned, else uint16 pairs (F32's are its floats)."""
+    runs, run_len, run_start = _SLICINGS[r.cuda_family]
+    qk = CHUNK if r.block_size == 1 else r.block_size
+    view = "f32" if r.qtype == T.F32 else "u32" if r.type_size % 4 == 0 else "u16"
+    deq = globals()[f"deq_{r.name.lower()}"]
+    return Family(r.name, qk, r.type_size, qk // (runs * run_len), runs, run_len, view, deq,
+                  run_start, tail=r.block_size == 1)
+
+
+#: the family of every type whose kquant.types record names one, by type name
+FAMILIES: dict[str, Family] = {r.name: _family(r) for r in TYPES.values() if r.cuda_family}
+
 for _f in FAMILIES.values():
     assert _f.lanes * _f.vals == _f.qk and CHUNK % _f.vals == 0
     assert _f.qk % CHUNK == 0 or CHUNK % _f.qk == 0

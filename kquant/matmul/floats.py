@@ -20,40 +20,41 @@ _ZERO = F32(0.0)
 _FAST = {"reassoc", "contract"}
 
 
-# w: the weights as (rows, k) float32 / uint16 (F16, BF16 bits); x: (n_tok, k) the same type;
-# out: float32 (n_tok, rows).
+@njit(cache=True, error_model="numpy", inline="always")
+def _f32(v):
+    return v
 
-@njit(cache=True, error_model="numpy", parallel=True, fastmath=_FAST)
-def mm_f32(w, x, out):
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _bf16(v):
+    return bits_f32(np.uint32(v) << 16)
+
+
+# w: the weights as (rows, k) float32 / uint16 (F16, BF16 bits); x: (n_tok, k) the same type;
+# out: float32 (n_tok, rows). `widen` gives an element's float32 value.
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _rows(w, x, out, widen):
     for r in prange(w.shape[0]):
         wr = w[r]
         for t in range(x.shape[0]):
             xt = x[t]
             acc = _ZERO
             for j in range(wr.shape[0]):
-                acc += wr[j] * xt[j]
+                acc += widen(wr[j]) * widen(xt[j])
             out[t, r] = acc
+
+
+@njit(cache=True, error_model="numpy", parallel=True, fastmath=_FAST)
+def mm_f32(w, x, out):
+    _rows(w, x, out, _f32)
 
 
 @njit(cache=True, error_model="numpy", parallel=True, fastmath=_FAST)
 def mm_f16(w, x, out):
-    for r in prange(w.shape[0]):
-        wr = w[r]
-        for t in range(x.shape[0]):
-            xt = x[t]
-            acc = _ZERO
-            for j in range(wr.shape[0]):
-                acc += half_to_float(wr[j]) * half_to_float(xt[j])
-            out[t, r] = acc
+    _rows(w, x, out, half_to_float)
 
 
 @njit(cache=True, error_model="numpy", parallel=True, fastmath=_FAST)
 def mm_bf16(w, x, out):
-    for r in prange(w.shape[0]):
-        wr = w[r]
-        for t in range(x.shape[0]):
-            xt = x[t]
-            acc = _ZERO
-            for j in range(wr.shape[0]):
-                acc += bits_f32(np.uint32(wr[j]) << 16) * bits_f32(np.uint32(xt[j]) << 16)
-            out[t, r] = acc
+    _rows(w, x, out, _bf16)

@@ -190,36 +190,33 @@ def _q6_k(wr, aq, ad, bs):
 # cache. w: uint8 (rows, row_bytes); aq: int8 (n_tok, k); ad: float32 (n_tok, k/256);
 # bs: int16 bsums (n_tok, k/16); out: float32 (n_tok, rows).
 
-@njit(cache=True, error_model="numpy", parallel=True)
-def mm_q2_k(w, aq, ad, bs, out):
+@njit(cache=True, error_model="numpy", inline="always")
+def _rows(w, aq, ad, bs, out, row):
     for r in prange(w.shape[0]):
         for t in range(aq.shape[0]):
-            out[t, r] = _q2_k(w[r], aq[t], ad[t], bs[t])
+            out[t, r] = row(w[r], aq[t], ad[t], bs[t])
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def mm_q2_k(w, aq, ad, bs, out):
+    _rows(w, aq, ad, bs, out, _q2_k)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
 def mm_q3_k(w, aq, ad, bs, out):
-    for r in prange(w.shape[0]):
-        for t in range(aq.shape[0]):
-            out[t, r] = _q3_k(w[r], aq[t], ad[t], bs[t])
+    _rows(w, aq, ad, bs, out, _q3_k)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
 def mm_q4_k(w, aq, ad, bs, out):
-    for r in prange(w.shape[0]):
-        for t in range(aq.shape[0]):
-            out[t, r] = _q4_k(w[r], aq[t], ad[t], bs[t])
+    _rows(w, aq, ad, bs, out, _q4_k)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
 def mm_q5_k(w, aq, ad, bs, out):
-    for r in prange(w.shape[0]):
-        for t in range(aq.shape[0]):
-            out[t, r] = _q5_k(w[r], aq[t], ad[t], bs[t])
+    _rows(w, aq, ad, bs, out, _q5_k)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
 def mm_q6_k(w, aq, ad, bs, out):
-    for r in prange(w.shape[0]):
-        for t in range(aq.shape[0]):
-            out[t, r] = _q6_k(w[r], aq[t], ad[t], bs[t])
+    _rows(w, aq, ad, bs, out, _q6_k)

@@ -70,17 +70,22 @@ def _i_q5_1(wr, aq, b):
     return dotu8(qx, load32(aq, b * 32))
 
 
-# Rows against Q8_0 activations: sum over blocks of (w.d * a.d) * sumi. Blocks go 8 at a time
-# so their 8 fp16 scales convert in one vector (then each is broadcast to its block's lanes);
-# the last nb % 8 blocks one by one.
+# A row against Q8_0 activations: sum over blocks of (w.d * a.d) * sumi; `with_m` (Q4_1 / Q5_1
+# against Q8_1) adds the sum over blocks of w.m * a.s. Blocks go 8 at a time so their 8 fp16
+# scales convert in one vector (then each is broadcast to its block's lanes); the last nb % 8
+# blocks one by one. with_m is a constant: LLVM drops the m terms where it is False.
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _row_q8_0_act(wr, aq, ad, bsize, blk):
+def _row(wr, aq, ad, as_, bsize, blk, with_m):
     nb = ad.shape[0]
     acc = zerof()
+    accm = zerof()
+    summs = _ZERO
     g8 = nb - nb % 8
     for b0 in range(0, g8, 8):
         dd = mulf(f16x8(wr, b0 * bsize, bsize), loadf(ad, b0))
+        if with_m:
+            accm = addf(accm, mulf(f16x8(wr, b0 * bsize + 2, bsize), loadf(as_, b0)))
         # written out: a lane index LLVM cannot see as a constant goes through the stack
         acc = fma(lanef(dd, 0), blk(wr, aq, b0), acc)
         acc = fma(lanef(dd, 1), blk(wr, aq, b0 + 1), acc)
@@ -91,71 +96,45 @@ def _row_q8_0_act(wr, aq, ad, bsize, blk):
         acc = fma(lanef(dd, 6), blk(wr, aq, b0 + 6), acc)
         acc = fma(lanef(dd, 7), blk(wr, aq, b0 + 7), acc)
     for b in range(g8, nb):
+        if with_m:
+            summs += load_f16(wr, b * bsize + 2) * as_[b]
         acc = fma(load_f16(wr, b * bsize) * ad[b], blk(wr, aq, b), acc)
+    if with_m:
+        return hsumf(acc) + (hsumf(accm) + summs)
     return hsumf(acc)
-
-
-# Rows against Q8_1 activations: the same plus sum over blocks of w.m * a.s.
-
-@njit(cache=True, error_model="numpy", inline="always")
-def _row_q8_1_act(wr, aq, ad, as_, bsize, blk):
-    nb = ad.shape[0]
-    acc = zerof()
-    accm = zerof()
-    summs = _ZERO
-    g8 = nb - nb % 8
-    for b0 in range(0, g8, 8):
-        dd = mulf(f16x8(wr, b0 * bsize, bsize), loadf(ad, b0))
-        accm = addf(accm, mulf(f16x8(wr, b0 * bsize + 2, bsize), loadf(as_, b0)))
-        acc = fma(lanef(dd, 0), blk(wr, aq, b0), acc)
-        acc = fma(lanef(dd, 1), blk(wr, aq, b0 + 1), acc)
-        acc = fma(lanef(dd, 2), blk(wr, aq, b0 + 2), acc)
-        acc = fma(lanef(dd, 3), blk(wr, aq, b0 + 3), acc)
-        acc = fma(lanef(dd, 4), blk(wr, aq, b0 + 4), acc)
-        acc = fma(lanef(dd, 5), blk(wr, aq, b0 + 5), acc)
-        acc = fma(lanef(dd, 6), blk(wr, aq, b0 + 6), acc)
-        acc = fma(lanef(dd, 7), blk(wr, aq, b0 + 7), acc)
-    for b in range(g8, nb):
-        v = blk(wr, aq, b)
-        summs += load_f16(wr, b * bsize + 2) * as_[b]
-        acc = fma(load_f16(wr, b * bsize) * ad[b], v, acc)
-    return hsumf(acc) + (hsumf(accm) + summs)
 
 
 # One kernel per type: weight rows in parallel, each row against every token while it is in
 # cache. w: uint8 (rows, row_bytes); aq: int8 (n_tok, k); ad: float32 (n_tok, k/32);
 # as_: Q8_1's s, float32 (n_tok, k/32) (ignored for Q8_0); out: float32 (n_tok, rows).
 
-@njit(cache=True, error_model="numpy", parallel=True)
-def mm_q4_0(w, aq, ad, as_, out):
+@njit(cache=True, error_model="numpy", inline="always")
+def _rows(w, aq, ad, as_, out, bsize, blk, with_m):
     for r in prange(w.shape[0]):
         for t in range(aq.shape[0]):
-            out[t, r] = _row_q8_0_act(w[r], aq[t], ad[t], 18, _i_q4_0)
+            out[t, r] = _row(w[r], aq[t], ad[t], as_[t], bsize, blk, with_m)
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def mm_q4_0(w, aq, ad, as_, out):
+    _rows(w, aq, ad, as_, out, 18, _i_q4_0, False)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
 def mm_q5_0(w, aq, ad, as_, out):
-    for r in prange(w.shape[0]):
-        for t in range(aq.shape[0]):
-            out[t, r] = _row_q8_0_act(w[r], aq[t], ad[t], 22, _i_q5_0)
+    _rows(w, aq, ad, as_, out, 22, _i_q5_0, False)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
 def mm_q8_0(w, aq, ad, as_, out):
-    for r in prange(w.shape[0]):
-        for t in range(aq.shape[0]):
-            out[t, r] = _row_q8_0_act(w[r], aq[t], ad[t], 34, _i_q8_0)
+    _rows(w, aq, ad, as_, out, 34, _i_q8_0, False)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
 def mm_q4_1(w, aq, ad, as_, out):
-    for r in prange(w.shape[0]):
-        for t in range(aq.shape[0]):
-            out[t, r] = _row_q8_1_act(w[r], aq[t], ad[t], as_[t], 20, _i_q4_1)
+    _rows(w, aq, ad, as_, out, 20, _i_q4_1, True)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
 def mm_q5_1(w, aq, ad, as_, out):
-    for r in prange(w.shape[0]):
-        for t in range(aq.shape[0]):
-            out[t, r] = _row_q8_1_act(w[r], aq[t], ad[t], as_[t], 24, _i_q5_1)
+    _rows(w, aq, ad, as_, out, 24, _i_q5_1, True)

@@ -1,11 +1,10 @@
 """Byte-level BPE: llama.cpp's llm_tokenizer_bpe_session, one pre-tokenized word at a time."""
 from __future__ import annotations
 
-from heapq import heapify, heappop, heappush
-
 import numpy as np
 
 from . import pretokenize
+from .merge import merge_symbols, symbol_ids
 from .unicode import byte_encode, codepoints, flags_of
 
 _CACHE_LIMIT = 1 << 20
@@ -53,50 +52,14 @@ class BPE:
             if tid is not None:
                 return (tid,)
         syms = list(word)
-        n = len(syms)
-        if n > 1:
-            ranks = self.ranks
-            heap = []
-            for i in range(n - 1):
-                r = ranks.get((syms[i], syms[i + 1]))
-                if r is not None:
-                    heap.append((r, i, i + 1, syms[i] + syms[i + 1]))
-            heapify(heap)
-            nxt = list(range(1, n + 1))
-            nxt[-1] = -1
-            prv = list(range(-1, n - 1))
-            while heap:
-                _, left, right, text = heappop(heap)
-                a = syms[left]
-                b = syms[right]
-                if not a or not b or a + b != text:
-                    continue  # outdated
-                syms[left] = text
-                syms[right] = ""
-                after = nxt[right]
-                nxt[left] = after
-                if after >= 0:
-                    prv[after] = left
-                before = prv[left]
-                if before >= 0:
-                    r = ranks.get((syms[before], text))
-                    if r is not None:
-                        heappush(heap, (r, before, left, syms[before] + text))
-                if after >= 0:
-                    r = ranks.get((text, syms[after]))
-                    if r is not None:
-                        heappush(heap, (r, left, after, text + syms[after]))
-        out = []
-        for s in syms:
-            if not s:
-                continue
-            tid = t2id.get(s)
-            if tid is not None:
-                out.append(tid)
-                continue
-            # no such token: each byte of the symbol as a one-byte token, where there is one
-            for b in s.encode("utf-8", "surrogateescape"):
-                tid = t2id.get(chr(b) if b < 128 else chr(0xDC00 + b))
-                if tid is not None:
-                    out.append(tid)
-        return tuple(out)
+        ranks = self.ranks
+        merge_symbols(syms, lambda a, b: ranks.get((a, b)))
+        return symbol_ids(syms, t2id, _byte_tokens)
+
+
+def _byte_tokens(t2id: dict[str, int], s: str, out: list[int]) -> None:
+    """A symbol with no token: each of its bytes as a one-byte token, where there is one."""
+    for b in s.encode("utf-8", "surrogateescape"):
+        tid = t2id.get(chr(b) if b < 128 else chr(0xDC00 + b))
+        if tid is not None:
+            out.append(tid)

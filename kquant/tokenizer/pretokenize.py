@@ -44,6 +44,22 @@ def _gc(cp, ini, end, p):
 
 
 @njit(cache=True)
+def _run_end(fl, ini, end, p, mask):
+    """The end of the run from p of code points with a flag in `mask`."""
+    while _gf(fl, ini, end, p) & mask:
+        p += 1
+    return p
+
+
+@njit(cache=True)
+def _other_end(fl, ini, end, p, mask):
+    """The end of the run from p of code points with no flag in `mask` (and in range)."""
+    while not (_gf(fl, ini, end, p) & mask) and _gf(fl, ini, end, p) != 0:
+        p += 1
+    return p
+
+
+@njit(cache=True)
 def _lower_ascii(c):
     return c + 32 if 65 <= c <= 90 else c
 
@@ -70,27 +86,16 @@ def _step(cp, fl, ini, end, pos, kind):
 
     if kind == GPT2:
         flags2 = _gf(fl, ini, end, pos + 1) if cpt == 32 else flags
+        p = pos + (1 if cpt == 32 else 0)
         # <space>?\p{L}+
         if flags2 & _L:
-            p = pos + (1 if cpt == 32 else 0)
-            while flags2 & _L:
-                p += 1
-                flags2 = _gf(fl, ini, end, p)
-            return p
+            return _run_end(fl, ini, end, p, _L)
         # <space>?\p{N}+
         if flags2 & _N:
-            p = pos + (1 if cpt == 32 else 0)
-            while flags2 & _N:
-                p += 1
-                flags2 = _gf(fl, ini, end, p)
-            return p
+            return _run_end(fl, ini, end, p, _N)
         # <space>?[^\s\p{L}\p{N}]+
         if not (flags2 & (_WS | _L | _N)) and flags2 != 0:
-            p = pos + (1 if cpt == 32 else 0)
-            while not (flags2 & (_WS | _L | _N)) and flags2 != 0:
-                p += 1
-                flags2 = _gf(fl, ini, end, p)
-            return p
+            return _other_end(fl, ini, end, p, _WS | _L | _N)
         n = 0
         while _gf(fl, ini, end, pos + n) & _WS:
             n += 1
@@ -106,10 +111,7 @@ def _step(cp, fl, ini, end, pos, kind):
     # [^\r\n\p{L}\p{N}]?\p{L}+   (qwen35: [\p{L}\p{M}]+)
     if not (cpt == 13 or cpt == 10 or (flags & _N)):
         if (flags & letter) or (_gf(fl, ini, end, pos + 1) & letter):
-            p = pos + 1
-            while _gf(fl, ini, end, p) & letter:
-                p += 1
-            return p
+            return _run_end(fl, ini, end, pos + 1, letter)
     # \p{N}{1,3}  (qwen2, qwen35: \p{N})
     if flags & _N:
         if kind == LLAMA3:
@@ -122,10 +124,7 @@ def _step(cp, fl, ini, end, pos, kind):
     mask = _WS | letter | _N
     flags2 = _gf(fl, ini, end, pos + 1) if cpt == 32 else flags
     if not (flags2 & mask) and flags != 0:
-        p = pos + (1 if cpt == 32 else 0)
-        while not (flags2 & mask) and flags2 != 0:
-            p += 1
-            flags2 = _gf(fl, ini, end, p)
+        p = _other_end(fl, ini, end, pos + (1 if cpt == 32 else 0), mask)
         c2 = _gc(cp, ini, end, p)
         while c2 == 13 or c2 == 10:
             p += 1
@@ -150,8 +149,10 @@ def _step(cp, fl, ini, end, pos, kind):
     return pos + 1
 
 
-@njit(cache=True)
-def split_custom(cp, fl, lengths, kind):
+@njit(cache=True, inline="always")
+def _pieces(cp, fl, lengths, kind, step):
+    """Cut each piece [ini, end) of `lengths` where step(cp, fl, ini, end, pos, kind), the end of
+    the piece starting at pos, says; the new lengths."""
     out = np.empty(cp.shape[0] + 1, dtype=np.int64)
     n_out = 0
     start = 0
@@ -161,11 +162,16 @@ def split_custom(cp, fl, lengths, kind):
         start = end
         pos = ini
         while pos < end:
-            nxt = _step(cp, fl, ini, end, pos, kind)
+            nxt = step(cp, fl, ini, end, pos, kind)
             out[n_out] = nxt - pos
             n_out += 1
             pos = nxt
     return out[:n_out]
+
+
+@njit(cache=True)
+def split_custom(cp, fl, lengths, kind):
+    return _pieces(cp, fl, lengths, kind, _step)
 
 
 @njit(cache=True)
@@ -195,61 +201,56 @@ def _in_class(c, f, kind):
 
 
 @njit(cache=True)
+def _match_end(cp, fl, end, pos, kind):
+    """The end of the class regex's match starting at pos, or -1 if none starts there."""
+    m_end = -1
+    if kind == DIGITS3:
+        if (pos + 2 < end and 48 <= cp[pos] <= 57 and 48 <= cp[pos + 1] <= 57
+                and 48 <= cp[pos + 2] <= 57):
+            m_end = pos + 3
+    elif kind == NEWLINE_RUN:
+        # [^\n]+|[\n]+: every run is a match
+        q = pos + 1
+        while q < end and (cp[q] == 10) == (cp[pos] == 10):
+            q += 1
+        m_end = q
+    elif kind == BLOOM_WORD:
+        #  ?[^(\s|.,!?…。，、।۔،)]+
+        q = -1
+        if cp[pos] == 32 and pos + 1 < end and _in_class(cp[pos + 1], fl[pos + 1], kind):
+            q = pos + 1
+        elif _in_class(cp[pos], fl[pos], kind):
+            q = pos
+        if q >= 0:
+            q += 1
+            while q < end and _in_class(cp[q], fl[q], kind):
+                q += 1
+            m_end = q
+    elif _in_class(cp[pos], fl[pos], kind):
+        q = pos + 1
+        if kind != NUMBER_EACH:
+            while q < end and _in_class(cp[q], fl[q], kind):
+                q += 1
+        m_end = q
+    return m_end
+
+
+@njit(cache=True)
+def _class_step(cp, fl, ini, end, pos, kind):
+    """A match starting at pos, else the unmatched stretch up to the next match."""
+    m_end = _match_end(cp, fl, end, pos, kind)
+    if m_end >= 0:
+        return m_end
+    q = pos + 1
+    while q < end and _match_end(cp, fl, end, q, kind) < 0:
+        q += 1
+    return q
+
+
+@njit(cache=True)
 def split_class(cp, fl, lengths, kind):
     """Pieces for a std::regex made of one character class: every match, and the text between."""
-    out = np.empty(cp.shape[0] + 1, dtype=np.int64)
-    n_out = 0
-    start = 0
-    for k in range(lengths.shape[0]):
-        ini = start
-        end = start + lengths[k]
-        start = end
-        gap = ini
-        pos = ini
-        while pos < end:
-            m_end = -1
-            if kind == DIGITS3:
-                if (pos + 2 < end and 48 <= cp[pos] <= 57 and 48 <= cp[pos + 1] <= 57
-                        and 48 <= cp[pos + 2] <= 57):
-                    m_end = pos + 3
-            elif kind == NEWLINE_RUN:
-                # [^\n]+|[\n]+: every run is a match
-                q = pos + 1
-                while q < end and (cp[q] == 10) == (cp[pos] == 10):
-                    q += 1
-                m_end = q
-            elif kind == BLOOM_WORD:
-                #  ?[^(\s|.,!?…。，、।۔،)]+
-                q = -1
-                if cp[pos] == 32 and pos + 1 < end and _in_class(cp[pos + 1], fl[pos + 1], kind):
-                    q = pos + 1
-                elif _in_class(cp[pos], fl[pos], kind):
-                    q = pos
-                if q >= 0:
-                    q += 1
-                    while q < end and _in_class(cp[q], fl[q], kind):
-                        q += 1
-                    m_end = q
-            elif _in_class(cp[pos], fl[pos], kind):
-                q = pos + 1
-                if kind != NUMBER_EACH:
-                    while q < end and _in_class(cp[q], fl[q], kind):
-                        q += 1
-                m_end = q
-            if m_end < 0:
-                pos += 1
-                continue
-            if pos > gap:
-                out[n_out] = pos - gap
-                n_out += 1
-            out[n_out] = m_end - pos
-            n_out += 1
-            pos = m_end
-            gap = m_end
-        if gap < end:
-            out[n_out] = end - gap
-            n_out += 1
-    return out[:n_out]
+    return _pieces(cp, fl, lengths, kind, _class_step)
 
 
 # the splitter steps of each llama.cpp pre-tokenizer type (llm_tokenizer_bpe's regex_exprs)

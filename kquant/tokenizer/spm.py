@@ -11,11 +11,10 @@ pieces can be cached: for ordinary text they are about words.
 """
 from __future__ import annotations
 
-from heapq import heapify, heappop, heappush
-
 import numpy as np
 
 from ..errors import ModelError
+from .merge import merge_symbols, symbol_ids
 from .unicode import codepoints
 
 _CACHE_LIMIT = 1 << 20
@@ -61,53 +60,21 @@ class SPM:
         t2id = self.token_to_id
         scores = self.scores
         syms = list(text)
-        n = len(syms)
-        if n > 1:
-            heap = []
-            for i in range(n - 1):
-                tid = t2id.get(syms[i] + syms[i + 1])
-                if tid is not None:
-                    heap.append((-scores[tid], i, i + 1, 2))
-            heapify(heap)
-            nxt = list(range(1, n + 1))
-            nxt[-1] = -1
-            prv = list(range(-1, n - 1))
-            while heap:
-                _, left, right, size = heappop(heap)
-                a = syms[left]
-                b = syms[right]
-                if not a or not b or len(a) + len(b) != size:
-                    continue  # outdated
-                merged = a + b
-                syms[left] = merged
-                syms[right] = ""
-                after = nxt[right]
-                nxt[left] = after
-                if after >= 0:
-                    prv[after] = left
-                before = prv[left]
-                if before >= 0:
-                    tid = t2id.get(syms[before] + merged)
-                    if tid is not None:
-                        heappush(heap, (-scores[tid], before, left, len(syms[before]) + size))
-                if after >= 0:
-                    tid = t2id.get(merged + syms[after])
-                    if tid is not None:
-                        heappush(heap, (-scores[tid], left, after, size + len(syms[after])))
-        out = []
-        for s in syms:
-            if not s:
-                continue
-            tid = t2id.get(s)
-            if tid is not None:
-                out.append(tid)
-                continue
-            # resegment: a symbol that is not a token is a single character; as bytes
-            for b in s.encode("utf-8"):
-                tid = t2id.get(f"<0x{b:02X}>")
-                if tid is None:
-                    tid = t2id.get(chr(b) if b < 128 else chr(0xDC00 + b))
-                if tid is None:
-                    raise ModelError(f"cannot tokenize {s!r}: the vocabulary has no token for byte 0x{b:02X}")
-                out.append(tid)
-        return tuple(out)
+
+        def priority(a, b):  # the best score first
+            tid = t2id.get(a + b)
+            return None if tid is None else -scores[tid]
+
+        merge_symbols(syms, priority)
+        return symbol_ids(syms, t2id, _byte_tokens)
+
+
+def _byte_tokens(t2id: dict[str, int], s: str, out: list[int]) -> None:
+    """Resegment: a symbol that is not a token is a single character; as bytes."""
+    for b in s.encode("utf-8"):
+        tid = t2id.get(f"<0x{b:02X}>")
+        if tid is None:
+            tid = t2id.get(chr(b) if b < 128 else chr(0xDC00 + b))
+        if tid is None:
+            raise ModelError(f"cannot tokenize {s!r}: the vocabulary has no token for byte 0x{b:02X}")
+        out.append(tid)
