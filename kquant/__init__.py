@@ -11,10 +11,12 @@ import os
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 from .codecs import CODECS, get_codec
-from .quantization.pipeline import QuantizeOptions, quantize_model
 from .codecs.api import dequantize, quantize
 from .errors import ModelError
+from .models import open_model
+from .quantization.pipeline import QuantizeOptions, quantize_model
+from .types import TYPES, get_type
 
-__version__ = "0.1.0"
-__all__ = ["quantize", "dequantize", "get_codec", "CODECS", "quantize_model", "QuantizeOptions",
-           "ModelError", "__version__"]
+__version__ = "0.1.0"  # the one version string (pyproject.toml reads it)
+__all__ = ["quantize", "dequantize", "get_codec", "CODECS", "get_type", "TYPES", "quantize_model",
+           "QuantizeOptions", "open_model", "ModelError", "__version__"]

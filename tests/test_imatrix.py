@@ -61,6 +61,7 @@ def test_matches_llama_imatrix(request, tmp_path, capsys, ref_name, model, text,
     assert "Final estimate: PPL = " in printed
 
 
+@pytest.mark.slow
 def test_quantizes_like_llama_imatrix_output(tmp_path, tiny_llama_f32, capsys):
     """kquant-imatrix's file quantizes to what llama-imatrix's does, but for roundings moved by
     float order (kquant-quantize is byte-identical to llama-quantize: test_quantize_model)."""

@@ -130,6 +130,7 @@ def test_import_is_lazy():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(SIM, reason="this is the launcher of the simulator run")
 def test_simulator_suite():
     """The test_sim_* tests, in a process with NUMBA_ENABLE_CUDASIM=1."""
@@ -182,6 +183,7 @@ _PTX_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(SIM, reason="compiles for a real GPU")
 def test_kernels_compile_for_gpu():
     """The kernels compile with Numba's real CUDA target (to PTX; NVVM, no GPU): the warp

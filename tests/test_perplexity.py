@@ -132,6 +132,7 @@ def test_matches_llama_perplexity(request, capsys, tiny_quant, ref_name, model, 
     np.testing.assert_allclose(final_estimate(out), final_estimate(ref), rtol=rtol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ftype", ["Q4_K_M", "Q6_K", "Q2_K"])
 def test_smollm2_quantized_matches_llama_perplexity(capsys, smollm2_quant, ftype):
     """SmolLM2-135M (30 blocks; its 576-wide rows fall back to Q5_0/Q8_0/Q4_1) on 20 chunks of
@@ -187,6 +188,7 @@ def _llama_cpp_logits(llama_cpp, path: Path, tokens: np.ndarray) -> np.ndarray:
     return np.array(llm.scores[:len(tokens)], np.float32)
 
 
+@pytest.mark.slow
 def test_smollm2_f16_tokens_agree_with_llama_cpp(llama_cpp, smollm2_f16_full):
     """All 30 blocks at F16, one 512-token chunk: the same distributions as llama.cpp's
     (measured: mean KLD 2.6e-6, every top token the same, chunk PPL within 2e-4)."""
@@ -199,6 +201,7 @@ def test_smollm2_f16_tokens_agree_with_llama_cpp(llama_cpp, smollm2_f16_full):
     assert kld < 1e-4 and same_top > 0.99 and abs(ppl_rel) < 1e-3
 
 
+@pytest.mark.slow
 def test_smollm2_quantized_tokens_agree_with_llama_cpp_as_kquant_with_itself(llama_cpp, smollm2_q4_k_m):
     """Q4_K_M rounds every product's activations to 8 bits (Q8_0, Q8_K). On this 30-block model
     a last-bit change anywhere flips some of those roundings and the flips compound: two
@@ -223,9 +226,11 @@ def test_smollm2_quantized_tokens_agree_with_llama_cpp_as_kquant_with_itself(lla
 
 
 QUANT_TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K", "Q4_0", "Q5_1"]
+# the fast lane keeps one K-quant mix; the rest (each a quantization and a whole-text run) are slow
+QUANT_CASES = [t if t == "Q4_K_M" else pytest.param(t, marks=pytest.mark.slow) for t in QUANT_TYPES]
 
 
-@pytest.mark.parametrize("ftype", QUANT_TYPES)
+@pytest.mark.parametrize("ftype", QUANT_CASES)
 def test_quantized_matches_llama_perplexity(capsys, tiny_quant, ftype):
     """The tiny model in eight types (every product kernel family: K-quants, Q4_0/Q8_0, Q5_1's
     Q8_1 block sums) over the whole calibration text at llama-perplexity's defaults (35 chunks
