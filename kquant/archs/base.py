@@ -76,9 +76,9 @@ class Arch:
     # --- runtime ----------------------------------------------------------------------------
     # llama.cpp's rope type: NEOX rotates (i, i + n_rot/2), NORM adjacent pairs (2i, 2i + 1)
     rope_neox: bool = False
-    # every block has Q/K/V biases (llama.cpp requires them; other archs may have them)
-    attn_bias: bool = False
-    # every block RMS-normalizes each Q and K head (attn_q_norm / attn_k_norm)
+    # every block RMS-normalizes each Q and K head (attn_q_norm / attn_k_norm), tensors
+    # llama.cpp's loader requires for such an arch. (Q/K/V and output biases it takes wherever
+    # they are, for every arch: create_tensor_qkv's TENSOR_NOT_REQUIRED; so does the runtime.)
     qk_norm: bool = False
 
     @property

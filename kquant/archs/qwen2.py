@@ -56,5 +56,4 @@ ARCH = Arch(
     },
     set_params=set_pooling_type,
     rope_neox=True,
-    attn_bias=True,
 )

@@ -34,6 +34,5 @@ ARCH = replace(
     hf_classes=("Qwen3ForCausalLM",),
     config_defaults={"qwen3": {**qwen2.ARCH.config_defaults["qwen2"], "head_dim": 128}},
     check=_check,
-    attn_bias=False,
     qk_norm=True,
 )

@@ -3,8 +3,8 @@
 F32 tensors of a GGUF file are used in place (a view of the memory map); F16/BF16 and quantized
 tensors are dequantized with kquant's codecs, which are bit-exact with ggml's, so a quantized
 model computes with exactly the values llama.cpp's dequantization gives.  Tensors are found under
-gguf's TENSOR_NAMES; the architecture's record (kquant.archs) says which optional block parts
-(Q/K/V biases, Q/K norms) every block of it must have.
+gguf's TENSOR_NAMES. Biases are used wherever a file has them, as llama.cpp's loader takes them;
+the architecture's record (kquant.archs) says whether every block must have Q/K norms.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class Layer:
     w_gate: Any
     w_up: Any
     w_down: Any
-    bq: Any = None  # Q/K/V biases (every qwen2 block; optional in llama's)
+    bq: Any = None  # Q/K/V/output biases, where the file has them (every qwen2 block does)
     bk: Any = None
     bv: Any = None
     bo: Any = None
@@ -90,7 +90,7 @@ MATRICES = {"wq": MT.ATTN_Q, "wk": MT.ATTN_K, "wv": MT.ATTN_V, "wo": MT.ATTN_OUT
 
 
 def _load_layer(get: Callable[..., Any], c: ModelConfig, arch: Arch, i: int) -> Layer:
-    """Block i's weights; the arch record says which optional parts its blocks must have."""
+    """Block i's weights; the arch record says whether its blocks must have Q/K norms."""
     q_dim, kv_dim = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
 
     def w(key: MT, shape: tuple[int, ...], required: bool = True, suffix: str = "weight") -> Any:
@@ -106,9 +106,9 @@ def _load_layer(get: Callable[..., Any], c: ModelConfig, arch: Arch, i: int) -> 
         w_gate=w(MT.FFN_GATE, (c.n_ff, c.n_embd)),
         w_up=w(MT.FFN_UP, (c.n_ff, c.n_embd)),
         w_down=w(MT.FFN_DOWN, (c.n_embd, c.n_ff)),
-        bq=w(MT.ATTN_Q, (q_dim,), arch.attn_bias, "bias"),
-        bk=w(MT.ATTN_K, (kv_dim,), arch.attn_bias, "bias"),
-        bv=w(MT.ATTN_V, (kv_dim,), arch.attn_bias, "bias"),
+        bq=w(MT.ATTN_Q, (q_dim,), False, "bias"),
+        bk=w(MT.ATTN_K, (kv_dim,), False, "bias"),
+        bv=w(MT.ATTN_V, (kv_dim,), False, "bias"),
         bo=w(MT.ATTN_OUT, (c.n_embd,), False, "bias"),
         q_norm=w(MT.ATTN_Q_NORM, (c.head_dim,), arch.qk_norm),
         k_norm=w(MT.ATTN_K_NORM, (c.head_dim,), arch.qk_norm),
