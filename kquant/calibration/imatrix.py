@@ -18,16 +18,16 @@ from typing import Any, Callable
 import numpy as np
 from tqdm import tqdm
 
-from .imatrix_file import Imatrix, ImatrixEntry, accumulate, at_path, save_imatrix
+from ..archs.base import BLOCK_PREFIX
+from ..errors import ModelError
 from ..files.atomic import refuse_input_as_output
 from ..files.text import read_text
 from ..runtime import Transformer
-from ..runtime.device import to_host
-from ..runtime.weights import OUTPUT
 from ..runtime.chunks import NllTotals, run_chunks
+from ..runtime.device import to_host
 from ..runtime.kernels import accumulate_sumsq, token_nll
-from ..archs.base import BLOCK_PREFIX
-from ..errors import ModelError
+from ..runtime.weights import OUTPUT
+from .imatrix_file import Imatrix, ImatrixEntry, accumulate, at_path, load_imatrix, save_imatrix
 
 # llama.cpp's collect_imatrix ignores products of fewer rows ("why are small batches ignored?")
 MIN_ROWS = 16
@@ -166,7 +166,6 @@ def load_in_files(paths: list[str], chunk_size: int) -> Imatrix:
     """The imatrices of --in-file, combined as llama-imatrix combines them."""
     im = Imatrix(chunk_size=chunk_size)
     for path in paths:
-        from .imatrix_file import load_imatrix
         accumulate(im, load_imatrix(path), chunk_size)
     return im
 

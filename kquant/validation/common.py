@@ -10,7 +10,9 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ModelError
+from ..files.source import ModelSource
 from ..runtime import Transformer
+from ..tokenizer import Tokenizer
 
 F32 = np.float32
 
@@ -23,6 +25,7 @@ def log_stderr(s: str) -> None:
 
 def log_nothing(s: str) -> None:
     pass
+
 
 @dataclass
 class PerplexityParams:
@@ -68,10 +71,11 @@ def pad256(n: int) -> int:
     return (n + 255) // 256 * 256
 
 
-def load_for_evaluation(model_path: str | Path, device: str, n_threads: int | None, progress: bool):
+def load_for_evaluation(model_path: str | Path, device: str,
+                        n_threads: int | None) -> tuple[ModelSource, Tokenizer, str, int]:
+    """The model's source and tokenizer, the resolved device and thread count."""
     from ..models import open_model
     from ..runtime import resolve_device, set_threads
-    from ..tokenizer import Tokenizer
 
     device = resolve_device(device)
     threads = set_threads(n_threads)

@@ -348,7 +348,7 @@ def run_kl_divergence(model_path: str | Path, params: PerplexityParams, device: 
                          "model (--kl-divergence-base F)")
     batch_layout(params)
     base = BaseLogits.open(params.logits_file)
-    source, tokenizer, device, threads = load_for_evaluation(model_path, device, n_threads, progress)
+    source, tokenizer, device, threads = load_for_evaluation(model_path, device, n_threads)
     model = Transformer(source, device, progress)
     log(f"{source.arch} model, {model.config.n_layer} layers, {device}, {threads} threads")
     bos = tokenizer.bos_id if tokenizer.add_bos else None

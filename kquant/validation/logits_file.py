@@ -19,7 +19,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..errors import ModelError
-from ..files.atomic import commit, temporary_beside
+from ..files.atomic import check_writable, commit, temporary_beside
 
 F32 = np.float32
 LOGITS_MAGIC = b"_logits_"
@@ -125,14 +125,12 @@ class LogitsWriter:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        folder = self.path.parent if str(self.path.parent) else Path(".")
-        if not folder.is_dir():
-            raise ModelError(f"failed to open {path} for writing (folder {folder} does not exist)")
+        check_writable(self.path)
         try:
             self._tmp = temporary_beside(self.path)
-            self._f: BinaryIO = open(self._tmp, "wb")
         except OSError as e:
             raise ModelError(f"failed to open {path} for writing ({e.strerror})") from None
+        self._f: BinaryIO = open(self._tmp, "wb")
         self.bytes = 0
 
     def write(self, data: bytes | np.ndarray) -> None:

@@ -30,7 +30,7 @@ from numba import njit, prange
 from tqdm import tqdm
 
 from ..errors import ModelError
-from ..files.atomic import refuse_input_as_output
+from ..files.atomic import check_writable, refuse_input_as_output
 from ..files.text import read_text
 from ..runtime import Transformer
 from ..runtime.chunks import N_UBATCH, NllTotals, run_chunks, run_sequences
@@ -223,11 +223,12 @@ def run_perplexity(model_path: str | Path, text_path: str | Path | None, params:
         return run_kl_divergence(model_path, params, device, n_threads, progress, log, emit)
     if text_path is None:
         raise ModelError("no text: give -f TEXT")
-    if params.logits_file:
+    if params.logits_file:  # before the model loads: a bad output path fails at once
         refuse_input_as_output(params.logits_file, [model_path, text_path])
+        check_writable(Path(params.logits_file))
     batch_layout(params)
     text = read_text(text_path)  # llama.cpp reads -f first, while parsing its arguments
-    source, tokenizer, device, threads = load_for_evaluation(model_path, device, n_threads, progress)
+    source, tokenizer, device, threads = load_for_evaluation(model_path, device, n_threads)
     t0 = time.perf_counter()
     tokens = tokenizer.tokenize(text, add_special=True)
     log(f"perplexity: tokenizing {text_path}: {len(tokens)} tokens in {time.perf_counter() - t0:.2f} s")
