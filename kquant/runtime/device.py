@@ -73,14 +73,24 @@ def _blas_setters() -> list[Any]:
 
 
 def set_threads(n: int | None) -> int:
-    """Use n threads (default: every CPU this process may run on) for Numba and BLAS."""
+    """Use n threads (default: every CPU this process may run on) for Numba's kernels and for
+    the runtime's products (kquant.runtime.gemm), which run BLAS single-threaded on fixed tiles
+    so that no value depends on n."""
     import numba
+
+    from .gemm import set_pool_threads
 
     if n is None or n <= 0:
         n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     n = min(n, numba.config.NUMBA_NUM_THREADS)
     numba.set_num_threads(n)
+    set_blas_threads(1)
+    set_pool_threads(n)
+    return n
+
+
+def set_blas_threads(n: int) -> None:
+    """The thread count of numpy's BLAS (OpenBLAS has no Python API for it)."""
     np.zeros(1) @ np.zeros(1)  # make sure numpy's BLAS is loaded before looking for it
     for setter in _blas_setters():
         setter(ctypes.c_int(n))
-    return n

@@ -34,6 +34,7 @@ from ..models import open_model
 from ..files.source import ModelSource
 from .config import ModelConfig, read_config
 from .device import array_module
+from .gemm import batched_matmul, matmul_nt
 from ..codecs import vectorizing
 from ..matmul.activations import (min_term_correction, quantize_rows, round_activations,
                                   vec_dot_type)
@@ -171,7 +172,7 @@ class Transformer:
             S = n0 + b  # keys visible to the last query of the block
             rows = c.n_head_kv * c.n_rep * (b - a)
             qb = qh[:, :, a:b].reshape(c.n_head_kv, c.n_rep * (b - a), c.head_dim)
-            s = xp.matmul(qb, seg_k[:, :, :S])
+            s = self._bmm(qb, seg_k[:, :, :S])
             # the query at position n0 + t sees keys 0 .. n0 + t
             visible = n0 + np.arange(a, b) + 1
             if xp is np:
@@ -182,9 +183,13 @@ class Transformer:
                 s -= s.max(axis=-1, keepdims=True)
                 xp.exp(s, out=s)
                 total = s.sum(axis=-1, dtype=np.float64).astype(F32)
-            o = xp.matmul(s, seg_v[:, :S]).reshape(c.n_head_kv, c.n_rep, b - a, c.head_dim)
+            o = self._bmm(s, seg_v[:, :S]).reshape(c.n_head_kv, c.n_rep, b - a, c.head_dim)
             out[:, :, a:b] = o / total.reshape(c.n_head_kv, c.n_rep, b - a, 1)
         return out.transpose(2, 0, 1, 3).reshape(T, c.n_head * c.head_dim)
+
+    def _bmm(self, a: Any, b: Any) -> Any:
+        """a @ b over the first axis (KV heads); on the CPU one fixed product per head."""
+        return batched_matmul(a, b) if self.xp is np else self.xp.matmul(a, b)
 
     def _linear(self, x: Any, w: Any, b: Any, name: str, observe: Observer | None) -> Any:
         """x @ W.T (+ b), the activations first rounded as llama.cpp's CPU backend rounds them
@@ -201,12 +206,18 @@ class Transformer:
         if qtype != T.F32:
             x = self._once_per_input(x, ("rounded", vec_dot_type(qtype)),
                                      lambda: round_activations(x, qtype, self.xp))
-        y = x @ w.T
+        y = self._matmul_nt(x, w)
         if name in self.weights.mins:
-            y += min_term_correction(src_x, qtype, self.xp) @ self.weights.mins[name].T
+            y += self._matmul_nt(min_term_correction(src_x, qtype, self.xp), self.weights.mins[name])
         if b is not None:
             y += b
         return y
+
+    def _matmul_nt(self, x: Any, w: Any) -> Any:
+        """x @ w.T; on the CPU in a float order no thread count changes (kquant.runtime.gemm)."""
+        if self.xp is np:
+            return matmul_nt(np.ascontiguousarray(x), w)
+        return x @ w.T
 
     def _block_product(self, x: Any, w: Any, qtype: Any) -> Any:
         """x @ W.T on W's quantized blocks with ggml's integer dot products: the activations
