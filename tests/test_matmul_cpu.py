@@ -20,7 +20,10 @@ the float types; 1 and 3 tokens):
    plus d's fp16 rounding: 127 * 2^-11 d), F16 2^-11 |x| + 2^-25, BF16 2^-8 |x|, F32 0; and
    for Q8_1 sum_b |m_b| 2^-10 d_b |sum q| (s's fp16 rounding).
 4. Against ggml's own vec_dot (ggml_get_type_traits_cpu) on the same activation bytes:
-   |Y - G| <= 2 n u S: equal up to the order of the float additions.
+   |Y - G| <= 2 n u S here, and test_bits_are_ggml_vec_dot: Y equals G bit for bit (the
+   kernels do ggml's AVX2 float operations in its order, fused where it fuses), for every
+   type, random and heavy-tailed rows with all-zero blocks, every _ks row length (and every
+   leftover count of the float types' 32-value steps), 1, 3 and 7 tokens.
 Then the public entry points (matvec, matmul, dot with its BLAS path), the AVX2 (not _ref)
 rounding of Q8_0 activations, the generic (non-AVX2, non-F16C) vector IR giving the same
 bits, and errors. Skips cleanly without llama-cpp-python (ggml
@@ -233,6 +236,52 @@ def test_smollm2_weights(name, smollm2_weights, request):
             _check(name, w, x, act, y, g)
 
 
+def _exact_ks(name: str) -> list[int]:
+    if name in ("F32", "F16", "BF16"):
+        # every n % 32 leftover path of ggml_vec_dot_f32 (fused or not) and of F16 / BF16
+        return _ks(name) + [1, 3, 4, 5, 8, 11, 12, 31, 32, 33, 45, 63, 64 + 29]
+    return _ks(name) + ([32] if name not in K_TYPES else [])
+
+
+def _heavy_rows(rng, rows: int, k: int, block: int) -> np.ndarray:
+    """Heavy-tailed rows (Student t, 2 degrees of freedom) over 4 decades of scale, one row
+    all zero, others with zero blocks, and an outlier."""
+    x = (rng.standard_t(2, size=(rows, k)) * 10.0 ** rng.uniform(-3, 1, size=(rows, 1)))
+    x = x.astype(np.float32)
+    x[1] = 0.0
+    x[2, :min(k, block)] = 0.0
+    x[3, k - min(k, block):] = 0.0
+    x[4, k // 2] = 1e3
+    return x
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_bits_are_ggml_vec_dot(name, ggml_cpu):
+    """matmul's results are ggml's vec_dot's, bit for bit (float32 bits compared)."""
+    rng = np.random.default_rng(100 + TYPES.index(name))
+    block = 256 if name in K_TYPES else 32
+    checked = 0
+    for k in _exact_ks(name):
+        for rows in (_random_rows(rng, 9, k), _heavy_rows(rng, 9, k, block)):
+            w = _weights(name, rows)
+            wb = cpu.weight_rows(w, T[name])[0]
+            for n_tok in (1, 3, 7):
+                x = (rng.standard_t(3, size=(n_tok, k)) * 10.0 ** rng.uniform(-2, 2)).astype(
+                    np.float32)
+                if n_tok > 1:
+                    x[1, :min(k, block)] = 0.0                  # an all-zero activation block
+                if n_tok > 2:
+                    x[2] = 0.0
+                act = quantize_activations(x, name)
+                y = matmul(w, name, act)
+                g = ggml_cpu.vec_dot_rows(wb, T[name], act.data)
+                diff = y.view(np.uint32) != g.view(np.uint32)
+                assert not diff.any(), (name, k, n_tok, int(diff.sum()),
+                                        y[diff][:4].tolist(), g[diff][:4].tolist())
+                checked += y.size
+    assert checked > 0
+
+
 # ---- entry points --------------------------------------------------------------------------
 
 def test_entry_points_agree():
@@ -311,7 +360,8 @@ def test_generic_vector_ir(monkeypatch):
     monkeypatch.setattr(simd, "HAS_AVX2", False)
     monkeypatch.setattr(simd, "HAS_F16C", False)
     rng = np.random.default_rng(6)
-    for name in ("Q4_K", "Q8_0"):   # between them every path that depends on the flags
+    # between them every path that depends on the flags (Q4_1: f16at, F16: loadh)
+    for name in ("Q4_K", "Q8_0", "Q4_1", "F16"):
         args = cpu.kernel_args(name, rng)
         kernel = cpu.kernel(name)
         want = args[-1].copy()

@@ -11,16 +11,20 @@ Activation block (Q8_K): d (float32), qs[256] (int8), bsums[16] (int16 sums of 1
 
 Per super-block, as ggml: an exact int32 sum  sumi = sum_j scale_j * sum_{l in j} q_l * a_l  in
 8 lanes (`vpmaddubsw` of quants and activations, `vpmaddwd` with the sub-block scales), then
-float lanes  acc += (a.d * w.d) * float(sumi)  and, for the types with mins,
-acc_m += (-a.d * w.dmin) * float(sum_j min_j * bsums_j). Q6_K takes its -32 offset as
-32 * sum_j scale_j * bsums_j, Q3_K its -4 (high bit clear) as a second maddubs. The lanes are
-added up once per row. Each super-block's lanes are ggml's; only the float additions across
-super-blocks and lanes run in a different order (and as multiply + add where ggml fuses).
+float lanes  acc = fma(a.d * w.d, float(sumi), acc)  (one rounding, as _mm256_fmadd_ps).
+Q6_K takes its -32 offset as 32 * sum_j scale_j * bsums_j, Q3_K its -4 (high bit clear) as
+a second maddubs. The mins (dmin = -a.d * w.dmin, m = sum_j min_j * bsums_j) go where ggml
+puts them: Q2_K into the same 8 lanes before the scales (acc = fma(dmin, float(m lanes),
+acc)); Q4_K into 4 lanes (ggml's acc_m: min 2k and 2k+1 against bsums 4k..4k+3), summed as
+(l0 + l2) + (l1 + l3) and added to the lane sum; Q5_K as one float, summs = fma(dmin,
+float(m), summs). The 8 lanes are added up once per row in hsum_float_8's order. The
+result is bit for bit ggml's AVX2 vec_dot (the integer lane sums are exact, every float
+operation is ggml's, in its order; tests/test_matmul_cpu.py checks the bits).
 
 AVX2 check, `python -m kquant.matmul.asm Q2_K Q3_K Q4_K Q5_K Q6_K --dump DIR` (this
 project's AMD EPYC): all ymm code, per super-block 8 vpmaddubsw (16 for Q3_K: low bits and
 high bits), 8-9 vpmaddwd with the scales (broadcast by vpshufb, vpermq), vpaddd, then one
-vcvtdq2ps + vmulps + vaddps (two with mins); the scale bytes unpack with ggml's 32-bit shifts
+vcvtdq2ps + vfmadd231ps (two with mins); the scale bytes unpack with ggml's 32-bit shifts
 and masks and widen by vpmovzxbw / vpmovsxbw; d and dmin by one vcvtph2ps (f16x2); no
 float64. The super-block loop is, in instructions (ggml's AVX2 loop in libggml-cpu.so, by
 objdump): Q2_K 90 (80), Q3_K 143 (140), Q4_K 96 (99), Q5_K 120 (134), Q6_K 94 (99).
@@ -30,14 +34,15 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .prims import load_u32
-from .simd import (add32, add8, and8, andnot8, f16x2, fma, from_u32x4, halves16, hsumf, lane16,
-                   lane16x2, load16, load32, load_i16, madd, maddubs, or8, pairs16, sext16,
-                   shl32, shl8, shr8, sub16, sub32, sub8, zero32, zerof, zext16)
+from .prims import F32, fma32, load_u32
+from .simd import (add32, add8, and8, andnot8, f16x2, fma, from_u32x4, hadd32, halves16, hsum32,
+                   hsum4, hsumf, lane16, lane16x2, load16, load32, load_i16, madd, maddubs, or8,
+                   pairs16, sext16, shl32, shl8, shr8, sub16, sub32, sub8, zero32, zerof, zext16)
 
 _K1 = np.uint32(0x3F3F3F3F)
 _K2 = np.uint32(0x0F0F0F0F)
 _K3 = np.uint32(0x03030303)
+_ZERO = np.float32(0.0)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -117,7 +122,8 @@ def _q4_k(wr, aq, ad, bs):
         d = ad[i] * wd
         dmin = -ad[i] * wm
         ms = _k4_scales(wr, o + 4)
-        accm = fma(dmin, madd(load_i16(bs, 16 * i), pairs16(ms, 8)), accm)
+        # ggml's 4 lanes: mins 2k, 2k+1 against bsums 4k..4k+3 (lanes 4-7: a copy, unused)
+        accm = fma(dmin, hadd32(madd(load_i16(bs, 16 * i), pairs16(ms, 8))), accm)
         sumi = zero32()
         for j in range(4):
             q4 = load32(wr, o + 16 + 32 * j)
@@ -127,13 +133,13 @@ def _q4_k(wr, aq, ad, bs):
             phi = madd(lane16(ms, 2 * j + 1), phi)
             sumi = add32(sumi, add32(plo, phi))
         acc = fma(d, sumi, acc)
-    return hsumf(acc) + hsumf(accm)
+    return hsumf(acc) + hsum4(accm)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
 def _q5_k(wr, aq, ad, bs):
     acc = zerof()
-    accm = zerof()
+    summs = _ZERO
     for i in range(ad.shape[0]):
         o = i * 176
         x = i * 256
@@ -141,7 +147,7 @@ def _q5_k(wr, aq, ad, bs):
         d = ad[i] * wd
         dmin = -ad[i] * wm
         ms = _k4_scales(wr, o + 4)
-        accm = fma(dmin, madd(load_i16(bs, 16 * i), pairs16(ms, 8)), accm)
+        summs = fma32(dmin, F32(hsum32(madd(load_i16(bs, 16 * i), pairs16(ms, 8)))), summs)
         hbits = load32(wr, o + 16)
         sumi = zero32()
         for j in range(4):
@@ -154,7 +160,7 @@ def _q5_k(wr, aq, ad, bs):
             p1 = maddubs(v1, load32(aq, x + 64 * j + 32))
             sumi = add32(sumi, add32(madd(lane16(ms, b0), p0), madd(lane16(ms, b1), p1)))
         acc = fma(d, sumi, acc)
-    return hsumf(acc) + hsumf(accm)
+    return hsumf(acc) + summs
 
 
 @njit(cache=True, error_model="numpy", inline="always")

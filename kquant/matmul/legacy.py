@@ -12,9 +12,12 @@ Per block, as ggml's ggml_vec_dot_q*_q8_* (a: activation block, w: weight block)
   Q8_0: w.d * a.d * sum(q * a.q)
   Q4_1, Q5_1: w.d * a.d * sum(q * a.q) + w.m * a.s      (a.s = fp16(a.d * sum(a.q)))
 The integer sums are exact and land in 8 int32 lanes per block (ggml's mul_sum_*_pairs);
-the lanes are converted, scaled and added into 8 float lanes, summed once per row. So each
-block's contribution is ggml's; only the order of the float additions differs (ggml: the
-same lanes, fused multiply-add). Q4_0 / Q5_0 take their offset as maddubs(q, a) -
+the lanes are converted and added into 8 float lanes with one fused multiply-add a block,
+block after block, (w.d * a.d) the scale, as ggml's _mm256_fmadd_ps; Q4_1 / Q5_1's
+w.m * a.s go, block after block, into a scalar fma chain (ggml's `summs`, fused by gcc);
+the lanes are summed once per row in hsum_float_8's order, then + summs. The result is bit
+for bit ggml's AVX2 vec_dot (tests/test_matmul_cpu.py checks the bits). Q4_0 / Q5_0 take
+their offset as maddubs(q, a) -
 maddubs(8 or 16, a) (exact in int16), where ggml subtracts first and uses the sign trick;
 Q8_0 uses ggml's sign trick (vpsignb). Blocks go 8 at a time so the 8 fp16 weight scales are
 widened by one vcvtph2ps (8 16-bit loads + vpinsrw) and multiplied by 8 activation scales at
@@ -22,7 +25,7 @@ once.
 
 AVX2 check, `python -m kquant.matmul.asm Q4_0 Q4_1 Q5_0 Q5_1 Q8_0` (this project's AMD EPYC,
 counts over the whole kernel): ymm code throughout, per block one vpmaddubsw (two for
-Q4_0 / Q5_0) + one vpmaddwd + vcvtdq2ps + vmulps + vaddps; nibbles from vpsrlw + vpand +
+Q4_0 / Q5_0) + one vpmaddwd + vcvtdq2ps + vfmadd231ps; nibbles from vpsrlw + vpand +
 vinserti128, Q5's fifth bits from ggml's vpbroadcastd + vpshufb + vpor + vpcmpeqb; Q8_0
 vpsignb x2; no float64 (vcvtss2sd/vaddsd). Instructions per block in the 8-block loop (ggml's
 AVX2 loop in libggml-cpu.so, by objdump): Q4_0 15.9 (22), Q4_1 14.4 (22), Q5_0 21.9 (27),
@@ -32,9 +35,9 @@ from __future__ import annotations
 
 from numba import njit, prange
 
-from .prims import F32, load_f16, load_u32
-from .simd import (addf, and8, bitmask32, dot8, dotu8, dotu8_off, f16x8, fma, hsumf, lanef,
-                   load32, loadf, mulf, nibbles32, or8, zerof)
+from .prims import F32, fma32, load_f16, load_u32
+from .simd import (and8, bitmask32, dot8, dotu8, dotu8_off, f16at, f16x8, fma,
+                   hsumf, lanef, load32, loadf, mulf, nibbles32, or8, zerof)
 
 _ZERO = F32(0.0)
 
@@ -70,22 +73,26 @@ def _i_q5_1(wr, aq, b):
     return dotu8(qx, load32(aq, b * 32))
 
 
-# A row against Q8_0 activations: sum over blocks of (w.d * a.d) * sumi; `with_m` (Q4_1 / Q5_1
-# against Q8_1) adds the sum over blocks of w.m * a.s. Blocks go 8 at a time so their 8 fp16
-# scales convert in one vector (then each is broadcast to its block's lanes); the last nb % 8
-# blocks one by one. with_m is a constant: LLVM drops the m terms where it is False.
+# A row against Q8_0 activations: the sum over blocks of (w.d * a.d) * sumi into 8 float
+# lanes, block after block with a fused multiply-add, as ggml; `with_m` (Q4_1 / Q5_1
+# against Q8_1) adds, block after block, fma(w.m, a.s, summs) into a float (ggml's scalar
+# `summs += m * s`, which gcc fuses into vfmadd231ss), each m converted by its own
+# vcvtph2ps (f16at: cheaper than gathering 8 and taking the lanes apart for the chain).
+# Blocks go 8 at a time so their 8 fp16 scales d convert in one vector (then each is
+# broadcast to its block's lanes); the last nb % 8 blocks one by one. with_m is a constant:
+# LLVM drops the m terms where it is False.
 
 @njit(cache=True, error_model="numpy", inline="always")
 def _row(wr, aq, ad, as_, bsize, blk, with_m):
     nb = ad.shape[0]
     acc = zerof()
-    accm = zerof()
     summs = _ZERO
     g8 = nb - nb % 8
     for b0 in range(0, g8, 8):
-        dd = mulf(f16x8(wr, b0 * bsize, bsize), loadf(ad, b0))
         if with_m:
-            accm = addf(accm, mulf(f16x8(wr, b0 * bsize + 2, bsize), loadf(as_, b0)))
+            for b in range(b0, b0 + 8):
+                summs = fma32(f16at(wr, b * bsize + 2), as_[b], summs)
+        dd = mulf(f16x8(wr, b0 * bsize, bsize), loadf(ad, b0))
         # written out: a lane index LLVM cannot see as a constant goes through the stack
         acc = fma(lanef(dd, 0), blk(wr, aq, b0), acc)
         acc = fma(lanef(dd, 1), blk(wr, aq, b0 + 1), acc)
@@ -97,10 +104,10 @@ def _row(wr, aq, ad, as_, bsize, blk, with_m):
         acc = fma(lanef(dd, 7), blk(wr, aq, b0 + 7), acc)
     for b in range(g8, nb):
         if with_m:
-            summs += load_f16(wr, b * bsize + 2) * as_[b]
+            summs = fma32(load_f16(wr, b * bsize + 2), as_[b], summs)
         acc = fma(load_f16(wr, b * bsize) * ad[b], blk(wr, aq, b), acc)
     if with_m:
-        return hsumf(acc) + (hsumf(accm) + summs)
+        return hsumf(acc) + summs
     return hsumf(acc)
 
 

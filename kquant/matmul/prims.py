@@ -52,6 +52,16 @@ def load_u32(b, o):
             | (np.uint32(b[o + 3]) << 24))
 
 
+@intrinsic
+def fma32(typingctx, a, b, c):
+    """a * b + c for float32 scalars with one rounding (`llvm.fma.f32`: vfmadd231ss), where
+    gcc's -ffp-contract=fast fuses ggml's scalar `s += a * b`."""
+    if not (a == b == c == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fma(*args)
+    return types.float32(types.float32, types.float32, types.float32), codegen
 
 
 @intrinsic

@@ -18,6 +18,11 @@ Without AVX2 (other x86, ARM) the same two are emitted as generic IR with the sa
 
 Types (Numba values held in vector registers): I8x16, I8x32 (bytes; signedness is the
 operation's), I16x16, I32x8, F32x8.
+
+Float lanes follow ggml's rounding exactly, for the kernels to give its bits: `fma` and
+`fmaf8` are fused (`llvm.fma`, one rounding: vfmadd231ps, as _mm256_fmadd_ps), and the
+horizontal sums keep ggml's orders (`hsumf`: hsum_float_8; `hsum4`: a __m128's movehl +
+movehdup sum; `hsum_hadd`: GGML_F32x8_REDUCE's two vhaddps).
 """
 from __future__ import annotations
 
@@ -87,9 +92,18 @@ def _vec_ptr(context, builder, arrty, arr, off, offty, vty):
 
 
 def _x86(builder, name, ret, args):
+    """A call of the LLVM intrinsic `name` (x86 ones, llvm.fma.*)."""
     mod = builder.module
     fn = cgutils.get_or_insert_function(mod, ir.FunctionType(ret, [a.type for a in args]), name)
     return builder.call(fn, args)
+
+
+def _fma(builder, a, b, c):
+    """a * b + c, one rounding, scalar or vector (`llvm.fma.*`: vfmadd with FMA3)."""
+    if isinstance(a.type, ir.VectorType):
+        name = f"llvm.fma.v{a.type.count}f32"
+        return _x86(builder, name, a.type, [a, b, c])
+    return builder.fma(a, b, c)
 
 
 def _is_array(t, bits=None):
@@ -476,17 +490,57 @@ def shl32(typingctx, a, n):
 
 @intrinsic
 def fma(typingctx, d, v, acc):
-    """acc + d * float(v): int32 lanes converted to float, scaled by d (a float32, or float
-    lanes) and added to the float lanes acc (ggml's _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(v),
-    acc), as a multiply then an add)."""
+    """acc + d * float(v) with one rounding: int32 lanes converted to float, scaled by d (a
+    float32, or float lanes) and added to the float lanes acc, fused (`llvm.fma`, one
+    vfmadd231ps): ggml's _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(v), acc), bit for bit."""
     if not (d in (types.float32, F32x8) and v == I32x8 and acc == F32x8):
         return None
 
     def codegen(context, builder, sig, args):
         f = builder.sitofp(args[1], F32x8.llvm)
         dv = args[0] if sig.args[0] == F32x8 else _splat(builder, args[0], F32x8.llvm)
-        return builder.fadd(args[2], builder.fmul(dv, f))
+        return _fma(builder, dv, f, args[2])
     return F32x8(d, v, acc), codegen
+
+
+@intrinsic
+def fmaf8(typingctx, a, b, acc):
+    """a * b + acc on float lanes, one rounding (_mm256_fmadd_ps(a, b, acc))."""
+    if not (a == F32x8 and b == F32x8 and acc == F32x8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _fma(builder, args[0], args[1], args[2])
+    return F32x8(a, b, acc), codegen
+
+
+@intrinsic
+def hadd32(typingctx, v):
+    """Adjacent int32 lanes summed: lanes 0-3 = v0+v1, v2+v3, v4+v5, v6+v7, and lanes 4-7
+    the same again (ggml's 4-lane Q4_K min products, from 8-lane ones)."""
+    if v != I32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        return builder.add(_shuffle(builder, v, v, [0, 2, 4, 6] * 2),
+                           _shuffle(builder, v, v, [1, 3, 5, 7] * 2))
+    return I32x8(v), codegen
+
+
+@intrinsic
+def hsum32(typingctx, v):
+    """Sum of the 8 int32 lanes (exact; ggml's hsum_i32_8 / _mm_hadd_epi32)."""
+    if v != I32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        s = builder.add(_shuffle(builder, v, v, range(4)), _shuffle(builder, v, v, range(4, 8)))
+        s = builder.add(s, _shuffle(builder, s, s, [2, 3, 2, 3]))
+        return builder.add(builder.extract_element(s, ir.Constant(_i32, 0)),
+                           builder.extract_element(s, ir.Constant(_i32, 1)))
+    return types.int32(v), codegen
 
 
 @intrinsic
@@ -520,18 +574,30 @@ def f16x8(typingctx, arr, off, stride):
             pos = builder.add(off, builder.mul(stride, ir.Constant(off.type, i)))
             p = builder.bitcast(builder.gep(a.data, [pos]), _i16.as_pointer())
             v = builder.insert_element(v, builder.load(p, align=1), ir.Constant(_i32, i))
-        if HAS_F16C:
-            return builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), 8)), F32x8.llvm)
-        # prims.f16_to_f32, lane-wise
-        w = builder.zext(v, I32x8.llvm)
-        c = lambda x: ir.Constant(I32x8.llvm, [x] * 8)  # noqa: E731
-        inf_nan = builder.mul(builder.lshr(builder.add(builder.and_(w, c(0x7C00)), c(0x400)),
-                                           c(15)), c(0x70000000))
-        bits = builder.or_(builder.shl(builder.and_(w, c(0x8000)), c(16)),
-                           builder.add(builder.shl(builder.and_(w, c(0x7FFF)), c(13)), inf_nan))
-        return builder.fmul(builder.bitcast(bits, F32x8.llvm),
-                            ir.Constant(F32x8.llvm, [2.0 ** 112] * 8))
+        return _half8_to_f32(builder, v)
     return F32x8(arr, off, stride), codegen
+
+
+@intrinsic
+def f16at(typingctx, arr, off):
+    """The fp16 value at byte off of a uint8 array, as float32, converted from a 64-bit
+    vector load (vcvtph2ps xmm, m64: no false dependency, no gather; 8 bytes are read, so
+    off + 8 must be inside the array)."""
+    if not (_is_array(arr, 8) and isinstance(off, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = _vec_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1],
+                     ir.VectorType(_i16, 4))
+        h = builder.load(p, align=1)
+        if HAS_F16C:
+            f = builder.fpext(builder.bitcast(h, ir.VectorType(ir.HalfType(), 4)),
+                              ir.VectorType(_f32, 4))
+        else:
+            h8 = _shuffle(builder, h, h, [0, 1, 2, 3, 0, 1, 2, 3])
+            f = _half8_to_f32(builder, h8)
+        return builder.extract_element(f, ir.Constant(_i32, 0))
+    return types.float32(arr, off), codegen
 
 
 @intrinsic
@@ -597,6 +663,85 @@ def lanef(typingctx, v, k):
         e = builder.extract_element(args[0], _int(context, builder, args[1], sig.args[1], 32))
         return _splat(builder, e, F32x8.llvm)
     return F32x8(v, k), codegen
+
+
+@intrinsic
+def hsum4(typingctx, v):
+    """Sum of float lanes 0-3 in ggml's order for a __m128 (movehl + add, then movehdup +
+    add_ss): (v0 + v2) + (v1 + v3). Lanes 4-7 are ignored."""
+    if v != F32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        e = lambda x, i: builder.extract_element(x, ir.Constant(_i32, i))  # noqa: E731
+        return builder.fadd(builder.fadd(e(v, 0), e(v, 2)), builder.fadd(e(v, 1), e(v, 3)))
+    return types.float32(v), codegen
+
+
+@intrinsic
+def hsum_hadd(typingctx, v):
+    """Sum of the 8 float lanes in GGML_F32x8_REDUCE's order (ggml_vec_dot_f32 / _f16):
+    t = lo4 + hi4, then two vhaddps: (t0 + t1) + (t2 + t3)."""
+    if v != F32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        t = builder.fadd(_shuffle(builder, v, v, range(4)), _shuffle(builder, v, v, range(4, 8)))
+        e = lambda i: builder.extract_element(t, ir.Constant(_i32, i))  # noqa: E731
+        return builder.fadd(builder.fadd(e(0), e(1)), builder.fadd(e(2), e(3)))
+    return types.float32(v), codegen
+
+
+def _is_u16_array(t):
+    return (isinstance(t, types.Array) and t.ndim == 1 and isinstance(t.dtype, types.Integer)
+            and t.dtype.bitwidth == 16)
+
+
+def _half8_to_f32(builder, v):
+    """<8 x i16> IEEE half bits -> <8 x float> (vcvtph2ps with F16C, else kquant's integer
+    conversion lane-wise: exact either way)."""
+    if HAS_F16C:
+        return builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), 8)), F32x8.llvm)
+    w = builder.zext(v, I32x8.llvm)
+    c = lambda x: ir.Constant(I32x8.llvm, [x] * 8)  # noqa: E731
+    inf_nan = builder.mul(builder.lshr(builder.add(builder.and_(w, c(0x7C00)), c(0x400)),
+                                       c(15)), c(0x70000000))
+    bits = builder.or_(builder.shl(builder.and_(w, c(0x8000)), c(16)),
+                       builder.add(builder.shl(builder.and_(w, c(0x7FFF)), c(13)), inf_nan))
+    return builder.fmul(builder.bitcast(bits, F32x8.llvm),
+                        ir.Constant(F32x8.llvm, [2.0 ** 112] * 8))
+
+
+@intrinsic
+def loadh(typingctx, arr, off):
+    """8 fp16 values (a 1-D uint16 array from index `off`) as float32 lanes (GGML_F32Cx8_LOAD:
+    vcvtph2ps)."""
+    if not (_is_u16_array(arr) and isinstance(off, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = _vec_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1],
+                     ir.VectorType(_i16, 8))
+        return _half8_to_f32(builder, builder.load(p, align=2))
+    return F32x8(arr, off), codegen
+
+
+@intrinsic
+def loadbf(typingctx, arr, off):
+    """8 bf16 values (a 1-D uint16 array from index `off`) as float32 lanes (vpmovzxwd +
+    vpslld 16, as ggml_vec_dot_bf16's LOAD)."""
+    if not (_is_u16_array(arr) and isinstance(off, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = _vec_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1],
+                     ir.VectorType(_i16, 8))
+        w = builder.zext(builder.load(p, align=2), I32x8.llvm)
+        w = builder.shl(w, ir.Constant(I32x8.llvm, [16] * 8))
+        return builder.bitcast(w, F32x8.llvm)
+    return F32x8(arr, off), codegen
 
 
 @intrinsic
