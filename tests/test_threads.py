@@ -74,3 +74,48 @@ def test_imatrix_is_the_same_for_any_thread_count(tmp_path, capsys):
         files.append(out.read_bytes())
     capsys.readouterr()
     assert files[0] == files[1]
+
+
+def test_one_chunk_flash_attention_is_ggmls_bit_for_bit():
+    """Under 64 queries a sequence ggml runs flash_attn_ext_f16_one_chunk (Q in F16, V summed in
+    F16), which the tiled kernel does not reproduce; flash_attention_vec does, bit for bit."""
+    from kquant.reference import find_libggml
+    from kquant.reference.libggml import GGMLCompute
+    from kquant.runtime.kernels import flash_attention, flash_attention_vec
+
+    if find_libggml() is None:
+        pytest.skip("llama.cpp's libggml not found: pip install -e '.[interop]'")
+    g = GGMLCompute()
+    rng = np.random.default_rng(1)
+    hq, hkv, d = 4, 2, 64
+    tiled_differs = False
+    for T in (1, 5, 40, 63):
+        q = rng.standard_normal((T, hq, d)).astype(np.float32)
+        k = rng.standard_normal((T, hkv, d)).astype(np.float16)
+        v = rng.standard_normal((T, hkv, d)).astype(np.float16)
+        scale = np.float32(1) / np.sqrt(np.float32(d))
+        kt = np.ascontiguousarray(k.astype(np.float32).transpose(1, 2, 0))
+        vv = np.ascontiguousarray(v.astype(np.float32).transpose(1, 0, 2))
+        ours, tiled = np.empty_like(q), np.empty_like(q)
+        flash_attention_vec(q, kt, vv, 0, scale, hq // hkv, ours)
+        flash_attention(q, kt, vv, 0, scale, hq // hkv, tiled)
+        ref = g.flash_attn(q, k, v, float(scale))
+        assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32)), T
+        tiled_differs |= not np.array_equal(tiled, ref)
+    assert tiled_differs
+
+
+def test_exact_float_model_prints_llama_perplexitys_digits(capsys, tiny_llama_f32):
+    """--exact on the F32 tiny model: every chunk and the final estimate as llama-perplexity
+    (AVX2 build) printed them (tests/data/perplexity_ref/tiny-llama-f32.c128.out), -t 1 and 2."""
+    from kquant.cli.perplexity import main
+
+    wiki = ROOT.parent / "shared" / "text" / "eval" / "wiki.test.raw"
+    if not wiki.is_file():
+        pytest.skip("wiki.test.raw not available")
+    ref = (Path(__file__).parent / "data" / "perplexity_ref" / "tiny-llama-f32.c128.out").read_text()
+    want = [line for line in ref.splitlines() if line.startswith(("[1]", "Final estimate"))]
+    for t in ("1", "2"):
+        assert main(["-m", str(tiny_llama_f32), "-f", str(wiki), "-c", "128", "--chunks", "8",
+                     "--exact", "-t", t, "--no-progress"]) == 0
+        assert capsys.readouterr().out.splitlines()[:2] == [want[0].rstrip(), want[1]]

@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="base logits file: written with -f, read with --kl-divergence")
     ap.add_argument("--kl-divergence", action="store_true",
                     help="KL divergence from the logits of --kl-divergence-base")
+    ap.add_argument("--exact", action="store_true",
+                    help="compute in llama.cpp's CPU float order (its x86 AVX2 build): "
+                         "llama-perplexity's figures to the printed digit (CPU only, slower)")
     add_runtime_args(ap)
     return ap
 
@@ -76,7 +79,8 @@ def _run(ns: argparse.Namespace) -> int:
         raise ModelError("no text: give -f TEXT (or --kl-divergence with --kl-divergence-base F)")
     params = PerplexityParams(n_ctx=ns.ctx_size, n_batch=ns.batch_size, n_chunks=ns.chunks,
                               ppl_stride=ns.ppl_stride, ppl_output_type=ns.ppl_output_type,
-                              logits_file=ns.logits_file or "", kl_divergence=ns.kl_divergence)
+                              logits_file=ns.logits_file or "", kl_divergence=ns.kl_divergence,
+                              exact=ns.exact)
     progress = not ns.no_progress and sys.stderr.isatty()
     out = _Stdout(hold=progress and sys.stdout.isatty())
     try:  # lines held back for the progress bar are printed even on an error

@@ -39,7 +39,8 @@ from ..codecs import vectorizing
 from ..matmul.activations import (min_term_correction, quantize_rows, round_activations,
                                   vec_dot_type)
 from ..matmul.cpu import run_blocks, weight_rows
-from .kernels import (flash_attention, rope_inplace, rope_table, rope_theta_scale, softmax_causal,
+from ..matmul.exact import ExactMatrix, float_blocks
+from .kernels import (flash_attention, flash_attention_vec, rms_sums, rope_inplace, rope_table, rope_theta_scale, softmax_causal,
                       swiglu)
 from .weights import OUTPUT, Layer, Weights, load_weights
 
@@ -94,6 +95,11 @@ class Transformer:
         # attention in ggml's exact flash-attention order (kernels.flash_attention): bit for bit
         # on the same inputs, several times slower than the BLAS path; off by default
         self.exact_attention = False
+        # llama.cpp's CPU float order everywhere (x86 AVX2 build): each product by the path and
+        # kernel ggml takes (kquant.matmul.exact), its two flash-attention kernels, RMSNorm's
+        # sums in order, the last block's FFN on the output rows only, as llama.cpp's graph
+        self.exact = False
+        self._exact_matrices: dict[str, Any] = {}
 
     def new_cache(self, n_ctx: int) -> KVCache:
         return KVCache(self.config, n_ctx, self.xp)
@@ -103,7 +109,11 @@ class Transformer:
     def _rms_norm(self, x: Any, w: Any) -> Any:
         """ggml_rms_norm then the weight: squares summed in double, scale 1/sqrtf(mean + eps)."""
         xp = self.xp
-        mean = ((x * x).sum(axis=-1, dtype=np.float64) / x.shape[-1]).astype(F32)
+        if self.exact and xp is np:
+            sums = rms_sums(np.ascontiguousarray(x).reshape(-1, x.shape[-1])).reshape(x.shape[:-1])
+        else:
+            sums = (x * x).sum(axis=-1, dtype=np.float64)
+        mean = (sums / x.shape[-1]).astype(F32)
         scale = F32(1.0) / xp.sqrt(mean + F32(self.config.rms_eps))
         y = x * scale[..., None]
         y *= w
@@ -161,9 +171,11 @@ class Transformer:
         xp, c = self.xp, self.config
         T = q.shape[0]
         scale = F32(1.0) / np.sqrt(F32(c.head_dim))  # 1.0f/sqrtf(n_embd_head), in float
-        if xp is np and self.exact_attention:
+        if xp is np and (self.exact_attention or self.exact):
             out = np.empty((T, c.n_head, c.head_dim), F32)
-            flash_attention(np.ascontiguousarray(q), seg_k, seg_v, n0, scale, c.n_rep, out)
+            # ggml's tiled kernel from GGML_FA_TILE_Q (64) queries of a sequence, else one_chunk
+            kernel = flash_attention if T >= 64 or not self.exact else flash_attention_vec
+            kernel(np.ascontiguousarray(q), seg_k, seg_v, n0, scale, c.n_rep, out)
             return out.reshape(T, c.n_head * c.head_dim)
         qh = xp.ascontiguousarray(q.reshape(T, c.n_head_kv, c.n_rep, c.head_dim).transpose(1, 2, 0, 3))
         out = xp.empty((c.n_head_kv, c.n_rep, T, c.head_dim), F32)
@@ -198,6 +210,9 @@ class Transformer:
         if observe is not None:
             observe(name, x)
         qtype = self.weights.types.get(name, T.F32)
+        if self.exact and self.xp is np:
+            y = self._exact_matrix(name, w, qtype)(x)
+            return y + b if b is not None else y
         if self.xp is np and x.shape[0] <= _BLOCK_KERNEL_TOKENS and name in self.weights.blocks:
             # a token or a few (generation): read the quantized blocks, not the float32 copy
             y = self._block_product(x, self.weights.blocks[name], qtype)
@@ -212,6 +227,14 @@ class Transformer:
         if b is not None:
             y += b
         return y
+
+    def _exact_matrix(self, name: str, w: Any, qtype: Any) -> ExactMatrix:
+        m = self._exact_matrices.get(name)
+        if m is None:
+            wb = self.weights.blocks.get(name)
+            m = ExactMatrix(wb if wb is not None else float_blocks(w, qtype), qtype)
+            self._exact_matrices[name] = m
+        return m
 
     def _matmul_nt(self, x: Any, w: Any) -> Any:
         """x @ w.T; on the CPU in a float order no thread count changes (kquant.runtime.gemm)."""
@@ -241,7 +264,7 @@ class Transformer:
         return value
 
     def _block(self, il: int, L: Layer, x: Any, segments: Sequence[Segment], pos: Any,
-               observe: Observer | None) -> Any:
+               observe: Observer | None, out_rows: Any = None) -> Any:
         xp, c = self.xp, self.config
         n = L.names
         N = x.shape[0]
@@ -267,6 +290,8 @@ class Transformer:
             attn[r:r + T] = self._attention(q[r:r + T], cache.k[il], cache.v[il], n0)
             r += T
         x = x + self._linear(attn, L.wo, L.bo, n["wo"], observe)
+        if out_rows is not None:  # llama.cpp's last block: the FFN on the output rows only
+            x = x[out_rows]
         h = self._rms_norm(x, L.ffn_norm)
         g = self._linear(h, L.w_gate, None, n["w_gate"], observe)
         u = self._linear(h, L.w_up, None, n["w_up"], observe)
@@ -301,8 +326,14 @@ class Transformer:
         # an overflow becomes inf/NaN in the activations: the imatrix collector reports it with
         # the tensor's name, perplexity shows it; numpy's warnings would only add noise
         with np.errstate(over="ignore", invalid="ignore"):
+            # exact: the rows whose logits are wanted leave the last block's attention, as
+            # llama.cpp's inp_out_ids (its products' row groups then match llama.cpp's)
+            select = (self.exact and not observe_output and logit_rows is not None
+                      and len(logit_rows) > 0)
+            out_rows = xp.asarray(np.asarray(logit_rows, np.int64)) if select else None
+            last = len(W.layers) - 1
             for il, layer in enumerate(W.layers):
-                x = self._block(il, layer, x, segments, pos, observe)
+                x = self._block(il, layer, x, segments, pos, observe, out_rows if il == last else None)
         for s in segments:
             s.cache.n += len(s.tokens)
         want_logits = logit_rows is None or len(logit_rows) > 0
@@ -315,7 +346,7 @@ class Transformer:
             if logit_rows is not None:
                 h = h[xp.asarray(np.asarray(logit_rows, np.int64))]
         else:
-            if logit_rows is not None:
+            if logit_rows is not None and out_rows is None:
                 x = x[xp.asarray(np.asarray(logit_rows, np.int64))]
             h = self._rms_norm(x, W.output_norm)
         if not want_logits:

@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from ..codecs.bits import bits_f32, f32_bits
+from ..codecs.bits import bits_f32, f32_bits, fp16_to_fp32, fp32_to_fp16
 
 F32 = np.float32
 
@@ -267,3 +267,121 @@ def flash_attention(q, kt, v, n0, scale, n_rep, out):
         inv = F32(1.0) / s_sum if s_sum != F32(0.0) else F32(0.0)
         for i in range(d):
             out[t, h, i] = acc[i] * inv
+
+
+@njit(cache=True, inline="always")
+def _f16(x):
+    """x rounded to the nearest float16 (as F16C's vcvtps2ph stores it), as float32."""
+    return fp16_to_fp32(fp32_to_fp16(x))
+
+
+@njit(cache=True, inline="always")
+def _reduce4x8(acc):
+    """GGML_F32x8_REDUCE of four 8-lane accumulators acc (4, 8): acc0 += acc2, acc1 += acc3,
+    acc0 += acc1, then lanes i + (i + 4), then two horizontal adds."""
+    t = np.empty(4, np.float32)
+    for i in range(4):
+        lo = (acc[0, i] + acc[2, i]) + (acc[1, i] + acc[3, i])
+        hi = (acc[0, i + 4] + acc[2, i + 4]) + (acc[1, i + 4] + acc[3, i + 4])
+        t[i] = lo + hi
+    return (t[0] + t[1]) + (t[2] + t[3])
+
+
+@njit(cache=True)
+def _vec_dot_f16(qh, kt, kvh, key, acc):
+    """ggml_vec_dot_f16 (AVX2) of the F16-rounded query qh (d,) and key `key` of kt: four
+    8-lane fused multiply-add accumulators over each 32 values, reduced by _reduce4x8, the
+    leftovers added in double."""
+    d = qh.shape[0]
+    np32 = d - d % 32
+    acc[:, :] = F32(0.0)
+    for i in range(0, np32, 32):
+        for j in range(4):
+            for lane in range(8):
+                c = i + 8 * j + lane
+                acc[j, lane] = fmaf(qh[c], kt[kvh, c, key], acc[j, lane])
+    total = float(_reduce4x8(acc)) if np32 else 0.0
+    for c in range(np32, d):
+        total += float(qh[c] * kt[kvh, c, key])
+    return F32(total)
+
+
+@njit(parallel=True, cache=True)
+def flash_attention_vec(q, kt, v, n0, scale, n_rep, out):
+    """The same attention as flash_attention, computed as ggml's CPU backend computes it for
+    fewer than 64 queries per sequence (generation, a short last ubatch):
+    ggml_compute_forward_flash_attn_ext_f16_one_chunk. Per query: the query rounded to F16,
+    each visible key's score by ggml_vec_dot_f16 and scaled, the online softmax one key at a
+    time with libm's expf, and V accumulated in F16 (ggml_vec_mad_f16 / ggml_vec_scale_f16: a
+    float32 fused multiply-add or product, rounded to F16 on every store); the sum
+    S = S * ms + vs fused as GCC compiles it; the result scaled by 1/S."""
+    T, n_head, d = q.shape
+    dv = v.shape[2]
+    for th in prange(T * n_head):
+        t = th // n_head
+        h = th % n_head
+        kvh = h // n_rep
+        qh = np.empty(d, np.float32)
+        for c in range(d):
+            qh[c] = _f16(q[t, h, c])
+        acc = np.empty((4, 8), np.float32)
+        vkq = np.zeros(dv, np.float32)  # F16 values held as float32
+        m = F32(-np.inf)
+        s_sum = F32(0.0)
+        for ic in range(n0 + t + 1):
+            s = _vec_dot_f16(qh, kt, kvh, ic, acc) * scale
+            ms = F32(1.0)
+            vs = F32(1.0)
+            if s > m:
+                m_old = m
+                m = s
+                ms = F32(math.exp(m_old - m))
+                for i in range(dv):
+                    vkq[i] = _f16(vkq[i] * ms)
+            else:
+                vs = F32(math.exp(s - m))
+            vrow = v[kvh, ic]
+            for i in range(dv):
+                vkq[i] = _f16(fmaf(vrow[i], vs, vkq[i]))
+            s_sum = fmaf(s_sum, ms, vs)
+        inv = F32(1.0) / s_sum if s_sum != F32(0.0) else F32(0.0)
+        for i in range(dv):
+            out[t, h, i] = vkq[i] * inv
+
+
+@njit(parallel=True, cache=True)
+def rms_sums(x):
+    """Per row the sum of squares as ggml_compute_forward_rms_norm_f32 adds them: each square
+    rounded to float, then added in double in order (numpy's sum adds pairwise)."""
+    rows, n = x.shape
+    out = np.empty(rows, np.float64)
+    for r in prange(rows):
+        total = 0.0
+        for j in range(n):
+            v = x[r, j]
+            total += float(v * v)
+        out[r] = total
+    return out
+
+
+@njit(parallel=True, cache=True)
+def token_nll_exact(logits, targets):
+    """token_nll as llama-perplexity's log_softmax computes it, to the bit: the maximum, then
+    libm's expf of every shifted logit added in double in order."""
+    rows, n = logits.shape
+    nll = np.empty(rows, np.float64)
+    logit = np.empty(rows, np.float32)
+    prob = np.empty(rows, np.float32)
+    for r in prange(rows):
+        row = logits[r]
+        m = row[0]
+        for j in range(1, n):
+            m = max(m, row[j])
+        total = 0.0
+        for j in range(n):
+            total += float(F32(math.exp(row[j] - m)))
+        t = targets[r]
+        nll[r] = -(float(row[t] - m) - math.log(total))
+        logit[r] = row[t]
+        prob[r] = F32(math.exp(row[t] - m)) / F32(total)
+    return nll, logit, prob

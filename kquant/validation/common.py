@@ -38,6 +38,8 @@ class PerplexityParams:
     ppl_output_type: int = 0  # 1: one line per chunk instead of [i]ppl,
     logits_file: str = ""  # --kl-divergence-base: written in perplexity mode, read with kl_divergence
     kl_divergence: bool = False
+    # llama.cpp's CPU float order (x86 AVX2 build) for every product, attention and log-softmax
+    exact: bool = False
 
 
 def eta_line(prefix: str, t_total: float, n_chunk: int, n_seq: int = 1) -> str:

@@ -34,7 +34,7 @@ from ..files.atomic import check_writable, refuse_input_as_output
 from ..files.text import read_text
 from ..runtime import Transformer
 from ..runtime.chunks import N_UBATCH, NllTotals, run_chunks, run_sequences
-from ..runtime.kernels import token_nll
+from ..runtime.kernels import token_nll, token_nll_exact
 from .common import (Log, PerplexityParams, batch_layout, check_vocab, eta_line, load_for_evaluation, log_nothing,
                      log_stderr, pad256)
 from .kld import KLDivergenceResult, run_kl_divergence
@@ -131,7 +131,8 @@ def perplexity(model: Transformer, tokens: np.ndarray, params: PerplexityParams,
                     v = compress_log_probs(lg, targets, buf16, buf32)
                     writer.write(buf16)
                 else:
-                    v, _, _ = token_nll(lg, targets.astype(np.int64))
+                    nll = token_nll_exact if model.exact else token_nll
+                    v, _, _ = nll(lg, targets.astype(np.int64))
                 chunk_ppl.append(totals.add(v))
                 if params.ppl_output_type == 0:
                     emit(f"[{i + seq + 1}]{chunk_ppl[-1]:.4f},")
@@ -233,6 +234,7 @@ def run_perplexity(model_path: str | Path, text_path: str | Path | None, params:
     tokens = tokenizer.tokenize(text, add_special=True)
     log(f"perplexity: tokenizing {text_path}: {len(tokens)} tokens in {time.perf_counter() - t0:.2f} s")
     model = Transformer(source, device, progress)
+    model.exact = params.exact
     log(f"{source.arch} model, {model.config.n_layer} layers, {device}, {threads} threads")
     bos = tokenizer.bos_id if tokenizer.add_bos else None
     writer = LogitsWriter(params.logits_file) if params.logits_file else None

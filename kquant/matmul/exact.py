@@ -1,0 +1,56 @@
+"""A weight's product with activations exactly as llama.cpp's CPU backend (x86, AVX2 build)
+computes it, bit for bit: the path ggml_compute_forward_mul_mat takes, then that path's kernel.
+
+    weight Q4_K / Q4_0 with rows % 8 == 0  -> the repacked GEMM/GEMV (kquant.matmul.repack)
+    2+ tokens and a type llamafile takes   -> llamafile's tinyBLAS (kquant.matmul.tinyblas)
+    anything else                          -> ggml_vec_dot per (row, token) (kquant.matmul.cpu)
+
+Every path computes each value on its own in a fixed order, so no value depends on the thread
+count; repack's values depend on whether a token row is in the first n - n % 4 (GEMM) or the
+rest (GEMV), as llama.cpp's do.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from . import repack, tinyblas
+from .activations import quantize_rows, vec_dot_type
+from .cpu import run_blocks, weight_rows
+
+
+class ExactMatrix:
+    """One weight matrix (uint8 rows of ggml blocks, as stored), ready for exact products;
+    the repacked form is made on the first product that needs it and kept."""
+
+    def __init__(self, wb: np.ndarray, qtype: T):
+        self.wb, self.k = weight_rows(wb, qtype)
+        self.qtype = qtype
+        self.rows = self.wb.shape[0]
+        self._repacked: Any = None
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """x float32 (n_tok, k) -> (n_tok, rows)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if repack.applies(self.qtype, self.rows, self.k):
+            if self._repacked is None:
+                self._repacked = repack.prepare(self.wb, self.qtype)
+            return repack.matmul_prepared(self._repacked, x)
+        if tinyblas.applies(self.qtype, self.rows, self.k, x.shape[0]):
+            return tinyblas.matmul(self.wb, self.qtype, x)
+        return run_blocks(self.wb, self.qtype, quantize_rows(x, vec_dot_type(self.qtype)))
+
+
+def float_blocks(w: np.ndarray, qtype: T) -> np.ndarray:
+    """The stored bytes of an F32/F16/BF16 matrix from its float32 values (exact: F16 and
+    BF16 values are float32 values that round-trip)."""
+    if qtype == T.F32:
+        return np.ascontiguousarray(w, dtype=np.float32).view(np.uint8)
+    if qtype == T.F16:
+        return np.ascontiguousarray(w.astype(np.float16)).view(np.uint8)
+    if qtype == T.BF16:
+        return np.ascontiguousarray((np.ascontiguousarray(w, np.float32).view(np.uint32) >> 16)
+                                    .astype(np.uint16)).view(np.uint8)
+    raise ValueError(f"{qtype.name} is not a float type")
