@@ -119,3 +119,29 @@ def test_exact_float_model_prints_llama_perplexitys_digits(capsys, tiny_llama_f3
         assert main(["-m", str(tiny_llama_f32), "-f", str(wiki), "-c", "128", "--chunks", "8",
                      "--exact", "-t", t, "--no-progress"]) == 0
         assert capsys.readouterr().out.splitlines()[:2] == [want[0].rstrip(), want[1]]
+
+
+def test_exact_imatrix_is_llama_imatrixs(tmp_path, capsys):
+    """kquant-imatrix --exact on the tiny model (F32): every value equals llama-imatrix's
+    (tests/data/imatrix_ref/tiny-llama.c128.gguf, made by llama-imatrix), and the chunk
+    perplexities print the same digits."""
+    import re
+
+    from kquant.calibration.imatrix_file import load_imatrix
+    from kquant.cli.imatrix import main
+
+    text = ROOT.parent / "shared" / "text" / "calibration" / "pg84.txt"
+    if not text.is_file():
+        pytest.skip("calibration texts not available")
+    ref_dir = Path(__file__).parent / "data" / "imatrix_ref"
+    out = tmp_path / "im.gguf"
+    assert main(["-m", str(TINY_HF), "-f", str(text), "-o", str(out), "-t", "2", "--device", "cpu",
+                 "-c", "128", "--chunks", "6", "--process-output", "--exact", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    ours, ref = load_imatrix(out), load_imatrix(ref_dir / "tiny-llama.c128.gguf")
+    assert sorted(ours.entries) == sorted(ref.entries)
+    for name, e in ref.entries.items():
+        np.testing.assert_array_equal(ours.entries[name].counts, e.counts, err_msg=name)
+        np.testing.assert_array_equal(ours.entries[name].sums, e.sums, err_msg=name)
+    want = re.findall(r"\[\d+\][\d.]+,", (ref_dir / "tiny-llama.c128.out").read_text())
+    assert re.findall(r"\[\d+\][\d.]+,", printed) == want

@@ -25,7 +25,7 @@ from ..files.text import read_text
 from ..runtime import Transformer
 from ..runtime.chunks import NllTotals, run_chunks
 from ..runtime.device import to_host
-from ..runtime.kernels import accumulate_sumsq, token_nll
+from ..runtime.kernels import accumulate_sumsq, token_nll, token_nll_exact
 from ..runtime.weights import OUTPUT
 from .imatrix_file import Imatrix, ImatrixEntry, accumulate, at_path, load_imatrix, save_imatrix
 
@@ -49,6 +49,7 @@ class ImatrixParams:
     out_file: str = "imatrix.gguf"
     output_format: str = "gguf"  # gguf | dat
     prompt_file: str = ""  # stored in the file as the dataset name
+    exact: bool = False  # llama.cpp's CPU float order (x86 AVX2 build), as kquant-perplexity --exact
 
 
 @dataclass
@@ -219,7 +220,8 @@ def compute_imatrix(model: Transformer, tokens: np.ndarray, params: ImatrixParam
         if params.compute_ppl:
             for seq in range(len(logits)):
                 s0 = (i + seq) * n_ctx + first
-                v, _, _ = token_nll(logits[seq], tokens[s0 + 1:s0 + 1 + len(logits[seq])])
+                nll = token_nll_exact if model.exact else token_nll
+                v, _, _ = nll(logits[seq], tokens[s0 + 1:s0 + 1 + len(logits[seq])])
                 chunk_ppl.append(totals.add(v))
             bar.set_postfix_str(f"ppl {chunk_ppl[-1]:.4f}")
         bar.update(len(logits))
@@ -245,6 +247,8 @@ def run_imatrix(model_path: str | Path, text_path: str | Path, params: ImatrixPa
         raise ModelError(f"unknown output format {params.output_format!r} (gguf or dat)")
     refuse_input_as_output(params.out_file, [model_path, text_path, *(in_files or [])])
     device = resolve_device(device)
+    if params.exact and device != "cpu":
+        raise ModelError("--exact reproduces llama.cpp's CPU backend: use --device cpu")
     threads = set_threads(n_threads)
     source = open_model(model_path, "f32")
     tokenizer = Tokenizer.from_source(source)
@@ -253,6 +257,7 @@ def run_imatrix(model_path: str | Path, text_path: str | Path, params: ImatrixPa
     tokens = tokenizer.tokenize(text, add_special=True, parse_special=params.parse_special)
     log(f"tokenized {text_path}: {len(tokens)} tokens in {time.perf_counter() - t0:.2f} s")
     model = Transformer(source, device, progress)
+    model.exact = params.exact
     im = load_in_files(in_files or [], params.n_ctx)
     check_against_model(im, model, params.process_output)
     log(f"{source.arch} model, {model.config.n_layer} layers, {device}, {threads} threads")

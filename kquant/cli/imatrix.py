@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--plot", metavar="F.png", help="with --show-statistics: plot them per layer")
     ap.add_argument("-np", "--parallel", type=int, default=1,
                     help="with --show-statistics: the chunk size is -c / -np, as in llama-imatrix")
+    ap.add_argument("--exact", action="store_true",
+                    help="compute in llama.cpp's CPU float order (its x86 AVX2 build), as "
+                         "kquant-perplexity --exact (CPU only, slower)")
     add_runtime_args(ap)
     return ap
 
@@ -65,7 +68,7 @@ def _params(ns: argparse.Namespace):
         n_ctx=ns.ctx_size, n_batch=ns.batch_size, n_chunks=ns.chunks, from_chunk=ns.from_chunk,
         process_output=ns.process_output, compute_ppl=ns.ppl, parse_special=ns.parse_special,
         output_frequency=ns.output_frequency, save_frequency=ns.save_frequency,
-        out_file=ns.output, output_format=fmt, prompt_file=ns.file or "")
+        out_file=ns.output, output_format=fmt, prompt_file=ns.file or "", exact=ns.exact)
 
 
 def _show_statistics(ns: argparse.Namespace) -> None:

@@ -328,8 +328,9 @@ class Transformer:
         with np.errstate(over="ignore", invalid="ignore"):
             # exact: the rows whose logits are wanted leave the last block's attention, as
             # llama.cpp's inp_out_ids (its products' row groups then match llama.cpp's)
-            select = (self.exact and not observe_output and logit_rows is not None
-                      and len(logit_rows) > 0)
+            # (llama-imatrix asks for every row's logits: with an observer, no rows are dropped)
+            select = (self.exact and observe is None and not observe_output
+                      and logit_rows is not None and len(logit_rows) > 0)
             out_rows = xp.asarray(np.asarray(logit_rows, np.int64)) if select else None
             last = len(W.layers) - 1
             for il, layer in enumerate(W.layers):

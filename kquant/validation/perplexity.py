@@ -233,6 +233,8 @@ def run_perplexity(model_path: str | Path, text_path: str | Path | None, params:
     t0 = time.perf_counter()
     tokens = tokenizer.tokenize(text, add_special=True)
     log(f"perplexity: tokenizing {text_path}: {len(tokens)} tokens in {time.perf_counter() - t0:.2f} s")
+    if params.exact and device != "cpu":
+        raise ModelError("--exact reproduces llama.cpp's CPU backend: use --device cpu")
     model = Transformer(source, device, progress)
     model.exact = params.exact
     log(f"{source.arch} model, {model.config.n_layer} layers, {device}, {threads} threads")
