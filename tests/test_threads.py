@@ -145,3 +145,37 @@ def test_exact_imatrix_is_llama_imatrixs(tmp_path, capsys):
         np.testing.assert_array_equal(ours.entries[name].sums, e.sums, err_msg=name)
     want = re.findall(r"\[\d+\][\d.]+,", (ref_dir / "tiny-llama.c128.out").read_text())
     assert re.findall(r"\[\d+\][\d.]+,", printed) == want
+
+
+# (type, reference in tests/data/perplexity_ref made by llama-perplexity, arguments)
+EXACT_CASES = [
+    ("Q8_0", "c128", ["-f", "WIKI", "-c", "128", "--chunks", "8"]),
+    ("Q6_K", "c128", ["-f", "WIKI", "-c", "128", "--chunks", "8"]),
+    ("Q4_K_M", "c128", ["-f", "WIKI", "-c", "128", "--chunks", "8"]),
+    ("Q2_K", "c128", ["-f", "WIKI", "-c", "128", "--chunks", "8"]),
+    ("Q3_K_M", "calib", ["-f", "CALIB"]),
+    ("Q5_K_M", "calib", ["-f", "CALIB"]),
+]
+
+
+@pytest.mark.parametrize("ftype, ref, args", EXACT_CASES, ids=[c[0] for c in EXACT_CASES])
+def test_exact_quantized_prints_llama_perplexitys_digits(capsys, tiny_llama_f32, tmp_path, ftype, ref, args):
+    """--exact on the tiny model quantized by kquant-quantize (llama-quantize's bytes) to every
+    K-quant family: every chunk and the final estimate to the printed digit (repacked Q4_K,
+    the tiled K-quant kernel, tinyBLAS Q8_0, vec_dot, both flash-attention kernels)."""
+    import re
+
+    from kquant import QuantizeOptions, quantize_model
+    from kquant.cli.perplexity import main
+
+    wiki = ROOT.parent / "shared" / "text" / "eval" / "wiki.test.raw"
+    if not wiki.is_file():
+        pytest.skip("wiki.test.raw not available")
+    model = tmp_path / f"tiny-{ftype}.gguf"
+    quantize_model(tiny_llama_f32, model, ftype, QuantizeOptions(), progress=False)
+    args = [str(wiki) if a == "WIKI" else str(CALIB) if a == "CALIB" else a for a in args]
+    assert main(["-m", str(model), *args, "--exact", "-t", "2", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    text = (Path(__file__).parent / "data" / "perplexity_ref" / f"tiny-llama-{ftype}.{ref}.out").read_text()
+    pattern = r"\[\d+\][\d.]+,|Final estimate: PPL = [\d.]+ \+/- [\d.]+"
+    assert re.findall(pattern, out) == re.findall(pattern, text)

@@ -2,6 +2,7 @@
 computes it, bit for bit: the path ggml_compute_forward_mul_mat takes, then that path's kernel.
 
     weight Q4_K / Q4_0 with rows % 8 == 0  -> the repacked GEMM/GEMV (kquant.matmul.repack)
+    a K-quant over 8+ tokens               -> the tiled K-quant kernel (kquant.matmul.tiled)
     2+ tokens and a type llamafile takes   -> llamafile's tinyBLAS (kquant.matmul.tinyblas)
     anything else                          -> ggml_vec_dot per (row, token) (kquant.matmul.cpu)
 
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from . import repack, tinyblas
+from . import repack, tiled, tinyblas
 from .activations import quantize_rows, vec_dot_type
 from .cpu import run_blocks, weight_rows
 
@@ -38,6 +39,8 @@ class ExactMatrix:
             if self._repacked is None:
                 self._repacked = repack.prepare(self.wb, self.qtype)
             return repack.matmul_prepared(self._repacked, x)
+        if tiled.applies(self.qtype, self.rows, self.k, x.shape[0]):
+            return tiled.matmul(self.wb, self.qtype, x)
         if tinyblas.applies(self.qtype, self.rows, self.k, x.shape[0]):
             return tinyblas.matmul(self.wb, self.qtype, x)
         return run_blocks(self.wb, self.qtype, quantize_rows(x, vec_dot_type(self.qtype)))

@@ -1,0 +1,173 @@
+"""Port of llama.cpp 0.3.36's CPU "tiled" MUL_MAT for K-quant weights (ggml-cpu/tiled/,
+x86 AVX2 + FMA build, no AVX512-VNNI: the AVX2 micro-kernel tiled_run_microtile_avx2),
+bit for bit.
+
+When (ggml_compute_forward_mul_mat_tiled): src0 type Q2_K..Q6_K (also the IQ types, not
+ported here), src0->extra == NULL (a plain buffer, not a CPU_REPACK one), src1 rows
+n_tok >= 8 (ggml_tiled_min_batch; GGML_CPU_TILED_MM_FORCE=1 takes any batch), the master
+switch GGML_CPU_TILED_MM not 0, no --use-ref; k is a multiple of 256 for K-quants.
+
+src1 is quantized to Q8_K with the type's from_float (quantize_row_q8_K), as for vec_dot.
+
+Per output element (weight row r, token t) the float order is (blocks b = 0..k/256-1 in
+order, the tiling only splits rows/tokens, never K):
+  s1 = sum over sub-blocks s of scale_s * sum_e w_e * q8_e      (exact int32; Q6_K/Q3_K
+       debias their codes by 32/4 and pre-bias q8 by +128 then subtract the exact
+       correction, which is the same integer)
+  s2 = sum_s min_s * bsum_s                                     (exact int32; Q2/Q4/Q5_K)
+  res = d * float(s1)
+  res = fma(-dmin, float(s2), res)                               (_mm256_fnmadd_ps; HAS_MIN)
+  acc = fma(res, d8[t, b], acc)   with acc starting at 0.0f      (_mm256_fmadd_ps into buf)
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from gguf import GGMLQuantizationType
+from numba import njit, prange
+
+from ..runtime.kernels import fmaf
+from .activations import quantize_rows
+
+T = GGMLQuantizationType
+
+TYPES = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
+_BLOCK_BYTES = {T.Q2_K: 84, T.Q3_K: 110, T.Q4_K: 144, T.Q5_K: 176, T.Q6_K: 210}
+_HAS_MIN = {T.Q2_K: True, T.Q3_K: False, T.Q4_K: True, T.Q5_K: True, T.Q6_K: False}
+
+
+def applies(qtype, rows: int, k: int, n_tok: int, repacked: bool = False) -> bool:
+    """True when ggml's CPU MUL_MAT takes the tiled path for these K-quant weights."""
+    if os.environ.get("GGML_CPU_TILED_MM") is not None:
+        try:
+            if int(os.environ["GGML_CPU_TILED_MM"]) == 0:
+                return False
+        except ValueError:
+            return False
+    if repacked:
+        return False
+    if T(qtype) not in TYPES:
+        return False
+    if k % 256 != 0 or rows <= 0:
+        return False
+    forced = os.environ.get("GGML_CPU_TILED_MM_FORCE") == "1"
+    return n_tok >= 8 or forced
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(b).view(np.float16)[..., 0].astype(np.float32)
+
+
+def _decode(wb: np.ndarray, qtype, k: int):
+    """Integer weights (rows, k) int8 (signed, debiased), scales and mins per 16 values
+    (rows, k/16) int32, d and dmin (rows, k/256) float32."""
+    qtype = T(qtype)
+    rows = wb.shape[0]
+    nb = k // 256
+    bs = _BLOCK_BYTES[qtype]
+    b = np.ascontiguousarray(wb).reshape(rows, nb, bs).astype(np.int32)
+    raw = np.ascontiguousarray(wb).reshape(rows, nb, bs)
+    e = np.arange(256)
+    half, el = e >> 7, e & 127
+    group, l = el >> 5, el & 31
+    dmin = np.zeros((rows, nb), np.float32)
+    mins = np.zeros((rows, nb, 16), np.int32)
+    if qtype == T.Q6_K:
+        ql, qh, sc = b[..., 0:128], b[..., 128:192], raw[..., 192:208].view(np.int8)
+        d = _f16(raw[..., 208:210])
+        qlb = ql[..., 64 * half + l + 32 * (group & 1)]
+        nib = np.where(group < 2, qlb & 0xF, qlb >> 4)
+        hi = (qh[..., 32 * half + l] >> (2 * group)) & 3
+        w = (nib | (hi << 4)) - 32
+        scales = sc.astype(np.int32)
+    elif qtype == T.Q3_K:
+        hm, qs, s12 = b[..., 0:32], b[..., 32:96], b[..., 96:108]
+        d = _f16(raw[..., 108:110])
+        low2 = (qs[..., half * 32 + l] >> (2 * group)) & 3
+        hb = (hm[..., l] >> (half * 4 + group)) & 1
+        w = (low2 | (hb << 2)) - 4
+        j = np.arange(16)
+        low4 = np.where(j < 8, s12[..., j % 8] & 0xF, s12[..., j % 8] >> 4)
+        high2 = (s12[..., 8 + j % 4] >> (2 * (j // 4))) & 3
+        scales = (low4 | (high2 << 4)) - 32
+    elif qtype == T.Q2_K:
+        s16, qs = b[..., 0:16], b[..., 16:80]
+        d, dmin = _f16(raw[..., 80:82]), _f16(raw[..., 82:84])
+        w = (qs[..., half * 32 + l] >> (2 * group)) & 3
+        scales = s16 & 0xF
+        mins = s16 >> 4
+    else:  # Q4_K, Q5_K
+        d, dmin = _f16(raw[..., 0:2]), _f16(raw[..., 2:4])
+        q = b[..., 4:16]
+        sc8 = np.empty((rows, nb, 8), np.int32)
+        m8 = np.empty((rows, nb, 8), np.int32)
+        for jj in range(8):
+            if jj < 4:
+                sc8[..., jj] = q[..., jj] & 63
+                m8[..., jj] = q[..., jj + 4] & 63
+            else:
+                sc8[..., jj] = (q[..., jj + 4] & 0xF) | ((q[..., jj - 4] >> 6) << 4)
+                m8[..., jj] = (q[..., jj + 4] >> 4) | ((q[..., jj] >> 6) << 4)
+        scales = np.repeat(sc8, 2, axis=-1)
+        mins = np.repeat(m8, 2, axis=-1)
+        qs = b[..., 16:144] if qtype == T.Q4_K else b[..., 48:176]
+        c, ll = e >> 6, e & 63
+        byte = qs[..., 32 * c + (ll & 31)]
+        w = np.where(ll < 32, byte & 0xF, byte >> 4)
+        if qtype == T.Q5_K:
+            qh = b[..., 16:48]
+            w = w | (((qh[..., e & 31] >> (e >> 5)) & 1) << 4)
+    w = np.ascontiguousarray(w.reshape(rows, k).astype(np.int8))
+    scales = np.ascontiguousarray(np.asarray(scales).reshape(rows, k // 16).astype(np.int32))
+    mins = np.ascontiguousarray(np.asarray(mins).reshape(rows, k // 16).astype(np.int32))
+    return w, scales, mins, np.ascontiguousarray(d), np.ascontiguousarray(dmin)
+
+
+@njit(parallel=True, cache=True)
+def _kernel(w, scales, mins, d, dmin, has_min, q8, d8, bsums, out):
+    rows, k = w.shape
+    n_tok = q8.shape[0]
+    nb = k // 256
+    for r in prange(rows):
+        for t in range(n_tok):
+            acc = np.float32(0.0)
+            for b in range(nb):
+                s1 = np.int64(0)
+                s2 = np.int64(0)
+                for h in range(16):
+                    sb = b * 16 + h
+                    raw = np.int64(0)
+                    for e in range(16):
+                        i = sb * 16 + e
+                        raw += np.int64(w[r, i]) * np.int64(q8[t, i])
+                    s1 += np.int64(scales[r, sb]) * raw
+                    s2 += np.int64(mins[r, sb]) * np.int64(bsums[t, sb])
+                s1 = np.int64(np.int32(s1))
+                res = d[r, b] * np.float32(s1)
+                if has_min:
+                    s2 = np.int64(np.int32(s2))
+                    res = fmaf(-dmin[r, b], np.float32(s2), res)
+                acc = fmaf(res, d8[t, b], acc)
+            out[t, r] = acc
+
+
+def matmul(wb: np.ndarray, qtype, x: np.ndarray) -> np.ndarray:
+    """x (n_tok, k) float32 times weights wb (rows, row_bytes) of ggml `qtype` blocks, as
+    ggml's tiled CPU kernel computes it: (n_tok, rows) float32."""
+    qtype = T(qtype)
+    if qtype not in TYPES:
+        raise ValueError(f"tiled kernel port covers {TYPES}, not {qtype.name}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n_tok, k = x.shape
+    rows = wb.shape[0]
+    if k % 256 != 0 or wb.shape[1] != k // 256 * _BLOCK_BYTES[qtype]:
+        raise ValueError("weight bytes do not match k")
+    w, scales, mins, d, dmin = _decode(wb, qtype, k)
+    act = quantize_rows(x, T.Q8_K)
+    q8 = np.ascontiguousarray(act.qs)
+    d8 = np.ascontiguousarray(act.d, dtype=np.float32)
+    bsums = np.ascontiguousarray(act.sums)
+    out = np.zeros((n_tok, rows), np.float32)
+    _kernel(w, scales, mins, d, dmin, _HAS_MIN[qtype], q8, d8, bsums, out)
+    return out
