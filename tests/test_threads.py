@@ -179,3 +179,43 @@ def test_exact_quantized_prints_llama_perplexitys_digits(capsys, tiny_llama_f32,
     text = (Path(__file__).parent / "data" / "perplexity_ref" / f"tiny-llama-{ftype}.{ref}.out").read_text()
     pattern = r"\[\d+\][\d.]+,|Final estimate: PPL = [\d.]+ \+/- [\d.]+"
     assert re.findall(pattern, out) == re.findall(pattern, text)
+
+
+def test_exact_generation_logits_are_llama_cpps(tmp_path, capsys, tiny_llama_f32, llama_cpp):
+    """--exact through the KV cache, token by token (the one-chunk attention, vec_dot and the
+    repacked GEMV on one token): every step's logits equal llama.cpp's bit for bit
+    (llama-cpp-python with flash attention, as llama.cpp's tools default to), F32 and Q4_K_M;
+    kquant-generate --exact prints the same greedy text."""
+    from kquant import QuantizeOptions, quantize_model
+    from kquant.cli.generate import main as generate_main
+    from kquant.models import open_model
+    from kquant.runtime import Transformer
+    from kquant.runtime.forward import Segment
+    from kquant.tokenizer import Tokenizer
+
+    prompt_text = "It was a dark and stormy night, and"
+    q4 = tmp_path / "tiny-Q4_K_M.gguf"
+    quantize_model(tiny_llama_f32, q4, "Q4_K_M", QuantizeOptions(), progress=False)
+    for path in (tiny_llama_f32, q4):
+        llm = llama_cpp.Llama(str(path), n_ctx=128, n_threads=2, verbose=False, flash_attn=True,
+                              logits_all=True)
+        prompt = llm.tokenize(prompt_text.encode(), add_bos=True, special=True)
+        llm.eval(prompt)
+        theirs, their_logits = [], []
+        for _ in range(12):
+            their_logits.append(np.array(llm.scores[llm.n_tokens - 1], np.float32))
+            theirs.append(int(np.argmax(their_logits[-1])))
+            llm.eval([theirs[-1]])
+        model = Transformer(open_model(path, "f32"), "cpu", progress=False)
+        model.exact = True
+        cache = model.new_cache(128)
+        ours = [model.forward([Segment(np.array(prompt), cache)])[-1]]
+        for tok in theirs[:-1]:
+            ours.append(model.forward([Segment(np.array([tok]), cache)], logit_rows=[0])[0])
+        for step, (a, b) in enumerate(zip(ours, their_logits)):
+            assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), (path.name, step)
+        assert generate_main(["-m", str(path), "-p", prompt_text, "-n", "12", "--exact",
+                              "--device", "cpu"]) == 0
+        tok = Tokenizer.from_source(open_model(path, "f32"))
+        text = b"".join(tok.token_to_piece(t) for t in theirs).decode()
+        assert capsys.readouterr().out == prompt_text + text + "\n"

@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-c", "--ctx-size", type=int, default=0,
                     help="context size (default: prompt + n-predict, or 4096 with -n -1)")
     ap.add_argument("--no-display-prompt", action="store_true", help="do not print the prompt")
+    ap.add_argument("--exact", action="store_true",
+                    help="compute in llama.cpp's CPU float order (its x86 AVX2 build), as "
+                         "kquant-perplexity --exact (CPU only)")
     add_runtime_args(ap, progress=False)
     return ap
 
@@ -54,11 +57,14 @@ def _run(ns: argparse.Namespace) -> int:
     if ns.temp > 0 and not 0 < ns.top_p <= 1:
         raise ModelError("--top-p must be in (0, 1]")
     device = resolve_device(ns.device)
+    if ns.exact and device != "cpu":
+        raise ModelError("--exact reproduces llama.cpp's CPU backend: use --device cpu")
     set_threads(ns.threads)
     source = open_model(ns.model, "f32")
     tokenizer = Tokenizer.from_source(source)
     prompt = tokenizer.tokenize(ns.prompt, add_special=True, parse_special=True)
     model = Transformer(source, device, progress=False)
+    model.exact = ns.exact
     n_ctx = ns.ctx_size if ns.ctx_size > 0 else None
     sampler = Sampler(ns.temp, ns.top_k, ns.top_p, ns.min_p, ns.seed)
     out = sys.stdout.buffer
