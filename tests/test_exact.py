@@ -1,4 +1,4 @@
-"""The thread count changes no result: kquant-perplexity's chunks and kquant-imatrix's file are
+"""Results that do not move: the thread count changes no result: kquant-perplexity's chunks and kquant-imatrix's file are
 the same for -t 1, 2 and 3 (kquant.runtime.gemm fixes the float order of the products).
 
 Before, OpenBLAS's own threading split some products by thread count: SmolLM2 Q4_K_M over 3
