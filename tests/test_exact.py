@@ -1,5 +1,6 @@
-"""Results that do not move: the thread count changes no result: kquant-perplexity's chunks and kquant-imatrix's file are
-the same for -t 1, 2 and 3 (kquant.runtime.gemm fixes the float order of the products).
+"""Results that move with nothing but the file: kquant-perplexity's chunks and kquant-imatrix's
+file are the same for -t 1, 2 and 3 (kquant.runtime.gemm fixes the float order of the
+products), and --exact reproduces llama.cpp's CPU backend (x86 AVX2 build) to the bit.
 
 Before, OpenBLAS's own threading split some products by thread count: SmolLM2 Q4_K_M over 3
 chunks of wiki.test.raw printed [1]13.1531,[2]22.4292,[3]23.3315 with -t 1 and
