@@ -69,9 +69,10 @@ def run_llama(binary: str, model: Path, text: Path, a: argparse.Namespace) -> di
             "err": float(ppl[2]) if ppl else None}
 
 
-def run_kquant(model: Path, text: Path, a: argparse.Namespace) -> dict:
+def run_kquant(model: Path, text: Path, a: argparse.Namespace, exact: bool = False) -> dict:
     cmd = [sys.executable, "-m", "kquant.cli.perplexity", "-m", str(model), "-f", str(text), "-c", str(a.ctx),
            "-b", str(a.batch), "--chunks", str(a.chunks), "-t", str(a.threads), "--device", "cpu", "--no-progress"]
+    cmd += ["--exact"] if exact else []
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     wall = time.perf_counter() - t0
@@ -94,6 +95,7 @@ def main() -> int:
     ap.add_argument("-b", "--batch", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2, help="runs of each tool, alternating; best kept")
+    ap.add_argument("--exact", action="store_true", help="also time kquant-perplexity --exact")
     ap.add_argument("--workdir", default=str(Path.home() / ".cache" / "kquant" / "bench"))
     a = ap.parse_args()
     if not a.llama_perplexity:
@@ -103,23 +105,30 @@ def main() -> int:
     model = Path(a.model) if a.model else smollm2_q4_k_m(work, a.threads)
     text = Path(a.text)
     best: dict[str, dict] = {}
+    tags = ("llama", "kquant", "exact") if a.exact else ("llama", "kquant")
+    names = {"llama": "llama-perplexity", "kquant": "kquant-perplexity", "exact": "kquant --exact"}
     for _ in range(a.repeats):
-        for tag in ("llama", "kquant"):
-            r = run_llama(a.llama_perplexity, model, text, a) if tag == "llama" else run_kquant(model, text, a)
+        for tag in tags:
+            r = (run_llama(a.llama_perplexity, model, text, a) if tag == "llama"
+                 else run_kquant(model, text, a, exact=tag == "exact"))
             if tag not in best or r["compute"] < best[tag]["compute"]:
                 best[tag] = r
     n_tokens = a.chunks * a.ctx
     print(f"model {model.name}, text {text.name}, {a.chunks} chunks x {a.ctx} tokens (-b {a.batch}), "
           f"{a.threads} threads, best of {a.repeats}")
-    for tag in ("llama", "kquant"):
+    for tag in tags:
         r = best[tag]
-        print(f"  {'llama-perplexity' if tag == 'llama' else 'kquant-perplexity':17s} compute {r['compute']:7.2f} s "
+        print(f"  {names[tag]:17s} compute {r['compute']:7.2f} s "
               f"({n_tokens / r['compute']:6.1f} tokens/s)   wall {r['wall']:7.2f} s "
               f"({n_tokens / r['wall']:6.1f} tokens/s)   PPL {r['ppl']} +/- {r['err']}")
     print(f"  ratio kquant/llama tokens/s: compute {best['llama']['compute'] / best['kquant']['compute']:.2f}x, "
           f"wall {best['llama']['wall'] / best['kquant']['wall']:.2f}x")
-    if best["llama"]["ppl"] and best["kquant"]["ppl"]:
-        print(f"  PPL relative difference: {best['kquant']['ppl'] / best['llama']['ppl'] - 1:+.2e}")
+    if a.exact:
+        print(f"  ratio --exact/llama tokens/s: compute {best['llama']['compute'] / best['exact']['compute']:.2f}x, "
+              f"wall {best['llama']['wall'] / best['exact']['wall']:.2f}x")
+    for tag in tags[1:]:
+        if best["llama"]["ppl"] and best[tag]["ppl"]:
+            print(f"  PPL relative difference ({names[tag]}): {best[tag]['ppl'] / best['llama']['ppl'] - 1:+.2e}")
     return 0
 
 
