@@ -7,9 +7,7 @@ kquant's repacked bytes, and ggml's whole MUL_MAT with the weight in the CPU_REP
 """
 from __future__ import annotations
 
-import sys
 import zlib
-from pathlib import Path
 
 import numba
 import numpy as np
@@ -19,10 +17,7 @@ from gguf import GGMLQuantizationType as T
 import kquant
 from kquant.matmul import repack
 from kquant.matmul.activations import quantize_rows
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-
-from bench_repack import GGMLRepack  # noqa: E402
+from kquant.reference.repack import GGMLRepack
 
 TOKENS = (1, 3, 4, 5, 8, 13, 16, 21)
 SHAPES = [("Q4_K", rows, k) for rows in (8, 24, 64) for k in (256, 768, 2048)] + \

@@ -6,7 +6,8 @@ kquant itself never needs it).
   $KQUANT_LIBGGML_CPU);
 - `libggml`: ggml's quantizers and dequantizers (`GGML`), single ops on its CPU backend
   (`GGMLCompute`), and llama.cpp's `llama_model_quantize` (`llama_quantize`);
-- `ggml_cpu`: ggml-cpu's per-type activation quantizers and vec_dot kernels (`GGMLCPU`).
+- `ggml_cpu`: ggml-cpu's per-type activation quantizers and vec_dot kernels (`GGMLCPU`);
+- `repack`: ggml-cpu's weight repacking and its repacked GEMM/GEMV (`GGMLRepack`).
 
 Every loader raises FileNotFoundError (with how to get the library) where it is missing, so
 tests can skip on that one error.
