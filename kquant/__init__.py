@@ -7,7 +7,10 @@ import os
 # generating a token runs ~200 short parallel products, and waking the threads for each cost
 # more than the product (SmolLM2-135M Q4_K_M: 18 tokens/s; 57 with this). Spinning 10000
 # rounds (tens of microseconds) first keeps them awake between back-to-back products without
-# holding the cores from BLAS in between. Read once, when Numba first loads libgomp.
+# holding the cores from BLAS in between. Read once, when Numba first loads libgomp. On a CPU
+# other processes keep busy, spinning threads would wait for each other's cores at every join
+# (generation 7x slower on 2 threads than on 1): there the default thread count leaves the
+# busy CPUs out (kquant.runtime.device.default_threads).
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 from .codecs import CODECS, get_codec

@@ -77,6 +77,44 @@ def test_imatrix_is_the_same_for_any_thread_count(tmp_path, capsys):
     assert files[0] == files[1]
 
 
+def test_default_thread_count_leaves_out_busy_cpus(monkeypatch):
+    """The default -t: one thread per CPU that other processes do not keep busy, at least one
+    (a thread waiting for a busy core holds up every parallel loop's join)."""
+    from kquant.runtime import device
+
+    ticks = iter([{0: (0, 100), 1: (0, 100), 2: (0, 100)},      # (busy, total) per CPU
+                  {0: (100, 200), 1: (50, 200), 2: (0, 200)}])
+    monkeypatch.setattr(device, "_cpu_times", lambda: next(ticks))
+    monkeypatch.setattr(device.time, "sleep", lambda s: None)
+    assert device.busy_cpus({0, 1, 2}) == pytest.approx(1.5)
+    monkeypatch.setattr(device, "usable_cpus", lambda: {0, 1, 2})
+    for busy, threads in ((0.0, 3), (0.4, 3), (1.5, 1), (2.6, 1), (3.0, 1), (1.2, 2)):
+        monkeypatch.setattr(device, "busy_cpus", lambda cpus, b=busy: b)
+        assert device.default_threads() == threads
+
+
+def test_default_thread_count_on_a_busy_machine():
+    """With a process spinning on every CPU, the default is one thread (measured: generation
+    7x slower on 2 threads than on 1 there, tools/bench_busy.py)."""
+    import subprocess
+    import sys
+
+    from kquant.runtime import device
+
+    cpus = device.usable_cpus()
+    if len(cpus) > 4:
+        pytest.skip("spins one process per CPU: only on small machines")
+    spin = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in cpus]
+    try:
+        import time
+        time.sleep(0.5)
+        assert device.default_threads() == 1
+    finally:
+        for p in spin:
+            p.kill()
+            p.wait()
+
+
 def test_one_chunk_flash_attention_is_ggmls_bit_for_bit():
     """Under 64 queries a sequence ggml runs flash_attn_ext_f16_one_chunk (Q in F16, V summed in
     F16), which the tiled kernel does not reproduce; flash_attention_vec does, bit for bit."""

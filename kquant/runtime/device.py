@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -72,16 +73,62 @@ def _blas_setters() -> list[Any]:
     return setters
 
 
+def usable_cpus() -> set[int]:
+    """The CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return set(os.sched_getaffinity(0))
+    return set(range(os.cpu_count() or 1))
+
+
+def _cpu_times() -> dict[int, tuple[int, int]]:
+    """Per CPU (busy, total) clock ticks since boot, from Linux's /proc/stat."""
+    times = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *fields = line.split()
+            if name.startswith("cpu") and name[3:].isdigit():
+                ticks = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+                times[int(name[3:])] = (sum(ticks) - ticks[3] - ticks[4], sum(ticks))
+    return times
+
+
+def busy_cpus(cpus: set[int], interval: float = 0.1) -> float:
+    """How many of `cpus` other work keeps busy, in CPUs (0.0 .. len(cpus)), sampled over
+    `interval` seconds while this process sleeps; 0.0 where /proc/stat cannot be read."""
+    try:
+        before = _cpu_times()
+        time.sleep(interval)
+        after = _cpu_times()
+    except (OSError, ValueError):
+        return 0.0
+    busy = 0.0
+    for c in cpus:
+        if c in before and c in after and after[c][1] > before[c][1]:
+            busy += (after[c][0] - before[c][0]) / (after[c][1] - before[c][1])
+    return min(busy, float(len(cpus)))
+
+
+def default_threads() -> int:
+    """The CPUs this process may use less those other processes keep busy right now, at least
+    one. Numba's parallel loops join all their threads at the end of each loop, so one thread
+    that must wait for a core holds up the others: on this project's 2-CPU machine with a
+    process spinning on each CPU, generation on 2 threads ran 7x slower than on one
+    (tools/bench_busy.py); one thread per idle CPU avoids that and costs nothing on a quiet
+    machine."""
+    cpus = usable_cpus()
+    return max(1, len(cpus) - int(busy_cpus(cpus) + 0.5))
+
+
 def set_threads(n: int | None) -> int:
-    """Use n threads (default: every CPU this process may run on) for Numba's kernels and for
-    the runtime's products (kquant.runtime.gemm), which run BLAS single-threaded on fixed tiles
-    so that no value depends on n."""
+    """Use n threads (default: `default_threads()`) for Numba's kernels and for the runtime's
+    products (kquant.runtime.gemm), which run BLAS single-threaded on fixed tiles so that no
+    value depends on n."""
     import numba
 
     from .gemm import set_pool_threads
 
     if n is None or n <= 0:
-        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        n = default_threads()
     n = min(n, numba.config.NUMBA_NUM_THREADS)
     numba.set_num_threads(n)
     set_blas_threads(1)
