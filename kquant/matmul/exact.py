@@ -24,13 +24,15 @@ from .cpu import run_blocks, weight_rows
 
 class ExactMatrix:
     """One weight matrix (uint8 rows of ggml blocks, as stored), ready for exact products;
-    the repacked form is made on the first product that needs it and kept."""
+    the repacked (or tiled kernel's decoded) form is made on the first product that needs it
+    and kept."""
 
     def __init__(self, wb: np.ndarray, qtype: T):
         self.wb, self.k = weight_rows(wb, qtype)
         self.qtype = qtype
         self.rows = self.wb.shape[0]
         self._repacked: Any = None
+        self._tiled: tiled.Prepared | None = None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """x float32 (n_tok, k) -> (n_tok, rows)."""
@@ -40,7 +42,9 @@ class ExactMatrix:
                 self._repacked = repack.prepare(self.wb, self.qtype)
             return repack.matmul_prepared(self._repacked, x)
         if tiled.applies(self.qtype, self.rows, self.k, x.shape[0]):
-            return tiled.matmul(self.wb, self.qtype, x)
+            if self._tiled is None:
+                self._tiled = tiled.Prepared(self.wb, self.qtype)
+            return tiled.matmul_prepared(self._tiled, x)
         if tinyblas.applies(self.qtype, self.rows, self.k, x.shape[0]):
             return tinyblas.matmul(self.wb, self.qtype, x)
         return run_blocks(self.wb, self.qtype, quantize_rows(x, vec_dot_type(self.qtype)))

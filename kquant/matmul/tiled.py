@@ -25,8 +25,9 @@ import os
 
 import numpy as np
 from gguf import GGMLQuantizationType
-from numba import njit, prange
+from numba import njit
 
+from ..runtime.gemm import TILE_N, run_all
 from ..runtime.kernels import fmaf
 from .activations import quantize_rows
 
@@ -124,50 +125,77 @@ def _decode(wb: np.ndarray, qtype, k: int):
     return w, scales, mins, np.ascontiguousarray(d), np.ascontiguousarray(dmin)
 
 
-@njit(parallel=True, cache=True)
-def _kernel(w, scales, mins, d, dmin, has_min, q8, d8, bsums, out):
-    rows, k = w.shape
-    n_tok = q8.shape[0]
-    nb = k // 256
-    for r in prange(rows):
+class Prepared:
+    """One weight matrix decoded once for the tiled product: the codes times their
+    sub-block scale (int16, |v| <= 127 * 32), the mins per 16 values (int16) and d, dmin."""
+
+    def __init__(self, wb: np.ndarray, qtype):
+        qtype = T(qtype)
+        if qtype not in TYPES:
+            raise ValueError(f"tiled kernel port covers {TYPES}, not {qtype.name}")
+        self.qtype = qtype
+        self.rows = wb.shape[0]
+        self.k = wb.shape[1] // _BLOCK_BYTES[qtype] * 256
+        if wb.shape[1] != self.k // 256 * _BLOCK_BYTES[qtype]:
+            raise ValueError("weight bytes are not whole blocks")
+        w, scales, mins, self.d, self.dmin = _decode(wb, qtype, self.k)
+        scaled = w.astype(np.int16).reshape(self.rows, -1, 16) * scales.astype(np.int16)[..., None]
+        self.scaled = np.ascontiguousarray(scaled.reshape(self.rows, self.k))
+        self.mins = np.ascontiguousarray(mins.astype(np.int16))
+        self.has_min = _HAS_MIN[qtype]
+
+
+@njit(cache=True, nogil=True)
+def _epilogue(s1, s2, d, dmin, has_min, d8, out, r0):
+    """out[t, r0 + r] from the exact per-block integers s1, s2 (nb, rows, n_tok) in the
+    tiled kernel's float order (see the module docstring)."""
+    nb, rows, n_tok = s1.shape
+    for r in range(rows):
         for t in range(n_tok):
             acc = np.float32(0.0)
             for b in range(nb):
-                s1 = np.int64(0)
-                s2 = np.int64(0)
-                for h in range(16):
-                    sb = b * 16 + h
-                    raw = np.int64(0)
-                    for e in range(16):
-                        i = sb * 16 + e
-                        raw += np.int64(w[r, i]) * np.int64(q8[t, i])
-                    s1 += np.int64(scales[r, sb]) * raw
-                    s2 += np.int64(mins[r, sb]) * np.int64(bsums[t, sb])
-                s1 = np.int64(np.int32(s1))
-                res = d[r, b] * np.float32(s1)
+                res = d[r0 + r, b] * np.float32(s1[b, r, t])
                 if has_min:
-                    s2 = np.int64(np.int32(s2))
-                    res = fmaf(-dmin[r, b], np.float32(s2), res)
+                    res = fmaf(-dmin[r0 + r, b], np.float32(s2[b, r, t]), res)
                 acc = fmaf(res, d8[t, b], acc)
-            out[t, r] = acc
+            out[t, r0 + r] = acc
+
+
+def matmul_prepared(prep: Prepared, x: np.ndarray) -> np.ndarray:
+    """x (n_tok, k) float32 times the prepared weights: (n_tok, rows) float32.
+
+    The integers s1 = sum_s scale_s * sum_e w_e q8_e and s2 = sum_s min_s bsum_s of every
+    (block, row, token) come from float64 GEMMs: all terms and partial sums are integers
+    below 2^31 (|scaled| <= 4096, |q8| <= 127, 256 terms), so float64 holds them exactly
+    and the GEMM's order and threads cannot change them. The float steps then run in
+    ggml's order per value, so the result is the same for any thread count."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n_tok, k = x.shape
+    if k != prep.k:
+        raise ValueError(f"activations have {k} columns, the weights {prep.k}")
+    act = quantize_rows(x, T.Q8_K)
+    nb = k // 256
+    q8 = np.ascontiguousarray(act.qs, dtype=np.float64).reshape(n_tok, nb, 256)
+    bsums = np.ascontiguousarray(act.sums, dtype=np.float64).reshape(n_tok, nb, 16)
+    d8 = np.ascontiguousarray(act.d, dtype=np.float32)
+    out = np.empty((n_tok, prep.rows), np.float32)
+
+    def tile(r0: int) -> None:
+        r1 = min(prep.rows, r0 + TILE_N)
+        w = prep.scaled[r0:r1].astype(np.float64).reshape(r1 - r0, nb, 256)
+        s1 = np.matmul(w.transpose(1, 0, 2), q8.transpose(1, 2, 0))      # (nb, rows, n_tok)
+        if prep.has_min:
+            m = prep.mins[r0:r1].astype(np.float64).reshape(r1 - r0, nb, 16)
+            s2 = np.matmul(m.transpose(1, 0, 2), bsums.transpose(1, 2, 0))
+        else:
+            s2 = s1
+        _epilogue(s1, s2, prep.d, prep.dmin, prep.has_min, d8, out, r0)
+
+    run_all(tile, range(0, prep.rows, TILE_N))
+    return out
 
 
 def matmul(wb: np.ndarray, qtype, x: np.ndarray) -> np.ndarray:
     """x (n_tok, k) float32 times weights wb (rows, row_bytes) of ggml `qtype` blocks, as
     ggml's tiled CPU kernel computes it: (n_tok, rows) float32."""
-    qtype = T(qtype)
-    if qtype not in TYPES:
-        raise ValueError(f"tiled kernel port covers {TYPES}, not {qtype.name}")
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    n_tok, k = x.shape
-    rows = wb.shape[0]
-    if k % 256 != 0 or wb.shape[1] != k // 256 * _BLOCK_BYTES[qtype]:
-        raise ValueError("weight bytes do not match k")
-    w, scales, mins, d, dmin = _decode(wb, qtype, k)
-    act = quantize_rows(x, T.Q8_K)
-    q8 = np.ascontiguousarray(act.qs)
-    d8 = np.ascontiguousarray(act.d, dtype=np.float32)
-    bsums = np.ascontiguousarray(act.sums)
-    out = np.zeros((n_tok, rows), np.float32)
-    _kernel(w, scales, mins, d, dmin, _HAS_MIN[qtype], q8, d8, bsums, out)
-    return out
+    return matmul_prepared(Prepared(wb, qtype), x)
