@@ -1,7 +1,7 @@
 """kquant-generate: text generation with kquant's runtime and KV cache (kquant.validation.generate).
 
     kquant-generate -m MODEL -p PROMPT [-n 64] [--temp 0] [--top-k 40] [--top-p 0.95]
-                    [--min-p 0.05] [--seed S] [-c N] [-t N] [--device auto|cpu|cuda]
+                    [--min-p 0.05] [--seed S] [-c N] [-t N] [--device auto|cpu|cuda] [--exact]
 
 The prompt is tokenized as llama.cpp's llama-simple does (BOS when the model adds one, special
 tokens parsed), run through the model once, then one token at a time is chosen and fed back
@@ -10,6 +10,9 @@ through the KV cache, its text streamed to stdout, until -n tokens or an end-of-
 otherwise llama.cpp's default sampler chain: top-k, top-p, min-p, temperature, then a draw from
 the distribution (numpy's generator seeded with --seed: the same seed gives the same text, not
 llama.cpp's draw).
+--exact computes every step in llama.cpp's CPU float order (x86 AVX2 build); past 256 cells of
+context the generated tokens' attention depends on llama.cpp's thread count, and --exact -t N
+reproduces llama.cpp run with N threads.
 """
 from __future__ import annotations
 
@@ -38,7 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-display-prompt", action="store_true", help="do not print the prompt")
     ap.add_argument("--exact", action="store_true",
                     help="compute in llama.cpp's CPU float order (its x86 AVX2 build), as "
-                         "kquant-perplexity --exact (CPU only)")
+                         "kquant-perplexity --exact (CPU only). Once more than 256 cells of the "
+                         "context are in use, llama.cpp's flash attention splits a generated "
+                         "token's keys between its threads, so its logits depend on its thread "
+                         "count: --exact -t N reproduces llama.cpp run with N threads (-t N, "
+                         "n_threads=N), even if N is more than this machine's CPUs; give -t, as "
+                         "the default thread count depends on the machine's load")
     add_runtime_args(ap, progress=False)
     return ap
 
@@ -59,12 +67,15 @@ def _run(ns: argparse.Namespace) -> int:
     device = resolve_device(ns.device)
     if ns.exact and device != "cpu":
         raise ModelError("--exact reproduces llama.cpp's CPU backend: use --device cpu")
-    set_threads(ns.threads)
+    threads = set_threads(ns.threads)
     source = open_model(ns.model, "f32")
     tokenizer = Tokenizer.from_source(source)
     prompt = tokenizer.tokenize(ns.prompt, add_special=True, parse_special=True)
     model = Transformer(source, device, progress=False)
     model.exact = ns.exact
+    # the llama.cpp thread count --exact reproduces: -t as given (set_threads caps the threads
+    # kquant runs to the CPUs), else the runtime's
+    model.exact_threads = ns.threads if ns.threads is not None and ns.threads > 0 else threads
     n_ctx = ns.ctx_size if ns.ctx_size > 0 else None
     sampler = Sampler(ns.temp, ns.top_k, ns.top_p, ns.min_p, ns.seed)
     out = sys.stdout.buffer

@@ -196,23 +196,34 @@ class GGMLCompute:
         return self._run(lambda ctx, t: self.base.ggml_mul_mat(ctx, t[0], t[1]),
                          [(int(wtype), (k, rows), w), (0, (k, n), x.astype(np.float32))], (n, rows))
 
-    def flash_attn(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
-        """Causal attention of q (T, n_head, d) float32 over F16 k, v (T, n_head_kv, d) from
-        position 0, as llama.cpp calls ggml_flash_attn_ext; (T, n_head, d)."""
+    def flash_attn(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, *,
+                   n0: int = 0, n_kv: int | None = None, n_threads: int = 2) -> np.ndarray:
+        """Causal attention of q (T, n_head, d) float32 at positions n0 .. n0 + T - 1 over F16
+        k, v (n0 + T, n_head_kv, d), the cells of positions 0 .. n0 + T - 1, as llama.cpp calls
+        ggml_flash_attn_ext: a KV view of n_kv cells (default: the cells padded to 256, as
+        llama_kv_cache::get_n_kv pads them), the cells past the last position masked out, the
+        graph computed on n_threads threads (which picks ggml's split-KV chunks for a single
+        query over n_kv >= 512 cells); (T, n_head, d)."""
         T, hq, d = q.shape
-        hkv = k.shape[1]
-        n_kv = -(-T // 256) * 256
+        n_cells, hkv = k.shape[0], k.shape[1]
+        if n_cells != n0 + T or v.shape[0] != n_cells:
+            raise ValueError(f"k and v need the n0 + T = {n0 + T} cells, not {n_cells}")
+        if n_kv is None:
+            n_kv = max(256, -(-n_cells // 256) * 256)
+        if n_kv < n_cells:
+            raise ValueError(f"n_kv {n_kv} < {n_cells} cells")
         t_pad = -(-T // 64) * 64
         kk = np.zeros((hkv, n_kv, d), np.float16)
         vv = np.zeros((hkv, n_kv, d), np.float16)
-        kk[:, :T], vv[:, :T] = k.transpose(1, 0, 2), v.transpose(1, 0, 2)
+        kk[:, :n_cells], vv[:, :n_cells] = k.transpose(1, 0, 2), v.transpose(1, 0, 2)
         mask = np.full((t_pad, n_kv), -np.inf, np.float32)
-        mask[np.tril_indices(T)] = 0
+        for t in range(T):
+            mask[t, :n0 + t + 1] = 0
         return self._run(
             lambda ctx, t: self.base.ggml_flash_attn_ext(ctx, *t, scale, 0.0, 0.0),
             [(0, (d, T, hq), q.transpose(1, 0, 2)), (self.F16, (d, n_kv, hkv), kk),
              (self.F16, (d, n_kv, hkv), vv), (self.F16, (n_kv, t_pad), mask.astype(np.float16))],
-            (T, hq, d))
+            (T, hq, d), threads=n_threads)
 
     def rope(self, x: np.ndarray, n_rot: int, neox: bool, base: float) -> np.ndarray:
         """ggml_rope_ext of x (T, heads, d) at positions 0..T-1 (no scaling)."""

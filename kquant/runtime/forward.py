@@ -40,8 +40,9 @@ from ..matmul.activations import (min_term_correction, quantize_rows, round_acti
                                   vec_dot_type)
 from ..matmul.cpu import run_blocks, weight_rows
 from ..matmul.exact import ExactMatrix, float_blocks
-from .kernels import (flash_attention, flash_attention_vec, rms_sums, rope_inplace, rope_table, rope_theta_scale, softmax_causal,
-                      swiglu)
+from .kernels import (flash_attention, flash_attention_split_kv, flash_attention_vec, kv_view_length,
+                      rms_sums, rope_inplace, rope_table, rope_theta_scale, softmax_causal, swiglu,
+                      uses_split_kv)
 from .weights import OUTPUT, Layer, Weights, load_weights
 
 Observer = Callable[[str, Any], None]
@@ -99,6 +100,11 @@ class Transformer:
         # kernel ggml takes (kquant.matmul.exact), its two flash-attention kernels, RMSNorm's
         # sums in order, the last block's FFN on the output rows only, as llama.cpp's graph
         self.exact = False
+        # with `exact`: the thread count of the llama.cpp run to reproduce (its -t / n_threads).
+        # A decode step over more than 256 cells (a KV view of >= 512) takes ggml's split-KV
+        # flash attention, whose float order depends on it (kernels.flash_attention_split_kv).
+        # None: the runtime's own thread count (numba.get_num_threads(), what set_threads set)
+        self.exact_threads: int | None = None
         self._exact_matrices: dict[str, Any] = {}
 
     def new_cache(self, n_ctx: int) -> KVCache:
@@ -173,9 +179,17 @@ class Transformer:
         scale = F32(1.0) / np.sqrt(F32(c.head_dim))  # 1.0f/sqrtf(n_embd_head), in float
         if xp is np and (self.exact_attention or self.exact):
             out = np.empty((T, c.n_head, c.head_dim), F32)
-            # ggml's tiled kernel from GGML_FA_TILE_Q (64) queries of a sequence, else one_chunk
-            kernel = flash_attention if T >= 64 or not self.exact else flash_attention_vec
-            kernel(np.ascontiguousarray(q), seg_k, seg_v, n0, scale, c.n_rep, out)
+            q = np.ascontiguousarray(q)
+            # llama.cpp's KV view: the cells in use padded to 256 (llama_kv_cache::get_n_kv)
+            n_kv = kv_view_length(n0 + T)
+            if self.exact and uses_split_kv(T, n_kv):
+                # one query over >= 512 cells: ggml splits the cells between its threads
+                flash_attention_split_kv(q, seg_k, seg_v, n0, n_kv, self.emulated_threads(),
+                                         scale, c.n_rep, out)
+            else:
+                # ggml's tiled kernel from GGML_FA_TILE_Q (64) queries of a sequence, else one_chunk
+                kernel = flash_attention if T >= 64 or not self.exact else flash_attention_vec
+                kernel(q, seg_k, seg_v, n0, scale, c.n_rep, out)
             return out.reshape(T, c.n_head * c.head_dim)
         qh = xp.ascontiguousarray(q.reshape(T, c.n_head_kv, c.n_rep, c.head_dim).transpose(1, 2, 0, 3))
         out = xp.empty((c.n_head_kv, c.n_rep, T, c.head_dim), F32)
@@ -198,6 +212,15 @@ class Transformer:
             o = self._bmm(s, seg_v[:, :S]).reshape(c.n_head_kv, c.n_rep, b - a, c.head_dim)
             out[:, :, a:b] = o / total.reshape(c.n_head_kv, c.n_rep, b - a, 1)
         return out.transpose(2, 0, 1, 3).reshape(T, c.n_head * c.head_dim)
+
+    def emulated_threads(self) -> int:
+        """The llama.cpp thread count `exact` reproduces: `exact_threads`, else the runtime's
+        (numba's thread count, which kquant.runtime.device.set_threads sets)."""
+        if self.exact_threads is not None and self.exact_threads > 0:
+            return int(self.exact_threads)
+        import numba
+
+        return int(numba.get_num_threads())
 
     def _bmm(self, a: Any, b: Any) -> Any:
         """a @ b over the first axis (KV heads); on the CPU one fixed product per head."""

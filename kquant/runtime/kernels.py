@@ -306,6 +306,37 @@ def _vec_dot_f16(qh, kt, kvh, key, acc):
     return F32(total)
 
 
+@njit(cache=True)
+def _one_chunk(qh, kt, v, kvh, ic_start, ic_end, scale, acc, vkq):
+    """The online softmax of ggml_compute_forward_flash_attn_ext_f16_one_chunk for one query
+    (qh: already rounded to F16) over the cells ic_start .. ic_end - 1 of KV head kvh (all of
+    them visible: ggml skips masked cells before touching them): vkq (dv,) receives the
+    unnormalised V sum (F16 values held as float32); returns (M, S), the maximum score and the
+    sum of exp(score - M), (-inf, 0) for an empty range."""
+    dv = vkq.shape[0]
+    for i in range(dv):
+        vkq[i] = F32(0.0)
+    m = F32(-np.inf)
+    s_sum = F32(0.0)
+    for ic in range(ic_start, ic_end):
+        s = _vec_dot_f16(qh, kt, kvh, ic, acc) * scale
+        ms = F32(1.0)
+        vs = F32(1.0)
+        if s > m:
+            m_old = m
+            m = s
+            ms = F32(math.exp(m_old - m))
+            for i in range(dv):
+                vkq[i] = _f16(vkq[i] * ms)
+        else:
+            vs = F32(math.exp(s - m))
+        vrow = v[kvh, ic]
+        for i in range(dv):
+            vkq[i] = _f16(fmaf(vrow[i], vs, vkq[i]))
+        s_sum = fmaf(s_sum, ms, vs)
+    return m, s_sum
+
+
 @njit(parallel=True, cache=True)
 def flash_attention_vec(q, kt, v, n0, scale, n_rep, out):
     """The same attention as flash_attention, computed as ggml's CPU backend computes it for
@@ -314,7 +345,11 @@ def flash_attention_vec(q, kt, v, n0, scale, n_rep, out):
     each visible key's score by ggml_vec_dot_f16 and scaled, the online softmax one key at a
     time with libm's expf, and V accumulated in F16 (ggml_vec_mad_f16 / ggml_vec_scale_f16: a
     float32 fused multiply-add or product, rounded to F16 on every store); the sum
-    S = S * ms + vs fused as GCC compiles it; the result scaled by 1/S."""
+    S = S * ms + vs fused as GCC compiles it; the result scaled by 1/S.
+
+    This is ggml's whole-KV path; a single query over a KV view of 512 cells or more takes
+    ggml's split-KV path instead, whose result depends on the thread count:
+    flash_attention_split_kv (`uses_split_kv` says which)."""
     T, n_head, d = q.shape
     dv = v.shape[2]
     for th in prange(T * n_head):
@@ -325,28 +360,91 @@ def flash_attention_vec(q, kt, v, n0, scale, n_rep, out):
         for c in range(d):
             qh[c] = _f16(q[t, h, c])
         acc = np.empty((4, 8), np.float32)
-        vkq = np.zeros(dv, np.float32)  # F16 values held as float32
-        m = F32(-np.inf)
-        s_sum = F32(0.0)
-        for ic in range(n0 + t + 1):
-            s = _vec_dot_f16(qh, kt, kvh, ic, acc) * scale
-            ms = F32(1.0)
-            vs = F32(1.0)
-            if s > m:
-                m_old = m
-                m = s
-                ms = F32(math.exp(m_old - m))
-                for i in range(dv):
-                    vkq[i] = _f16(vkq[i] * ms)
-            else:
-                vs = F32(math.exp(s - m))
-            vrow = v[kvh, ic]
-            for i in range(dv):
-                vkq[i] = _f16(fmaf(vrow[i], vs, vkq[i]))
-            s_sum = fmaf(s_sum, ms, vs)
+        vkq = np.empty(dv, np.float32)  # F16 values held as float32
+        _, s_sum = _one_chunk(qh, kt, v, kvh, 0, n0 + t + 1, scale, acc, vkq)
         inv = F32(1.0) / s_sum if s_sum != F32(0.0) else F32(0.0)
         for i in range(dv):
             out[t, h, i] = vkq[i] * inv
+
+
+FA_KV_PAD = 256  # llama_kv_cache::get_n_kv: the KV view is the used cells padded to 256
+FA_SPLIT_KV_MIN = 512  # ggml_compute_forward_flash_attn_ext_f16: use_split_kv_path from here
+
+
+def kv_view_length(n_cells: int) -> int:
+    """llama.cpp's n_kv for a sequence with n_cells cells in use (the batch's own included):
+    max(256, GGML_PAD(used_max_p1, 256)), capped by the cache's size, which llama.cpp pads to
+    a multiple of 256 (llama_context: n_ctx = GGML_PAD(n_ctx, 256)), so never below it."""
+    return max(FA_KV_PAD, -(-n_cells // FA_KV_PAD) * FA_KV_PAD)
+
+
+def uses_split_kv(n_queries: int, n_kv: int) -> bool:
+    """Whether ggml's CPU flash attention takes its split-KV path (one query of one sequence,
+    F16/F32 K and V, a KV view of at least 512 cells): flash_attention_split_kv."""
+    return n_queries == 1 and n_kv >= FA_SPLIT_KV_MIN
+
+
+@njit(parallel=True, cache=True)
+def flash_attention_split_kv(q, kt, v, n0, n_kv, nth, scale, n_rep, out):
+    """One query q (1, n_head, d) at position n0 over keys kt (n_head_kv, d, keys) and values v
+    (n_head_kv, keys, d), cells 0 .. n0 visible, into out (1, n_head, d), as ggml's CPU backend
+    computes it when llama.cpp's KV view is n_kv >= 512 cells (a decode step once more than
+    256 cells are in use; n_kv as kv_view_length gives it) and its graph runs on nth threads:
+    ggml_compute_forward_flash_attn_ext_f16's use_split_kv_path.
+
+    The cells [0, n_kv) are split into nth chunks of ceil(n_kv / nth) cells, thread ith taking
+    chunk ith; each chunk runs flash_attention_vec's one-chunk online softmax over its visible
+    cells (the masked ones are skipped) and leaves M, S and the unnormalised V sum; then
+    ggml_flash_attn_ext_reduce_partials combines the chunks in order, skipping those with
+    S == 0 (fully masked): M' = max(M, Mc), a = expf(M - M'), b = expf(Mc - M'),
+    V = fmaf(V, a, Vc * b), S = fmaf(S, a, Sc * b) (GCC contracts both into one FMA in
+    llama.cpp's x86 AVX2 build), and the result is V * (1 / S). The value depends on nth:
+    llama.cpp's thread count for the decode (its n_threads, -t)."""
+    _, n_head, d = q.shape
+    dv = v.shape[2]
+    chunk = (n_kv + nth - 1) // nth
+    visible = n0 + 1
+    part = np.empty((n_head, nth, 2 + dv), np.float32)
+    for hc in prange(n_head * nth):
+        h = hc // nth
+        c = hc % nth
+        kvh = h // n_rep
+        ic_start = c * chunk
+        ic_end = min(ic_start + chunk, n_kv, visible)
+        qh = np.empty(d, np.float32)
+        for i in range(d):
+            qh[i] = _f16(q[0, h, i])
+        acc = np.empty((4, 8), np.float32)
+        vkq = np.empty(dv, np.float32)
+        m, s_sum = _one_chunk(qh, kt, v, kvh, ic_start, ic_end, scale, acc, vkq)
+        part[h, c, 0] = m
+        part[h, c, 1] = s_sum
+        for i in range(dv):
+            part[h, c, 2 + i] = vkq[i]
+    for h in prange(n_head):
+        m = F32(-np.inf)
+        s_sum = F32(0.0)
+        vkq = np.zeros(dv, np.float32)
+        for c in range(nth):
+            if c * chunk >= n_kv:
+                continue
+            s_c = part[h, c, 1]
+            if s_c == F32(0.0):
+                continue
+            m_c = part[h, c, 0]
+            m_new = max(m, m_c)
+            a = F32(math.exp(m - m_new))
+            b = F32(math.exp(m_c - m_new))
+            for i in range(dv):
+                vkq[i] = fmaf(vkq[i], a, part[h, c, 2 + i] * b)
+            s_sum = fmaf(s_sum, a, s_c * b)
+            m = m_new
+        if s_sum != F32(0.0):
+            inv = F32(1.0) / s_sum
+            for i in range(dv):
+                vkq[i] = vkq[i] * inv
+        for i in range(dv):
+            out[0, h, i] = vkq[i]
 
 
 @njit(parallel=True, cache=True)

@@ -63,7 +63,12 @@ def generate(model: Transformer, prompt: np.ndarray, n_predict: int, sampler: Sa
     """The tokens that follow `prompt` (ids, BOS included if wanted), one at a time: the prompt
     runs in physical batches of n_ubatch tokens, then each chosen token through the KV cache.
     Stops after n_predict tokens (< 0: until the context is full) or at a token of `stop`,
-    which is not yielded."""
+    which is not yielded.
+
+    With `model.exact`, each step is llama.cpp's CPU computation to the bit; a step of one
+    token over more than 256 cells takes ggml's split-KV flash attention, which depends on the
+    thread count: `model.exact_threads` (kquant-generate sets it from -t), else the runtime's
+    (Transformer.emulated_threads)."""
     prompt = np.asarray(prompt, np.int64)
     if prompt.size == 0:
         raise ModelError("the prompt is empty (and the model adds no BOS)")
