@@ -41,6 +41,27 @@ def test_products_do_not_depend_on_the_thread_count():
     np.testing.assert_allclose(results[0][1], x @ w.T, rtol=1e-4, atol=1e-3)
 
 
+def test_cutting_a_product_between_threads_keeps_its_bits():
+    """matmul_nt cuts big products into one slice per thread on 64-row boundaries: OpenBLAS's
+    single-threaded sgemm gives every value the same bits however the columns are cut there
+    (checked here on this machine's BLAS kernel), and small products keep fixed tiles."""
+    rng = np.random.default_rng(3)
+    shapes = [(512, 576, 576), (512, 576, 192), (512, 1536, 576), (256, 576, 4160), (300, 1000, 1000),
+              (230, 576, 1536), (128, 4096, 704), (170, 576, 1536), (8, 576, 1536), (1, 576, 576)]
+    try:
+        for M, K, N in shapes:
+            x = rng.standard_normal((M, K)).astype(np.float32)
+            w = rng.standard_normal((N, K)).astype(np.float32)
+            outs = []
+            for t in (1, 2, 3, 4, 5):
+                gemm.set_pool_threads(t)
+                outs.append(gemm.matmul_nt(x, w))
+            for t, o in enumerate(outs[1:], 2):
+                assert np.array_equal(o, outs[0]), (M, K, N, t)
+    finally:
+        set_threads(None)
+
+
 @pytest.fixture(scope="module")
 def tiny_q4_k_m(tmp_path_factory, tiny_llama_f32):
     from kquant import QuantizeOptions, quantize_model

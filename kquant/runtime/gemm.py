@@ -5,10 +5,15 @@ shape, and the split can change the order of a value's additions: a (384, 510) x
 product (attention's probabilities times values, one KV head) differs in 63% of its values
 between 1 and 2 threads, which moved kquant-perplexity's SmolLM2 figures by 0.8% with -t.
 
-Here BLAS always runs on one thread, over fixed tiles of the output (the same tiles for any
-thread count), and the runtime's own pool of threads runs the tiles side by side: every value
-is computed by the same single-threaded call on the same shapes whatever -t is. The tiles are
-wide enough (`TILE_N` columns, a whole (tokens, k) input) that BLAS runs each at full speed.
+Here BLAS always runs on one thread, over tiles of the output's columns (weight rows), and the
+runtime's own pool of threads runs the tiles side by side. A value's float order in OpenBLAS's
+single-threaded sgemm depends only on K's blocking, not on where the columns are cut, as long
+as (measured: tests/test_exact.py) the cuts fall on multiples of `SPLIT_ROWS` and every
+call is big enough to take the regular kernel (below about 10^6 multiply-adds OpenBLAS has a
+small-matrix path, and narrow or odd column counts take edge kernels, which add in other
+orders). So a big product is cut into one slice per thread on `SPLIT_ROWS` boundaries (the
+fastest split: each thread one long BLAS call), and a small one into fixed `TILE_N`-column
+tiles, the same for any thread count.
 """
 from __future__ import annotations
 
@@ -20,6 +25,11 @@ import numpy as np
 #: output columns (weight rows) per single-threaded BLAS call; fixed, never derived from the
 #: thread count, or the float order would depend on it again
 TILE_N = 128
+
+#: a product is cut per thread only at multiples of this many weight rows
+SPLIT_ROWS = 64
+#: ... and only when a SPLIT_ROWS-row slice is this many multiply-adds or more
+SPLIT_MIN_MACS = 1 << 23
 
 _pool: ThreadPoolExecutor | None = None
 _pool_threads = 1
@@ -51,17 +61,28 @@ def run_all(fn: Callable[[Any], None], items: Iterable[Any]) -> None:
         f.result()
 
 
+def column_tiles(M: int, K: int, N: int) -> list[tuple[int, int]]:
+    """The (r0, r1) weight-row ranges matmul_nt gives its threads for an (M, K) x (N, K).T
+    product: one slice per thread on SPLIT_ROWS boundaries when every possible slice is a
+    regular-kernel BLAS call, else fixed TILE_N tiles (see the module docstring)."""
+    if M * K * SPLIT_ROWS >= SPLIT_MIN_MACS:
+        groups = -(-N // SPLIT_ROWS)
+        n = min(_pool_threads, groups)
+        bounds = [min(N, (groups * i // n) * SPLIT_ROWS) for i in range(n + 1)]
+        return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+    return [(r0, min(N, r0 + TILE_N)) for r0 in range(0, N, TILE_N)]
+
+
 def matmul_nt(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """x (M, K) @ w (N, K).T -> (M, N) float32, tile by tile of TILE_N rows of w."""
+    """x (M, K) @ w (N, K).T -> (M, N) float32, over column_tiles' ranges of w's rows."""
     M, N = x.shape[0], w.shape[0]
     if out is None:
         out = np.empty((M, N), np.float32)
 
-    def tile(r0: int) -> None:
-        r1 = min(N, r0 + TILE_N)
-        np.matmul(x, w[r0:r1].T, out=out[:, r0:r1])
+    def tile(r: tuple[int, int]) -> None:
+        np.matmul(x, w[r[0]:r[1]].T, out=out[:, r[0]:r[1]])
 
-    run_all(tile, range(0, N, TILE_N))
+    run_all(tile, column_tiles(M, x.shape[1], N))
     return out
 
 
