@@ -98,6 +98,28 @@ def test_imatrix_is_the_same_for_any_thread_count(tmp_path, capsys):
     assert files[0] == files[1]
 
 
+def test_kl_divergence_and_generation_are_the_same_for_any_thread_count(tmp_path, capsys, tiny_q4_k_m,
+                                                                        tiny_llama_f32):
+    """KL-divergence statistics (against the F32 model's logits) and greedy generation, -t 1 and 2."""
+    from kquant.cli.generate import main as generate
+    from kquant.cli.perplexity import main as perplexity
+
+    base = tmp_path / "f32.logits"
+    assert perplexity(["-m", str(tiny_llama_f32), "-f", str(CALIB), "--chunks", "3", "-c", "256",
+                       "--kl-divergence-base", str(base), "--no-progress"]) == 0
+    capsys.readouterr()
+    kld, text = [], []
+    for t in ("1", "2"):
+        assert perplexity(["-m", str(tiny_q4_k_m), "--kl-divergence-base", str(base), "--kl-divergence",
+                           "-c", "256", "-t", t, "--no-progress"]) == 0
+        kld.append([line for line in capsys.readouterr().out.splitlines()
+                    if not line.startswith("kquant-perplexity:")])  # the summary has timings
+        assert generate(["-m", str(tiny_q4_k_m), "-p", "It was a dark night", "-n", "24", "-t", t]) == 0
+        text.append(capsys.readouterr().out)
+    assert kld[0] and kld[0] == kld[1]
+    assert text[0] == text[1] and len(text[0]) > 40
+
+
 def test_default_thread_count_leaves_out_busy_cpus(monkeypatch):
     """The default -t: one thread per CPU that other processes do not keep busy, at least one
     (a thread waiting for a busy core holds up every parallel loop's join)."""
