@@ -61,3 +61,13 @@ def float_blocks(w: np.ndarray, qtype: T) -> np.ndarray:
         return np.ascontiguousarray((np.ascontiguousarray(w, np.float32).view(np.uint32) >> 16)
                                     .astype(np.uint16)).view(np.uint8)
     raise ValueError(f"{qtype.name} is not a float type")
+
+
+
+def beats_blas(qtype: T, rows: int, k: int, n_tok: int) -> bool:
+    """Whether the default (not exact) runtime should take this product's exact kernel anyway,
+    being faster than float32 BLAS on the dequantized weights and giving llama.cpp's values:
+    ggml's repacked Q4_K / Q4_0 GEMM, about 1.6x BLAS (2 threads, 512 tokens). llamafile's
+    F16 / F32 kernels are about as fast on the block products but not on the output matrix,
+    and the Q8_0 / Q5_0 ones and the tiled K-quant kernel are slower."""
+    return n_tok > 1 and repack.applies(qtype, rows, k)

@@ -39,8 +39,7 @@ from ..codecs import vectorizing
 from ..matmul.activations import (min_term_correction, quantize_rows, round_activations,
                                   vec_dot_type)
 from ..matmul.cpu import run_blocks, weight_rows
-from ..matmul import repack
-from ..matmul.exact import ExactMatrix, float_blocks
+from ..matmul.exact import ExactMatrix, beats_blas, float_blocks
 from .kernels import (flash_attention, flash_attention_split_kv, flash_attention_vec, kv_view_length,
                       rms_sums, rope_inplace, rope_table, rope_theta_scale, softmax_causal, swiglu,
                       uses_split_kv)
@@ -241,9 +240,9 @@ class Transformer:
             # a token or a few (generation): read the quantized blocks, not the float32 copy
             y = self._block_product(x, self.weights.blocks[name], qtype)
             return y + b if b is not None else y
-        if self.xp is np and name in self.weights.blocks and repack.applies(qtype, w.shape[0], w.shape[1]):
-            # Q4_K / Q4_0 batches: ggml's repacked integer GEMM (kquant.matmul.repack) runs at
-            # about 1.6x float32 BLAS here (tools/bench_repack.py), and is llama.cpp's own order
+        if self.xp is np and beats_blas(qtype, w.shape[0], w.shape[1], x.shape[0]):
+            # where llama.cpp's own kernel (repacked Q4_K / Q4_0, llamafile's F16 / F32) is as
+            # fast as BLAS, take it: its values are llama.cpp's
             y = self._exact_matrix(name, w, qtype)(x)
             return y + b if b is not None else y
         src_x = x
