@@ -33,6 +33,7 @@ class ExactMatrix:
         self.rows = self.wb.shape[0]
         self._repacked: Any = None
         self._tiled: tiled.Prepared | None = None
+        self._tinyblas: Any = None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """x float32 (n_tok, k) -> (n_tok, rows)."""
@@ -46,7 +47,9 @@ class ExactMatrix:
                 self._tiled = tiled.Prepared(self.wb, self.qtype)
             return tiled.matmul_prepared(self._tiled, x)
         if tinyblas.applies(self.qtype, self.rows, self.k, x.shape[0]):
-            return tinyblas.matmul(self.wb, self.qtype, x)
+            if self._tinyblas is None:
+                self._tinyblas = tinyblas.prepare(self.wb, self.qtype)
+            return tinyblas.matmul_prepared(self._tinyblas, x)
         return run_blocks(self.wb, self.qtype, quantize_rows(x, vec_dot_type(self.qtype)))
 
 
@@ -66,8 +69,13 @@ def float_blocks(w: np.ndarray, qtype: T) -> np.ndarray:
 
 def beats_blas(qtype: T, rows: int, k: int, n_tok: int) -> bool:
     """Whether the default (not exact) runtime should take this product's exact kernel anyway,
-    being faster than float32 BLAS on the dequantized weights and giving llama.cpp's values:
-    ggml's repacked Q4_K / Q4_0 GEMM, about 1.6x BLAS (2 threads, 512 tokens). llamafile's
-    F16 / F32 kernels are about as fast on the block products but not on the output matrix,
-    and the Q8_0 / Q5_0 ones and the tiled K-quant kernel are slower."""
-    return n_tok > 1 and repack.applies(qtype, rows, k)
+    being faster than float32 BLAS on the dequantized weights and giving llama.cpp's values
+    (2 threads, 512 tokens, this project's AMD EPYC): ggml's repacked Q4_K / Q4_0 GEMM about
+    1.6x BLAS, llamafile's Q8_0 / Q5_0 / Q4_0 kernels 1.7x (1.1-1.35x on an AVX2-only CPU,
+    tools/bench_tinyblas.py). Its F16 / F32 kernels are about as fast on the block products
+    but not on the output matrix, and the tiled K-quant kernel is slower."""
+    if n_tok < 2:
+        return False
+    if repack.applies(qtype, rows, k):
+        return True
+    return qtype in (T.Q8_0, T.Q5_0, T.Q4_0) and tinyblas.applies(qtype, rows, k, n_tok)
