@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(ns: argparse.Namespace) -> int:
     from ..models import open_model
-    from ..runtime import Transformer, resolve_device, set_threads
+    from ..runtime import Transformer, keep_freed_memory, resolve_device, set_threads
     from ..tokenizer import Tokenizer
     from ..validation.generate import Sampler, generate
 
@@ -68,6 +68,7 @@ def _run(ns: argparse.Namespace) -> int:
     if ns.exact and device != "cpu":
         raise ModelError("--exact reproduces llama.cpp's CPU backend: use --device cpu")
     threads = set_threads(ns.threads)
+    keep_freed_memory()
     source = open_model(ns.model, "f32")
     tokenizer = Tokenizer.from_source(source)
     prompt = tokenizer.tokenize(ns.prompt, add_special=True, parse_special=True)

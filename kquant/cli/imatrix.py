@@ -101,7 +101,9 @@ def _run(ns: argparse.Namespace) -> int:
         _show_statistics(ns)
         return 0
     from ..calibration.imatrix import combine_files, run_imatrix
+    from ..runtime import keep_freed_memory
 
+    keep_freed_memory()
     params = _params(ns)
     if not ns.file:
         if not ns.in_file:

@@ -71,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(ns: argparse.Namespace) -> int:
     from ..validation.kld import KLDivergenceResult
+    from ..runtime import keep_freed_memory
     from ..validation.perplexity import PerplexityParams, run_perplexity
 
+    keep_freed_memory()
     if not ns.model:
         raise ModelError("no model: give -m MODEL")
     if not ns.kl_divergence and not ns.file:

@@ -9,8 +9,8 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .config import ModelConfig, read_config
-from .device import resolve_device, set_threads
+from .device import keep_freed_memory, resolve_device, set_threads
 from .forward import KVCache, Segment, Transformer, load_model
 
 __all__ = ["ModelConfig", "read_config", "Transformer", "KVCache", "Segment", "load_model",
-           "resolve_device", "set_threads"]
+           "keep_freed_memory", "resolve_device", "set_threads"]
