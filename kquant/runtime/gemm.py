@@ -11,8 +11,9 @@ single-threaded sgemm depends only on K's blocking, not on where the columns are
 as (measured: tests/test_exact.py) the cuts fall on multiples of `SPLIT_ROWS` and every
 call is big enough to take the regular kernel (below about 10^6 multiply-adds OpenBLAS has a
 small-matrix path, and narrow or odd column counts take edge kernels, which add in other
-orders). So a big product is cut into one slice per thread on `SPLIT_ROWS` boundaries (the
-fastest split: each thread one long BLAS call), and a small one into fixed `TILE_N`-column
+orders). So a big product is cut into one slice per thread on `SPLIT_ROWS` boundaries, each
+slice at least `SPLIT_MIN_MACS` multiply-adds (the fastest split: each thread one long BLAS
+call, the slices as even as the boundaries allow), and a small one into fixed `TILE_N`-column
 tiles, the same for any thread count.
 """
 from __future__ import annotations
@@ -26,9 +27,10 @@ import numpy as np
 #: thread count, or the float order would depend on it again
 TILE_N = 128
 
-#: a product is cut per thread only at multiples of this many weight rows
-SPLIT_ROWS = 64
-#: ... and only when a SPLIT_ROWS-row slice is this many multiply-adds or more
+#: a product is cut per thread only at multiples of this many weight rows (OpenBLAS's sgemm
+#: kernels take 16 at a time; cuts at 8 kept the bits too, at 4 not always)
+SPLIT_ROWS = 16
+#: ... into slices of at least this many multiply-adds, far above the small-matrix path
 SPLIT_MIN_MACS = 1 << 23
 
 _pool: ThreadPoolExecutor | None = None
@@ -63,11 +65,14 @@ def run_all(fn: Callable[[Any], None], items: Iterable[Any]) -> None:
 
 def column_tiles(M: int, K: int, N: int) -> list[tuple[int, int]]:
     """The (r0, r1) weight-row ranges matmul_nt gives its threads for an (M, K) x (N, K).T
-    product: one slice per thread on SPLIT_ROWS boundaries when every possible slice is a
-    regular-kernel BLAS call, else fixed TILE_N tiles (see the module docstring)."""
-    if M * K * SPLIT_ROWS >= SPLIT_MIN_MACS:
-        groups = -(-N // SPLIT_ROWS)
-        n = min(_pool_threads, groups)
+    product: one slice per thread on SPLIT_ROWS boundaries, each a regular-kernel BLAS call of
+    SPLIT_MIN_MACS or more (fewer slices than threads where N is too short for that), else
+    fixed TILE_N tiles (see the module docstring)."""
+    groups = -(-N // SPLIT_ROWS)
+    min_groups = -(-SPLIT_MIN_MACS // (M * K * SPLIT_ROWS)) if M * K else groups + 1
+    if min_groups <= groups and M * K * SPLIT_ROWS * 4 >= SPLIT_MIN_MACS:
+        # at most groups // min_groups slices, so that each has min_groups groups or more
+        n = max(1, min(_pool_threads, groups // min_groups))
         bounds = [min(N, (groups * i // n) * SPLIT_ROWS) for i in range(n + 1)]
         return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
     return [(r0, min(N, r0 + TILE_N)) for r0 in range(0, N, TILE_N)]
