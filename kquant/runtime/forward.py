@@ -41,7 +41,7 @@ from ..matmul.activations import (min_term_correction, quantize_rows, round_acti
 from ..matmul.cpu import run_blocks, weight_rows
 from ..matmul.exact import ExactMatrix, beats_blas, float_blocks
 from .kernels import (flash_attention, flash_attention_split_kv, flash_attention_vec, kv_view_length,
-                      rms_sums, rope_inplace, rope_table, rope_theta_scale, softmax_causal, swiglu,
+                      rms_sums, rope_inplace, rope_table, rope_theta_scale, round_to_half, softmax_causal, swiglu,
                       uses_split_kv)
 from .weights import OUTPUT, Layer, Weights, load_weights
 
@@ -307,8 +307,13 @@ class Transformer:
         q = self._rope(q, pos)
         k = self._rope(k, pos)
         # llama.cpp's KV cache is F16 by default: attention reads the rounded values
-        k = k.astype(np.float16).astype(F32)
-        v = v.astype(np.float16).astype(F32)
+        if xp is np:
+            k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)
+            round_to_half(k.reshape(N, -1))  # views of k and v: rounded in place
+            round_to_half(v.reshape(N, -1))
+        else:
+            k = k.astype(np.float16).astype(F32)
+            v = v.astype(np.float16).astype(F32)
         attn = xp.empty((N, c.n_head * c.head_dim), F32)
         r = 0
         for seg in segments:

@@ -102,6 +102,16 @@ def softmax_causal(s, scale, first_masked):
 
 
 @njit(parallel=True, cache=True)
+def round_to_half(x):
+    """In place over rows of x (rows, n): every value rounded to float16 and back, as llama.cpp's
+    F16 KV cache stores keys and values (numpy's astype pair, without its two temporaries)."""
+    rows, n = x.shape
+    for r in prange(rows):
+        for j in range(n):
+            x[r, j] = fp16_to_fp32(fp32_to_fp16(x[r, j]))
+
+
+@njit(parallel=True, cache=True)
 def swiglu(g, u):
     """In place: g <- silu(g) * u, silu(x) = x / (1 + exp(-x)) (ggml_v_silu)."""
     rows, n = g.shape
