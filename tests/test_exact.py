@@ -8,6 +8,7 @@ chunks of wiki.test.raw printed [1]13.1531,[2]22.4292,[3]23.3315 with -t 1 and
 """
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,33 @@ def test_cutting_a_product_between_threads_keeps_its_bits():
                 assert np.array_equal(o, outs[0]), (M, K, N, t)
     finally:
         set_threads(None)
+
+
+def test_threads_get_even_slices_of_a_product():
+    """The slices are as even as 16-row boundaries allow (SmolLM2's 576 and 192-row matrices:
+    288 + 288 and 96 + 96 on 2 threads), each big enough for OpenBLAS's regular kernel."""
+    try:
+        gemm.set_pool_threads(2)
+        assert gemm.column_tiles(512, 576, 576) == [(0, 288), (288, 576)]
+        assert gemm.column_tiles(512, 576, 192) == [(0, 96), (96, 192)]
+        gemm.set_pool_threads(64)  # more threads than slices of 2^23 multiply-adds
+        tiles = gemm.column_tiles(512, 576, 576)
+        assert all(512 * 576 * (b - a) >= gemm.SPLIT_MIN_MACS for a, b in tiles)
+        assert len(tiles) == 576 // 32
+    finally:
+        set_threads(None)
+
+
+def test_rounding_the_kv_cache_to_half_is_numpys():
+    from kquant.runtime.kernels import round_to_half
+
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((300, 192)) * np.logspace(-10, 6, 192)).astype(np.float32)
+    x[0, :7] = [np.inf, -np.inf, 7e4, -1e-8, 65519.99, 6e-8, 0.0]
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16).astype(np.float32)
+    round_to_half(x)
+    assert np.array_equal(x, want)
 
 
 @pytest.fixture(scope="module")
@@ -301,3 +329,36 @@ def test_exact_generation_logits_are_llama_cpps(tmp_path, capsys, tiny_llama_f32
         tok = Tokenizer.from_source(open_model(path, "f32"))
         text = b"".join(tok.token_to_piece(t) for t in theirs).decode()
         assert capsys.readouterr().out == prompt_text + text + "\n"
+
+
+_RSS_AFTER_FREE = """
+import sys, numpy as np
+from kquant.runtime.device import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+before = rss()
+a = np.ones(64 << 18, np.float32)  # 64 MiB
+del a
+print((rss() - before) >> 20)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists() or platform.libc_ver()[0] != "glibc",
+                    reason="needs Linux's /proc and glibc's malloc")
+def test_freed_memory_stays_with_the_commands():
+    """kquant-perplexity / -imatrix / -generate keep what the forward pass frees (fresh pages cost
+    ~3 us each on a VM that returns freed memory to its host): a freed 64 MiB array stays
+    resident with keep_freed_memory, and goes back to the system without it."""
+    import subprocess
+    import sys
+
+    def grown(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _RSS_AFTER_FREE, mode], capture_output=True, text=True,
+                             check=True, cwd=Path(__file__).resolve().parent.parent)
+        return int(out.stdout.strip())
+
+    if grown("keep") < 60:
+        pytest.fail("keep_freed_memory did not keep a freed 64 MiB array")
+    assert grown("plain") < 8
