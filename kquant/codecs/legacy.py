@@ -292,6 +292,34 @@ def quantize_rows(kind, x, qw, use_qw, out):
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
+def quantize_block_column(kind, x, row, qw, use_qw, ib, out):
+    """Block ib of every row of x, as quantize_rows would write it, except that with an
+    imatrix the weights read sigma2 of `row` (nrows, n) instead of x's whole row: GPTQ
+    (kquant.quantization.gptq) fixes one block column at a time while the rest of the row
+    still moves, and gives the original rows here. out: (nrows, block bytes)."""
+    nrows, n = x.shape
+    for r in prange(nrows):
+        L = np.empty(QK, np.int8)
+        Li = np.empty(QK, np.int32)
+        Lf = np.empty(QK, np.float32)  # noqa: N806
+        Lu = np.empty(QK, np.uint8)
+        ws = workspace()
+        weight = np.empty(QK, np.float32)
+        xb = x[r, ib * QK:(ib + 1) * QK]
+        if use_qw and kind != Q8_0:
+            sum_x2 = _ZERO
+            for j in range(n):
+                sum_x2 += row[r, j] * row[r, j]
+            _imatrix_block(kind, xb, qw[ib * QK:(ib + 1) * QK], sum_x2 / F32(n), out[r], L, Lu,
+                           weight, ws)
+        elif kind == Q8_0:
+            _q8_0_ref_block(xb, out[r])
+        else:
+            sub, d = _ref_scale(kind, xb, out[r])
+            _ref_levels(kind, xb, out[r], sub, _ONE / d if d != _ZERO else _ZERO, Li, Lf)
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
 def dequantize_rows(kind, q, out):
     """dequantize_row_{q4_0,q4_1,q5_0,q5_1} (Q8_0 has its own kernel below)."""
     nrows, n = out.shape

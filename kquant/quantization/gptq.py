@@ -1,0 +1,119 @@
+"""GPTQ into ggml's types: Optimal Brain Quantization with a layer Hessian (Frantar et al., 2022).
+
+A weight matrix W (rows, k) multiplies inputs x of k values; over calibration tokens its layer
+Hessian is H = sum x x^T (k, k). Replacing W by Q changes the layer's outputs by a squared error
+of tr((W - Q) H (W - Q)^T). GPTQ quantizes the input columns in order and moves each step's
+rounding error onto the columns not yet quantized, weighted by the inverse Hessian, so later
+columns make up for earlier ones.
+
+ggml's types fix a block of columns at once (256 for the K-quants, 32 for the legacy types) with
+one scale search over the block. So the sweep goes a block column at a time:
+1. quantize the block column of the error-corrected W with kquant's own codec, which is
+   llama.cpp's imatrix-weighted search bit for bit (the block fit stays llama.cpp's);
+2. move the block's error E (rows, B) onto the later columns R in one BLAS update, the block
+   form of the OBS update: with U the upper Cholesky factor of H^-1 (H^-1 = U^T U),
+   W_R -= E U_bb^-1 U_bR.
+Within a block the codec rounds every value to its nearest level (no column-by-column
+compensation inside a block yet). The bytes are the codec's, block by block: standard ggml
+blocks that any llama.cpp reads.
+
+The result is kept only where it lowers the Hessian-weighted error against plain quantization
+of the same matrix (`GptqResult.improved`); callers keep llama.cpp's bytes otherwise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..codecs import LegacyCodec, get_codec, legacy, vectorizing
+from ..types import QType
+
+#: GPTQ's dampening: this fraction of H's mean diagonal is added to the diagonal, so the
+#: inverse exists where the calibration text leaves directions unseen
+DAMP = 0.01
+
+
+@dataclass
+class GptqResult:
+    data: np.ndarray  # uint8 (rows, row bytes): ggml blocks of the type
+    error: float  # tr(dW H dW^T) of these bytes
+    plain_error: float  # the same for plain (imatrix-weighted) quantization of W
+
+    @property
+    def improved(self) -> bool:
+        return self.error < self.plain_error
+
+
+def hessian_error(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:
+    """tr((w - q) h (w - q)^T): the summed squared change of the layer's outputs over the
+    calibration tokens whose Hessian is h."""
+    d = (w.astype(np.float64) - q.astype(np.float64))
+    return float(np.einsum("ij,ij->", d @ h, d))
+
+
+def inverse_cholesky(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
+    """U, upper triangular with U^T U = (h + damp * mean(diag h) * I)^-1, columns no token
+    reached (zero diagonal) given a unit diagonal first."""
+    h = np.array(h, dtype=np.float64)
+    diag = np.diagonal(h).copy()
+    dead = diag <= 0
+    h[dead, dead] = 1.0
+    mean = float(np.mean(np.diagonal(h)))
+    h[np.diag_indices_from(h)] += damp * mean
+    lower = np.linalg.cholesky(h)
+    inv_lower = np.linalg.solve(lower, np.eye(len(h)))
+    h_inv = inv_lower.T @ inv_lower
+    # h_inv = L L^T with L lower, so U = L^T: U^T U = h_inv
+    return np.linalg.cholesky(h_inv).T.copy()
+
+
+def quantize_block_column(w: np.ndarray, original: np.ndarray, qtype: QType,
+                          imatrix: np.ndarray | None, c0: int) -> np.ndarray:
+    """The bytes (rows, type size) of the block column starting at column c0 of w, as the codec
+    quantizes rows: K-quant fits read only their block; legacy ones also the row's sigma2,
+    taken from the `original` rows, as plain quantization takes it (so that without
+    error to move, GPTQ's bytes are plain quantization's)."""
+    codec = get_codec(qtype)
+    B = codec.block_size
+    use_qw = imatrix is not None and codec.uses_imatrix
+    if isinstance(codec, LegacyCodec):
+        out = np.empty((w.shape[0], codec.type_size), np.uint8)
+        qw = np.ascontiguousarray(imatrix, np.float32) if use_qw else np.zeros(0, np.float32)
+        with vectorizing():
+            legacy.quantize_block_column(codec.kind, np.ascontiguousarray(w), original, qw, use_qw,
+                                         c0 // B, out)
+        return out
+    qw = imatrix[c0:c0 + B] if use_qw else None
+    return codec.quantize_rows(np.ascontiguousarray(w[:, c0:c0 + B]), qw)
+
+
+def gptq_quantize(w: np.ndarray, h: np.ndarray, qtype: QType, imatrix: np.ndarray | None = None,
+                  damp: float = DAMP) -> GptqResult:
+    """W (rows, k) float32 quantized to qtype by GPTQ with Hessian h (k, k); `imatrix` weights
+    the codec's block fits (llama.cpp's), as in plain quantization."""
+    codec = get_codec(qtype)
+    rows, k = w.shape
+    B = codec.block_size
+    if k % B:
+        raise ValueError(f"{codec.name} needs rows that are a multiple of {B} values; got {k}")
+    if h.shape != (k, k):
+        raise ValueError(f"a Hessian of shape {h.shape} does not fit rows of {k} values")
+    u = inverse_cholesky(h, damp)
+    w32 = np.ascontiguousarray(w, np.float32)
+    cur = w.astype(np.float64)
+    data = np.empty((rows, k // B * codec.type_size), np.uint8)
+    q = np.empty((rows, k), np.float32)
+    for c0 in range(0, k, B):
+        c1 = c0 + B
+        block = quantize_block_column(cur.astype(np.float32), w32, qtype, imatrix, c0)
+        data[:, c0 // B * codec.type_size:c1 // B * codec.type_size] = block
+        q[:, c0:c1] = codec.dequantize_rows(block, B)
+        err = cur[:, c0:c1] - q[:, c0:c1]
+        cur[:, c0:c1] = q[:, c0:c1]
+        if c1 < k:
+            # W_R -= E U_bb^-1 U_bR
+            scaled = np.linalg.solve(u[c0:c1, c0:c1].T, err.T).T
+            cur[:, c1:] -= scaled @ u[c0:c1, c1:]
+    plain = codec.dequantize_rows(codec.quantize_rows(w32, imatrix), k)
+    return GptqResult(data, hessian_error(w, q, h), hessian_error(w, plain, h))

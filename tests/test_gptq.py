@@ -1,0 +1,67 @@
+"""GPTQ into ggml's types (kquant.quantization.gptq): the sweep's algebra, its bytes, its gain."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import kquant
+from kquant.quantization.gptq import gptq_quantize, hessian_error, inverse_cholesky
+
+TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+
+
+def correlated_inputs(rng: np.random.Generator, k: int, n: int) -> np.ndarray:
+    """Activations with LLM-like structure: shared low-rank directions, uneven channel scales."""
+    mix = rng.standard_normal((k, 32)) @ rng.standard_normal((32, k)) / 6 + np.eye(k)
+    return (rng.standard_normal((n, k)) @ mix) * np.exp(rng.standard_normal(k))
+
+
+def test_inverse_cholesky_factors_the_damped_inverse():
+    rng = np.random.default_rng(1)
+    x = correlated_inputs(rng, 96, 400)
+    h = x.T @ x
+    h[:, 7] = h[7, :] = 0  # a column no token reached
+    u = inverse_cholesky(h)
+    assert np.allclose(u, np.triu(u))
+    hd = h.copy()
+    hd[7, 7] = 1.0
+    hd[np.diag_indices_from(hd)] += 0.01 * np.mean(np.diagonal(hd))
+    want = np.linalg.inv(hd)
+    assert np.abs(u.T @ u - want).max() <= 1e-9 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_without_correlations_gptq_is_plain_quantization(qtype):
+    """A diagonal Hessian gives no error anything to move to: the bytes are kquant.quantize's
+    (llama.cpp's) with the same importance matrix."""
+    rng = np.random.default_rng(2)
+    k = 512
+    w = (rng.standard_normal((48, k)) * 0.02).astype(np.float32)
+    act = np.exp(rng.standard_normal(k))
+    imatrix = act.astype(np.float32)
+    result = gptq_quantize(w, np.diag(act.astype(np.float64) * 1000), qtype, imatrix)
+    assert np.array_equal(result.data, kquant.quantize(w, qtype, imatrix))
+    assert result.error == pytest.approx(result.plain_error, rel=1e-12)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_gptq_lowers_the_hessian_weighted_error(qtype):
+    rng = np.random.default_rng(3)
+    k = 512
+    x = correlated_inputs(rng, k, 3000)
+    h = x.T @ x
+    imatrix = (x * x).mean(axis=0).astype(np.float32)
+    w = (rng.standard_normal((64, k)) * 0.02).astype(np.float32)
+    result = gptq_quantize(w, h, qtype, imatrix)
+    q = kquant.dequantize(result.data, qtype)
+    assert result.error == pytest.approx(hessian_error(w, q, h), rel=1e-9)
+    assert result.improved
+    assert result.error < 0.8 * result.plain_error, (qtype, result.error / result.plain_error)
+
+
+def test_gptq_checks_its_inputs():
+    w = np.zeros((4, 256), np.float32)
+    with pytest.raises(ValueError, match="multiple of 256"):
+        gptq_quantize(np.zeros((4, 100), np.float32), np.eye(100), "Q4_K")
+    with pytest.raises(ValueError, match="Hessian of shape"):
+        gptq_quantize(w, np.eye(128), "Q4_K")
