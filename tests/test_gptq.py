@@ -1,6 +1,8 @@
 """GPTQ into ggml's types (kquant.quantization.gptq): the sweep's algebra, its bytes, its gain."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -65,3 +67,37 @@ def test_gptq_checks_its_inputs():
         gptq_quantize(np.zeros((4, 100), np.float32), np.eye(100), "Q4_K")
     with pytest.raises(ValueError, match="Hessian of shape"):
         gptq_quantize(w, np.eye(128), "Q4_K")
+
+
+def test_hessian_diagonals_are_the_importance_matrix(tmp_path, capsys):
+    """One calibration run gives the Hessians and the imatrix: diag(H) / tokens equals
+    kquant-imatrix's sums / counts for every matrix (float64 against float32 sums), and the
+    matrices that share an input share one Hessian."""
+    from kquant.calibration.hessian import calibration_tokens, collect_hessians
+    from kquant.calibration.imatrix import ImatrixParams
+    from kquant.calibration.imatrix_file import load_imatrix
+    from kquant.cli.imatrix import main
+    from kquant.models import open_model
+    from kquant.runtime import Transformer
+
+    root = Path(__file__).resolve().parent.parent
+    tiny, calib = root / "data" / "tiny-llama", root / "data" / "calibration.txt"
+    out = tmp_path / "im.gguf"
+    assert main(["-m", str(tiny), "-f", str(calib), "-o", str(out), "-c", "128", "--chunks", "4",
+                 "--device", "cpu", "--no-ppl"]) == 0
+    capsys.readouterr()
+    im = load_imatrix(out)
+    source = open_model(tiny, "f32")
+    tokens, bos = calibration_tokens(source, calib, 128)
+    hessians, _ = collect_hessians(Transformer(source, "cpu", progress=False), tokens,
+                                   ImatrixParams(n_ctx=128, n_chunks=4, compute_ppl=False), bos,
+                                   progress=False)
+    assert set(hessians.shared) == set(im.entries)
+    assert hessians.of("blk.0.attn_q.weight") is hessians.of("blk.0.attn_v.weight")
+    assert hessians.of("blk.0.ffn_up.weight") is hessians.of("blk.0.ffn_gate.weight")
+    assert len(hessians.sums) == 4 * len({n.split(".")[1] for n in im.entries})
+    for name, e in im.entries.items():
+        h = hessians.of(name)
+        assert hessians.count(name) == int(e.counts[0])
+        assert np.allclose(np.diagonal(h) / hessians.count(name), e.sums / e.counts[0], rtol=1e-5), name
+        assert np.allclose(h, h.T)
