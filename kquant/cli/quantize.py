@@ -64,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--hf-outtype", choices=("f32", "f16", "bf16", "auto"), default="f16",
                     help="for a Hugging Face folder: the precision it is converted to first, "
                          "as convert_hf_to_gguf.py --outtype (default f16, its default)")
+    ap.add_argument("--method", choices=("llama", "gptq"), default="llama",
+                    help="llama: llama-quantize's bytes (default); gptq: the block matrices by GPTQ "
+                         "with layer Hessians from --calibrate, same types and size")
+    ap.add_argument("--calibrate", metavar="TEXT", help="calibration text for --method gptq")
+    ap.add_argument("-c", "--ctx-size", type=int, default=512, metavar="N",
+                    help="calibration chunk size in tokens (default 512)")
+    ap.add_argument("--chunks", type=int, default=-1, metavar="N",
+                    help="calibration chunks (default: all of the text)")
     ap.add_argument("--dry-run", action="store_true",
                     help="print each tensor's type and the sizes, write nothing")
     ap.add_argument("args", nargs="+", metavar="INPUT [OUTPUT] TYPE [nthreads]")
@@ -145,7 +153,9 @@ def options_from_args(ns: argparse.Namespace, n_threads: int | None) -> Quantize
         exclude_weights=ns.exclude_weights, output_tensor_type=out_type,
         token_embedding_type=emb_type, tensor_types=pairs,
         override_kv=[parse_override_kv(s) for s in ns.override_kv], prune_layers=prune,
-        keep_split=ns.keep_split, n_threads=n_threads, hf_outtype=ns.hf_outtype)
+        keep_split=ns.keep_split, n_threads=n_threads, hf_outtype=ns.hf_outtype,
+        method=ns.method, calibrate=ns.calibrate, calibrate_ctx=ns.ctx_size,
+        calibrate_chunks=ns.chunks)
 
 
 def dry_run(inp: Path, ftype, opts: QuantizeOptions) -> None:
@@ -178,6 +188,8 @@ def _run(ns: argparse.Namespace) -> int:
     shown = ftype if isinstance(ftype, str) else ftype.name.replace("MOSTLY_", "")
     print(f"kquant-quantize: quantizing '{inp}' to '{out}' as {shown}", file=sys.stderr)
     summary = quantize_model(inp, out, ftype, opts, progress=sys.stderr.isatty())
+    if summary.gptq:
+        print(summary.gptq, file=sys.stderr)
     print(summary.line())
     return 0
 

@@ -26,6 +26,18 @@ def quantize_blocks(x, qw, use_qw, out, block_bytes, scratch, quantize_block):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
+def set_levels_blocks(data, levels, pack_levels):
+    """Rows in parallel: one block each (data (rows, block bytes), levels (rows, QK_K) stored
+    levels), pack_levels(L, y) writing the levels into the block and leaving its scales alone.
+    For GPTQ (kquant.quantization.gptq), which keeps a block's scales and re-rounds its values."""
+    for r in prange(data.shape[0]):
+        L = np.empty(QK_K, np.int32)
+        for i in range(QK_K):
+            L[i] = levels[r, i]
+        pack_levels(L, data[r])
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def dequantize_blocks(q, out, block_bytes, dequantize_block):
     """Rows in parallel: dequantize_block(b, y, qk) for each block b and its QK_K values y.
 

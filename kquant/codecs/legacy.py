@@ -373,3 +373,55 @@ def dequantize_q8_0_rows(q, out):
             d = get_f16(qr, o)
             for j in range(qk):
                 y[ib * qk + j] = F32(np.int8(qr[o + 2 + j])) * d
+
+
+# --- level grids, for GPTQ: re-round values onto a block's fixed scales ----------------------
+
+N_LEVELS = (16, 16, 32, 32, 256)  # stored levels per type; Q8_0 stores L = q + 128
+
+
+def n_levels(kind):
+    """How many stored levels L (0 <= L < n) a block of legacy type `kind` has."""
+    return N_LEVELS[kind]
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def grid_rows(kind, data, scale, offset):
+    """For one block column data (rows, block bytes): the value ggml decodes for element i
+    of row r at stored level L is float32(scale[r, i] * L + offset[r, i]) (scale, offset:
+    float32 (rows, 32)). L*d and the offsets -8d, -16d, -128d are exact in float32 (d is an
+    f16), so this is ggml's value: bit for bit for Q4_1/Q5_1 (the same multiply and add),
+    and == for Q4_0/Q5_0/Q8_0, where only a zero's sign can differ ((L-8)*d is -0.0 for
+    d < 0, 8d - 8d is +0.0)."""
+    for r in prange(data.shape[0]):
+        d = get_f16(data[r], 0)
+        if kind == Q4_1 or kind == Q5_1:
+            off = get_f16(data[r], 2)
+        elif kind == Q8_0:
+            off = F32(-128.0) * d
+        else:
+            off = F32(-8.0 if kind == Q4_0 else -16.0) * d
+        for i in range(QK):
+            scale[r, i] = d
+            offset[r, i] = off
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def set_levels_rows(kind, data, levels):
+    """Write stored levels (rows, 32), masked to the type's width, into the block column
+    data (rows, block bytes) in place, as quantize_rows packs them; d and m stay as they are.
+    Q8_0 stores int8(L - 128)."""
+    mask = N_LEVELS[kind] - 1
+    for r in prange(data.shape[0]):
+        y = data[r]
+        L = np.empty(QK, np.int64)
+        for j in range(QK):
+            L[j] = np.int64(levels[r, j]) & mask
+        if kind == Q8_0:
+            for j in range(QK):
+                y[2 + j] = (L[j] - 128) & 0xFF
+        elif kind == Q4_0 or kind == Q4_1:
+            _store_4bit(y, 2 if kind == Q4_0 else 4, L)
+        else:
+            qh = 2 if kind == Q5_0 else 4
+            _store_5bit(y, qh, qh + 4, L)

@@ -9,7 +9,7 @@ import numpy as np
 from numba import njit
 
 from .bits import F32, get_f16, nearest_int, put_f16, round_nearest, signed_absmax
-from .layout import QK_K, dequantize_blocks, pack_2bit, q3_scale, quantize_blocks
+from .layout import QK_K, dequantize_blocks, pack_2bit, q3_scale, quantize_blocks, set_levels_blocks
 from .search import imatrix_sigma2, imatrix_weights, make_q3_quants, make_qx_quants, workspace
 
 BLOCK_BYTES = 110
@@ -46,6 +46,12 @@ def _finish(x, y, L):
         if not ok:  # inf/NaN: C's nearest_int returns mantissa bits there, not a clamp
             for ii in range(16):
                 L[16 * j + ii] = max(-4, min(3, nearest_int(x[16 * j + ii] / d))) + 4
+    _pack_levels(L, y)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _pack_levels(L, y):
+    """Levels 0..7 (value + 4) into hmask and qs; L keeps only its low two bits after."""
     # value j's third bit goes to bit j // 32 of hmask[j % 32]
     for m in range(QK_K // 8):
         y[_HMASK + m] = 0
@@ -128,3 +134,9 @@ def _dequantize_block(b, y, qk):
 @njit(cache=True, error_model="numpy", parallel=True)
 def dequantize_rows(q, out):
     dequantize_blocks(q, out, BLOCK_BYTES, _dequantize_block)
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def set_levels_rows(data, levels):
+    """Stored levels (rows, 256) into one block a row, its scales kept: 0..7, value d*(scale-32)*(L-4)."""
+    set_levels_blocks(data, levels, _pack_levels)

@@ -10,7 +10,8 @@ import numpy as np
 from numba import njit
 
 from .bits import F32, get_f16, nearest_int, put_f16
-from .layout import QK_K, dequantize_blocks, get_scale_min_k4, pack_scale_min_k4, quantize_blocks
+from .layout import (QK_K, dequantize_blocks, get_scale_min_k4,
+                     pack_scale_min_k4, quantize_blocks, set_levels_blocks)
 from .search import (imatrix_sigma2, imatrix_weights, make_qkx_quants, make_qp_quants,
                      max_scale_min, qkx_scratch)
 
@@ -156,3 +157,9 @@ def _dequantize_block(b, y, qk):
 @njit(cache=True, error_model="numpy", parallel=True)
 def dequantize_rows(q, out):
     dequantize_blocks(q, out, BLOCK_BYTES, _dequantize_block)
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def set_levels_rows(data, levels):
+    """Stored levels (rows, 256) into one block a row, its scales kept: 0..15, value d*scale*L - dmin*min."""
+    set_levels_blocks(data, levels, _pack)

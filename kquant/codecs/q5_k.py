@@ -10,7 +10,7 @@ import numpy as np
 from numba import njit
 
 from .bits import F32
-from .layout import QK_K, dequantize_blocks, quantize_blocks
+from .layout import QK_K, dequantize_blocks, quantize_blocks, set_levels_blocks
 from .q4_k import dequantize_block_k4, scales_mins, scratch
 
 BLOCK_BYTES = 176
@@ -57,3 +57,9 @@ def _dequantize_block(b, y, qk):
 @njit(cache=True, error_model="numpy", parallel=True)
 def dequantize_rows(q, out):
     dequantize_blocks(q, out, BLOCK_BYTES, _dequantize_block)
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def set_levels_rows(data, levels):
+    """Stored levels (rows, 256) into one block a row, its scales kept: 0..31, value d*scale*L - dmin*min."""
+    set_levels_blocks(data, levels, _pack)

@@ -9,7 +9,7 @@ import numpy as np
 from numba import njit
 
 from .bits import F32, get_f16, nearest_int, put_f16, signed_absmax
-from .layout import QK_K, dequantize_blocks, quantize_blocks
+from .layout import QK_K, dequantize_blocks, quantize_blocks, set_levels_blocks
 from .search import GROUP_MAX_EPS, make_qx_quants, workspace
 
 BLOCK_BYTES = 210
@@ -42,6 +42,12 @@ def quantize_block(x, qw, use_qw, y, s):
         for ii in range(16):
             l = nearest_int(x[16 * j + ii] / d)
             L[16 * j + ii] = max(-32, min(31, l)) + 32
+    _pack_levels(L, y)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _pack_levels(L, y):
+    """Levels 0..63 (value + 32): low nibbles into ql, high two bits into qh."""
     for j in range(0, QK_K, 128):
         for l in range(32):
             q1 = L[j + l] & 0xF
@@ -88,3 +94,9 @@ def _dequantize_block(b, y, qk):
 @njit(cache=True, error_model="numpy", parallel=True)
 def dequantize_rows(q, out):
     dequantize_blocks(q, out, BLOCK_BYTES, _dequantize_block)
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def set_levels_rows(data, levels):
+    """Stored levels (rows, 256) into one block a row, its scales kept: 0..63, value d*scale*(L-32)."""
+    set_levels_blocks(data, levels, _pack_levels)

@@ -13,9 +13,11 @@ one scale search over the block. So the sweep goes a block column at a time:
 2. move the block's error E (rows, B) onto the later columns R in one BLAS update, the block
    form of the OBS update: with U the upper Cholesky factor of H^-1 (H^-1 = U^T U),
    W_R -= E U_bb^-1 U_bR.
-Within a block the codec rounds every value to its nearest level (no column-by-column
-compensation inside a block yet). The bytes are the codec's, block by block: standard ggml
-blocks that any llama.cpp reads.
+Within a block, once the codec has fixed its scales (and mins), the values are rounded column
+by column onto that block's grid of levels, each column's error moved onto the block's later
+columns first (GPTQ's inner loop, a Numba kernel over rows); the levels are then written into
+the codec's block (`set_levels_rows` of each type's module), and the block's total error goes on
+to the later blocks through BLAS. The bytes are standard ggml blocks that any llama.cpp reads.
 
 The result is kept only where it lowers the Hessian-weighted error against plain quantization
 of the same matrix (`GptqResult.improved`); callers keep llama.cpp's bytes otherwise.
@@ -25,9 +27,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from gguf import GGMLQuantizationType as T
+from numba import njit, prange
 
-from ..codecs import LegacyCodec, get_codec, legacy, vectorizing
+from ..codecs import LegacyCodec, get_codec, legacy, q2_k, q3_k, q4_k, q5_k, q6_k, vectorizing
 from ..types import QType
+
+#: the K-quants' level writers and their number of levels (the legacy types' are in legacy.py)
+_K_LEVELS = {T.Q2_K: (q2_k, 4), T.Q3_K: (q3_k, 8), T.Q4_K: (q4_k, 16), T.Q5_K: (q5_k, 32),
+             T.Q6_K: (q6_k, 64)}
 
 #: GPTQ's dampening: this fraction of H's mean diagonal is added to the diagonal, so the
 #: inverse exists where the calibration text leaves directions unseen
@@ -38,7 +46,8 @@ DAMP = 0.01
 class GptqResult:
     data: np.ndarray  # uint8 (rows, row bytes): ggml blocks of the type
     error: float  # tr(dW H dW^T) of these bytes
-    plain_error: float  # the same for plain (imatrix-weighted) quantization of W
+    plain_data: np.ndarray  # plain (imatrix-weighted) quantization of W: llama.cpp's bytes
+    plain_error: float  # tr(dW H dW^T) of those
 
     @property
     def improved(self) -> bool:
@@ -88,6 +97,58 @@ def quantize_block_column(w: np.ndarray, original: np.ndarray, qtype: QType,
     return codec.quantize_rows(np.ascontiguousarray(w[:, c0:c0 + B]), qw)
 
 
+def n_levels(qtype: QType) -> int:
+    """How many stored levels a value of the type has (its grid: scale * L + offset)."""
+    codec = get_codec(qtype)
+    if isinstance(codec, LegacyCodec):
+        return legacy.n_levels(codec.kind)
+    return _K_LEVELS[codec.qtype][1]
+
+
+def set_levels(data: np.ndarray, levels: np.ndarray, qtype: QType) -> np.ndarray:
+    """A copy of one block column's bytes (rows, type size) with these stored levels (rows,
+    block size), the scales as they were."""
+    codec = get_codec(qtype)
+    out = data.copy()
+    levels = np.ascontiguousarray(levels, np.int32)
+    if isinstance(codec, LegacyCodec):
+        legacy.set_levels_rows(codec.kind, out, levels)
+    else:
+        _K_LEVELS[codec.qtype][0].set_levels_rows(out, levels)
+    return out
+
+
+def block_grid(data: np.ndarray, qtype: QType) -> tuple[np.ndarray, np.ndarray]:
+    """scale and offset (rows, block size) of one block column's grids, value = scale * L +
+    offset, read by decoding the block with every level 0 and then 1 (so no type needs its
+    scale arithmetic written twice; float64 differences, used only to pick levels)."""
+    codec = get_codec(qtype)
+    B = codec.block_size
+    zero = codec.dequantize_rows(set_levels(data, np.zeros((len(data), B), np.int32), qtype), B)
+    one = codec.dequantize_rows(set_levels(data, np.ones((len(data), B), np.int32), qtype), B)
+    return one.astype(np.float64) - zero, zero.astype(np.float64)
+
+
+@njit(cache=True, parallel=True)
+def round_columns(w, scale, offset, n_lev, u, levels, err):
+    """GPTQ's inner loop on one block column, in place: per row, column j's value goes to its
+    nearest level of the grid, and its error, scaled by 1 / U[j, j], moves onto the columns
+    after j through row j of U. levels gets the stored levels, err the scaled errors that the
+    caller moves on to the later blocks."""
+    rows, B = w.shape
+    for r in prange(rows):
+        for j in range(B):
+            s = scale[r, j]  # may be negative (Q3_K's, Q6_K's signed scales) or 0
+            level = 0
+            if s != 0:
+                level = min(n_lev - 1, max(0, int(np.rint((w[r, j] - offset[r, j]) / s))))
+            levels[r, j] = level
+            e = (w[r, j] - (s * level + offset[r, j])) / u[j, j]
+            err[r, j] = e
+            for t in range(j + 1, B):
+                w[r, t] -= e * u[j, t]
+
+
 def gptq_quantize(w: np.ndarray, h: np.ndarray, qtype: QType, imatrix: np.ndarray | None = None,
                   damp: float = DAMP) -> GptqResult:
     """W (rows, k) float32 quantized to qtype by GPTQ with Hessian h (k, k); `imatrix` weights
@@ -107,13 +168,16 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray, qtype: QType, imatrix: np.ndarra
     for c0 in range(0, k, B):
         c1 = c0 + B
         block = quantize_block_column(cur.astype(np.float32), w32, qtype, imatrix, c0)
+        scale, offset = block_grid(block, qtype)
+        levels = np.empty((rows, B), np.int32)
+        scaled = np.empty((rows, B), np.float64)
+        round_columns(cur[:, c0:c1], scale, offset, n_levels(qtype), u[c0:c1, c0:c1], levels, scaled)
+        block = set_levels(block, levels, qtype)
         data[:, c0 // B * codec.type_size:c1 // B * codec.type_size] = block
         q[:, c0:c1] = codec.dequantize_rows(block, B)
-        err = cur[:, c0:c1] - q[:, c0:c1]
         cur[:, c0:c1] = q[:, c0:c1]
         if c1 < k:
-            # W_R -= E U_bb^-1 U_bR
-            scaled = np.linalg.solve(u[c0:c1, c0:c1].T, err.T).T
             cur[:, c1:] -= scaled @ u[c0:c1, c1:]
-    plain = codec.dequantize_rows(codec.quantize_rows(w32, imatrix), k)
-    return GptqResult(data, hessian_error(w, q, h), hessian_error(w, plain, h))
+    plain_data = codec.quantize_rows(w32, imatrix)
+    plain = codec.dequantize_rows(plain_data, k)
+    return GptqResult(data, hessian_error(w, q, h), plain_data, hessian_error(w, plain, h))

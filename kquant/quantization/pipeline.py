@@ -26,10 +26,11 @@ from ..files.gguf_read import SPLIT_KEYS
 from ..files.atomic import refuse_input_as_output
 from ..files.gguf_write import write_gguf
 from ..calibration.imatrix_file import load_imatrix, weights_for_quantize
-from ..codecs.api import dequantize, quantize
+from ..codecs.api import dequantize, numba_threads, quantize
 from ..errors import ModelError
 from ..models import open_model
 from ..files.source import KV, ModelSource, SourceTensor
+from .calibrated import METHODS, Calibration, GptqReport, calibrate, gptq_types, quantize_matrix
 
 _UNQUANTIZED = (T.F32, T.F16, T.BF16)
 # llama-quantize's own keys for the imatrix it used (tools/quantize/quantize.cpp)
@@ -58,6 +59,12 @@ class QuantizeOptions:
     keep_split: bool = False
     n_threads: int | None = None
     hf_outtype: str = "f16"  # a Hugging Face input is first converted as convert_hf_to_gguf would
+    # "llama": llama-quantize's bytes; "gptq": the block matrices by GPTQ with Hessians from
+    # `calibrate` (a text), same types and size (kquant.quantization.calibrated)
+    method: str = "llama"
+    calibrate: str | None = None
+    calibrate_ctx: int = 512
+    calibrate_chunks: int = -1
 
 
 @dataclass
@@ -66,6 +73,7 @@ class PlannedTensor:
     target: T
     imatrix: np.ndarray | None = None
     name: str = ""  # the output name (differs from source.name only with --prune-layers)
+    hessian: np.ndarray | None = None  # with --method gptq: the layer Hessian of its input
 
     @property
     def new_nbytes(self) -> int:
@@ -102,6 +110,7 @@ class Summary:
     n_elements: int
     seconds: float
     n_tensors: int
+    gptq: str = ""  # with --method gptq: its GptqReport line
 
     def line(self) -> str:
         mib = 1024 * 1024
@@ -183,9 +192,12 @@ def _check_imatrix(weights: dict[str, np.ndarray], tensors: dict[str, SourceTens
 
 
 def plan_quantization(source: ModelSource, ftype: str | int | LlamaFileType,
-                      options: QuantizeOptions | None = None) -> Plan:
+                      options: QuantizeOptions | None = None,
+                      calibration: Calibration | None = None) -> Plan:
     """Choose every tensor's type and the output metadata, and check the imatrix.
-    `ftype` "COPY" copies every tensor as it is (llama-quantize's COPY)."""
+    `ftype` "COPY" copies every tensor as it is (llama-quantize's COPY). With a calibration
+    (--method gptq), its imatrix stands in for a missing --imatrix and its Hessians go with
+    the matrices GPTQ can quantize."""
     opts = options or QuantizeOptions()
     only_copy = isinstance(ftype, str) and ftype.strip().upper() == "COPY"
     ftype = loader_ftype(source) if only_copy else mixes.parse_ftype(ftype)
@@ -199,6 +211,10 @@ def plan_quantization(source: ModelSource, ftype: str | int | LlamaFileType,
                                   opts.exclude_weights)
         if weights:
             overrides += _imatrix_overrides(opts.imatrix, im, len(weights))
+    elif calibration is not None:
+        weights = _filter_imatrix(weights_for_quantize(calibration.imatrix), opts.include_weights,
+                                  opts.exclude_weights)
+        overrides += _imatrix_overrides(calibration.text, calibration.imatrix, len(weights))
     by_name = {t.name: t for t in source.tensors}
     _check_imatrix(weights, by_name)
     kept, n_blocks = prune(source.tensors, opts.prune_layers)
@@ -219,7 +235,10 @@ def plan_quantization(source: ModelSource, ftype: str | int | LlamaFileType,
             w = None  # token_embd's mismatch is only a warning in llama.cpp
         if (target != t.type and w is None and mixes.requires_imatrix(t.name, target, ftype)):
             raise ModelError(f"{t.name}: type {target.name} needs an importance matrix (--imatrix)")
-        planned.append(PlannedTensor(t, target, w, new_name))
+        h = None
+        if calibration is not None and target in gptq_types() and len(t.shape) == 2:
+            h = calibration.hessians.of(t.name)
+        planned.append(PlannedTensor(t, target, w, new_name, h))
     kv = output_metadata(source, ftype, overrides)
     if opts.prune_layers:
         _set(kv, KV(f"{source.arch}.block_count", n_blocks, GGUFValueType.UINT32))
@@ -298,14 +317,22 @@ def _check_convertible(t: SourceTensor, target: T, allow_requantize: bool) -> No
 SLAB_VALUES = 1 << 22  # rows are converted in slabs of about this many values (16 MiB of f32)
 
 
-def convert_tensor(p: PlannedTensor, n_threads: int | None = None) -> np.ndarray:
+def convert_tensor(p: PlannedTensor, n_threads: int | None = None,
+                   report: GptqReport | None = None) -> np.ndarray:
     """The output bytes of one planned tensor: a copy, or dequantize-then-quantize with its
     imatrix (per expert for 3-D tensors), a slab of rows at a time so that the float32
-    working copy stays small whatever the tensor's size."""
+    working copy stays small whatever the tensor's size; with a Hessian, GPTQ over the whole
+    matrix (it moves errors across all rows' columns at once)."""
     t = p.source
     raw = t.load().view(np.uint8)
     if p.target == t.type:
         return raw.reshape(-1)
+    if p.hessian is not None:
+        x = _float_rows(raw.reshape(t.shape[1], -1), t, 0, n_threads)
+        with numba_threads(n_threads):
+            data = quantize_matrix(x, p.target, p.imatrix, p.hessian, p.name,
+                                   report if report is not None else GptqReport())
+        return data.reshape(-1)
     n_per_row = t.shape[0]
     n_rows = t.n_elements // n_per_row
     n_expert = t.shape[2] if len(t.shape) > 2 else 1
@@ -318,20 +345,25 @@ def convert_tensor(p: PlannedTensor, n_threads: int | None = None) -> np.ndarray
         w = None if weights is None else weights[e if weights.shape[0] > 1 else 0]
         for r0 in range(e * per_expert, (e + 1) * per_expert, step):
             r1 = min(r0 + step, (e + 1) * per_expert)
-            x = (rows_in[r0:r1].view(np.float32) if t.type == T.F32
-                 else dequantize(rows_in[r0:r1], t.type, n_threads=n_threads))
-            if not np.isfinite(x).all():
-                bad = np.argwhere(~np.isfinite(x))[0]
-                raise ModelError(f"{t.name}: non-finite weight at row {r0 + bad[0]}, "
-                                 f"column {bad[1]}")
+            x = _float_rows(rows_in[r0:r1], t, r0, n_threads)
             out[r0:r1] = quantize(x, p.target, w, n_threads=n_threads)
     return out.reshape(-1)
 
 
-def output_source(plan: Plan, n_threads: int | None = None) -> ModelSource:
+def _float_rows(rows: np.ndarray, t: SourceTensor, r0: int, n_threads: int | None) -> np.ndarray:
+    """Rows of a tensor's stored bytes as float32, refusing NaN / Inf (row numbers from r0)."""
+    x = rows.view(np.float32) if t.type == T.F32 else dequantize(rows, t.type, n_threads=n_threads)
+    if not np.isfinite(x).all():
+        bad = np.argwhere(~np.isfinite(x))[0]
+        raise ModelError(f"{t.name}: non-finite weight at row {r0 + bad[0]}, column {bad[1]}")
+    return x
+
+
+def output_source(plan: Plan, n_threads: int | None = None,
+                  report: GptqReport | None = None) -> ModelSource:
     """The quantized model as a ModelSource whose tensors are converted as they are loaded."""
     def loader(p: PlannedTensor) -> Callable[[], np.ndarray]:
-        return lambda: convert_tensor(p, n_threads)
+        return lambda: convert_tensor(p, n_threads, report)
 
     tensors = [SourceTensor(p.name, p.source.shape, p.target, loader(p), release=p.source.release)
                for p in plan.tensors]
@@ -349,9 +381,23 @@ def quantize_model(input_path: str | Path, output_path: str | Path,
     inp, out = Path(input_path), Path(output_path)
     opts = options or QuantizeOptions()
     refuse_input_as_output(out, [inp, opts.imatrix])
+    calibration = None
+    if opts.method not in METHODS:
+        raise ModelError(f"unknown --method {opts.method!r} ({' or '.join(METHODS)})")
+    if opts.method == "gptq":
+        if not opts.calibrate:
+            raise ModelError("--method gptq needs calibration text: --calibrate TEXT")
+        refuse_input_as_output(out, [opts.calibrate])
     source = open_model(inp, opts.hf_outtype)
-    plan = plan_quantization(source, ftype, opts)
-    result = output_source(plan, opts.n_threads)
+    plan = plan_quantization(source, ftype, opts)  # refuses a bad type or imatrix before calibrating
+    report = None
+    if opts.method == "gptq":
+        with numba_threads(opts.n_threads):
+            calibration = calibrate(inp, opts.calibrate, opts.calibrate_ctx, opts.calibrate_chunks,
+                                    progress)
+        plan = plan_quantization(source, ftype, opts, calibration)
+        report = GptqReport()
+    result = output_source(plan, opts.n_threads, report)
     n_split = 1 + max((t.split for t in source.tensors), default=0)
     if not opts.keep_split or n_split == 1:
         write_gguf(result, out, progress=progress)
@@ -360,7 +406,7 @@ def quantize_model(input_path: str | Path, output_path: str | Path,
             stem = str(out)[:-5] if str(out).endswith(".gguf") else str(out)
             write_gguf(part, f"{stem}-{i + 1:05d}-of-{n_split:05d}.gguf", progress=progress)
     return Summary(plan.size_in, plan.size_out, plan.n_elements, time.perf_counter() - t0,
-                   len(plan.tensors))
+                   len(plan.tensors), report.line() if report is not None else "")
 
 
 def split_outputs(result: ModelSource, plan: Plan, n_split: int) -> list[ModelSource]:

@@ -1,0 +1,100 @@
+"""`kquant-quantize --method gptq`: calibrate, then quantize the block matrices by GPTQ.
+
+Calibration runs the input model (float32) over the text as kquant-imatrix does and keeps, per
+matrix input, the Hessian and the importance matrix (kquant.calibration.hessian). The tensor
+types are llama-quantize's for the same TYPE and options; only the bytes of the matrices with a
+Hessian change, and only where GPTQ's Hessian-weighted error beats plain quantization's
+(kquant.quantization.gptq). The file has the same size and tensor types as llama-quantize's.
+"""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..calibration.hessian import Hessians, calibration_tokens, collect_hessians
+from ..calibration.imatrix import ImatrixParams
+from ..calibration.imatrix_file import Imatrix
+from ..errors import ModelError
+from ..types import TYPES
+from .gptq import GptqResult, gptq_quantize
+
+METHODS = ("llama", "gptq")
+
+
+@dataclass
+class Calibration:
+    """What a calibration run gives the quantizer."""
+
+    hessians: Hessians
+    imatrix: Imatrix
+    text: str  # the calibration file, recorded as the imatrix's dataset
+    n_chunks: int
+
+
+def calibrate(model_path: str | Path, text_path: str | Path, n_ctx: int = 512, n_chunks: int = -1,
+              progress: bool = True) -> Calibration:
+    """Run the model at float32 over the text's chunks (llama-imatrix's layout): Hessians and
+    imatrix of every block matrix."""
+    from ..models import open_model
+    from ..runtime import Transformer
+
+    if not Path(text_path).is_file():
+        raise ModelError(f"{text_path}: no such calibration text")
+    source = open_model(model_path, "f32")
+    tokens, bos = calibration_tokens(source, text_path, n_ctx)
+    model = Transformer(source, "cpu", progress)
+    params = ImatrixParams(n_ctx=n_ctx, n_chunks=n_chunks, compute_ppl=False, output_frequency=0,
+                           prompt_file=str(text_path))
+    hessians, result = collect_hessians(model, tokens, params, bos, progress, log=lambda s: None)
+    for key, h in hessians.sums.items():
+        if not np.isfinite(h).all():
+            raise ModelError(f"non-finite values in the activations of {key}")
+    result.imatrix.datasets = [str(text_path)]
+    return Calibration(hessians, result.imatrix, str(text_path), result.n_chunks)
+
+
+def gptq_types() -> set:
+    """The block types the sweep handles: every quantized type with a codec and a block size."""
+    return {r.qtype for r in TYPES.values()
+            if r.codec_class in ("BlockCodec", "LegacyCodec") and r.name not in ("Q8_K",)}
+
+
+_KIND = re.compile(r"^blk\.\d+\.")
+
+
+@dataclass
+class GptqReport:
+    """Per tensor kind (attn_q, ffn_down, ...): Hessian-weighted errors of GPTQ and of plain
+    quantization, summed over the tensors where GPTQ was kept or not."""
+
+    errors: dict[str, list[float]] = field(default_factory=lambda: defaultdict(lambda: [0.0, 0.0]))
+    kept: int = 0
+    tried: int = 0
+
+    def add(self, name: str, result: GptqResult) -> None:
+        kind = _KIND.sub("", name).removesuffix(".weight")
+        e = self.errors[kind]
+        e[0] += min(result.error, result.plain_error)
+        e[1] += result.plain_error
+        self.tried += 1
+        self.kept += result.improved
+
+    def line(self) -> str:
+        if not self.tried:
+            return "gptq: no matrix had a Hessian"
+        parts = ", ".join(f"{k} {e[0] / e[1]:.3f}" for k, e in sorted(self.errors.items()) if e[1] > 0)
+        return (f"gptq: {self.kept} of {self.tried} matrices improved; Hessian-weighted error "
+                f"against plain quantization: {parts}")
+
+
+def quantize_matrix(x: np.ndarray, target, imatrix: np.ndarray | None, hessian: np.ndarray,
+                    name: str, report: GptqReport) -> np.ndarray:
+    """GPTQ's bytes for a matrix where they beat plain quantization, else plain quantization's
+    (llama.cpp's)."""
+    result = gptq_quantize(x, hessian, target, imatrix)
+    report.add(name, result)
+    return result.data if result.improved else result.plain_data
