@@ -169,3 +169,22 @@ def test_gptq_file_has_llama_quantizes_types_and_is_closer_in_llama_cpp(tmp_path
         stats[name] = (kld.mean(), (lp.argmax(axis=1) == base.argmax(axis=1)).mean())
     assert stats["gptq"][0] < 0.95 * stats["plain"][0], stats
     assert stats["gptq"][1] >= stats["plain"][1] - 0.01, stats
+
+
+def test_gptq_bad_calibration_input_is_one_error_line(tmp_path, capsys, tiny_llama_f32):
+    from kquant.cli.quantize import main
+
+    out = tmp_path / "out.gguf"
+    short = tmp_path / "short.txt"
+    short.write_text("Too short to calibrate anything.")
+    cases = [
+        ([], "--method gptq needs calibration text"),
+        (["--calibrate", str(tmp_path / "missing.txt")], "no such calibration text"),
+        (["--calibrate", str(short)], "too short for calibration"),
+    ]
+    for extra, message in cases:
+        assert main(["--method", "gptq", *extra, str(tiny_llama_f32), str(out), "Q4_K_M"]) == 1
+        err = capsys.readouterr().err
+        assert "kquant-quantize: error: " in err and message in err, err
+        assert "Traceback" not in err
+        assert not out.exists() and list(tmp_path.iterdir()) == [short]
