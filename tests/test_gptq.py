@@ -188,3 +188,45 @@ def test_gptq_bad_calibration_input_is_one_error_line(tmp_path, capsys, tiny_lla
         assert "kquant-quantize: error: " in err and message in err, err
         assert "Traceback" not in err
         assert not out.exists() and list(tmp_path.iterdir()) == [short]
+
+
+def test_saved_hessians_give_the_same_file_and_are_checked(tmp_path, capsys, tiny_llama_f32):
+    """kquant-imatrix --hessian-out, then kquant-quantize --method gptq --hessian: the same bytes
+    as calibrating in kquant-quantize itself; a Hessian file of another model, a damaged one
+    or some other file is one error line and no output."""
+    from kquant.cli.imatrix import main as imatrix_main
+    from kquant.cli.quantize import main as quantize_main
+
+    calib = Path(__file__).resolve().parent.parent / "data" / "calibration.txt"
+    hess = tmp_path / "h.safetensors"
+    assert imatrix_main(["-m", str(tiny_llama_f32), "-f", str(calib), "-o", str(tmp_path / "im.gguf"),
+                         "-c", "128", "--chunks", "4", "--no-ppl", "--device", "cpu",
+                         "--hessian-out", str(hess)]) == 0
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    assert quantize_main(["--method", "gptq", "--hessian", str(hess), str(tiny_llama_f32), str(a), "Q4_K_M"]) == 0
+    assert quantize_main(["--method", "gptq", "--calibrate", str(calib), "-c", "128", "--chunks", "4",
+                          str(tiny_llama_f32), str(b), "Q4_K_M"]) == 0
+    assert a.read_bytes() == b.read_bytes()
+    capsys.readouterr()
+
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(hess.read_bytes()[:-100])
+    other = tmp_path / "other.gguf"
+    quantize_main(["--pure", str(tiny_llama_f32), str(other), "Q8_0"])  # a model, not Hessians
+    capsys.readouterr()
+    from kquant.files.gguf_write import write_gguf
+    from kquant.files.hf import load_hf_model
+    from kquant.files.source import ModelSource
+
+    src = load_hf_model(Path(__file__).resolve().parent.parent / "data" / "tiny-llama", "f32")
+    pruned = tmp_path / "pruned.gguf"  # another model: one tensor fewer
+    write_gguf(ModelSource(src.arch, src.kv, src.tensors[:-1], src.path), pruned, progress=False)
+    out = tmp_path / "out.gguf"
+    for model, hfile, message in [(pruned, hess, "Hessians of another model"),
+                                  (tiny_llama_f32, damaged, "truncated"),
+                                  (tiny_llama_f32, other, "safetensors"),
+                                  (tiny_llama_f32, tmp_path / "none", "no such Hessian file")]:
+        assert quantize_main(["--method", "gptq", "--hessian", str(hfile), str(model), str(out), "Q4_K_M"]) == 1
+        err = capsys.readouterr().err
+        assert "kquant-quantize: error: " in err and message in err and "Traceback" not in err, err
+        assert not out.exists()

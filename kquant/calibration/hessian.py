@@ -40,8 +40,8 @@ class Hessians:
 
 
 class HessianCollector(Collector):
-    """kquant-imatrix's collector that also adds x^T x of every observed input into Hessians.
-    It saves no imatrix file by itself (output_frequency 0)."""
+    """kquant-imatrix's collector that also adds x^T x of every observed input into Hessians
+    (it saves the imatrix as kquant-imatrix does: never with output_frequency 0)."""
 
     def __init__(self, params: ImatrixParams, imatrix: Imatrix, hessians: Hessians, xp: Any = np):
         super().__init__(params, imatrix, xp)
@@ -67,9 +67,6 @@ class HessianCollector(Collector):
         x64 = np.asarray(to_host(x), np.float64)
         h.sums[key] += x64.T @ x64
         h.counts[key] += x64.shape[0]
-
-    def _maybe_save(self, n_chunk: int) -> None:
-        self.last_chunk = max(self.last_chunk, n_chunk)
 
 
 def collect_hessians(model: Any, tokens: np.ndarray, params: ImatrixParams, bos: int | None,

@@ -235,9 +235,11 @@ def compute_imatrix(model: Transformer, tokens: np.ndarray, params: ImatrixParam
 
 def run_imatrix(model_path: str | Path, text_path: str | Path, params: ImatrixParams,
                 in_files: list[str] | None = None, device: str = "auto", n_threads: int | None = None,
-                progress: bool = True, log: Callable[[str], None] | None = None) -> ImatrixResult:
+                progress: bool = True, log: Callable[[str], None] | None = None,
+                hessian_out: str | None = None) -> ImatrixResult:
     """kquant-imatrix: load the model and text, start from `in_files`, compute, save
-    `params.out_file` (every `output_frequency` chunks and at the end)."""
+    `params.out_file` (every `output_frequency` chunks and at the end); with `hessian_out`,
+    also the layer Hessians (kquant.calibration.hessian_file) for kquant-quantize --method gptq."""
     from ..models import open_model
     from ..runtime import Transformer, resolve_device, set_threads
     from ..tokenizer import Tokenizer
@@ -246,7 +248,13 @@ def run_imatrix(model_path: str | Path, text_path: str | Path, params: ImatrixPa
     if params.output_format not in ("gguf", "dat"):
         raise ModelError(f"unknown output format {params.output_format!r} (gguf or dat)")
     refuse_input_as_output(params.out_file, [model_path, text_path, *(in_files or [])])
+    if hessian_out:
+        refuse_input_as_output(hessian_out, [model_path, text_path, params.out_file, *(in_files or [])])
+        if in_files:
+            raise ModelError("--hessian-out cannot start from --in-file imatrices (they hold no Hessians)")
     device = resolve_device(device)
+    if hessian_out and device != "cpu":
+        raise ModelError("--hessian-out collects on the CPU: use --device cpu")
     if params.exact and device != "cpu":
         raise ModelError("--exact reproduces llama.cpp's CPU backend: use --device cpu")
     threads = set_threads(n_threads)
@@ -261,9 +269,19 @@ def run_imatrix(model_path: str | Path, text_path: str | Path, params: ImatrixPa
     im = load_in_files(in_files or [], params.n_ctx)
     check_against_model(im, model, params.process_output)
     log(f"{source.arch} model, {model.config.n_layer} layers, {device}, {threads} threads")
-    collector = Collector(params, im, model.xp)
     bos = tokenizer.bos_id if tokenizer.add_bos else None
-    result = compute_imatrix(model, tokens, params, collector, bos, progress, log)
+    if hessian_out:
+        from ..quantization.calibrated import model_tag
+        from .hessian import HessianCollector, Hessians
+        from .hessian_file import save_hessians
+
+        collector = HessianCollector(params, im, Hessians(), model.xp)
+        result = compute_imatrix(model, tokens, params, collector, bos, progress, log)
+        save_hessians(hessian_out, collector.hessians, result.imatrix, model_tag(source), str(text_path),
+                      result.n_chunks)
+    else:
+        collector = Collector(params, im, model.xp)
+        result = compute_imatrix(model, tokens, params, collector, bos, progress, log)
     collector.save()
     return result
 

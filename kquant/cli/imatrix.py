@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="start from this chunk of the text")
     ap.add_argument("--process-output", action="store_true", help="collect output.weight too")
     ap.add_argument("--no-ppl", dest="ppl", action="store_false", help="do not compute perplexity")
+    ap.add_argument("--hessian-out", metavar="FILE",
+                    help="also save the layer Hessians, for kquant-quantize --method gptq --hessian FILE")
     ap.add_argument("--ppl", dest="ppl", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--parse-special", action="store_true",
                     help="parse special tokens (<|im_start|>, ...) in the text")
@@ -120,7 +122,8 @@ def _run(ns: argparse.Namespace) -> int:
         raise ModelError("no model: give -m MODEL")
     t0 = time.perf_counter()
     result = run_imatrix(ns.model, ns.file, params, in_files=ns.in_file, device=ns.device,
-                         n_threads=ns.threads, progress=not ns.no_progress and sys.stderr.isatty())
+                         n_threads=ns.threads, progress=not ns.no_progress and sys.stderr.isatty(),
+                         hessian_out=ns.hessian_out)
     if result.chunk_ppl:
         print(",".join(f"[{i + 1}]{p:.4f}" for i, p in enumerate(result.chunk_ppl)) + ",")
     if result.ppl is not None and result.ppl_error is not None:

@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="llama: llama-quantize's bytes (default); gptq: the block matrices by GPTQ "
                          "with layer Hessians from --calibrate, same types and size")
     ap.add_argument("--calibrate", metavar="TEXT", help="calibration text for --method gptq")
+    ap.add_argument("--hessian", metavar="FILE",
+                    help="--method gptq with the Hessians kquant-imatrix --hessian-out saved")
     ap.add_argument("-c", "--ctx-size", type=int, default=512, metavar="N",
                     help="calibration chunk size in tokens (default 512)")
     ap.add_argument("--chunks", type=int, default=-1, metavar="N",
@@ -154,7 +156,7 @@ def options_from_args(ns: argparse.Namespace, n_threads: int | None) -> Quantize
         token_embedding_type=emb_type, tensor_types=pairs,
         override_kv=[parse_override_kv(s) for s in ns.override_kv], prune_layers=prune,
         keep_split=ns.keep_split, n_threads=n_threads, hf_outtype=ns.hf_outtype,
-        method=ns.method, calibrate=ns.calibrate, calibrate_ctx=ns.ctx_size,
+        method=ns.method, calibrate=ns.calibrate, hessian=ns.hessian, calibrate_ctx=ns.ctx_size,
         calibrate_chunks=ns.chunks)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -32,6 +32,8 @@ def read_json(path: Path, what: str) -> Any:
 
 
 _ST_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+# what kquant's own files add (calibration.hessian_file: float64 Hessians)
+_ALL_DTYPES = {**_ST_DTYPES, "F64": np.dtype("<f8")}
 
 
 class StTensor:
@@ -44,7 +46,7 @@ class StTensor:
 
     def raw(self) -> np.ndarray:
         """The stored values, memory-mapped (bf16 as uint16 bit patterns)."""
-        dt = _ST_DTYPES[self.dtype]
+        dt = _ALL_DTYPES[self.dtype]
         n = int(np.prod(self.shape, dtype=np.int64))
         if n == 0:
             return np.empty(self.shape, dtype=dt)
@@ -58,7 +60,10 @@ class StTensor:
         return arr
 
 
-def _read_header(path: Path) -> dict[str, StTensor]:
+def read_header(path: Path, dtypes: Iterable[str] = tuple(_ST_DTYPES),
+                metadata: dict | None = None) -> dict[str, StTensor]:
+    """The tensors of a safetensors file (refusing dtypes not in `dtypes`), in name order;
+    its `__metadata__` strings go into `metadata` when given."""
     try:
         size = os.stat(path).st_size
         with open(path, "rb") as f:
@@ -82,14 +87,17 @@ def _read_header(path: Path) -> dict[str, StTensor]:
     tensors: dict[str, StTensor] = {}
     for name, meta in header.items():
         if name == "__metadata__":
+            if metadata is not None and isinstance(meta, dict):
+                metadata.update(meta)
             continue
         try:
             dtype, shape, (begin, end) = meta["dtype"], tuple(int(d) for d in meta["shape"]), meta["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise ModelError(f"{path.name}: bad safetensors header entry for {name!r}") from None
-        if dtype not in _ST_DTYPES:
-            raise ModelError(f"{path.name}: tensor {name!r} has dtype {dtype}; kquant reads F32, F16 and BF16")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * _ST_DTYPES[dtype].itemsize
+        if dtype not in dtypes:
+            raise ModelError(f"{path.name}: tensor {name!r} has dtype {dtype}; kquant reads "
+                             f"{', '.join(dtypes)} here")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * _ALL_DTYPES[dtype].itemsize
         if end - begin != nbytes or begin < 0:
             raise ModelError(f"{path.name}: tensor {name!r}: data_offsets {begin}..{end} do not match "
                              f"shape {list(shape)} {dtype}")
@@ -124,7 +132,7 @@ def index_tensors(folder: Path) -> dict[str, StTensor]:
         p = folder / part
         if not p.is_file():
             raise ModelError(f"{folder}: missing safetensors file {part} (listed in {index_file.name})")
-        tensors.update(_read_header(p))
+        tensors.update(read_header(p))
     if from_index and from_index != set(tensors):
         missing = sorted(from_index - set(tensors))
         extra = sorted(set(tensors) - from_index)

@@ -8,6 +8,7 @@ Hessian change, and only where GPTQ's Hessian-weighted error beats plain quantiz
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -33,6 +34,22 @@ class Calibration:
     imatrix: Imatrix
     text: str  # the calibration file, recorded as the imatrix's dataset
     n_chunks: int
+
+
+def model_tag(source) -> str:
+    """What a Hessian file records of its model, to refuse it for another: architecture,
+    tensor count and a digest of the tensor names and shapes."""
+    names = ";".join(f"{t.name}:{list(t.shape)}" for t in sorted(source.tensors, key=lambda t: t.name))
+    return f"{source.arch} {len(source.tensors)} tensors {hashlib.sha1(names.encode()).hexdigest()[:16]}"
+
+
+def load_calibration(path: str | Path, model_path: str | Path) -> Calibration:
+    """A calibration saved by kquant-imatrix --hessian-out, checked against the model."""
+    from ..calibration.hessian_file import load_hessians
+    from ..models import open_model
+
+    hessians, imatrix, dataset, n_chunks = load_hessians(path, model_tag(open_model(model_path, "f32")))
+    return Calibration(hessians, imatrix, dataset or str(path), n_chunks)
 
 
 def calibrate(model_path: str | Path, text_path: str | Path, n_ctx: int = 512, n_chunks: int = -1,

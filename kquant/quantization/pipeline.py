@@ -30,7 +30,8 @@ from ..codecs.api import dequantize, numba_threads, quantize
 from ..errors import ModelError
 from ..models import open_model
 from ..files.source import KV, ModelSource, SourceTensor
-from .calibrated import METHODS, Calibration, GptqReport, calibrate, gptq_types, quantize_matrix
+from .calibrated import (METHODS, Calibration, GptqReport, calibrate, gptq_types, load_calibration,
+                         quantize_matrix)
 
 _UNQUANTIZED = (T.F32, T.F16, T.BF16)
 # llama-quantize's own keys for the imatrix it used (tools/quantize/quantize.cpp)
@@ -63,6 +64,7 @@ class QuantizeOptions:
     # `calibrate` (a text), same types and size (kquant.quantization.calibrated)
     method: str = "llama"
     calibrate: str | None = None
+    hessian: str | None = None  # a Hessian file (kquant-imatrix --hessian-out) instead of calibrating
     calibrate_ctx: int = 512
     calibrate_chunks: int = -1
 
@@ -385,16 +387,20 @@ def quantize_model(input_path: str | Path, output_path: str | Path,
     if opts.method not in METHODS:
         raise ModelError(f"unknown --method {opts.method!r} ({' or '.join(METHODS)})")
     if opts.method == "gptq":
-        if not opts.calibrate:
-            raise ModelError("--method gptq needs calibration text: --calibrate TEXT")
-        refuse_input_as_output(out, [opts.calibrate])
+        if not opts.calibrate and not opts.hessian:
+            raise ModelError("--method gptq needs calibration text (--calibrate TEXT) or saved "
+                             "Hessians (--hessian F)")
+        refuse_input_as_output(out, [opts.calibrate, opts.hessian])
     source = open_model(inp, opts.hf_outtype)
     plan = plan_quantization(source, ftype, opts)  # refuses a bad type or imatrix before calibrating
     report = None
     if opts.method == "gptq":
-        with numba_threads(opts.n_threads):
-            calibration = calibrate(inp, opts.calibrate, opts.calibrate_ctx, opts.calibrate_chunks,
-                                    progress)
+        if opts.hessian:
+            calibration = load_calibration(opts.hessian, inp)
+        else:
+            with numba_threads(opts.n_threads):
+                calibration = calibrate(inp, opts.calibrate, opts.calibrate_ctx, opts.calibrate_chunks,
+                                        progress)
         plan = plan_quantization(source, ftype, opts, calibration)
         report = GptqReport()
     result = output_source(plan, opts.n_threads, report)
