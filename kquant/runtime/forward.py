@@ -293,10 +293,23 @@ class Transformer:
 
     def _block(self, il: int, L: Layer, x: Any, segments: Sequence[Segment], pos: Any,
                observe: Observer | None, out_rows: Any = None) -> Any:
+        n = L.names
+        h = self._rms_norm(x, L.attn_norm)
+        attn = self.self_attention(il, L, h, segments, pos, observe)
+        x = x + self._linear(attn, L.wo, L.bo, n["wo"], observe)
+        if out_rows is not None:  # llama.cpp's last block: the FFN on the output rows only
+            x = x[out_rows]
+        h = self._rms_norm(x, L.ffn_norm)
+        x += self._linear(self.ffn_hidden(L, h, observe), L.w_down, None, n["w_down"], observe)
+        return x
+
+    def self_attention(self, il: int, L: Layer, h: Any, segments: Sequence[Segment], pos: Any,
+                       observe: Observer | None = None) -> Any:
+        """The attention heads' output (N, n_head * head_dim) for the normed input h (N, n_embd),
+        before the output matrix; the segments' keys and values go into their caches."""
         xp, c = self.xp, self.config
         n = L.names
-        N = x.shape[0]
-        h = self._rms_norm(x, L.attn_norm)
+        N = h.shape[0]
         q = self._linear(h, L.wq, L.bq, n["wq"], observe).reshape(N, c.n_head, c.head_dim)
         k = self._linear(h, L.wk, L.bk, n["wk"], observe).reshape(N, c.n_head_kv, c.head_dim)
         v = self._linear(h, L.wv, L.bv, n["wv"], observe).reshape(N, c.n_head_kv, c.head_dim)
@@ -322,19 +335,20 @@ class Transformer:
             cache.v[il][:, n0:n0 + T] = v[r:r + T].transpose(1, 0, 2)
             attn[r:r + T] = self._attention(q[r:r + T], cache.k[il], cache.v[il], n0)
             r += T
-        x = x + self._linear(attn, L.wo, L.bo, n["wo"], observe)
-        if out_rows is not None:  # llama.cpp's last block: the FFN on the output rows only
-            x = x[out_rows]
-        h = self._rms_norm(x, L.ffn_norm)
+        return attn
+
+    def ffn_hidden(self, L: Layer, h: Any, observe: Observer | None = None) -> Any:
+        """silu(h @ Wgate^T) * (h @ Wup^T) (N, n_ff) for the normed input h: the input of
+        the down matrix."""
+        n = L.names
         g = self._linear(h, L.w_gate, None, n["w_gate"], observe)
         u = self._linear(h, L.w_up, None, n["w_up"], observe)
         # swiglu: silu(g) * u, silu(g) = g / (1 + exp(-g))
-        if xp is np:
+        if self.xp is np:
             swiglu(g, u)
         else:
-            g = g / (F32(1.0) + xp.exp(-g)) * u
-        x += self._linear(g, L.w_down, None, n["w_down"], observe)
-        return x
+            g = g / (F32(1.0) + self.xp.exp(-g)) * u
+        return g
 
     # --- the pass ---------------------------------------------------------------------------
 
