@@ -114,6 +114,61 @@ def test_hessian_diagonals_are_the_importance_matrix(tmp_path, capsys):
         assert np.allclose(h, h.T)
 
 
+def test_sequential_pass_sees_what_the_float_model_computes():
+    """The sequential sweep's own forward pass (all chunks at once, block by block): with no
+    matrix replaced, every Hessian it forms equals the one-shot calibration's (the runtime's
+    forward with the imatrix's batches); with the matrices quantized, block 0's attention input
+    is unchanged and every later input differs."""
+    from kquant.calibration.hessian import calibration_tokens, collect_hessians
+    from kquant.calibration.imatrix import ImatrixParams
+    from kquant.models import open_model
+    from kquant.quantization.calibrated import GptqReport
+    from kquant.quantization.pipeline import plan_quantization
+    from kquant.quantization.sequential import SequentialGptq, gram
+    from kquant.runtime import Transformer
+    from kquant.runtime.chunks import chunk_sequences
+
+    root = Path(__file__).resolve().parent.parent
+    tiny, calib = root / "data" / "tiny-llama", root / "data" / "calibration.txt"
+    source = open_model(tiny, "f32")
+    tokens, bos = calibration_tokens(source, calib, 128)
+    one_shot, _ = collect_hessians(Transformer(source, "cpu", progress=False), tokens,
+                                   ImatrixParams(n_ctx=128, n_chunks=4, compute_ppl=False), bos,
+                                   progress=False)
+    chunks = chunk_sequences(tokens, 0, 4, 128, bos)
+    planned = {p.source.name: p for p in plan_quantization(source, "Q4_K_M").tensors}
+
+    class Recording(SequentialGptq):
+        seen: dict = {}
+        keep_float = True
+
+        def hessian_of(self, name, x):
+            self.seen[name] = gram(x)
+            return None if self.keep_float else super().hessian_of(name, x)
+
+        def quantize(self, L, attr, hessian):
+            if not self.keep_float:
+                super().quantize(L, attr, hessian)
+
+    float_pass = Recording(Transformer(source, "cpu", progress=False), planned, None, GptqReport())
+    float_pass.seen = {}
+    float_pass.run(chunks, progress=False)
+    assert set(float_pass.seen) == set(one_shot.sums)
+    for name, h in float_pass.seen.items():
+        assert np.allclose(h, one_shot.sums[name], rtol=1e-4, atol=1e-3 * np.abs(h).max()), name
+
+    from kquant.quantization.pipeline import convert_tensor
+
+    report = GptqReport()
+    quantized = Recording(Transformer(source, "cpu", progress=False), planned, convert_tensor, report)
+    quantized.seen, quantized.keep_float = {}, False
+    data = quantized.run(chunks, progress=False)
+    assert len(data) == 28 and report.tried == 28
+    for name, h in quantized.seen.items():
+        same = np.allclose(h, one_shot.sums[name], rtol=1e-4, atol=1e-3 * np.abs(h).max())
+        assert same == (name == "blk.0.attn_q.weight"), name
+
+
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
     z = logits.astype(np.float64)
     z -= z.max(axis=1, keepdims=True)
@@ -204,8 +259,8 @@ def test_saved_hessians_give_the_same_file_and_are_checked(tmp_path, capsys, tin
                          "--hessian-out", str(hess)]) == 0
     a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
     assert quantize_main(["--method", "gptq", "--hessian", str(hess), str(tiny_llama_f32), str(a), "Q4_K_M"]) == 0
-    assert quantize_main(["--method", "gptq", "--calibrate", str(calib), "-c", "128", "--chunks", "4",
-                          str(tiny_llama_f32), str(b), "Q4_K_M"]) == 0
+    assert quantize_main(["--method", "gptq", "--gptq-one-shot", "--calibrate", str(calib), "-c", "128",
+                          "--chunks", "4", str(tiny_llama_f32), str(b), "Q4_K_M"]) == 0
     assert a.read_bytes() == b.read_bytes()
     capsys.readouterr()
 

@@ -4,13 +4,14 @@ llama-perplexity on text apart from the calibration text.
 
     python tools/bench_quality.py --model M-f32.gguf --calibrate pg84.txt --eval wiki.test.raw \\
         --types Q2_K Q3_K_M Q4_K_M Q5_K_M Q6_K [--chunks 40] [--calib-chunks 32] [-c 512] \\
-        [--bin /path/to/llama.cpp/bin]
+        [--bin /path/to/llama.cpp/bin] [--variant 'one-shot=--gptq-one-shot' ...]
 
 Steps, all with the same threads:
 1. llama-imatrix on the calibration text: the imatrix both files use;
 2. llama-perplexity --kl-divergence-base on the evaluation text with the model itself;
 3. per type: llama-quantize --imatrix (llama.cpp's file) and kquant-quantize --method gptq
-   --imatrix --calibrate (the same imatrix; Hessians from the same text), each timed;
+   --imatrix --calibrate (the same imatrix; Hessians from the same text), once per --variant
+   (extra kquant-quantize arguments), each timed;
 4. llama-perplexity --kl-divergence on each file: its mean KLD and same-top-token rate.
 Prints a Markdown table: bytes, mean KLD, same top p, seconds; and kquant's KLD / llama.cpp's.
 """
@@ -56,6 +57,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bin", default=os.environ.get("KQUANT_LLAMA_BIN", "/work/cache/llama-build/bin"),
                     help="folder of llama-imatrix, llama-quantize, llama-perplexity")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
+                    help="a kquant-quantize variant to add (e.g. 'one-shot=--gptq-one-shot'); "
+                         "repeatable; default: 'kquant gptq=' (the defaults)")
     ap.add_argument("--workdir", default=str(Path.home() / ".cache" / "kquant" / "quality"))
     a = ap.parse_args()
     if Path(a.calibrate).resolve() == Path(a.eval).resolve():
@@ -77,18 +81,23 @@ def main() -> None:
           f"({a.chunks} x {a.ctx} tokens), {a.threads} threads, llama-perplexity --kl-divergence\n")
     print("| type | file | bytes | mean KLD | same top p | seconds | KLD vs llama.cpp |")
     print("|---|---|---:|---:|---:|---:|---:|")
+    variants = [v.split("=", 1) for v in a.variant] or [["kquant gptq", ""]]
     for qtype in a.types:
-        ref, ours = work / f"llama-{qtype}.gguf", work / f"gptq-{qtype}.gguf"
+        ref = work / f"llama-{qtype}.gguf"
         _, t_ref = run([str(b / "llama-quantize"), "--imatrix", str(im), a.model, str(ref), qtype, t], env)
-        _, t_ours = run([sys.executable, "-m", "kquant.cli.quantize", "--method", "gptq", "--calibrate",
-                         a.calibrate, "-c", c, *chunks, "--imatrix", str(im), a.model, str(ours), qtype, t],
-                        env, cwd=ROOT)
+        files = [("llama.cpp", ref, t_ref)]
+        for name, extra in variants:
+            ours = work / f"gptq-{re.sub(r'[^A-Za-z0-9]+', '-', name)}-{qtype}.gguf"
+            _, secs = run([sys.executable, "-m", "kquant.cli.quantize", "--method", "gptq", "--calibrate",
+                           a.calibrate, "-c", c, *chunks, "--imatrix", str(im), *extra.split(), a.model,
+                           str(ours), qtype, t], env, cwd=ROOT)
+            files.append((name, ours, secs))
         stats = {}
-        for name, path in (("llama.cpp", ref), ("kquant gptq", ours)):
+        for name, path, _ in files:
             log, _ = run([str(b / "llama-perplexity"), "-m", str(path), "--kl-divergence-base", str(base),
                           "--kl-divergence", "-t", t], env)
             stats[name] = kld_stats(log)
-        for name, path, secs in (("llama.cpp", ref, t_ref), ("kquant gptq", ours, t_ours)):
+        for name, path, secs in files:
             kld, top = stats[name]
             ratio = f"{kld / stats['llama.cpp'][0]:.3f}x" if name != "llama.cpp" else ""
             print(f"| {qtype} | {name} | {path.stat().st_size} | {kld:.6f} | {top:.3f}% | {secs:.1f} | {ratio} |",

@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--calibrate", metavar="TEXT", help="calibration text for --method gptq")
     ap.add_argument("--hessian", metavar="FILE",
                     help="--method gptq with the Hessians kquant-imatrix --hessian-out saved")
+    ap.add_argument("--gptq-one-shot", action="store_true",
+                    help="--method gptq with Hessians from one pass of the float model, instead of "
+                         "block by block on the quantized blocks' outputs (the default)")
+    ap.add_argument("--gptq-act-order", action=argparse.BooleanOptionalAction, default=True,
+                    help="--method gptq: round each block's columns by decreasing activity "
+                         "(default), or in storage order")
     ap.add_argument("-c", "--ctx-size", type=int, default=512, metavar="N",
                     help="calibration chunk size in tokens (default 512)")
     ap.add_argument("--chunks", type=int, default=-1, metavar="N",
@@ -157,7 +163,8 @@ def options_from_args(ns: argparse.Namespace, n_threads: int | None) -> Quantize
         override_kv=[parse_override_kv(s) for s in ns.override_kv], prune_layers=prune,
         keep_split=ns.keep_split, n_threads=n_threads, hf_outtype=ns.hf_outtype,
         method=ns.method, calibrate=ns.calibrate, hessian=ns.hessian, calibrate_ctx=ns.ctx_size,
-        calibrate_chunks=ns.chunks)
+        calibrate_chunks=ns.chunks, sequential=not ns.gptq_one_shot,
+        act_order=ns.gptq_act_order)
 
 
 def dry_run(inp: Path, ftype, opts: QuantizeOptions) -> None:

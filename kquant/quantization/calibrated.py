@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..calibration.hessian import Hessians, calibration_tokens, collect_hessians
-from ..calibration.imatrix import ImatrixParams
+from ..calibration.imatrix import Collector, ImatrixParams, compute_imatrix
 from ..calibration.imatrix_file import Imatrix
 from ..errors import ModelError
 from ..types import TYPES
@@ -53,9 +53,10 @@ def load_calibration(path: str | Path, model_path: str | Path) -> Calibration:
 
 
 def calibrate(model_path: str | Path, text_path: str | Path, n_ctx: int = 512, n_chunks: int = -1,
-              progress: bool = True) -> Calibration:
-    """Run the model at float32 over the text's chunks (llama-imatrix's layout): Hessians and
-    imatrix of every block matrix."""
+              progress: bool = True, hessians: bool = True) -> Calibration:
+    """Run the model at float32 over the text's chunks (llama-imatrix's layout): the imatrix of
+    every block matrix, and with `hessians` their Hessians (the sequential sweep makes its own,
+    so it asks for the imatrix only)."""
     from ..models import open_model
     from ..runtime import Transformer
 
@@ -66,12 +67,17 @@ def calibrate(model_path: str | Path, text_path: str | Path, n_ctx: int = 512, n
     model = Transformer(source, "cpu", progress)
     params = ImatrixParams(n_ctx=n_ctx, n_chunks=n_chunks, compute_ppl=False, output_frequency=0,
                            prompt_file=str(text_path))
-    hessians, result = collect_hessians(model, tokens, params, bos, progress, log=lambda s: None)
-    for key, h in hessians.sums.items():
+    if hessians:
+        found, result = collect_hessians(model, tokens, params, bos, progress, log=lambda s: None)
+    else:
+        found = Hessians()
+        result = compute_imatrix(model, tokens, params, Collector(params, Imatrix()), bos, progress,
+                                 log=lambda s: None)
+    for key, h in found.sums.items():
         if not np.isfinite(h).all():
             raise ModelError(f"non-finite values in the activations of {key}")
     result.imatrix.datasets = [str(text_path)]
-    return Calibration(hessians, result.imatrix, str(text_path), result.n_chunks)
+    return Calibration(found, result.imatrix, str(text_path), result.n_chunks)
 
 
 def gptq_types() -> set:
@@ -109,9 +115,9 @@ class GptqReport:
 
 
 def quantize_matrix(x: np.ndarray, target, imatrix: np.ndarray | None, hessian: np.ndarray,
-                    name: str, report: GptqReport) -> np.ndarray:
+                    name: str, report: GptqReport, act_order: bool = True) -> np.ndarray:
     """GPTQ's bytes for a matrix where they beat plain quantization, else plain quantization's
     (llama.cpp's)."""
-    result = gptq_quantize(x, hessian, target, imatrix)
+    result = gptq_quantize(x, hessian, target, imatrix, act_order=act_order)
     report.add(name, result)
     return result.data if result.improved else result.plain_data

@@ -149,10 +149,20 @@ def round_columns(w, scale, offset, n_lev, u, levels, err):
                 w[r, t] -= e * u[j, t]
 
 
+def column_order(h: np.ndarray, block: int) -> np.ndarray:
+    """GPTQ's "act-order" inside ggml's blocks: each block's columns by decreasing Hessian
+    diagonal (the most active inputs rounded first, while the most columns are left to take
+    their error). Blocks keep their place: each is one scale fit, made before its columns round."""
+    d = np.diagonal(h)
+    return np.concatenate([c0 + np.argsort(-d[c0:c0 + block], kind="stable")
+                           for c0 in range(0, len(d), block)])
+
+
 def gptq_quantize(w: np.ndarray, h: np.ndarray, qtype: QType, imatrix: np.ndarray | None = None,
-                  damp: float = DAMP) -> GptqResult:
+                  damp: float = DAMP, act_order: bool = True) -> GptqResult:
     """W (rows, k) float32 quantized to qtype by GPTQ with Hessian h (k, k); `imatrix` weights
-    the codec's block fits (llama.cpp's), as in plain quantization."""
+    the codec's block fits (llama.cpp's), as in plain quantization. The sweep runs in the
+    column order `column_order` gives (with act_order) or in storage order."""
     codec = get_codec(qtype)
     rows, k = w.shape
     B = codec.block_size
@@ -160,22 +170,29 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray, qtype: QType, imatrix: np.ndarra
         raise ValueError(f"{codec.name} needs rows that are a multiple of {B} values; got {k}")
     if h.shape != (k, k):
         raise ValueError(f"a Hessian of shape {h.shape} does not fit rows of {k} values")
-    u = inverse_cholesky(h, damp)
+    perm = column_order(h, B) if act_order else np.arange(k)
+    u = inverse_cholesky(h[np.ix_(perm, perm)], damp)
     w32 = np.ascontiguousarray(w, np.float32)
-    cur = w.astype(np.float64)
+    cur = w.astype(np.float64)[:, perm]  # the error-corrected weights, in sweep order
     data = np.empty((rows, k // B * codec.type_size), np.uint8)
     q = np.empty((rows, k), np.float32)
     for c0 in range(0, k, B):
         c1 = c0 + B
-        block = quantize_block_column(cur.astype(np.float32), w32, qtype, imatrix, c0)
+        local = perm[c0:c1] - c0  # sweep position j holds the block's column local[j]
+        back = np.argsort(local)  # and the block's column i sits at sweep position back[i]
+        now = cur.astype(np.float32)
+        now[:, c0:c1] = now[:, c0:c1][:, back]
+        block = quantize_block_column(now, w32, qtype, imatrix, c0)
         scale, offset = block_grid(block, qtype)
         levels = np.empty((rows, B), np.int32)
         scaled = np.empty((rows, B), np.float64)
-        round_columns(cur[:, c0:c1], scale, offset, n_levels(qtype), u[c0:c1, c0:c1], levels, scaled)
-        block = set_levels(block, levels, qtype)
+        round_columns(cur[:, c0:c1], np.ascontiguousarray(scale[:, local]),
+                      np.ascontiguousarray(offset[:, local]), n_levels(qtype), u[c0:c1, c0:c1],
+                      levels, scaled)
+        block = set_levels(block, levels[:, back], qtype)
         data[:, c0 // B * codec.type_size:c1 // B * codec.type_size] = block
         q[:, c0:c1] = codec.dequantize_rows(block, B)
-        cur[:, c0:c1] = q[:, c0:c1]
+        cur[:, c0:c1] = q[:, c0:c1][:, local]
         if c1 < k:
             cur[:, c1:] -= scaled @ u[c0:c1, c1:]
     plain_data = codec.quantize_rows(w32, imatrix)

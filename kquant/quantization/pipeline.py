@@ -67,6 +67,10 @@ class QuantizeOptions:
     hessian: str | None = None  # a Hessian file (kquant-imatrix --hessian-out) instead of calibrating
     calibrate_ctx: int = 512
     calibrate_chunks: int = -1
+    # with --calibrate: block by block, each calibrated on the quantized blocks' outputs
+    # (kquant.quantization.sequential); False: one calibration pass of the float model
+    sequential: bool = True
+    act_order: bool = True  # GPTQ's columns by decreasing activity within each block
 
 
 @dataclass
@@ -76,6 +80,8 @@ class PlannedTensor:
     imatrix: np.ndarray | None = None
     name: str = ""  # the output name (differs from source.name only with --prune-layers)
     hessian: np.ndarray | None = None  # with --method gptq: the layer Hessian of its input
+    data: np.ndarray | None = None  # bytes made before writing (sequential GPTQ), written as they are
+    act_order: bool = True  # GPTQ's column order (gptq.column_order) or storage order
 
     @property
     def new_nbytes(self) -> int:
@@ -240,7 +246,7 @@ def plan_quantization(source: ModelSource, ftype: str | int | LlamaFileType,
         h = None
         if calibration is not None and target in gptq_types() and len(t.shape) == 2:
             h = calibration.hessians.of(t.name)
-        planned.append(PlannedTensor(t, target, w, new_name, h))
+        planned.append(PlannedTensor(t, target, w, new_name, h, act_order=opts.act_order))
     kv = output_metadata(source, ftype, overrides)
     if opts.prune_layers:
         _set(kv, KV(f"{source.arch}.block_count", n_blocks, GGUFValueType.UINT32))
@@ -327,13 +333,15 @@ def convert_tensor(p: PlannedTensor, n_threads: int | None = None,
     matrix (it moves errors across all rows' columns at once)."""
     t = p.source
     raw = t.load().view(np.uint8)
+    if p.data is not None:
+        return p.data
     if p.target == t.type:
         return raw.reshape(-1)
     if p.hessian is not None:
         x = _float_rows(raw.reshape(t.shape[1], -1), t, 0, n_threads)
         with numba_threads(n_threads):
             data = quantize_matrix(x, p.target, p.imatrix, p.hessian, p.name,
-                                   report if report is not None else GptqReport())
+                                   report if report is not None else GptqReport(), p.act_order)
         return data.reshape(-1)
     n_per_row = t.shape[0]
     n_rows = t.n_elements // n_per_row
@@ -395,14 +403,18 @@ def quantize_model(input_path: str | Path, output_path: str | Path,
     plan = plan_quantization(source, ftype, opts)  # refuses a bad type or imatrix before calibrating
     report = None
     if opts.method == "gptq":
+        report = GptqReport()
         if opts.hessian:
             calibration = load_calibration(opts.hessian, inp)
-        else:
+        elif not (opts.sequential and opts.imatrix):
+            # the float model's pass: the imatrix (and, one-shot, the Hessians)
             with numba_threads(opts.n_threads):
                 calibration = calibrate(inp, opts.calibrate, opts.calibrate_ctx, opts.calibrate_chunks,
-                                        progress)
-        plan = plan_quantization(source, ftype, opts, calibration)
-        report = GptqReport()
+                                        progress, hessians=not opts.sequential)
+        if calibration is not None:
+            plan = plan_quantization(source, ftype, opts, calibration)
+        if opts.sequential and not opts.hessian:
+            _quantize_sequentially(inp, plan, opts, report, progress)
     result = output_source(plan, opts.n_threads, report)
     n_split = 1 + max((t.split for t in source.tensors), default=0)
     if not opts.keep_split or n_split == 1:
@@ -413,6 +425,20 @@ def quantize_model(input_path: str | Path, output_path: str | Path,
             write_gguf(part, f"{stem}-{i + 1:05d}-of-{n_split:05d}.gguf", progress=progress)
     return Summary(plan.size_in, plan.size_out, plan.n_elements, time.perf_counter() - t0,
                    len(plan.tensors), report.line() if report is not None else "")
+
+
+def _quantize_sequentially(inp: Path, plan: Plan, opts: QuantizeOptions, report: GptqReport,
+                           progress: bool) -> None:
+    """Sequential GPTQ of the block matrices: their bytes go into the plan before writing."""
+    from .sequential import sequential_gptq
+
+    planned = {p.source.name: p for p in plan.tensors if _BLK.match(p.source.name)}
+    with numba_threads(opts.n_threads):
+        data = sequential_gptq(inp, opts.calibrate, planned, lambda p: convert_tensor(p, opts.n_threads),
+                               report, opts.calibrate_ctx, opts.calibrate_chunks, opts.n_threads,
+                               progress)
+    for name, d in data.items():
+        planned[name].data = d
 
 
 def split_outputs(result: ModelSource, plan: Plan, n_split: int) -> list[ModelSource]:

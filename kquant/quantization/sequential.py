@@ -1,0 +1,161 @@
+"""Sequential GPTQ: the blocks quantized in order, each calibrated on the outputs of the blocks
+already quantized (GPTQ's own schedule, Frantar et al., 2022, section 4).
+
+A one-shot calibration (kquant.calibration.hessian) sees every block's inputs as the float model
+makes them; at inference a block's inputs carry the errors of every quantized block before it.
+Here all calibration chunks run together, one block at a time, the way the errors will compound:
+
+    X = token_embd[chunks]                                     (N tokens, n_embd)
+    for each block:
+        h  = rms_norm(X) * attn_norm;  H = h^T h   -> Wq, Wk, Wv quantized (GPTQ)
+        a  = attention(h) with the quantized Q, K, V;  H = a^T a  -> Wo quantized
+        X1 = X + a @ Wo_q^T
+        h2 = rms_norm(X1) * ffn_norm;  H = h2^T h2 -> Wgate, Wup quantized
+        g  = silu(h2 @ Wgate_q^T) * (h2 @ Wup_q^T);  H = g^T g  -> Wdown quantized
+        X  = X1 + g @ Wdown_q^T
+
+Each matrix's Hessian is the float64 sum over all N tokens of its (already quantized-upstream)
+input; each quantized matrix replaces the float one in the model at once, as its file bytes
+decode, so what follows it sees what llama.cpp will compute. The block scale searches keep the
+plan's imatrix (--imatrix, or the float calibration's): their fit stays llama.cpp's.
+Activations for all N tokens are held at once: N x n_ff float32 (100 MB for 16k tokens of a
+1536-wide FFN; 720 MB at 11008).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from tqdm import tqdm
+
+from ..calibration.hessian import calibration_tokens
+from ..codecs.api import dequantize, numba_threads
+from ..errors import ModelError
+from ..runtime.chunks import chunk_sequences
+from ..runtime.forward import Segment, Transformer
+from .calibrated import GptqReport, gptq_types, quantize_matrix
+
+F32 = np.float32
+
+
+def gram(x: np.ndarray) -> np.ndarray:
+    """sum over rows of x x^T, in float64 (the layer Hessian of the input rows x)."""
+    x64 = np.asarray(x, np.float64)
+    return x64.T @ x64
+
+
+def _check_finite(name: str, x: np.ndarray) -> None:
+    if not np.isfinite(x).all():
+        raise ModelError(f"non-finite values in the input of {name} during calibration "
+                         f"(the model overflows float32 on this text)")
+
+
+class SequentialGptq:
+    """Quantize a model's block matrices block by block; `data[name]` gets each one's bytes.
+
+    `planned` maps a source tensor name to its PlannedTensor (target type, imatrix). Matrices
+    whose target GPTQ cannot sweep are quantized plainly (kquant's llama.cpp bytes), and those
+    also replace the float weights, so later blocks see them as they will be."""
+
+    def __init__(self, model: Transformer, planned: dict[str, Any], convert: Callable[[Any], np.ndarray],
+                 report: GptqReport, n_threads: int | None = None):
+        self.model = model
+        self.planned = planned
+        self.convert = convert  # PlannedTensor -> bytes, plain quantization (pipeline.convert_tensor)
+        self.report = report
+        self.n_threads = n_threads
+        self.data: dict[str, np.ndarray] = {}
+
+    def run(self, chunks: list[np.ndarray], progress: bool = True) -> dict[str, np.ndarray]:
+        m = self.model
+        n_ctx = len(chunks[0])
+        x = np.ascontiguousarray(m.weights.token_embd[np.concatenate(chunks)], F32)
+        layers = m.weights.layers
+        bar = tqdm(total=len(layers), desc="gptq", unit="block", disable=not progress, file=sys.stderr)
+        with np.errstate(over="ignore", invalid="ignore"):
+            for il, layer in enumerate(layers):
+                x = self.block(il, layer, x, n_ctx)
+                bar.update(1)
+        bar.close()
+        return self.data
+
+    def block(self, il: int, L: Any, x: np.ndarray, n_ctx: int) -> np.ndarray:
+        """One block's matrices quantized on its inputs x (N, n_embd); returns the block's
+        outputs from the quantized matrices."""
+        m, n = self.model, L.names
+        h = m._rms_norm(x, L.attn_norm)
+        hq = self.hessian_of(n["wq"], h)
+        for attr in ("wq", "wk", "wv"):
+            self.quantize(L, attr, hq)
+        attn = self.attention(il, L, h, n_ctx)
+        self.quantize(L, "wo", self.hessian_of(n["wo"], attn))
+        x = x + m._linear(attn, L.wo, L.bo, n["wo"], None)
+        h2 = m._rms_norm(x, L.ffn_norm)
+        hg = self.hessian_of(n["w_gate"], h2)
+        self.quantize(L, "w_gate", hg)
+        self.quantize(L, "w_up", hg)
+        g = m.ffn_hidden(L, h2)
+        self.quantize(L, "w_down", self.hessian_of(n["w_down"], g))
+        x += m._linear(g, L.w_down, None, n["w_down"], None)
+        return x
+
+    def attention(self, il: int, L: Any, h: np.ndarray, n_ctx: int) -> np.ndarray:
+        """The attention heads' output for every chunk, each a sequence from position 0."""
+        m = self.model
+        cache = m.new_cache(n_ctx)
+        pos = np.arange(n_ctx)
+        out = []
+        for c0 in range(0, len(h), n_ctx):
+            cache.clear()
+            seg = Segment(np.zeros(n_ctx, np.int64), cache)
+            out.append(m.self_attention(il, L, h[c0:c0 + n_ctx], [seg], pos))
+        return np.concatenate(out)
+
+    def hessian_of(self, name: str, x: np.ndarray) -> np.ndarray | None:
+        """The Hessian of a matrix's input, or None when it is not quantized by GPTQ."""
+        p = self.planned.get(name)
+        if p is None or p.target not in gptq_types() or p.target == p.source.type:
+            return None
+        _check_finite(name, x)
+        return gram(x)
+
+    def quantize(self, L: Any, attr: str, hessian: np.ndarray | None) -> None:
+        """Quantize the layer's matrix `attr` (GPTQ with a Hessian, else plainly) and put what
+        its bytes decode to in its place."""
+        name = L.names[attr]
+        p = self.planned.get(name)
+        if p is None or p.target == p.source.type:
+            return
+        w = getattr(L, attr)
+        if hessian is not None:
+            with numba_threads(self.n_threads):
+                data = quantize_matrix(np.ascontiguousarray(w, F32), p.target, p.imatrix, hessian,
+                                       p.name, self.report, p.act_order)
+        else:
+            data = self.convert(p).reshape(w.shape[0], -1)
+        self.data[name] = data.reshape(-1)
+        setattr(L, attr, dequantize(data.reshape(w.shape[0], -1), p.target).reshape(w.shape))
+
+
+def sequential_gptq(model_path: str | Path, text_path: str | Path, planned: dict[str, Any],
+                    convert: Callable[[Any], np.ndarray], report: GptqReport, n_ctx: int = 512,
+                    n_chunks: int = -1, n_threads: int | None = None,
+                    progress: bool = True) -> dict[str, np.ndarray]:
+    """The bytes of every block matrix of `planned` (source name -> PlannedTensor), by GPTQ
+    block after block over the calibration text's chunks (llama-imatrix's chunks: n_ctx tokens,
+    the first replaced by BOS)."""
+    from ..models import open_model
+
+    if not Path(text_path).is_file():
+        raise ModelError(f"{text_path}: no such calibration text")
+    source = open_model(model_path, "f32")
+    tokens, bos = calibration_tokens(source, text_path, n_ctx)
+    n_max = len(tokens) // n_ctx
+    n = n_max if n_chunks < 0 else min(n_chunks, n_max)
+    if n < 1:
+        raise ModelError("--chunks must be at least 1 for calibration")
+    chunks = chunk_sequences(tokens, 0, n, n_ctx, bos)
+    model = Transformer(source, "cpu", progress)
+    return SequentialGptq(model, planned, convert, report, n_threads).run(chunks, progress)
