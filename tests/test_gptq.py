@@ -245,6 +245,44 @@ def test_gptq_bad_calibration_input_is_one_error_line(tmp_path, capsys, tiny_lla
         assert not out.exists() and list(tmp_path.iterdir()) == [short]
 
 
+@pytest.mark.parametrize("imatrix", [False, True])
+def test_gptq_overflowing_activations_are_one_error_line(tmp_path, capsys, tiny_llama_f32, imatrix):
+    """A model whose activations overflow float32 on the calibration text (block 1's FFN norm
+    scaled by 1e30): one error line naming the input, no output, exit 1; with --imatrix the
+    sequential sweep meets it itself (no float pass runs)."""
+    from kquant.cli.quantize import main
+    from kquant.files.gguf_read import load_gguf
+    from kquant.files.gguf_write import write_gguf
+    from kquant.files.source import ModelSource, SourceTensor
+
+    src = load_gguf(tiny_llama_f32)
+
+    def blown(t: SourceTensor) -> SourceTensor:
+        if t.name != "blk.1.ffn_norm.weight":
+            return t
+        return SourceTensor(t.name, t.shape, t.type, lambda: np.asarray(t.load()).view(np.float32) * np.float32(1e30))
+
+    model = tmp_path / "blown.gguf"
+    write_gguf(ModelSource(src.arch, src.kv, [blown(t) for t in src.tensors]), model, progress=False)
+    calib = Path(__file__).resolve().parent.parent / "data" / "calibration.txt"
+    extra = []
+    if imatrix:
+        im = tmp_path / "im.gguf"
+        from kquant.cli.imatrix import main as imatrix_main
+
+        imatrix_main(["-m", str(tiny_llama_f32), "-f", str(calib), "-o", str(im), "-c", "128",
+                      "--chunks", "2", "--no-ppl", "--device", "cpu"])
+        extra = ["--imatrix", str(im)]
+    capsys.readouterr()
+    out = tmp_path / "out.gguf"
+    assert main(["--method", "gptq", "--calibrate", str(calib), "-c", "128", "--chunks", "2", *extra,
+                 str(model), str(out), "Q4_K_M"]) == 1
+    err = capsys.readouterr().err
+    assert "kquant-quantize: error: " in err and "non-finite" in err and "blk.1." in err, err
+    assert "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.glob("*.part*")) and not list(tmp_path.glob(".*"))
+
+
 def test_saved_hessians_give_the_same_file_and_are_checked(tmp_path, capsys, tiny_llama_f32):
     """kquant-imatrix --hessian-out, then kquant-quantize --method gptq --hessian: the same bytes
     as calibrating in kquant-quantize itself; a Hessian file of another model, a damaged one

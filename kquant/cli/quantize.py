@@ -17,6 +17,7 @@ from ..models import open_model
 from ..quantization.pipeline import (QuantizeOptions, default_output_name,
                               parse_override_kv, plan_quantization, quantize_model)
 from ..errors import ModelError
+from ..quantization.gptq import DAMP, GptqSettings
 from . import run_command
 
 TYPES_HELP = ", ".join(sorted(k for k in mixes.FTYPES if not k.startswith(("IQ", "TQ", "MX", "Q1"))))
@@ -76,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--gptq-act-order", action=argparse.BooleanOptionalAction, default=True,
                     help="--method gptq: round each block's columns by decreasing activity "
                          "(default), or in storage order")
+    ap.add_argument("--gptq-damp", type=float, default=DAMP, metavar="F",
+                    help=f"--method gptq: dampening, this fraction of the Hessian's mean diagonal "
+                         f"added to it (default {DAMP})")
     ap.add_argument("-c", "--ctx-size", type=int, default=512, metavar="N",
                     help="calibration chunk size in tokens (default 512)")
     ap.add_argument("--chunks", type=int, default=-1, metavar="N",
@@ -153,6 +157,8 @@ def options_from_args(ns: argparse.Namespace, n_threads: int | None) -> Quantize
             prune = sorted({int(x) for x in ns.prune_layers.split(",")})
         except ValueError:
             raise ModelError(f"invalid --prune-layers {ns.prune_layers!r}") from None
+    if not 0 <= ns.gptq_damp < float("inf"):
+        raise ModelError(f"--gptq-damp must be a number >= 0, not {ns.gptq_damp}")
     if ns.include_weights and ns.exclude_weights:
         raise ModelError("--include-weights and --exclude-weights cannot be used together")
     return QuantizeOptions(
@@ -164,7 +170,7 @@ def options_from_args(ns: argparse.Namespace, n_threads: int | None) -> Quantize
         keep_split=ns.keep_split, n_threads=n_threads, hf_outtype=ns.hf_outtype,
         method=ns.method, calibrate=ns.calibrate, hessian=ns.hessian, calibrate_ctx=ns.ctx_size,
         calibrate_chunks=ns.chunks, sequential=not ns.gptq_one_shot,
-        act_order=ns.gptq_act_order)
+        gptq=GptqSettings(damp=ns.gptq_damp, act_order=ns.gptq_act_order))
 
 
 def dry_run(inp: Path, ftype, opts: QuantizeOptions) -> None:

@@ -21,7 +21,7 @@ from ..calibration.imatrix import Collector, ImatrixParams, compute_imatrix
 from ..calibration.imatrix_file import Imatrix
 from ..errors import ModelError
 from ..types import TYPES
-from .gptq import GptqResult, gptq_quantize
+from .gptq import GptqResult, GptqSettings, gptq_quantize
 
 METHODS = ("llama", "gptq")
 
@@ -115,9 +115,10 @@ class GptqReport:
 
 
 def quantize_matrix(x: np.ndarray, target, imatrix: np.ndarray | None, hessian: np.ndarray,
-                    name: str, report: GptqReport, act_order: bool = True) -> np.ndarray:
+                    name: str, report: GptqReport, settings: GptqSettings = GptqSettings()
+                    ) -> np.ndarray:
     """GPTQ's bytes for a matrix where they beat plain quantization, else plain quantization's
     (llama.cpp's)."""
-    result = gptq_quantize(x, hessian, target, imatrix, act_order=act_order)
+    result = gptq_quantize(x, hessian, target, imatrix, settings)
     report.add(name, result)
     return result.data if result.improved else result.plain_data

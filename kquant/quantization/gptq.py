@@ -42,6 +42,15 @@ _K_LEVELS = {T.Q2_K: (q2_k, 4), T.Q3_K: (q3_k, 8), T.Q4_K: (q4_k, 16), T.Q5_K: (
 DAMP = 0.01
 
 
+@dataclass(frozen=True)
+class GptqSettings:
+    """How the sweep runs: the dampening (fraction of H's mean diagonal added to it) and the
+    column order inside each block."""
+
+    damp: float = DAMP
+    act_order: bool = True
+
+
 @dataclass
 class GptqResult:
     data: np.ndarray  # uint8 (rows, row bytes): ggml blocks of the type
@@ -159,10 +168,10 @@ def column_order(h: np.ndarray, block: int) -> np.ndarray:
 
 
 def gptq_quantize(w: np.ndarray, h: np.ndarray, qtype: QType, imatrix: np.ndarray | None = None,
-                  damp: float = DAMP, act_order: bool = True) -> GptqResult:
+                  settings: GptqSettings = GptqSettings()) -> GptqResult:
     """W (rows, k) float32 quantized to qtype by GPTQ with Hessian h (k, k); `imatrix` weights
     the codec's block fits (llama.cpp's), as in plain quantization. The sweep runs in the
-    column order `column_order` gives (with act_order) or in storage order."""
+    column order `column_order` gives (with settings.act_order) or in storage order."""
     codec = get_codec(qtype)
     rows, k = w.shape
     B = codec.block_size
@@ -170,8 +179,8 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray, qtype: QType, imatrix: np.ndarra
         raise ValueError(f"{codec.name} needs rows that are a multiple of {B} values; got {k}")
     if h.shape != (k, k):
         raise ValueError(f"a Hessian of shape {h.shape} does not fit rows of {k} values")
-    perm = column_order(h, B) if act_order else np.arange(k)
-    u = inverse_cholesky(h[np.ix_(perm, perm)], damp)
+    perm = column_order(h, B) if settings.act_order else np.arange(k)
+    u = inverse_cholesky(h[np.ix_(perm, perm)], settings.damp)
     w32 = np.ascontiguousarray(w, np.float32)
     cur = w.astype(np.float64)[:, perm]  # the error-corrected weights, in sweep order
     data = np.empty((rows, k // B * codec.type_size), np.uint8)

@@ -30,6 +30,7 @@ from ..codecs.api import dequantize, numba_threads, quantize
 from ..errors import ModelError
 from ..models import open_model
 from ..files.source import KV, ModelSource, SourceTensor
+from .gptq import GptqSettings
 from .calibrated import (METHODS, Calibration, GptqReport, calibrate, gptq_types, load_calibration,
                          quantize_matrix)
 
@@ -70,7 +71,7 @@ class QuantizeOptions:
     # with --calibrate: block by block, each calibrated on the quantized blocks' outputs
     # (kquant.quantization.sequential); False: one calibration pass of the float model
     sequential: bool = True
-    act_order: bool = True  # GPTQ's columns by decreasing activity within each block
+    gptq: GptqSettings = field(default_factory=GptqSettings)  # the sweep's dampening and order
 
 
 @dataclass
@@ -81,7 +82,7 @@ class PlannedTensor:
     name: str = ""  # the output name (differs from source.name only with --prune-layers)
     hessian: np.ndarray | None = None  # with --method gptq: the layer Hessian of its input
     data: np.ndarray | None = None  # bytes made before writing (sequential GPTQ), written as they are
-    act_order: bool = True  # GPTQ's column order (gptq.column_order) or storage order
+    gptq: GptqSettings = field(default_factory=GptqSettings)
 
     @property
     def new_nbytes(self) -> int:
@@ -246,7 +247,7 @@ def plan_quantization(source: ModelSource, ftype: str | int | LlamaFileType,
         h = None
         if calibration is not None and target in gptq_types() and len(t.shape) == 2:
             h = calibration.hessians.of(t.name)
-        planned.append(PlannedTensor(t, target, w, new_name, h, act_order=opts.act_order))
+        planned.append(PlannedTensor(t, target, w, new_name, h, gptq=opts.gptq))
     kv = output_metadata(source, ftype, overrides)
     if opts.prune_layers:
         _set(kv, KV(f"{source.arch}.block_count", n_blocks, GGUFValueType.UINT32))
@@ -341,7 +342,7 @@ def convert_tensor(p: PlannedTensor, n_threads: int | None = None,
         x = _float_rows(raw.reshape(t.shape[1], -1), t, 0, n_threads)
         with numba_threads(n_threads):
             data = quantize_matrix(x, p.target, p.imatrix, p.hessian, p.name,
-                                   report if report is not None else GptqReport(), p.act_order)
+                                   report if report is not None else GptqReport(), p.gptq)
         return data.reshape(-1)
     n_per_row = t.shape[0]
     n_rows = t.n_elements // n_per_row

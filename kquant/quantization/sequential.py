@@ -132,7 +132,7 @@ class SequentialGptq:
         if hessian is not None:
             with numba_threads(self.n_threads):
                 data = quantize_matrix(np.ascontiguousarray(w, F32), p.target, p.imatrix, hessian,
-                                       p.name, self.report, p.act_order)
+                                       p.name, self.report, p.gptq)
         else:
             data = self.convert(p).reshape(w.shape[0], -1)
         self.data[name] = data.reshape(-1)
