@@ -37,12 +37,16 @@ def run(cmd: list[str], env: dict, cwd: Path | None = None) -> tuple[str, float]
     return p.stdout + p.stderr, seconds
 
 
-def kld_stats(log: str) -> tuple[float, float]:
-    kld = re.search(r"Mean\s+KLD:\s+([0-9.]+)", log)
-    top = re.search(r"Same top p:\s+([0-9.]+)", log)
-    if not kld or not top:
-        sys.exit("error: no KL divergence statistics in llama-perplexity's output")
-    return float(kld[1]), float(top[1])
+def kld_stats(cmd: list[str], env: dict) -> tuple[float, float]:
+    """Mean KLD and same-top-token rate from llama-perplexity --kl-divergence. Its log is
+    asynchronous and sometimes loses its last lines at exit: up to 3 runs."""
+    for _ in range(3):
+        log, _ = run(cmd, env)
+        kld = re.search(r"Mean\s+KLD:\s+([0-9.]+)", log)
+        top = re.search(r"Same top p:\s+([0-9.]+)", log)
+        if kld and top:
+            return float(kld[1]), float(top[1])
+    sys.exit("error: no KL divergence statistics in llama-perplexity's output (3 runs)")
 
 
 def main() -> None:
@@ -94,9 +98,8 @@ def main() -> None:
             files.append((name, ours, secs))
         stats = {}
         for name, path, _ in files:
-            log, _ = run([str(b / "llama-perplexity"), "-m", str(path), "--kl-divergence-base", str(base),
-                          "--kl-divergence", "-t", t], env)
-            stats[name] = kld_stats(log)
+            stats[name] = kld_stats([str(b / "llama-perplexity"), "-m", str(path), "--kl-divergence-base",
+                                     str(base), "--kl-divergence", "-t", t], env)
         for name, path, secs in files:
             kld, top = stats[name]
             ratio = f"{kld / stats['llama.cpp'][0]:.3f}x" if name != "llama.cpp" else ""

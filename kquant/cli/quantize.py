@@ -17,7 +17,7 @@ from ..models import open_model
 from ..quantization.pipeline import (QuantizeOptions, default_output_name,
                               parse_override_kv, plan_quantization, quantize_model)
 from ..errors import ModelError
-from ..quantization.gptq import DAMP, GptqSettings
+from ..quantization.gptq import DAMP, SINK_WEIGHT, GptqSettings
 from . import run_command
 
 TYPES_HELP = ", ".join(sorted(k for k in mixes.FTYPES if not k.startswith(("IQ", "TQ", "MX", "Q1"))))
@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--gptq-damp", type=float, default=DAMP, metavar="F",
                     help=f"--method gptq: dampening, this fraction of the Hessian's mean diagonal "
                          f"added to it (default {DAMP})")
+    ap.add_argument("--gptq-sink-weight", type=float, default=SINK_WEIGHT, metavar="W",
+                    help=f"--method gptq: how many times each calibration chunk's first token "
+                         f"(the attention sink) counts in the Hessians (default {SINK_WEIGHT:g})")
     ap.add_argument("-c", "--ctx-size", type=int, default=512, metavar="N",
                     help="calibration chunk size in tokens (default 512)")
     ap.add_argument("--chunks", type=int, default=-1, metavar="N",
@@ -159,6 +162,8 @@ def options_from_args(ns: argparse.Namespace, n_threads: int | None) -> Quantize
             raise ModelError(f"invalid --prune-layers {ns.prune_layers!r}") from None
     if not 0 <= ns.gptq_damp < float("inf"):
         raise ModelError(f"--gptq-damp must be a number >= 0, not {ns.gptq_damp}")
+    if not 0 < ns.gptq_sink_weight < float("inf"):
+        raise ModelError(f"--gptq-sink-weight must be a number > 0, not {ns.gptq_sink_weight}")
     if ns.include_weights and ns.exclude_weights:
         raise ModelError("--include-weights and --exclude-weights cannot be used together")
     return QuantizeOptions(
@@ -170,7 +175,8 @@ def options_from_args(ns: argparse.Namespace, n_threads: int | None) -> Quantize
         keep_split=ns.keep_split, n_threads=n_threads, hf_outtype=ns.hf_outtype,
         method=ns.method, calibrate=ns.calibrate, hessian=ns.hessian, calibrate_ctx=ns.ctx_size,
         calibrate_chunks=ns.chunks, sequential=not ns.gptq_one_shot,
-        gptq=GptqSettings(damp=ns.gptq_damp, act_order=ns.gptq_act_order))
+        gptq=GptqSettings(damp=ns.gptq_damp, act_order=ns.gptq_act_order,
+                          sink_weight=ns.gptq_sink_weight))
 
 
 def dry_run(inp: Path, ftype, opts: QuantizeOptions) -> None:

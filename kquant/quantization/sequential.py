@@ -15,7 +15,7 @@ Here all calibration chunks run together, one block at a time, the way the error
         X  = X1 + g @ Wdown_q^T
 
 Each matrix's Hessian is the float64 sum over all N tokens of its (already quantized-upstream)
-input; each quantized matrix replaces the float one in the model at once, as its file bytes
+input, the first token of every chunk counted `GptqSettings.sink_weight` times (see there); each quantized matrix replaces the float one in the model at once, as its file bytes
 decode, so what follows it sees what llama.cpp will compute. The block scale searches keep the
 plan's imatrix (--imatrix, or the float calibration's): their fit stays llama.cpp's.
 Activations for all N tokens are held at once: N x n_ff float32 (100 MB for 16k tokens of a
@@ -67,10 +67,12 @@ class SequentialGptq:
         self.report = report
         self.n_threads = n_threads
         self.data: dict[str, np.ndarray] = {}
+        self.n_ctx = 0  # tokens per chunk: row r of the activations is position r % n_ctx
 
     def run(self, chunks: list[np.ndarray], progress: bool = True) -> dict[str, np.ndarray]:
         m = self.model
         n_ctx = len(chunks[0])
+        self.n_ctx = n_ctx
         x = np.ascontiguousarray(m.weights.token_embd[np.concatenate(chunks)], F32)
         layers = m.weights.layers
         bar = tqdm(total=len(layers), desc="gptq", unit="block", disable=not progress, file=sys.stderr)
@@ -119,6 +121,10 @@ class SequentialGptq:
         if p is None or p.target not in gptq_types() or p.target == p.source.type:
             return None
         _check_finite(name, x)
+        weight = p.gptq.sink_weight
+        if weight != 1:
+            x = x.copy()
+            x[::self.n_ctx] *= np.float32(np.sqrt(weight))
         return gram(x)
 
     def quantize(self, L: Any, attr: str, hessian: np.ndarray | None) -> None:
