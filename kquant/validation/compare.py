@@ -35,7 +35,7 @@ from ..models import open_model
 from .common import Log, PerplexityParams, batch_layout, log_nothing, log_stderr
 # the percentile, median and printf helpers of llama-perplexity's statistics block: the table's
 # KLD figures must be the block's own, to the digit
-from .kld import KLDivergenceResult, _f, _median, _percentile, run_kl_divergence
+from .kld import KLDivergenceResult, median, percentile, printf_float, run_kl_divergence
 from .perplexity import run_perplexity
 
 F32 = np.float32
@@ -104,8 +104,8 @@ def _escape(s: str) -> str:
 
 
 def _cell(x: float, prec: int) -> str:
-    # llama-perplexity's printf (via kld._f: '-nan' as glibc prints it), without the padding
-    return _f(x, 0, prec)
+    # llama-perplexity's printf (via kld.printf_float: '-nan' as glibc prints it), without the padding
+    return printf_float(x, 0, prec)
 
 
 def _markdown_row(r: Row) -> str:
@@ -247,7 +247,7 @@ def _quant_row(path: str | Path, source: ModelSource, kld: KLDivergenceResult, e
     kv = np.sort(np.asarray(kld.kld_values, F32))
     mean_err = float(np.mean([e.error for e in errors])) if errors else 0.0
     return Row(Path(path).name, str(path), file_size(path), bits_per_weight(source), f["ppl"], f["kld"],
-               _median(kv), _percentile(kv, 0.990), 100.0 * f["same_top"], mean_err, errors, kld=kld)
+               median(kv), percentile(kv, 0.990), 100.0 * f["same_top"], mean_err, errors, kld=kld)
 
 
 def _open_inputs(base: str | Path, quants: Sequence[str | Path], text: str | Path, params: PerplexityParams,

@@ -193,7 +193,7 @@ def _kld_figures(k: KLDivergenceStats) -> dict[str, float]:
     }
 
 
-def _f(x: float, width: int, prec: int) -> str:
+def printf_float(x: float, width: int, prec: int) -> str:
     """printf's %W.Pf as glibc prints on x86, where every NaN an operation makes is '-nan'."""
     if math.isnan(x):
         return f"{'-nan':>{width}}"
@@ -204,14 +204,14 @@ def format_kld_chunk(n: int, k: KLDivergenceStats) -> str:
     """One line of llama-perplexity's per-chunk KL-divergence table."""
     f = _kld_figures(k)
     return (f"{n:4d}"
-            f"    {_f(f['ppl'], 9, 4)} ± {_f(f['ppl_unc'], 9, 4)}"
-            f"    {_f(f['log_ppl_ratio'], 10, 5)} ± {_f(f['log_ppl_ratio_unc'], 10, 5)}"
-            f"    {_f(f['kld'], 10, 5)} ± {_f(f['kld_unc'], 10, 5)}"
-            f"    {_f(100.0 * f['p_diff_rms'], 6, 3)} ± {_f(100.0 * f['p_diff_rms_unc'], 6, 3)} %"
-            f"    {_f(100.0 * f['same_top'], 6, 3)} ± {_f(100.0 * f['same_top_unc'], 6, 3)} %\n")
+            f"    {printf_float(f['ppl'], 9, 4)} ± {printf_float(f['ppl_unc'], 9, 4)}"
+            f"    {printf_float(f['log_ppl_ratio'], 10, 5)} ± {printf_float(f['log_ppl_ratio_unc'], 10, 5)}"
+            f"    {printf_float(f['kld'], 10, 5)} ± {printf_float(f['kld_unc'], 10, 5)}"
+            f"    {printf_float(100.0 * f['p_diff_rms'], 6, 3)} ± {printf_float(100.0 * f['p_diff_rms_unc'], 6, 3)} %"
+            f"    {printf_float(100.0 * f['same_top'], 6, 3)} ± {printf_float(100.0 * f['same_top_unc'], 6, 3)} %\n")
 
 
-def _percentile(values: np.ndarray, fraction: float) -> float:
+def percentile(values: np.ndarray, fraction: float) -> float:
     """perplexity.cpp's percentile lambda, in float32: linear between the two nearest ranks."""
     fraction = F32(fraction)
     if fraction <= 0:
@@ -224,7 +224,7 @@ def _percentile(values: np.ndarray, fraction: float) -> float:
     return float(F32(F32(F32(1) - p) * values[ip]) + F32(p * values[min(ip + 1, len(values) - 1)]))
 
 
-def _median(values: np.ndarray) -> float:
+def median(values: np.ndarray) -> float:
     n = len(values)
     if n % 2 == 0:
         return float(F32(0.5) * F32(values[n // 2] + values[n // 2 - 1]))
@@ -239,36 +239,36 @@ def format_kld_statistics(k: KLDivergenceStats, kld_values: np.ndarray, p_diff_v
     pv = np.sort(np.asarray(p_diff_values, F32))
     f = _kld_figures(k)
     out = ["====== Perplexity statistics ======",
-           f"Mean PPL(Q)                   : {_f(f['ppl'], 10, 6)} ± {_f(f['ppl_unc'], 10, 6)}",
-           f"Mean PPL(base)                : {_f(f['ppl_base'], 10, 6)} ± {_f(f['ppl_base_unc'], 10, 6)}",
-           f"Cor(ln(PPL(Q)), ln(PPL(base))): {_f(100.0 * f['log_ppl_cor'], 6, 2)}%",
-           f"Mean ln(PPL(Q)/PPL(base))     : {_f(f['log_ppl_ratio'], 10, 6)} ± {_f(f['log_ppl_ratio_unc'], 10, 6)}",
-           f"Mean PPL(Q)/PPL(base)         : {_f(f['ppl_ratio'], 10, 6)} ± {_f(f['ppl_ratio_unc'], 10, 6)}",
-           f"Mean PPL(Q)-PPL(base)         : {_f(f['ppl_diff'], 10, 6)} ± {_f(f['ppl_diff_unc'], 10, 6)}",
+           f"Mean PPL(Q)                   : {printf_float(f['ppl'], 10, 6)} ± {printf_float(f['ppl_unc'], 10, 6)}",
+           f"Mean PPL(base)                : {printf_float(f['ppl_base'], 10, 6)} ± {printf_float(f['ppl_base_unc'], 10, 6)}",
+           f"Cor(ln(PPL(Q)), ln(PPL(base))): {printf_float(100.0 * f['log_ppl_cor'], 6, 2)}%",
+           f"Mean ln(PPL(Q)/PPL(base))     : {printf_float(f['log_ppl_ratio'], 10, 6)} ± {printf_float(f['log_ppl_ratio_unc'], 10, 6)}",
+           f"Mean PPL(Q)/PPL(base)         : {printf_float(f['ppl_ratio'], 10, 6)} ± {printf_float(f['ppl_ratio_unc'], 10, 6)}",
+           f"Mean PPL(Q)-PPL(base)         : {printf_float(f['ppl_diff'], 10, 6)} ± {printf_float(f['ppl_diff_unc'], 10, 6)}",
            "",
            "====== KL divergence statistics ======",
-           f"Mean    KLD: {_f(f['kld'], 10, 6)} ± {_f(f['kld_unc'], 10, 6)}",
-           f"Maximum KLD: {_f(float(kv[-1]), 10, 6)}"]
+           f"Mean    KLD: {printf_float(f['kld'], 10, 6)} ± {printf_float(f['kld_unc'], 10, 6)}",
+           f"Maximum KLD: {printf_float(float(kv[-1]), 10, 6)}"]
     for label, frac in (("99.9%", 0.999), ("99.0%", 0.990), ("95.0%", 0.950), ("90.0%", 0.900)):
-        out.append(f"{label}   KLD: {_f(_percentile(kv, frac), 10, 6)}")
-    out.append(f"Median  KLD: {_f(_median(kv), 10, 6)}")
+        out.append(f"{label}   KLD: {printf_float(percentile(kv, frac), 10, 6)}")
+    out.append(f"Median  KLD: {printf_float(median(kv), 10, 6)}")
     for label, frac in (("10.0%", 0.100), (" 5.0%", 0.050), (" 1.0%", 0.010), (" 0.1%", 0.001)):
-        out.append(f"{label}   KLD: {_f(_percentile(kv, frac), 10, 6)}")
-    out += [f"Minimum KLD: {_f(float(kv[0]), 10, 6)}",
+        out.append(f"{label}   KLD: {printf_float(percentile(kv, frac), 10, 6)}")
+    out += [f"Minimum KLD: {printf_float(float(kv[0]), 10, 6)}",
             "",
             "====== Token probability statistics ======",
-            f"Mean    Δp: {_f(100.0 * f['p_diff'], 6, 3)} ± {_f(100.0 * f['p_diff_unc'], 5, 3)} %",
-            f"Maximum Δp: {_f(100.0 * float(pv[-1]), 6, 3)}%"]
+            f"Mean    Δp: {printf_float(100.0 * f['p_diff'], 6, 3)} ± {printf_float(100.0 * f['p_diff_unc'], 5, 3)} %",
+            f"Maximum Δp: {printf_float(100.0 * float(pv[-1]), 6, 3)}%"]
     for label, frac in (("99.9%", 0.999), ("99.0%", 0.990), ("95.0%", 0.950), ("90.0%", 0.900),
                         ("75.0%", 0.750)):
-        out.append(f"{label}   Δp: {_f(100.0 * _percentile(pv, frac), 6, 3)}%")
-    out.append(f"Median  Δp: {_f(100.0 * _median(pv), 6, 3)}%")
+        out.append(f"{label}   Δp: {printf_float(100.0 * percentile(pv, frac), 6, 3)}%")
+    out.append(f"Median  Δp: {printf_float(100.0 * median(pv), 6, 3)}%")
     for label, frac in (("25.0%", 0.250), ("10.0%", 0.100), (" 5.0%", 0.050), (" 1.0%", 0.010),
                         (" 0.1%", 0.001)):
-        out.append(f"{label}   Δp: {_f(100.0 * _percentile(pv, frac), 6, 3)}%")
-    out += [f"Minimum Δp: {_f(100.0 * float(pv[0]), 6, 3)}%",
-            f"RMS Δp    : {_f(100.0 * f['p_diff_rms'], 6, 3)} ± {_f(100.0 * f['p_diff_rms_unc'], 5, 3)} %",
-            f"Same top p: {_f(100.0 * f['same_top'], 6, 3)} ± {_f(100.0 * f['same_top_unc'], 5, 3)} %"]
+        out.append(f"{label}   Δp: {printf_float(100.0 * percentile(pv, frac), 6, 3)}%")
+    out += [f"Minimum Δp: {printf_float(100.0 * float(pv[0]), 6, 3)}%",
+            f"RMS Δp    : {printf_float(100.0 * f['p_diff_rms'], 6, 3)} ± {printf_float(100.0 * f['p_diff_rms_unc'], 5, 3)} %",
+            f"Same top p: {printf_float(100.0 * f['same_top'], 6, 3)} ± {printf_float(100.0 * f['same_top_unc'], 5, 3)} %"]
     return "\n".join(out) + "\n"
 
 
