@@ -236,6 +236,8 @@ def test_gptq_bad_calibration_input_is_one_error_line(tmp_path, capsys, tiny_lla
         ([], "--method gptq needs calibration text"),
         (["--calibrate", str(tmp_path / "missing.txt")], "no such calibration text"),
         (["--calibrate", str(short)], "too short for calibration"),
+        (["--calibrate", str(short), "--gptq-damp", "nan"], "--gptq-damp must be a number >= 0"),
+        (["--calibrate", str(short), "--gptq-sink-weight", "0"], "--gptq-sink-weight must be a number > 0"),
     ]
     for extra, message in cases:
         assert main(["--method", "gptq", *extra, str(tiny_llama_f32), str(out), "Q4_K_M"]) == 1
