@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--gptq-sink-weight", type=float, default=SINK_WEIGHT, metavar="W",
                     help=f"--method gptq: how many times each calibration chunk's first token "
                          f"(the attention sink) counts in the Hessians (default {SINK_WEIGHT:g})")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="where --method gptq runs the model over the calibration text (default "
+                         "auto: a GPU when CuPy sees one); the sweeps and --gptq-one-shot run on the CPU")
     ap.add_argument("-c", "--ctx-size", type=int, default=512, metavar="N",
                     help="calibration chunk size in tokens (default 512)")
     ap.add_argument("--chunks", type=int, default=-1, metavar="N",
@@ -176,7 +179,7 @@ def options_from_args(ns: argparse.Namespace, n_threads: int | None) -> Quantize
         method=ns.method, calibrate=ns.calibrate, hessian=ns.hessian, calibrate_ctx=ns.ctx_size,
         calibrate_chunks=ns.chunks, sequential=not ns.gptq_one_shot,
         gptq=GptqSettings(damp=ns.gptq_damp, act_order=ns.gptq_act_order,
-                          sink_weight=ns.gptq_sink_weight))
+                          sink_weight=ns.gptq_sink_weight), device=ns.device)
 
 
 def dry_run(inp: Path, ftype, opts: QuantizeOptions) -> None:

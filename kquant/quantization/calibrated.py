@@ -53,10 +53,10 @@ def load_calibration(path: str | Path, model_path: str | Path) -> Calibration:
 
 
 def calibrate(model_path: str | Path, text_path: str | Path, n_ctx: int = 512, n_chunks: int = -1,
-              progress: bool = True, hessians: bool = True) -> Calibration:
+              progress: bool = True, hessians: bool = True, device: str = "cpu") -> Calibration:
     """Run the model at float32 over the text's chunks (llama-imatrix's layout): the imatrix of
     every block matrix, and with `hessians` their Hessians (the sequential sweep makes its own,
-    so it asks for the imatrix only)."""
+    so it asks for the imatrix only; that pass may run on `device` cuda)."""
     from ..models import open_model
     from ..runtime import Transformer
 
@@ -64,14 +64,14 @@ def calibrate(model_path: str | Path, text_path: str | Path, n_ctx: int = 512, n
         raise ModelError(f"{text_path}: no such calibration text")
     source = open_model(model_path, "f32")
     tokens, bos = calibration_tokens(source, text_path, n_ctx)
-    model = Transformer(source, "cpu", progress)
+    model = Transformer(source, "cpu" if hessians else device, progress)
     params = ImatrixParams(n_ctx=n_ctx, n_chunks=n_chunks, compute_ppl=False, output_frequency=0,
                            prompt_file=str(text_path))
     if hessians:
         found, result = collect_hessians(model, tokens, params, bos, progress, log=lambda s: None)
     else:
         found = Hessians()
-        result = compute_imatrix(model, tokens, params, Collector(params, Imatrix()), bos, progress,
+        result = compute_imatrix(model, tokens, params, Collector(params, Imatrix(), model.xp), bos, progress,
                                  log=lambda s: None)
     for key, h in found.sums.items():
         if not np.isfinite(h).all():

@@ -28,6 +28,7 @@ from ..files.gguf_write import write_gguf
 from ..calibration.imatrix_file import load_imatrix, weights_for_quantize
 from ..codecs.api import dequantize, numba_threads, quantize
 from ..errors import ModelError
+from ..runtime.device import resolve_device
 from ..models import open_model
 from ..files.source import KV, ModelSource, SourceTensor
 from .gptq import GptqSettings
@@ -72,6 +73,7 @@ class QuantizeOptions:
     # (kquant.quantization.sequential); False: one calibration pass of the float model
     sequential: bool = True
     gptq: GptqSettings = field(default_factory=GptqSettings)  # the sweep's dampening and order
+    device: str = "cpu"  # where --method gptq runs the model (auto, cpu, cuda; one-shot: the CPU)
 
 
 @dataclass
@@ -411,7 +413,8 @@ def quantize_model(input_path: str | Path, output_path: str | Path,
             # the float model's pass: the imatrix (and, one-shot, the Hessians)
             with numba_threads(opts.n_threads):
                 calibration = calibrate(inp, opts.calibrate, opts.calibrate_ctx, opts.calibrate_chunks,
-                                        progress, hessians=not opts.sequential)
+                                        progress, hessians=not opts.sequential,
+                                        device=resolve_device(opts.device))
         if calibration is not None:
             plan = plan_quantization(source, ftype, opts, calibration)
         if opts.sequential and not opts.hessian:
@@ -437,7 +440,7 @@ def _quantize_sequentially(inp: Path, plan: Plan, opts: QuantizeOptions, report:
     with numba_threads(opts.n_threads):
         data = sequential_gptq(inp, opts.calibrate, planned, lambda p: convert_tensor(p, opts.n_threads),
                                report, opts.calibrate_ctx, opts.calibrate_chunks, opts.n_threads,
-                               progress)
+                               progress, resolve_device(opts.device))
     for name, d in data.items():
         planned[name].data = d
 

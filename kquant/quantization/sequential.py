@@ -34,20 +34,21 @@ from ..calibration.hessian import calibration_tokens
 from ..codecs.api import dequantize, numba_threads
 from ..errors import ModelError
 from ..runtime.chunks import chunk_sequences
+from ..runtime.device import to_host
 from ..runtime.forward import Segment, Transformer
 from .calibrated import GptqReport, gptq_types, quantize_matrix
 
 F32 = np.float32
 
 
-def gram(x: np.ndarray) -> np.ndarray:
-    """sum over rows of x x^T, in float64 (the layer Hessian of the input rows x)."""
-    x64 = np.asarray(x, np.float64)
-    return x64.T @ x64
+def gram(x: Any) -> np.ndarray:
+    """sum over rows of x x^T, in float64 (the layer Hessian of the input rows x), on the host."""
+    x64 = x.astype(np.float64)
+    return to_host(x64.T @ x64)
 
 
-def _check_finite(name: str, x: np.ndarray) -> None:
-    if not np.isfinite(x).all():
+def _check_finite(name: str, x: Any, xp: Any = np) -> None:
+    if not bool(xp.isfinite(x).all()):
         raise ModelError(f"non-finite values in the input of {name} during calibration "
                          f"(the model overflows float32 on this text)")
 
@@ -73,7 +74,7 @@ class SequentialGptq:
         m = self.model
         n_ctx = len(chunks[0])
         self.n_ctx = n_ctx
-        x = np.ascontiguousarray(m.weights.token_embd[np.concatenate(chunks)], F32)
+        x = m.xp.asarray(np.ascontiguousarray(m.weights.token_embd[np.concatenate(chunks)], F32))
         layers = m.weights.layers
         bar = tqdm(total=len(layers), desc="gptq", unit="block", disable=not progress, file=sys.stderr)
         with np.errstate(over="ignore", invalid="ignore"):
@@ -107,20 +108,21 @@ class SequentialGptq:
         """The attention heads' output for every chunk, each a sequence from position 0."""
         m = self.model
         cache = m.new_cache(n_ctx)
-        pos = np.arange(n_ctx)
+        pos = m.xp.asarray(np.arange(n_ctx))
         out = []
         for c0 in range(0, len(h), n_ctx):
             cache.clear()
             seg = Segment(np.zeros(n_ctx, np.int64), cache)
             out.append(m.self_attention(il, L, h[c0:c0 + n_ctx], [seg], pos))
-        return np.concatenate(out)
+        return m.xp.concatenate(out)
 
     def hessian_of(self, name: str, x: np.ndarray) -> np.ndarray | None:
         """The Hessian of a matrix's input, or None when it is not quantized by GPTQ."""
         p = self.planned.get(name)
         if p is None or p.target not in gptq_types() or p.target == p.source.type:
             return None
-        _check_finite(name, x)
+        xp = self.model.xp
+        _check_finite(name, x, xp)
         weight = p.gptq.sink_weight
         if weight != 1:
             x = x.copy()
@@ -134,7 +136,7 @@ class SequentialGptq:
         p = self.planned.get(name)
         if p is None or p.target == p.source.type:
             return
-        w = getattr(L, attr)
+        w = to_host(getattr(L, attr))
         if hessian is not None:
             with numba_threads(self.n_threads):
                 data = quantize_matrix(np.ascontiguousarray(w, F32), p.target, p.imatrix, hessian,
@@ -142,16 +144,18 @@ class SequentialGptq:
         else:
             data = self.convert(p).reshape(w.shape[0], -1)
         self.data[name] = data.reshape(-1)
-        setattr(L, attr, dequantize(data.reshape(w.shape[0], -1), p.target).reshape(w.shape))
+        q = dequantize(data.reshape(w.shape[0], -1), p.target).reshape(w.shape)
+        setattr(L, attr, self.model.xp.asarray(q))
 
 
 def sequential_gptq(model_path: str | Path, text_path: str | Path, planned: dict[str, Any],
                     convert: Callable[[Any], np.ndarray], report: GptqReport, n_ctx: int = 512,
-                    n_chunks: int = -1, n_threads: int | None = None,
-                    progress: bool = True) -> dict[str, np.ndarray]:
+                    n_chunks: int = -1, n_threads: int | None = None, progress: bool = True,
+                    device: str = "cpu") -> dict[str, np.ndarray]:
     """The bytes of every block matrix of `planned` (source name -> PlannedTensor), by GPTQ
     block after block over the calibration text's chunks (llama-imatrix's chunks: n_ctx tokens,
-    the first replaced by BOS)."""
+    the first replaced by BOS). On `device` cuda the forward passes and Hessian sums run in
+    CuPy, the sweeps on the CPU."""
     from ..models import open_model
 
     if not Path(text_path).is_file():
@@ -163,5 +167,5 @@ def sequential_gptq(model_path: str | Path, text_path: str | Path, planned: dict
     if n < 1:
         raise ModelError("--chunks must be at least 1 for calibration")
     chunks = chunk_sequences(tokens, 0, n, n_ctx, bos)
-    model = Transformer(source, "cpu", progress)
+    model = Transformer(source, device, progress)
     return SequentialGptq(model, planned, convert, report, n_threads).run(chunks, progress)
