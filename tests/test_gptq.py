@@ -359,3 +359,16 @@ def test_saved_hessians_give_the_same_file_and_are_checked(tmp_path, capsys, tin
         err = capsys.readouterr().err
         assert "kquant-quantize: error: " in err and message in err and "Traceback" not in err, err
         assert not out.exists()
+
+
+def test_gptq_bytes_do_not_depend_on_the_thread_count(tmp_path, capsys, tiny_llama_f32):
+    from kquant.cli.quantize import main
+
+    calib = Path(__file__).resolve().parent.parent / "data" / "calibration.txt"
+    files = []
+    for threads in ("1", "2"):
+        out = tmp_path / f"t{threads}.gguf"
+        assert main(["--method", "gptq", "--calibrate", str(calib), "-c", "128", "--chunks", "3",
+                     str(tiny_llama_f32), str(out), "Q3_K_M", threads]) == 0
+        files.append(out.read_bytes())
+    assert files[0] == files[1]
