@@ -334,10 +334,10 @@ def convert_tensor(p: PlannedTensor, n_threads: int | None = None,
     imatrix (per expert for 3-D tensors), a slab of rows at a time so that the float32
     working copy stays small whatever the tensor's size; with a Hessian, GPTQ over the whole
     matrix (it moves errors across all rows' columns at once)."""
-    t = p.source
-    raw = t.load().view(np.uint8)
     if p.data is not None:
         return p.data
+    t = p.source
+    raw = t.load().view(np.uint8)
     if p.target == t.type:
         return raw.reshape(-1)
     if p.hessian is not None:
