@@ -72,6 +72,31 @@ def test_gptq_lowers_the_hessian_weighted_error(qtype):
     assert result.error < 0.8 * result.plain_error, (qtype, result.error / result.plain_error)
 
 
+def test_corrected_target_is_the_least_squares_fit_to_the_float_outputs():
+    """With inputs X_q that carry upstream errors, the corrected target W* fits the float
+    layer's outputs X_f W^T best (least squares), and GPTQ's error against W* under H is the
+    error against the float outputs up to a constant: quantizing W* on H minimises
+    ||X_f W^T - X_q Q^T||."""
+    from kquant.quantization.gptq import corrected_target
+
+    rng = np.random.default_rng(5)
+    k, n = 256, 3000
+    x_f = correlated_inputs(rng, k, n)
+    x_q = x_f + 0.05 * rng.standard_normal((n, k)) * x_f.std(axis=0)
+    w = (rng.standard_normal((16, k)) * 0.02).astype(np.float32)
+    h, cross = x_q.T @ x_q, (x_f - x_q).T @ x_q
+    aim = corrected_target(w, h, cross, 1.0, damp=0.0)
+    want = np.linalg.lstsq(x_q, x_f @ w.T.astype(np.float64), rcond=None)[0].T
+    assert np.abs(aim - want).max() <= 1e-4 * np.abs(want).max()
+    assert corrected_target(w, h, cross, 0.0) is w
+    half = corrected_target(w, h, cross, 0.5, damp=0.0)
+    assert np.allclose(half, (w + want) / 2, atol=1e-4 * np.abs(want).max())
+    q = kquant.dequantize(kquant.quantize(w, "Q4_K"), "Q4_K").astype(np.float64)
+    direct = np.sum((x_f @ w.T - x_q @ q.T) ** 2)
+    base = np.sum((x_f @ w.T - x_q @ want.T) ** 2)
+    assert hessian_error(want, q, h) + base == pytest.approx(direct, rel=1e-6)
+
+
 def test_gptq_checks_its_inputs():
     w = np.zeros((4, 256), np.float32)
     with pytest.raises(ValueError, match="multiple of 256"):
@@ -142,9 +167,9 @@ def test_sequential_pass_sees_what_the_float_model_computes():
         seen: dict = {}
         keep_float = True
 
-        def hessian_of(self, name, x):
+        def hessian_of(self, name, x, x_fp=None):
             self.seen[name] = gram(x)
-            return None if self.keep_float else super().hessian_of(name, x)
+            return None if self.keep_float else super().hessian_of(name, x, x_fp)
 
         def quantize(self, L, attr, hessian):
             if not self.keep_float:

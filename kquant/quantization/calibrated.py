@@ -115,10 +115,12 @@ class GptqReport:
 
 
 def quantize_matrix(x: np.ndarray, target, imatrix: np.ndarray | None, hessian: np.ndarray,
-                    name: str, report: GptqReport, settings: GptqSettings = GptqSettings()
-                    ) -> np.ndarray:
+                    name: str, report: GptqReport, settings: GptqSettings = GptqSettings(),
+                    aim: np.ndarray | None = None) -> np.ndarray:
     """GPTQ's bytes for a matrix where they beat plain quantization, else plain quantization's
-    (llama.cpp's)."""
-    result = gptq_quantize(x, hessian, target, imatrix, settings)
+    (llama.cpp's). `aim` is the float matrix GPTQ aims at, when not x itself (sequential.py's
+    corrected target); the errors are measured against it."""
+    result = gptq_quantize(x if aim is None else aim, hessian, target, imatrix, settings,
+                           plain_of=None if aim is None else x)
     report.add(name, result)
     return result.data if result.improved else result.plain_data

@@ -37,6 +37,7 @@ from ..runtime.chunks import chunk_sequences
 from ..runtime.device import to_host
 from ..runtime.forward import Segment, Transformer
 from .calibrated import GptqReport, gptq_types, quantize_matrix
+from .gptq import corrected_target
 
 F32 = np.float32
 
@@ -75,32 +76,57 @@ class SequentialGptq:
         n_ctx = len(chunks[0])
         self.n_ctx = n_ctx
         x = m.xp.asarray(np.ascontiguousarray(m.weights.token_embd[np.concatenate(chunks)], F32))
+        # the float model's own stream, when the sweeps aim at its outputs (GptqSettings.asym)
+        x_fp = x.copy() if self.asym else None
         layers = m.weights.layers
         bar = tqdm(total=len(layers), desc="gptq", unit="block", disable=not progress, file=sys.stderr)
         with np.errstate(over="ignore", invalid="ignore"):
             for il, layer in enumerate(layers):
-                x = self.block(il, layer, x, n_ctx)
+                fp = None
+                if x_fp is not None:
+                    fp, x_fp = self.float_inputs(il, layer, x_fp, n_ctx)
+                x = self.block(il, layer, x, n_ctx, fp)
                 bar.update(1)
         bar.close()
         return self.data
 
-    def block(self, il: int, L: Any, x: np.ndarray, n_ctx: int) -> np.ndarray:
-        """One block's matrices quantized on its inputs x (N, n_embd); returns the block's
-        outputs from the quantized matrices."""
+    @property
+    def asym(self) -> bool:
+        return any(p.gptq.asym for p in self.planned.values())
+
+    def float_inputs(self, il: int, L: Any, x: np.ndarray, n_ctx: int
+                     ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The float block's matrix inputs (by the first matrix that reads each) for its float
+        inputs x, and its float outputs; run before the block's matrices are replaced."""
         m, n = self.model, L.names
         h = m._rms_norm(x, L.attn_norm)
-        hq = self.hessian_of(n["wq"], h)
+        attn = self.attention(il, L, h, n_ctx)
+        x = x + m._linear(attn, L.wo, L.bo, n["wo"], None)
+        h2 = m._rms_norm(x, L.ffn_norm)
+        g = m.ffn_hidden(L, h2)
+        x += m._linear(g, L.w_down, None, n["w_down"], None)
+        return {"wq": h, "wo": attn, "w_gate": h2, "w_down": g}, x
+
+    def block(self, il: int, L: Any, x: np.ndarray, n_ctx: int,
+              fp: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """One block's matrices quantized on its inputs x (N, n_embd); returns the block's
+        outputs from the quantized matrices. `fp` holds the float model's inputs of the
+        matrices (float_inputs) when the sweeps aim at its outputs."""
+        m, n = self.model, L.names
+        fp = fp or {}
+        h = m._rms_norm(x, L.attn_norm)
+        hq = self.hessian_of(n["wq"], h, fp.get("wq"))
         for attr in ("wq", "wk", "wv"):
             self.quantize(L, attr, hq)
         attn = self.attention(il, L, h, n_ctx)
-        self.quantize(L, "wo", self.hessian_of(n["wo"], attn))
+        self.quantize(L, "wo", self.hessian_of(n["wo"], attn, fp.get("wo")))
         x = x + m._linear(attn, L.wo, L.bo, n["wo"], None)
         h2 = m._rms_norm(x, L.ffn_norm)
-        hg = self.hessian_of(n["w_gate"], h2)
+        hg = self.hessian_of(n["w_gate"], h2, fp.get("w_gate"))
         self.quantize(L, "w_gate", hg)
         self.quantize(L, "w_up", hg)
         g = m.ffn_hidden(L, h2)
-        self.quantize(L, "w_down", self.hessian_of(n["w_down"], g))
+        self.quantize(L, "w_down", self.hessian_of(n["w_down"], g, fp.get("w_down")))
         x += m._linear(g, L.w_down, None, n["w_down"], None)
         return x
 
@@ -116,31 +142,45 @@ class SequentialGptq:
             out.append(m.self_attention(il, L, h[c0:c0 + n_ctx], [seg], pos))
         return m.xp.concatenate(out)
 
-    def hessian_of(self, name: str, x: np.ndarray) -> np.ndarray | None:
-        """The Hessian of a matrix's input, or None when it is not quantized by GPTQ."""
+    def hessian_of(self, name: str, x: np.ndarray, x_fp: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """The Hessian H = x^T x of a matrix's input, and with the float model's input x_fp the
+        cross term (x_fp - x)^T x (gptq.corrected_target); None when GPTQ does not quantize it."""
         p = self.planned.get(name)
         if p is None or p.target not in gptq_types() or p.target == p.source.type:
             return None
         xp = self.model.xp
         _check_finite(name, x, xp)
+        use_fp = x_fp is not None and p.gptq.asym != 0
         weight = p.gptq.sink_weight
-        if weight != 1:
+        if weight != 1:  # both streams' first tokens scaled alike: the cross term gets the weight too
             x = x.copy()
             x[::self.n_ctx] *= np.float32(np.sqrt(weight))
-        return gram(x)
+            if use_fp:
+                x_fp = x_fp.copy()
+                x_fp[::self.n_ctx] *= np.float32(np.sqrt(weight))
+        if not use_fp:
+            return gram(x), None
+        x64 = x.astype(np.float64)
+        return to_host(x64.T @ x64), to_host((x_fp - x).astype(np.float64).T @ x64)
 
-    def quantize(self, L: Any, attr: str, hessian: np.ndarray | None) -> None:
-        """Quantize the layer's matrix `attr` (GPTQ with a Hessian, else plainly) and put what
-        its bytes decode to in its place."""
+    def quantize(self, L: Any, attr: str, stats: tuple[np.ndarray, np.ndarray | None] | None) -> None:
+        """Quantize the layer's matrix `attr` (GPTQ with a Hessian, and a cross term to aim
+        at the float model's outputs, else plainly) and put what its bytes decode to in its
+        place."""
         name = L.names[attr]
         p = self.planned.get(name)
         if p is None or p.target == p.source.type:
             return
-        w = to_host(getattr(L, attr))
-        if hessian is not None:
+        w = np.ascontiguousarray(to_host(getattr(L, attr)), F32)
+        if stats is not None:
+            hessian, cross = stats
+            aim = None
+            if cross is not None:
+                aim = corrected_target(w, hessian, cross, p.gptq.asym, p.gptq.damp)
             with numba_threads(self.n_threads):
-                data = quantize_matrix(np.ascontiguousarray(w, F32), p.target, p.imatrix, hessian,
-                                       p.name, self.report, p.gptq)
+                data = quantize_matrix(w, p.target, p.imatrix, hessian, p.name, self.report,
+                                       p.gptq, aim)
         else:
             data = self.convert(p).reshape(w.shape[0], -1)
         self.data[name] = data.reshape(-1)
