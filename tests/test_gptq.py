@@ -194,6 +194,46 @@ def test_sequential_pass_sees_what_the_float_model_computes():
         assert same == (name == "blk.0.attn_q.weight"), name
 
 
+def test_sequential_sweep_aims_at_the_float_model(tiny_llama_f32):
+    """With --gptq-asym the sweep runs the float model's stream beside the quantized one: the
+    first matrix input of block 0 is the same in both (no cross term), every later one carries
+    the upstream errors; asym 0 runs no float stream and gives other bytes."""
+    from kquant.calibration.hessian import calibration_tokens
+    from kquant.models import open_model
+    from kquant.quantization.calibrated import GptqReport
+    from kquant.quantization.gptq import GptqSettings
+    from kquant.quantization.pipeline import convert_tensor, plan_quantization
+    from kquant.quantization.sequential import SequentialGptq
+    from kquant.runtime import Transformer
+    from kquant.runtime.chunks import chunk_sequences
+
+    calib = Path(__file__).resolve().parent.parent / "data" / "calibration.txt"
+    source = open_model(tiny_llama_f32, "f32")
+    tokens, bos = calibration_tokens(source, calib, 128)
+    chunks = chunk_sequences(tokens, 0, 2, 128, bos)
+
+    class Recording(SequentialGptq):
+        def hessian_of(self, name, x, x_fp=None):
+            stats = super().hessian_of(name, x, x_fp)
+            self.cross[name] = None if stats is None else stats[1]
+            return stats
+
+    runs = {}
+    for asym in (0.25, 0.0):
+        planned = {}
+        for p in plan_quantization(source, "Q4_K_M").tensors:
+            p.gptq = GptqSettings(asym=asym)
+            planned[p.source.name] = p
+        seq = Recording(Transformer(source, "cpu", progress=False), planned, convert_tensor, GptqReport())
+        seq.cross = {}
+        runs[asym] = seq.run(chunks, progress=False), seq.cross
+    data, cross = runs[0.25]
+    assert len(cross) == 16 and all(c is None for c in runs[0.0][1].values())
+    for name, c in cross.items():
+        assert (np.abs(c).max() == 0) == (name == "blk.0.attn_q.weight"), name
+    assert any(not np.array_equal(data[n], runs[0.0][0][n]) for n in data)
+
+
 def test_sequential_sweep_on_the_array_module_path(tiny_llama_f32):
     """The CuPy code path of the sequential sweep (run here on a numpy stand-in) quantizes the
     same matrices with the same gains as the numpy path. (Not the same bytes: the forward's
@@ -297,6 +337,7 @@ def test_gptq_bad_calibration_input_is_one_error_line(tmp_path, capsys, tiny_lla
         (["--calibrate", str(short)], "too short for calibration"),
         (["--calibrate", str(short), "--gptq-damp", "nan"], "--gptq-damp must be a number >= 0"),
         (["--calibrate", str(short), "--gptq-sink-weight", "0"], "--gptq-sink-weight must be a number > 0"),
+        (["--calibrate", str(short), "--gptq-asym", "1.5"], "--gptq-asym must be a number from 0 to 1"),
     ]
     for extra, message in cases:
         assert main(["--method", "gptq", *extra, str(tiny_llama_f32), str(out), "Q4_K_M"]) == 1

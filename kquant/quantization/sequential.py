@@ -18,7 +18,11 @@ Each matrix's Hessian is the float64 sum over all N tokens of its (already quant
 input, the first token of every chunk counted `GptqSettings.sink_weight` times (see there); each quantized matrix replaces the float one in the model at once, as its file bytes
 decode, so what follows it sees what llama.cpp will compute. The block scale searches keep the
 plan's imatrix (--imatrix, or the float calibration's): their fit stays llama.cpp's.
-Activations for all N tokens are held at once: N x n_ff float32 (100 MB for 16k tokens of a
+With GptqSettings.asym (the default) the float model's stream runs beside the quantized one
+(`float_inputs`, before each block's matrices are replaced), and each matrix's sweep aims at a
+target pulled towards the float model's outputs (gptq.corrected_target): the errors upstream
+are partly made up for downstream instead of being carried on.
+Activations for all N tokens are held at once (twice with the float stream): N x n_ff float32 (100 MB for 16k tokens of a
 1536-wide FFN; 720 MB at 11008).
 """
 from __future__ import annotations
@@ -152,6 +156,8 @@ class SequentialGptq:
         xp = self.model.xp
         _check_finite(name, x, xp)
         use_fp = x_fp is not None and p.gptq.asym != 0
+        if use_fp:
+            _check_finite(name, x_fp, xp)
         weight = p.gptq.sink_weight
         if weight != 1:  # both streams' first tokens scaled alike: the cross term gets the weight too
             x = x.copy()
