@@ -97,6 +97,54 @@ def test_corrected_target_is_the_least_squares_fit_to_the_float_outputs():
     assert hessian_error(want, q, h) + base == pytest.approx(direct, rel=1e-6)
 
 
+def test_held_out_row_errors_are_the_output_errors_on_those_tokens():
+    """Heldout's Gram matrices give each row's ||X_m w_r - X_q q_r||^2 on the held-out tokens,
+    X_m = X_q + asym (X_f - X_q) (the outputs the sweep aims at); without the float stream,
+    the Hessian error's rows."""
+    from kquant.quantization.gptq import row_errors
+    from kquant.quantization.sequential import _heldout
+
+    rng = np.random.default_rng(6)
+    k, n = 256, 700
+    x_f = correlated_inputs(rng, k, n)
+    x_q = x_f + 0.05 * rng.standard_normal((n, k)) * x_f.std(axis=0)
+    w = (rng.standard_normal((16, k)) * 0.02).astype(np.float32)
+    q = kquant.dequantize(kquant.quantize(w, "Q4_K"), "Q4_K")
+    for asym in (0.25, 1.0):
+        x_m = x_q + asym * (x_f - x_q)
+        want = np.sum((x_m @ w.T.astype(np.float64) - x_q @ q.T.astype(np.float64)) ** 2, axis=0)
+        got, = _heldout(x_q, x_f, asym).row_errors(w, q)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    got, = _heldout(x_q, None, 0.25).row_errors(w, q)
+    np.testing.assert_allclose(got, row_errors(w, q, x_q.T @ x_q), rtol=1e-6)
+
+
+def test_each_row_comes_from_whichever_errs_less_on_the_held_out_tokens():
+    """Judged on other tokens than its Hessian's, GPTQ loses some rows to plain quantization:
+    the file's rows are GPTQ's where it errs less, llama.cpp's elsewhere, whole rows of blocks."""
+    from kquant.quantization.gptq import Heldout
+
+    rng = np.random.default_rng(7)
+    k = 512
+    x = correlated_inputs(rng, k, 600)
+    other = rng.standard_normal((300, k)) * np.exp(rng.standard_normal(k))  # tokens unlike x
+    w = (rng.standard_normal((64, k)) * 0.02).astype(np.float32)
+    imatrix = (x * x).mean(axis=0).astype(np.float32)
+    result = gptq_quantize(w, x.T @ x, "Q4_K", imatrix)
+    assert result.chosen.all()
+    h = other.T @ other
+    result.judge(Heldout(h, h, h), w)
+    chosen = result.chosen
+    assert 0 < chosen.sum() < len(chosen)
+    out = result.bytes
+    assert np.array_equal(out[chosen], result.data[chosen])
+    assert np.array_equal(out[~chosen], result.plain_data[~chosen])
+    assert np.array_equal(result.plain_data, kquant.quantize(w, "Q4_K", imatrix))
+    mixed = kquant.dequantize(out, "Q4_K")
+    assert result.error == pytest.approx(hessian_error(w, mixed, h), rel=1e-6)
+    assert result.error < min(result.plain_error, hessian_error(w, result.q, h))
+
+
 def test_gptq_checks_its_inputs():
     w = np.zeros((4, 256), np.float32)
     with pytest.raises(ValueError, match="multiple of 256"):
@@ -219,7 +267,7 @@ def test_sequential_sweep_aims_at_the_float_model(tiny_llama_f32):
     class Recording(SequentialGptq):
         def hessian_of(self, name, x, x_fp=None):
             stats = super().hessian_of(name, x, x_fp)
-            self.cross[name] = None if stats is None else stats[1]
+            self.cross[name] = None if stats is None else stats.cross
             return stats
 
     runs = {}
@@ -236,6 +284,53 @@ def test_sequential_sweep_aims_at_the_float_model(tiny_llama_f32):
     for name, c in cross.items():
         assert (np.abs(c).max() == 0) == (name == "blk.0.attn_q.weight"), name
     assert any(not np.array_equal(data[n], runs[0.0][0][n]) for n in data)
+
+
+def test_sequential_sweep_holds_out_every_nth_chunk(tiny_llama_f32):
+    """With --gptq-holdout 4 and 4 chunks, each sweep's Hessian sums chunks 0-2 and chunk 3
+    judges its rows (first tokens weighted alike in both); with fewer chunks than 4, or
+    holdout 0, nothing is held out."""
+    from kquant.calibration.hessian import calibration_tokens
+    from kquant.models import open_model
+    from kquant.quantization.calibrated import GptqReport
+    from kquant.quantization.gptq import GptqSettings
+    from kquant.quantization.pipeline import convert_tensor, plan_quantization
+    from kquant.quantization.sequential import SequentialGptq, gram
+    from kquant.runtime import Transformer
+    from kquant.runtime.chunks import chunk_sequences
+
+    calib = Path(__file__).resolve().parent.parent / "data" / "calibration.txt"
+    source = open_model(tiny_llama_f32, "f32")
+    tokens, bos = calibration_tokens(source, calib, 64)
+
+    class Recording(SequentialGptq):
+        def hessian_of(self, name, x, x_fp=None):
+            stats = super().hessian_of(name, x, x_fp)
+            if stats is not None:
+                self.seen[name] = (x.copy(), stats)
+            return stats
+
+    def run(n_chunks, holdout):
+        planned = {}
+        for p in plan_quantization(source, "Q4_K_M").tensors:
+            p.gptq = GptqSettings(holdout=holdout, asym=0.0, sink_weight=4.0)
+            planned[p.source.name] = p
+        seq = Recording(Transformer(source, "cpu", progress=False), planned, convert_tensor, GptqReport())
+        seq.seen = {}
+        seq.run(chunk_sequences(tokens, 0, n_chunks, 64, bos), progress=False)
+        return seq.seen
+
+    seen = run(4, 4)
+    assert len(seen) == 16 and all(st.heldout is not None for _, st in seen.values())
+    for name, (x, stats) in seen.items():
+        x = x.copy()
+        x[::64] *= 2  # sqrt of the sink weight
+        h = stats.heldout
+        np.testing.assert_allclose(stats.hessian, gram(x[:192]), rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(h.qq, gram(x[192:]), rtol=1e-9, atol=1e-9)
+        assert h.mq is h.qq and h.mm is h.qq
+    assert all(st.heldout is None for _, st in run(3, 4).values())
+    assert all(st.heldout is None for _, st in run(4, 0).values())
 
 
 def test_sequential_sweep_on_the_array_module_path(tiny_llama_f32):
@@ -308,7 +403,7 @@ def test_gptq_file_has_llama_quantizes_types_and_is_closer_in_llama_cpp(tmp_path
     assert quantize_main(["--method", "gptq", "--calibrate", str(calib), "-c", "128", "--imatrix", str(im),
                           str(tiny_llama_f32), str(gptq), "Q3_K_M"]) == 0
     err = capsys.readouterr().err
-    assert "gptq: " in err and "matrices improved" in err
+    assert "gptq: " in err and "rows from GPTQ" in err
 
     a, b = open_model(plain, "f32"), open_model(gptq, "f32")
     assert [(t.name, t.type, t.nbytes) for t in a.tensors] == [(t.name, t.type, t.nbytes) for t in b.tensors]
@@ -342,6 +437,7 @@ def test_gptq_bad_calibration_input_is_one_error_line(tmp_path, capsys, tiny_lla
         (["--calibrate", str(short), "--gptq-damp", "nan"], "--gptq-damp must be a number >= 0"),
         (["--calibrate", str(short), "--gptq-sink-weight", "0"], "--gptq-sink-weight must be a number > 0"),
         (["--calibrate", str(short), "--gptq-asym", "1.5"], "--gptq-asym must be a number from 0 to 1"),
+        (["--calibrate", str(short), "--gptq-holdout", "1"], "--gptq-holdout must be 0 or at least 2"),
     ]
     for extra, message in cases:
         assert main(["--method", "gptq", *extra, str(tiny_llama_f32), str(out), "Q4_K_M"]) == 1

@@ -17,7 +17,7 @@ from ..models import open_model
 from ..quantization.pipeline import (QuantizeOptions, default_output_name,
                               parse_override_kv, plan_quantization, quantize_model)
 from ..errors import ModelError
-from ..quantization.gptq import ASYM, DAMP, SINK_WEIGHT, GptqSettings
+from ..quantization.gptq import ASYM, DAMP, HOLDOUT, SINK_WEIGHT, GptqSettings
 from . import run_command
 
 TYPES_HELP = ", ".join(sorted(k for k in mixes.FTYPES if not k.startswith(("IQ", "TQ", "MX", "Q1"))))
@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"--method gptq: how far each sweep aims at the float model's outputs "
                          f"rather than the matrix's own on its error-carrying inputs, 0 to 1 "
                          f"(default {ASYM:g})")
+    ap.add_argument("--gptq-holdout", type=int, default=HOLDOUT, metavar="N",
+                    help=f"--method gptq: every N-th calibration chunk stays out of the Hessians and "
+                         f"chooses, row by row, between GPTQ's and plain quantization's bytes "
+                         f"(default {HOLDOUT}; 0: chosen on the Hessians themselves)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="where --method gptq runs the model over the calibration text (default "
                          "auto: a GPU when CuPy sees one); the sweeps and --gptq-one-shot run on the CPU")
@@ -173,6 +177,8 @@ def options_from_args(ns: argparse.Namespace, n_threads: int | None) -> Quantize
         raise ModelError(f"--gptq-sink-weight must be a number > 0, not {ns.gptq_sink_weight}")
     if not 0 <= ns.gptq_asym <= 1:
         raise ModelError(f"--gptq-asym must be a number from 0 to 1, not {ns.gptq_asym}")
+    if not (ns.gptq_holdout == 0 or ns.gptq_holdout >= 2):
+        raise ModelError(f"--gptq-holdout must be 0 or at least 2, not {ns.gptq_holdout}")
     if ns.include_weights and ns.exclude_weights:
         raise ModelError("--include-weights and --exclude-weights cannot be used together")
     return QuantizeOptions(
@@ -185,7 +191,8 @@ def options_from_args(ns: argparse.Namespace, n_threads: int | None) -> Quantize
         method=ns.method, calibrate=ns.calibrate, hessian=ns.hessian, calibrate_ctx=ns.ctx_size,
         calibrate_chunks=ns.chunks, sequential=not ns.gptq_one_shot,
         gptq=GptqSettings(damp=ns.gptq_damp, act_order=ns.gptq_act_order,
-                          sink_weight=ns.gptq_sink_weight, asym=ns.gptq_asym), device=ns.device)
+                          sink_weight=ns.gptq_sink_weight, asym=ns.gptq_asym,
+                          holdout=ns.gptq_holdout), device=ns.device)
 
 
 def dry_run(inp: Path, ftype, opts: QuantizeOptions) -> None:

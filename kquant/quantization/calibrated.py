@@ -3,8 +3,8 @@
 Calibration runs the input model (float32) over the text as kquant-imatrix does and keeps, per
 matrix input, the Hessian and the importance matrix (kquant.calibration.hessian). The tensor
 types are llama-quantize's for the same TYPE and options; only the bytes of the matrices with a
-Hessian change, and only where GPTQ's Hessian-weighted error beats plain quantization's
-(kquant.quantization.gptq). The file has the same size and tensor types as llama-quantize's.
+Hessian change, and only in the rows where GPTQ's Hessian-weighted error beats plain
+quantization's (kquant.quantization.gptq). The file has the same size and tensor types as llama-quantize's.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from ..calibration.imatrix import Collector, ImatrixParams, compute_imatrix
 from ..calibration.imatrix_file import Imatrix
 from ..errors import ModelError
 from ..types import TYPES
-from .gptq import GptqResult, GptqSettings, gptq_quantize
+from .gptq import GptqResult, GptqSettings, Heldout, gptq_quantize
 
 METHODS = ("llama", "gptq")
 
@@ -91,36 +91,41 @@ _KIND = re.compile(r"^blk\.\d+\.")
 
 @dataclass
 class GptqReport:
-    """Per tensor kind (attn_q, ffn_down, ...): Hessian-weighted errors of GPTQ and of plain
-    quantization, summed over the tensors where GPTQ was kept or not."""
+    """Per tensor kind (attn_q, ffn_down, ...): the Hessian-weighted errors of the rows the file
+    takes and of plain quantization's, and how many rows GPTQ gives."""
 
     errors: dict[str, list[float]] = field(default_factory=lambda: defaultdict(lambda: [0.0, 0.0]))
-    kept: int = 0
-    tried: int = 0
+    rows: int = 0
+    kept: int = 0  # rows from GPTQ
+    tried: int = 0  # matrices swept
 
     def add(self, name: str, result: GptqResult) -> None:
         kind = _KIND.sub("", name).removesuffix(".weight")
         e = self.errors[kind]
-        e[0] += min(result.error, result.plain_error)
+        e[0] += result.error
         e[1] += result.plain_error
         self.tried += 1
-        self.kept += result.improved
+        self.rows += len(result.chosen)
+        self.kept += int(result.chosen.sum())
 
     def line(self) -> str:
         if not self.tried:
             return "gptq: no matrix had a Hessian"
         parts = ", ".join(f"{k} {e[0] / e[1]:.3f}" for k, e in sorted(self.errors.items()) if e[1] > 0)
-        return (f"gptq: {self.kept} of {self.tried} matrices improved; Hessian-weighted error "
-                f"against plain quantization: {parts}")
+        return (f"gptq: {self.tried} matrices swept, {self.kept} of {self.rows} rows from GPTQ; "
+                f"Hessian-weighted error against plain quantization: {parts}")
 
 
 def quantize_matrix(x: np.ndarray, target, imatrix: np.ndarray | None, hessian: np.ndarray,
                     name: str, report: GptqReport, settings: GptqSettings = GptqSettings(),
-                    aim: np.ndarray | None = None) -> np.ndarray:
-    """GPTQ's bytes for a matrix where they beat plain quantization, else plain quantization's
-    (llama.cpp's). `aim` is the float matrix GPTQ aims at, when not x itself (sequential.py's
-    corrected target); the errors are measured against it."""
+                    aim: np.ndarray | None = None, heldout: Heldout | None = None) -> np.ndarray:
+    """A matrix's bytes: GPTQ's rows where they err less than plain quantization's (llama.cpp's),
+    judged on `heldout` tokens when given, else on the sweep's Hessian. `aim` is the float
+    matrix GPTQ aims at, when not x itself (sequential.py's corrected target); the in-sample
+    errors are measured against it, the held-out ones against x's outputs as Heldout defines."""
     result = gptq_quantize(x if aim is None else aim, hessian, target, imatrix, settings,
                            plain_of=None if aim is None else x)
+    if heldout is not None:
+        result.judge(heldout, x)
     report.add(name, result)
-    return result.data if result.improved else result.plain_data
+    return result.bytes

@@ -19,8 +19,9 @@ columns first (GPTQ's inner loop, a Numba kernel over rows); the levels are then
 the codec's block (`set_levels_rows` of each type's module), and the block's total error goes on
 to the later blocks through BLAS. The bytes are standard ggml blocks that any llama.cpp reads.
 
-The result is kept only where it lowers the Hessian-weighted error against plain quantization
-of the same matrix (`GptqResult.improved`); callers keep llama.cpp's bytes otherwise.
+The result is kept row by row, where it lowers the Hessian-weighted error against plain
+quantization of the same matrix (`GptqResult.chosen`), measured on calibration tokens the sweep
+did not see where there are enough (`Heldout`); llama.cpp's bytes stay in the other rows.
 """
 from __future__ import annotations
 
@@ -56,6 +57,11 @@ SINK_WEIGHT = 64.0
 #: 0.102815, 0.25 0.092656, 1 0.100583 (the full pull fits the calibration text too closely)
 ASYM = 0.25
 
+#: the sequential sweep keeps every HOLDOUT-th calibration chunk out of its Hessians and judges
+#: each row, GPTQ's against plain quantization's, on those tokens (0: on the sweep's own
+#: Hessian, which favours GPTQ: the sweep fits that Hessian's noise as well as its signal)
+HOLDOUT = 4
+
 
 @dataclass(frozen=True)
 class GptqSettings:
@@ -66,25 +72,86 @@ class GptqSettings:
     act_order: bool = True
     sink_weight: float = SINK_WEIGHT  # sequential sweep only: the first token's weight in H
     asym: float = ASYM  # sequential sweep only: the pull towards the float model's outputs
+    holdout: int = HOLDOUT  # sequential sweep only: every n-th chunk judges the rows (0: none)
 
 
 @dataclass
 class GptqResult:
-    data: np.ndarray  # uint8 (rows, row bytes): ggml blocks of the type
-    error: float  # tr(dW H dW^T) of these bytes
+    """GPTQ's bytes and plain quantization's for one matrix, with each row's error; the file
+    takes each row from whichever errs less (`chosen`). ggml's blocks never span rows, so
+    rows from either can be mixed."""
+
+    data: np.ndarray  # uint8 (rows, row bytes): ggml blocks of the type, by GPTQ
     plain_data: np.ndarray  # plain (imatrix-weighted) quantization of W: llama.cpp's bytes
-    plain_error: float  # tr(dW H dW^T) of those
+    q: np.ndarray  # what data decodes to (rows, k) float32
+    plain: np.ndarray  # what plain_data decodes to
+    error_rows: np.ndarray  # float64 (rows,): each GPTQ row's error (tr(dW H dW^T) by rows)
+    plain_error_rows: np.ndarray  # the same for plain quantization's rows
+
+    @property
+    def chosen(self) -> np.ndarray:
+        """The rows where GPTQ's bytes go into the file."""
+        return self.error_rows < self.plain_error_rows
+
+    @property
+    def error(self) -> float:
+        """The error of the chosen rows."""
+        return float(np.minimum(self.error_rows, self.plain_error_rows).sum())
+
+    @property
+    def plain_error(self) -> float:
+        return float(self.plain_error_rows.sum())
 
     @property
     def improved(self) -> bool:
-        return self.error < self.plain_error
+        return bool(self.chosen.any())
+
+    @property
+    def bytes(self) -> np.ndarray:
+        """The file's bytes: GPTQ's rows where chosen, plain quantization's elsewhere."""
+        return np.where(self.chosen[:, None], self.data, self.plain_data)
+
+    def judge(self, heldout: Heldout, w: np.ndarray) -> None:
+        """Measure both candidates' rows on held-out tokens instead of on the Hessian they
+        were fitted to (which favours GPTQ: its sweep fits that Hessian's noise too)."""
+        self.error_rows, self.plain_error_rows = heldout.row_errors(w, self.q, self.plain)
+
+
+def row_errors(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """(w - q) h (w - q)^T's diagonal: each row's squared output change over the tokens whose
+    Hessian is h."""
+    d = (w.astype(np.float64) - q.astype(np.float64))
+    return np.einsum("ij,ij->i", d @ h, d)
 
 
 def hessian_error(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:
     """tr((w - q) h (w - q)^T): the summed squared change of the layer's outputs over the
     calibration tokens whose Hessian is h."""
-    d = (w.astype(np.float64) - q.astype(np.float64))
-    return float(np.einsum("ij,ij->", d @ h, d))
+    return float(row_errors(w, q, h).sum())
+
+
+@dataclass
+class Heldout:
+    """Gram matrices of calibration tokens kept out of the sweep's Hessian, to judge its result
+    on: X_q the inputs the matrix sees (the quantized blocks' outputs), X_m those whose outputs
+    it should give (X_q itself, or pulled towards the float model's as the sweep aims). A
+    candidate Q's row r errs by ||X_m w_r - X_q q_r||^2 = w_r mm w_r - 2 w_r mq q_r + q_r qq q_r."""
+
+    qq: np.ndarray  # X_q^T X_q (k, k) float64
+    mq: np.ndarray  # X_m^T X_q
+    mm: np.ndarray  # X_m^T X_m
+
+    def row_errors(self, w: np.ndarray, *candidates: np.ndarray) -> list[np.ndarray]:
+        """Each candidate's row errors (float64 (rows,)) for the float matrix w."""
+        w64 = w.astype(np.float64)
+        base = np.einsum("ij,ij->i", w64 @ self.mm, w64)
+        wm = w64 @ self.mq
+        out = []
+        for q in candidates:
+            q64 = q.astype(np.float64)
+            e = base - 2 * np.einsum("ij,ij->i", wm, q64) + np.einsum("ij,ij->i", q64 @ self.qq, q64)
+            out.append(np.maximum(e, 0.0))  # cancellation can take an exact fit a hair below 0
+        return out
 
 
 def damped(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
@@ -252,4 +319,4 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray, qtype: QType, imatrix: np.ndarra
     plain_data = codec.quantize_rows(w32 if plain_of is None else np.ascontiguousarray(plain_of, np.float32),
                                      imatrix)
     plain = codec.dequantize_rows(plain_data, k)
-    return GptqResult(data, hessian_error(w, q, h), plain_data, hessian_error(w, plain, h))
+    return GptqResult(data, plain_data, q, plain, row_errors(w, q, h), row_errors(w, plain, h))

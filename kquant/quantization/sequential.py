@@ -28,6 +28,7 @@ Activations for all N tokens are held at once (twice with the float stream): N x
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,7 +42,7 @@ from ..runtime.chunks import chunk_sequences
 from ..runtime.device import to_host
 from ..runtime.forward import Segment, Transformer
 from .calibrated import GptqReport, gptq_types, quantize_matrix
-from .gptq import corrected_target
+from .gptq import Heldout, corrected_target
 
 F32 = np.float32
 
@@ -146,10 +147,10 @@ class SequentialGptq:
             out.append(m.self_attention(il, L, h[c0:c0 + n_ctx], [seg], pos))
         return m.xp.concatenate(out)
 
-    def hessian_of(self, name: str, x: np.ndarray, x_fp: np.ndarray | None = None
-                   ) -> tuple[np.ndarray, np.ndarray | None] | None:
-        """The Hessian H = x^T x of a matrix's input, and with the float model's input x_fp the
-        cross term (x_fp - x)^T x (gptq.corrected_target); None when GPTQ does not quantize it."""
+    def hessian_of(self, name: str, x: np.ndarray, x_fp: np.ndarray | None = None) -> Stats | None:
+        """What the sweep of a matrix with input x needs (Stats); None when GPTQ does not
+        quantize it. `x_fp` is the float model's input of the matrix, when the sweep aims at
+        its outputs."""
         p = self.planned.get(name)
         if p is None or p.target not in gptq_types() or p.target == p.source.type:
             return None
@@ -158,6 +159,8 @@ class SequentialGptq:
         use_fp = x_fp is not None and p.gptq.asym != 0
         if use_fp:
             _check_finite(name, x_fp, xp)
+        else:
+            x_fp = None
         weight = p.gptq.sink_weight
         if weight != 1:  # both streams' first tokens scaled alike: the cross term gets the weight too
             x = x.copy()
@@ -165,12 +168,32 @@ class SequentialGptq:
             if use_fp:
                 x_fp = x_fp.copy()
                 x_fp[::self.n_ctx] *= np.float32(np.sqrt(weight))
-        if not use_fp:
-            return gram(x), None
+        fit, held = self.split(len(x), p.gptq.holdout)
+        heldout = None
+        if held is not None:
+            heldout = _heldout(self.rows(x, held), None if x_fp is None else self.rows(x_fp, held), p.gptq.asym)
+            x = self.rows(x, fit)
+            x_fp = None if x_fp is None else self.rows(x_fp, fit)
         x64 = x.astype(np.float64)
-        return to_host(x64.T @ x64), to_host((x_fp - x).astype(np.float64).T @ x64)
+        cross = None if x_fp is None else to_host((x_fp - x).astype(np.float64).T @ x64)
+        return Stats(to_host(x64.T @ x64), cross, heldout)
 
-    def quantize(self, L: Any, attr: str, stats: tuple[np.ndarray, np.ndarray | None] | None) -> None:
+    def split(self, n_rows: int, every: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The chunks the sweep fits (all but every `every`-th) and those that judge it; both
+        None when there are fewer than `every` chunks (then the sweep's own Hessian judges)."""
+        n_chunks = n_rows // self.n_ctx
+        if every < 2 or n_chunks < every:
+            return None, None
+        index = np.arange(n_chunks)
+        held = index % every == every - 1
+        return index[~held], index[held]
+
+    def rows(self, x: np.ndarray, chunks: np.ndarray) -> np.ndarray:
+        """The activation rows of these chunks."""
+        x3 = x.reshape(-1, self.n_ctx, x.shape[1])
+        return x3[self.model.xp.asarray(chunks)].reshape(-1, x.shape[1])
+
+    def quantize(self, L: Any, attr: str, stats: Stats | None) -> None:
         """Quantize the layer's matrix `attr` (GPTQ with a Hessian, and a cross term to aim
         at the float model's outputs, else plainly) and put what its bytes decode to in its
         place."""
@@ -180,18 +203,39 @@ class SequentialGptq:
             return
         w = np.ascontiguousarray(to_host(getattr(L, attr)), F32)
         if stats is not None:
-            hessian, cross = stats
             aim = None
-            if cross is not None:
-                aim = corrected_target(w, hessian, cross, p.gptq.asym, p.gptq.damp)
+            if stats.cross is not None:
+                aim = corrected_target(w, stats.hessian, stats.cross, p.gptq.asym, p.gptq.damp)
             with numba_threads(self.n_threads):
-                data = quantize_matrix(w, p.target, p.imatrix, hessian, p.name, self.report,
-                                       p.gptq, aim)
+                data = quantize_matrix(w, p.target, p.imatrix, stats.hessian, p.name, self.report,
+                                       p.gptq, aim, stats.heldout)
         else:
             data = self.convert(p).reshape(w.shape[0], -1)
         self.data[name] = data.reshape(-1)
         q = dequantize(data.reshape(w.shape[0], -1), p.target).reshape(w.shape)
         setattr(L, attr, self.model.xp.asarray(q))
+
+
+@dataclass
+class Stats:
+    """A matrix input's statistics for the sweep: its Hessian H = X_q^T X_q over the chunks it
+    fits, the cross term (X_f - X_q)^T X_q with the float model's inputs X_f (or None), and
+    the held-out chunks' Gram matrices that choose its rows (or None)."""
+
+    hessian: np.ndarray
+    cross: np.ndarray | None
+    heldout: Heldout | None
+
+
+def _heldout(x: Any, x_fp: Any | None, asym: float) -> Heldout:
+    """Held-out Gram matrices (gptq.Heldout) of inputs x: the outputs aimed at are those of
+    x + asym (x_fp - x), as the sweep's corrected target aims."""
+    x64 = x.astype(np.float64)
+    qq = to_host(x64.T @ x64)
+    if x_fp is None:
+        return Heldout(qq, qq, qq)
+    m64 = x64 + asym * (x_fp.astype(np.float64) - x64)
+    return Heldout(qq, to_host(m64.T @ x64), to_host(m64.T @ m64))
 
 
 def sequential_gptq(model_path: str | Path, text_path: str | Path, planned: dict[str, Any],
