@@ -287,8 +287,8 @@ def test_sequential_sweep_aims_at_the_float_model(tiny_llama_f32):
 
 
 def test_sequential_sweep_holds_out_every_nth_chunk(tiny_llama_f32):
-    """With --gptq-holdout 4 and 4 chunks, each sweep's Hessian sums chunks 0-2 and chunk 3
-    judges its rows (first tokens weighted alike in both); with fewer chunks than 4, or
+    """With --gptq-holdout 4 and 4 chunks, each sweep's Hessian sums chunks 0-2 (first tokens
+    weighted) and chunk 3 judges its rows (every token once); with fewer chunks than 4, or
     holdout 0, nothing is held out."""
     from kquant.calibration.hessian import calibration_tokens
     from kquant.models import open_model
@@ -323,11 +323,11 @@ def test_sequential_sweep_holds_out_every_nth_chunk(tiny_llama_f32):
     seen = run(4, 4)
     assert len(seen) == 16 and all(st.heldout is not None for _, st in seen.values())
     for name, (x, stats) in seen.items():
+        h = stats.heldout
+        np.testing.assert_allclose(h.qq, gram(x[192:]), rtol=1e-9, atol=1e-9)
         x = x.copy()
         x[::64] *= 2  # sqrt of the sink weight
-        h = stats.heldout
         np.testing.assert_allclose(stats.hessian, gram(x[:192]), rtol=1e-9, atol=1e-9)
-        np.testing.assert_allclose(h.qq, gram(x[192:]), rtol=1e-9, atol=1e-9)
         assert h.mq is h.qq and h.mm is h.qq
     assert all(st.heldout is None for _, st in run(3, 4).values())
     assert all(st.heldout is None for _, st in run(4, 0).values())

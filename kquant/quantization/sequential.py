@@ -161,6 +161,16 @@ class SequentialGptq:
             _check_finite(name, x_fp, xp)
         else:
             x_fp = None
+        fit, held = self.split(len(x), p.gptq.holdout)
+        heldout = None
+        if held is not None:
+            # the judge counts every token once: the sink weight steers the sweep, but whether a
+            # row's outputs came closer is asked token by token (on SmolLM2 as published, Q5_K_M,
+            # judging with the weight too left the file worse than llama.cpp's; README)
+            heldout = _heldout(self.rows(x, held), None if x_fp is None else self.rows(x_fp, held),
+                               p.gptq.asym)
+            x = self.rows(x, fit)
+            x_fp = None if x_fp is None else self.rows(x_fp, fit)
         weight = p.gptq.sink_weight
         if weight != 1:  # both streams' first tokens scaled alike: the cross term gets the weight too
             x = x.copy()
@@ -168,12 +178,6 @@ class SequentialGptq:
             if use_fp:
                 x_fp = x_fp.copy()
                 x_fp[::self.n_ctx] *= np.float32(np.sqrt(weight))
-        fit, held = self.split(len(x), p.gptq.holdout)
-        heldout = None
-        if held is not None:
-            heldout = _heldout(self.rows(x, held), None if x_fp is None else self.rows(x_fp, held), p.gptq.asym)
-            x = self.rows(x, fit)
-            x_fp = None if x_fp is None else self.rows(x_fp, fit)
         x64 = x.astype(np.float64)
         cross = None if x_fp is None else to_host((x_fp - x).astype(np.float64).T @ x64)
         return Stats(to_host(x64.T @ x64), cross, heldout)
