@@ -59,7 +59,10 @@ ASYM = 0.25
 
 #: the sequential sweep keeps every HOLDOUT-th calibration chunk out of its Hessians and judges
 #: each row, GPTQ's against plain quantization's, on those tokens (0: on the sweep's own
-#: Hessian, which favours GPTQ: the sweep fits that Hessian's noise as well as its signal)
+#: Hessian, which favours GPTQ: the sweep fits that Hessian's noise as well as its signal).
+#: On SmolLM2 as published, Q5_K_M (mean KLD by kquant-perplexity; llama.cpp's file 0.006797),
+#: whole matrices judged on their own Hessians gave about 1.03x llama.cpp's KLD, rows judged on
+#: held-out chunks 0.006258 (0.92x)
 HOLDOUT = 4
 
 

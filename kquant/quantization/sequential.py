@@ -22,6 +22,8 @@ With GptqSettings.asym (the default) the float model's stream runs beside the qu
 (`float_inputs`, before each block's matrices are replaced), and each matrix's sweep aims at a
 target pulled towards the float model's outputs (gptq.corrected_target): the errors upstream
 are partly made up for downstream instead of being carried on.
+Every `GptqSettings.holdout`-th chunk stays out of the Hessians: on its tokens, each counted
+once, each row of a sweep's result is judged against plain quantization's (gptq.Heldout).
 Activations for all N tokens are held at once (twice with the float stream): N x n_ff float32 (100 MB for 16k tokens of a
 1536-wide FFN; 720 MB at 11008).
 """
