@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..quantization import mixes
 from ..models import open_model
-from ..quantization.pipeline import (QuantizeOptions, default_output_name,
+from ..quantization.pipeline import (QuantizeOptions, apply_budget, default_output_name,
                               parse_override_kv, plan_quantization, quantize_model)
 from ..errors import ModelError
 from ..quantization.gptq import ASYM, DAMP, HOLDOUT, SINK_WEIGHT, GptqSettings
@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--method", choices=("llama", "gptq"), default="llama",
                     help="llama: llama-quantize's bytes (default); gptq: the block matrices by GPTQ "
                          "with layer Hessians from --calibrate, same types and size")
-    ap.add_argument("--calibrate", metavar="TEXT", help="calibration text for --method gptq")
+    ap.add_argument("--calibrate", metavar="TEXT",
+                    help="calibration text for --method gptq, and with --target-bpw/--target-size "
+                         "for measuring how much each tensor kind's error costs")
     ap.add_argument("--hessian", metavar="FILE",
                     help="--method gptq with the Hessians kquant-imatrix --hessian-out saved")
     ap.add_argument("--gptq-one-shot", action="store_true",
@@ -98,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="calibration chunk size in tokens (default 512)")
     ap.add_argument("--chunks", type=int, default=-1, metavar="N",
                     help="calibration chunks (default: all of the text)")
+    ap.add_argument("--target-bpw", type=float, metavar="X",
+                    help="choose each quantized tensor's type (K-quants and Q8_0; legacy types for "
+                         "rows the K-quants do not fit) so that all tensor data is at most X bits "
+                         "per weight, minimising the estimated loss; TYPE's rules still say which "
+                         "tensors are quantized, --tensor-type and the embedding/output types win")
+    ap.add_argument("--target-size", type=int, metavar="BYTES",
+                    help="as --target-bpw, for a file of at most BYTES bytes")
     ap.add_argument("--dry-run", action="store_true",
                     help="print each tensor's type and the sizes, write nothing")
     ap.add_argument("args", nargs="+", metavar="INPUT [OUTPUT] TYPE [nthreads]")
@@ -177,6 +186,12 @@ def options_from_args(ns: argparse.Namespace, n_threads: int | None) -> Quantize
         raise ModelError(f"--gptq-sink-weight must be a number > 0, not {ns.gptq_sink_weight}")
     if not 0 <= ns.gptq_asym <= 1:
         raise ModelError(f"--gptq-asym must be a number from 0 to 1, not {ns.gptq_asym}")
+    if ns.target_bpw is not None and ns.target_size is not None:
+        raise ModelError("--target-bpw and --target-size cannot be used together")
+    if ns.target_bpw is not None and not 0 < ns.target_bpw <= 32:
+        raise ModelError(f"--target-bpw must be a number above 0 and at most 32 (F32), not {ns.target_bpw}")
+    if ns.target_size is not None and ns.target_size <= 0:
+        raise ModelError(f"--target-size must be a number of bytes above 0, not {ns.target_size}")
     if not (ns.gptq_holdout == 0 or ns.gptq_holdout >= 2):
         raise ModelError(f"--gptq-holdout must be 0 or at least 2, not {ns.gptq_holdout}")
     if ns.include_weights and ns.exclude_weights:
@@ -192,19 +207,25 @@ def options_from_args(ns: argparse.Namespace, n_threads: int | None) -> Quantize
         calibrate_chunks=ns.chunks, sequential=not ns.gptq_one_shot,
         gptq=GptqSettings(damp=ns.gptq_damp, act_order=ns.gptq_act_order,
                           sink_weight=ns.gptq_sink_weight, asym=ns.gptq_asym,
-                          holdout=ns.gptq_holdout), device=ns.device)
+                          holdout=ns.gptq_holdout), device=ns.device,
+        target_bpw=ns.target_bpw, target_size=ns.target_size)
 
 
 def dry_run(inp: Path, ftype, opts: QuantizeOptions) -> None:
     t0 = time.perf_counter()
     plan = plan_quantization(open_model(inp, opts.hf_outtype), ftype, opts)
+    allocation = apply_budget(plan, opts, inp, opts.n_threads, progress=sys.stderr.isatty())
+    loss = {} if allocation is None else {name: est for name, _, est, _ in allocation.rows}
     mib = 1024 * 1024
     for i, p in enumerate(plan.tensors, 1):
         shape = ", ".join(str(n) for n in p.source.shape)
         change = (f"{p.source.nbytes / mib:8.2f} MiB -> {p.new_nbytes / mib:8.2f} MiB ({p.target.name})"
                   if p.target != p.source.type else f"{p.new_nbytes / mib:8.3f} MiB")
+        est = f", estimated loss = {loss[p.name]:.4g}" if p.name in loss else ""
         print(f"[{i:4d}/{len(plan.tensors):4d}] {p.name:<36s} - [{shape}], type = "
-              f"{p.source.type.name:>6s}, size = {change}")
+              f"{p.source.type.name:>6s}, size = {change}{est}")
+    if allocation is not None:
+        print(allocation.line())
     n = plan.n_elements
     print(f"model size = {plan.size_in / mib:.2f} MiB ({8 * plan.size_in / n:.2f} BPW), "
           f"quant size = {plan.size_out / mib:.2f} MiB ({8 * plan.size_out / n:.2f} BPW), "
@@ -225,6 +246,8 @@ def _run(ns: argparse.Namespace) -> int:
     shown = ftype if isinstance(ftype, str) else ftype.name.replace("MOSTLY_", "")
     print(f"kquant-quantize: quantizing '{inp}' to '{out}' as {shown}", file=sys.stderr)
     summary = quantize_model(inp, out, ftype, opts, progress=sys.stderr.isatty())
+    if summary.allocation:
+        print(summary.allocation, file=sys.stderr)
     if summary.gptq:
         print(summary.gptq, file=sys.stderr)
     print(summary.line())

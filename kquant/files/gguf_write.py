@@ -19,7 +19,7 @@ from ..errors import ModelError
 from .atomic import atomic_path, check_writable, refuse_input_as_output
 from .source import ModelSource
 
-__all__ = ["write_gguf"]
+__all__ = ["write_gguf", "gguf_header_size", "gguf_file_size"]
 
 
 def _raw(value: Any, vtype: GGUFValueType, sub_type: GGUFValueType | None) -> Any:
@@ -84,3 +84,31 @@ def _write_tensors(writer: GGUFWriter, source: ModelSource, label: str, progress
             if t.release is not None:
                 t.release()
             bar.update(t.nbytes)
+
+
+def gguf_header_size(source: ModelSource) -> int:
+    """The bytes before the first tensor's data in the file write_gguf makes of `source`: the
+    header, pairs and tensor infos, padded to the alignment (measured on a scratch file; no
+    tensor is loaded, and the tensors' types do not change it)."""
+    import tempfile
+
+    writer = _writer(source)
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp) / "header.gguf"
+        writer.write_header_to_file(path=scratch)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.close()
+        head = scratch.stat().st_size
+    return _padded(head, writer.data_alignment)
+
+
+def gguf_file_size(source: ModelSource) -> int:
+    """The size in bytes of the file write_gguf makes of `source`: gguf_header_size, then each
+    tensor's data padded to the alignment (gguf-py's layout)."""
+    align = int(source.get("general.alignment") or 32)
+    return gguf_header_size(source) + sum(_padded(t.nbytes, align) for t in source.tensors)
+
+
+def _padded(n: int, align: int) -> int:
+    return (n + align - 1) // align * align

@@ -24,13 +24,14 @@ from . import mixes
 from ..codecs import CODECS
 from ..files.gguf_read import SPLIT_KEYS
 from ..files.atomic import refuse_input_as_output
-from ..files.gguf_write import write_gguf
+from ..files.gguf_write import gguf_header_size, write_gguf
 from ..calibration.imatrix_file import load_imatrix, weights_for_quantize
 from ..codecs.api import dequantize, numba_threads, quantize
 from ..errors import ModelError
 from ..runtime.device import resolve_device
 from ..models import open_model
 from ..files.source import KV, ModelSource, SourceTensor
+from .allocation import Allocation, allocate_plan
 from .gptq import GptqSettings
 from .calibrated import (METHODS, Calibration, GptqReport, calibrate, gptq_types, load_calibration,
                          quantize_matrix)
@@ -74,6 +75,10 @@ class QuantizeOptions:
     sequential: bool = True
     gptq: GptqSettings = field(default_factory=GptqSettings)  # the sweep's dampening and order
     device: str = "cpu"  # where --method gptq runs the model (auto, cpu, cuda; one-shot: the CPU)
+    # per-tensor types chosen under a budget instead of by the mix (kquant.quantization.allocation):
+    # bits per weight of all tensor data, or the file's bytes; at most one of them
+    target_bpw: float | None = None
+    target_size: int | None = None
 
 
 @dataclass
@@ -122,6 +127,7 @@ class Summary:
     seconds: float
     n_tensors: int
     gptq: str = ""  # with --method gptq: its GptqReport line
+    allocation: str = ""  # with a budget: Allocation.line()
 
     def line(self) -> str:
         mib = 1024 * 1024
@@ -254,6 +260,52 @@ def plan_quantization(source: ModelSource, ftype: str | int | LlamaFileType,
     if opts.prune_layers:
         _set(kv, KV(f"{source.arch}.block_count", n_blocks, GGUFValueType.UINT32))
     return Plan(source, ftype, kv, planned)
+
+
+KEY_TARGET_BPW = "quantize.kquant.target_bpw"
+KEY_TARGET_SIZE = "quantize.kquant.target_size"
+
+
+def apply_budget(plan: Plan, opts: QuantizeOptions, model_path: str | Path, n_threads: int | None = None,
+                 progress: bool = False) -> Allocation | None:
+    """With --target-bpw or --target-size: the allocator's types in the plan (in place), the
+    budget recorded in the metadata. The mix's types stay where the options fix them. With
+    calibration text, each tensor kind's sensitivity is measured on it (sensitivity.py)."""
+    if opts.target_bpw is None and opts.target_size is None:
+        return None
+    if opts.target_bpw is not None:
+        budget = int(opts.target_bpw * plan.n_elements // 8)
+        _set(plan.kv, KV(KEY_TARGET_BPW, float(opts.target_bpw), GGUFValueType.FLOAT32))
+    else:
+        _set(plan.kv, KV(KEY_TARGET_SIZE, int(opts.target_size), GGUFValueType.UINT64))
+        head = gguf_header_size(ModelSource(plan.source.arch, plan.kv, [
+            SourceTensor(p.name, p.source.shape, p.target, None) for p in plan.tensors]))
+        align = int(plan.source.get("general.alignment") or 32)
+        f32 = head + sum(-(-4 * p.source.n_elements // align) * align for p in plan.tensors)
+        if opts.target_size > f32:
+            raise ModelError(f"--target-size {opts.target_size} is above the model's size at F32 "
+                             f"({f32} bytes)")
+        # each tensor's data is padded to the alignment: leave room for the most padding
+        budget = opts.target_size - head - (align - 1) * len(plan.tensors)
+        if budget <= 0:
+            raise ModelError(f"--target-size {opts.target_size} is below the file's "
+                             f"{head} bytes of metadata")
+    patterns = [re.compile(p) for p, _ in opts.tensor_types]
+
+    def fixed(name: str) -> bool:
+        return (any(pt.search(name) for pt in patterns)
+                or (opts.token_embedding_type is not None and mixes.tensor_category(name) == mixes.Category.TOKEN_EMBD)
+                or (opts.output_tensor_type is not None and mixes.tensor_category(name) == mixes.Category.OUTPUT))
+
+    measure = None
+    if opts.calibrate:
+        from .sensitivity import measure_sensitivities
+
+        def measure(planned, options):
+            return measure_sensitivities(model_path, opts.calibrate, planned, options, opts.calibrate_ctx,
+                                         n_threads=n_threads, progress=progress)
+    with numba_threads(n_threads):
+        return allocate_plan(plan.tensors, budget, fixed, measure, n_threads, progress)
 
 
 _BLK = re.compile(r"blk\.(\d+)\.")
@@ -417,6 +469,9 @@ def quantize_model(input_path: str | Path, output_path: str | Path,
                                         device=resolve_device(opts.device))
         if calibration is not None:
             plan = plan_quantization(source, ftype, opts, calibration)
+    # the budget's types, estimated with the imatrix the quantization uses
+    allocation = apply_budget(plan, opts, inp, opts.n_threads, progress)
+    if opts.method == "gptq":
         if opts.sequential and not opts.hessian:
             _quantize_sequentially(inp, plan, opts, report, progress)
     result = output_source(plan, opts.n_threads, report)
@@ -428,7 +483,8 @@ def quantize_model(input_path: str | Path, output_path: str | Path,
             stem = str(out)[:-5] if str(out).endswith(".gguf") else str(out)
             write_gguf(part, f"{stem}-{i + 1:05d}-of-{n_split:05d}.gguf", progress=progress)
     return Summary(plan.size_in, plan.size_out, plan.n_elements, time.perf_counter() - t0,
-                   len(plan.tensors), report.line() if report is not None else "")
+                   len(plan.tensors), report.line() if report is not None else "",
+                   allocation.line() if allocation is not None else "")
 
 
 def _quantize_sequentially(inp: Path, plan: Plan, opts: QuantizeOptions, report: GptqReport,
