@@ -209,3 +209,17 @@ def test_bad_budgets_are_one_error_line(tmp_path, capsys, tiny_llama_f32, extra,
     err = capsys.readouterr().err
     assert "kquant-quantize: error: " in err and message in err, err
     assert "Traceback" not in err and not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_allocation_does_not_depend_on_the_thread_count(capsys, tiny_llama_f32, tiny_imatrix):
+    """The same types, estimates and sensitivities with 1 and 2 threads."""
+    from kquant.cli.quantize import main
+
+    shown = []
+    for threads in ("1", "2"):
+        assert main(["--dry-run", "--imatrix", str(tiny_imatrix), "--calibrate", str(CALIB), "-c", "128",
+                     "--target-bpw", "4.2", str(tiny_llama_f32), "Q4_K_M", threads]) == 0
+        out = capsys.readouterr().out
+        shown.append([line for line in out.splitlines() if "s (dry run" not in line])
+    assert shown[0] == shown[1]
+    assert any(line.startswith("sensitivity (KLD per unit of error): ") for line in shown[0])

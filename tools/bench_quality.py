@@ -6,6 +6,12 @@ llama-perplexity on text apart from the calibration text.
         --types Q2_K Q3_K_M Q4_K_M Q5_K_M Q6_K [--chunks 40] [--calib-chunks 32] [-c 512] \\
         [--bin /path/to/llama.cpp/bin] [--variant 'one-shot=--gptq-one-shot' ...]
 
+Per-tensor allocation at llama.cpp's file size (kquant-quantize --target-size; {size} stands for
+the size of llama.cpp's file of the type):
+
+    python tools/bench_quality.py ... --variant 'alloc=--method llama --target-size {size}' \\
+        --variant 'alloc+gptq=--target-size {size}'
+
 Steps, all with the same threads:
 1. llama-imatrix on the calibration text: the imatrix both files use;
 2. llama-perplexity --kl-divergence-base on the evaluation text with the model itself;
@@ -63,7 +69,8 @@ def main() -> None:
                     help="folder of llama-imatrix, llama-quantize, llama-perplexity")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
                     help="a kquant-quantize variant to add (e.g. 'one-shot=--gptq-one-shot'); "
-                         "repeatable; default: 'kquant gptq=' (the defaults)")
+                         "repeatable; default: 'kquant gptq=' (the defaults). {size} in ARGS is "
+                         "llama.cpp's file size (e.g. 'alloc=--method llama --target-size {size}')")
     ap.add_argument("--workdir", default=str(Path.home() / ".cache" / "kquant" / "quality"))
     a = ap.parse_args()
     if Path(a.calibrate).resolve() == Path(a.eval).resolve():
@@ -93,7 +100,8 @@ def main() -> None:
         for name, extra in variants:
             ours = work / f"gptq-{re.sub(r'[^A-Za-z0-9]+', '-', name)}-{qtype}.gguf"
             _, secs = run([sys.executable, "-m", "kquant.cli.quantize", "--method", "gptq", "--calibrate",
-                           a.calibrate, "-c", c, *chunks, "--imatrix", str(im), *extra.split(), a.model,
+                           a.calibrate, "-c", c, *chunks, "--imatrix", str(im),
+                           *extra.replace("{size}", str(ref.stat().st_size)).split(), a.model,
                            str(ours), qtype, t], env, cwd=ROOT)
             files.append((name, ours, secs))
         stats = {}
