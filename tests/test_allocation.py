@@ -223,3 +223,24 @@ def test_allocation_does_not_depend_on_the_thread_count(capsys, tiny_llama_f32, 
         shown.append([line for line in out.splitlines() if "s (dry run" not in line])
     assert shown[0] == shown[1]
     assert any(line.startswith("sensitivity (KLD per unit of error): ") for line in shown[0])
+
+
+def test_allocation_with_gptq_sweeps_at_the_chosen_types(tmp_path, capsys, tiny_llama_f32, tiny_imatrix):
+    """--method gptq with a budget: the same types as the plain allocation (the same imatrix,
+    the same measured sensitivities), GPTQ's bytes in the block matrices."""
+    from kquant.cli.quantize import main
+    from kquant.models import open_model
+
+    common = ["--imatrix", str(tiny_imatrix), "--calibrate", str(CALIB), "-c", "128", "--chunks", "4",
+              "--target-bpw", "3.8"]
+    plain, gptq = tmp_path / "plain.gguf", tmp_path / "gptq.gguf"
+    assert main([*common, str(tiny_llama_f32), str(plain), "Q4_K_M"]) == 0
+    assert main(["--method", "gptq", *common, str(tiny_llama_f32), str(gptq), "Q4_K_M"]) == 0
+    err = capsys.readouterr().err
+    assert "allocation: 30 tensors chosen" in err and "rows from GPTQ" in err
+    a, b = open_model(plain, "f32"), open_model(gptq, "f32")
+    assert [(t.name, t.type) for t in a.tensors] == [(t.name, t.type) for t in b.tensors]
+    assert len({t.type for t in a.tensors}) >= 4
+    changed = sum(not np.array_equal(np.asarray(s.load()), np.asarray(t.load()))
+                  for s, t in zip(a.tensors, b.tensors) if s.name.startswith("blk."))
+    assert changed >= 20
