@@ -151,11 +151,12 @@ def test_target_size_gives_a_file_of_at_most_that_size(tmp_path, capsys, tiny_ll
 
 
 def test_measured_sensitivities_rank_the_real_kl_divergence(tiny_llama_f32, tiny_imatrix):
-    """The estimate sum_t s_t e_t, with the sensitivities measured per tensor kind, ranks the
-    KL divergences that whole allocations really give (measured the same way, on other text)."""
+    """The estimate sum_t s_t e_t, with the sensitivities measured per tensor kind and block,
+    ranks the KL divergences that whole allocations really give (measured the same way, on
+    other text)."""
     from kquant.calibration.hessian import calibration_tokens
     from kquant.models import open_model
-    from kquant.quantization.allocation import estimate, tensor_kind
+    from kquant.quantization.allocation import estimate
     from kquant.quantization.pipeline import QuantizeOptions, plan_quantization
     from kquant.quantization.sensitivity import _Probe, measure_sensitivities
     from kquant.runtime import Transformer
@@ -166,9 +167,12 @@ def test_measured_sensitivities_rank_the_real_kl_divergence(tiny_llama_f32, tiny
     planned = [p for p in plan.tensors if p.target not in (T.F32, T.F16)]
     options = [estimate(p) for p in planned]
     s = measure_sensitivities(tiny_llama_f32, CALIB, planned, options, n_ctx=128)
-    assert set(s) == {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down",
-                      "token_embd", "output"}
-    assert all(v > 0 for v in s.values())
+    assert set(s.kind) == {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down",
+                           "token_embd", "output"}
+    assert set(s.layer) == {0, 1, 2, 3}
+    assert all(v > 0 for v in [*s.kind.values(), *s.layer.values()])
+    assert s.of("blk.2.ffn_down.weight") == s.kind["ffn_down"] * s.layer[2]
+    assert s.of("output.weight") == s.kind["output"]
 
     tokens, bos = calibration_tokens(source, CALIB, 128)
     probe = _Probe(Transformer(source, "cpu", progress=False),
@@ -186,7 +190,7 @@ def test_measured_sensitivities_rank_the_real_kl_divergence(tiny_llama_f32, tiny
         measured.append(probe.kld())
         for name, w in saved.items():
             probe.put(name, w)
-        predicted.append(sum(s[tensor_kind(o.name)] * o.loss[i] for o, i in zip(options, picks)))
+        predicted.append(sum(s.of(o.name) * o.loss[i] for o, i in zip(options, picks)))
     rank = lambda v: np.argsort(np.argsort(v))  # noqa: E731
     rho = np.corrcoef(rank(predicted), rank(measured))[0, 1]
     assert rho >= 0.8, (predicted, measured)
@@ -222,7 +226,8 @@ def test_allocation_does_not_depend_on_the_thread_count(capsys, tiny_llama_f32, 
         out = capsys.readouterr().out
         shown.append([line for line in out.splitlines() if "s (dry run" not in line])
     assert shown[0] == shown[1]
-    assert any(line.startswith("sensitivity (KLD per unit of error): ") for line in shown[0])
+    assert any(line.startswith("sensitivity (KLD per unit of error): ") and "per block x" in line
+               for line in shown[0])
 
 
 def test_allocation_with_gptq_sweeps_at_the_chosen_types(tmp_path, capsys, tiny_llama_f32, tiny_imatrix):

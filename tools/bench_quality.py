@@ -45,14 +45,14 @@ def run(cmd: list[str], env: dict, cwd: Path | None = None) -> tuple[str, float]
 
 def kld_stats(cmd: list[str], env: dict) -> tuple[float, float]:
     """Mean KLD and same-top-token rate from llama-perplexity --kl-divergence. Its log is
-    asynchronous and sometimes loses its last lines at exit: up to 3 runs."""
-    for _ in range(3):
+    asynchronous and sometimes loses its last lines at exit: up to 6 runs."""
+    for _ in range(6):
         log, _ = run(cmd, env)
         kld = re.search(r"Mean\s+KLD:\s+([0-9.]+)", log)
         top = re.search(r"Same top p:\s+([0-9.]+)", log)
         if kld and top:
             return float(kld[1]), float(top[1])
-    sys.exit("error: no KL divergence statistics in llama-perplexity's output (3 runs)")
+    sys.exit("error: no KL divergence statistics in llama-perplexity's output (6 runs)")
 
 
 def main() -> None:

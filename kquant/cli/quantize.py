@@ -225,9 +225,8 @@ def dry_run(inp: Path, ftype, opts: QuantizeOptions) -> None:
         print(f"[{i:4d}/{len(plan.tensors):4d}] {p.name:<36s} - [{shape}], type = "
               f"{p.source.type.name:>6s}, size = {change}{est}")
     if allocation is not None:
-        if allocation.sensitivity:
-            print("sensitivity (KLD per unit of error): " + ", ".join(
-                f"{k} {v:.3g}" for k, v in sorted(allocation.sensitivity.items())))
+        if allocation.sensitivity is not None:
+            print(allocation.sensitivity.line())
         print(allocation.line())
     n = plan.n_elements
     print(f"model size = {plan.size_in / mib:.2f} MiB ({8 * plan.size_in / n:.2f} BPW), "

@@ -158,7 +158,7 @@ class Allocation:
     rows: list[tuple[str, T, float, int]]
     budget: int  # bytes of tensor data allowed for the allocated tensors
     used: int
-    sensitivity: dict[str, float]  # per tensor kind, where measured
+    sensitivity: Any  # sensitivity.Sensitivity where measured, else None
 
     @property
     def loss(self) -> float:
@@ -201,7 +201,7 @@ def estimate(p: Any, n_threads: int | None = None) -> Options:
     return Options(p.name, types, np.array([type_nbytes(q, t.n_elements) for q in types], np.int64), errors)
 
 
-Measure = Callable[[list[Any], list[Options]], dict[str, float]]
+Measure = Callable[[list[Any], list[Options]], Any]  # -> sensitivity.Sensitivity
 
 
 def allocate_plan(tensors: list[Any], budget: int, fixed: Callable[[str], bool],
@@ -209,7 +209,7 @@ def allocate_plan(tensors: list[Any], budget: int, fixed: Callable[[str], bool],
                   progress: bool = False) -> Allocation:
     """Choose the types of the allocatable planned tensors (in place: their `target`) so that
     all tensors' data is at most `budget` bytes; the others keep the mix's types. `measure`
-    gives each tensor kind's sensitivity from the error estimates (sensitivity.py), else 1."""
+    gives the tensors' sensitivities from the error estimates (sensitivity.py), else 1."""
     chosen = [p for p in tensors if allocatable(p, fixed)]
     rest = sum(p.new_nbytes for p in tensors if not allocatable(p, fixed))
     if not chosen:
@@ -219,9 +219,10 @@ def allocate_plan(tensors: list[Any], budget: int, fixed: Callable[[str], bool],
                          f"the allocator does not choose")
     options = [estimate(p, n_threads)
                for p in tqdm(chosen, desc="estimate", unit="tensor", disable=not progress, file=sys.stderr)]
-    sensitivity = measure(chosen, options) if measure is not None else {}
-    for o in options:
-        o.loss = o.loss * sensitivity.get(tensor_kind(o.name), 1.0)
+    sensitivity = measure(chosen, options) if measure is not None else None
+    if sensitivity is not None:
+        for o in options:
+            o.loss = o.loss * sensitivity.of(o.name)
     picks = allocate(options, budget - rest)
     rows = []
     for p, o, i in zip(chosen, options, picks):
