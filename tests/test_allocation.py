@@ -3,6 +3,7 @@ kquant-quantize --target-bpw / --target-size."""
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -151,8 +152,7 @@ def test_target_size_gives_a_file_of_at_most_that_size(tmp_path, capsys, tiny_ll
 
 
 def test_measured_sensitivities_rank_the_real_kl_divergence(tiny_llama_f32, tiny_imatrix):
-    """The estimate sum_t s_t e_t, with the sensitivities measured per tensor kind and block,
-    ranks the KL divergences that whole allocations really give (measured the same way, on
+    """The estimate sum_t s_t e_t, with the sensitivities measured per tensor, ranks the KL divergences that whole allocations really give (measured the same way, on
     other text)."""
     from kquant.calibration.hessian import calibration_tokens
     from kquant.models import open_model
@@ -167,12 +167,8 @@ def test_measured_sensitivities_rank_the_real_kl_divergence(tiny_llama_f32, tiny
     planned = [p for p in plan.tensors if p.target not in (T.F32, T.F16)]
     options = [estimate(p) for p in planned]
     s = measure_sensitivities(tiny_llama_f32, CALIB, planned, options, n_ctx=128)
-    assert set(s.kind) == {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down",
-                           "token_embd", "output"}
-    assert set(s.layer) == {0, 1, 2, 3}
-    assert all(v > 0 for v in [*s.kind.values(), *s.layer.values()])
-    assert s.of("blk.2.ffn_down.weight") == s.kind["ffn_down"] * s.layer[2]
-    assert s.of("output.weight") == s.kind["output"]
+    assert set(s.tensor) == {p.name for p in planned} and len(s.tensor) == 30
+    assert all(v > 0 for v in s.tensor.values())
 
     tokens, bos = calibration_tokens(source, CALIB, 128)
     probe = _Probe(Transformer(source, "cpu", progress=False),
@@ -194,6 +190,77 @@ def test_measured_sensitivities_rank_the_real_kl_divergence(tiny_llama_f32, tiny
     rank = lambda v: np.argsort(np.argsort(v))  # noqa: E731
     rho = np.corrcoef(rank(predicted), rank(measured))[0, 1]
     assert rho >= 0.8, (predicted, measured)
+
+
+def test_a_probe_from_the_saved_block_inputs_equals_the_whole_pass(tiny_llama_f32):
+    """A tensor of block l probed from the float pass's residual stream at block l's input gives
+    the KLD of the whole forward pass with it; the float weights give 0."""
+    from kquant.calibration.hessian import calibration_tokens
+    from kquant.models import open_model
+    from kquant.quantization.sensitivity import _Probe
+    from kquant.runtime import Transformer
+    from kquant.runtime.chunks import chunk_sequences
+
+    source = open_model(tiny_llama_f32, "f32")
+    tokens, bos = calibration_tokens(source, CALIB, 128)
+    probe = _Probe(Transformer(source, "cpu", progress=False), chunk_sequences(tokens, 0, 2, 128, bos))
+    assert probe.kld() == pytest.approx(0, abs=1e-12) and probe.kld(3) == pytest.approx(0, abs=1e-12)
+    for name in ("blk.2.attn_v.weight", "blk.3.ffn_down.weight", "output.weight"):
+        w = np.asarray(probe.get(name))
+        probe.put(name, w + np.float32(0.01) * np.sign(w))
+        first = probe.first_block(name)
+        assert first == {"blk.2.attn_v.weight": 2, "blk.3.ffn_down.weight": 3, "output.weight": 4}[name]
+        assert probe.kld(first) == pytest.approx(probe.kld(), rel=1e-6) and probe.kld() > 1e-5
+        probe.put(name, w)
+
+
+def test_a_sensitivity_file_is_measured_once_and_reused(tmp_path, capsys, tiny_llama_f32, tiny_imatrix):
+    """--sensitivity F: written by the first run (measured on --calibrate's text), read by the
+    next, which then needs no text and shows the same choice; refused for another imatrix or
+    another text, and when damaged, with one error line."""
+    from kquant.cli.quantize import main
+
+    sens = tmp_path / "s.json"
+    common = ["--dry-run", "--imatrix", str(tiny_imatrix), "-c", "128", "--target-bpw", "4.2",
+              "--sensitivity", str(sens)]
+    model = [str(tiny_llama_f32), "Q4_K_M"]
+
+    def shown(out: str) -> list[str]:
+        return [line for line in out.splitlines() if "s (dry run" not in line]
+
+    assert main([*common, "--calibrate", str(CALIB), *model]) == 0
+    first = shown(capsys.readouterr().out)
+    doc = json.loads(sens.read_text())
+    assert doc["format"] == "kquant.sensitivity" and len(doc["tensor"]) == 30 and doc["text"] == CALIB.name
+    stamp = sens.stat().st_mtime_ns
+    assert main([*common, *model]) == 0
+    assert shown(capsys.readouterr().out) == first and sens.stat().st_mtime_ns == stamp
+
+    other_text = tmp_path / "other.txt"
+    other_text.write_text(CALIB.read_text()[:20000])
+    assert main([*common, "--calibrate", str(other_text), *model]) == 1
+    assert "measured on another text (calibration.txt)" in capsys.readouterr().err
+    other_im = tmp_path / "im2.gguf"
+    assert main_imatrix(tiny_llama_f32, other_im, ["--chunks", "3"]) == 0
+    capsys.readouterr()
+    assert main([*common[:2], str(other_im), *common[3:], *model]) == 1
+    assert "measured for other weights or another imatrix" in capsys.readouterr().err
+    sens.write_text("{")
+    assert main([*common, *model]) == 1
+    err = capsys.readouterr().err
+    assert "not a readable sensitivity file" in err and "Traceback" not in err
+    sens.unlink()
+    assert main([*common, *model]) == 1
+    assert "no such sensitivity file, and no --calibrate text" in capsys.readouterr().err
+    assert main(["--sensitivity", str(sens), *model]) == 1
+    assert "--sensitivity is for a budget" in capsys.readouterr().err
+
+
+def main_imatrix(model: Path, out: Path, extra: list[str]) -> int:
+    from kquant.cli.imatrix import main
+
+    return main(["-m", str(model), "-f", str(CALIB), "-o", str(out), "-c", "128", "--no-ppl", "--device", "cpu",
+                 "--no-progress", *extra])
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -226,7 +293,7 @@ def test_allocation_does_not_depend_on_the_thread_count(capsys, tiny_llama_f32, 
         out = capsys.readouterr().out
         shown.append([line for line in out.splitlines() if "s (dry run" not in line])
     assert shown[0] == shown[1]
-    assert any(line.startswith("sensitivity (KLD per unit of error): ") and "per block x" in line
+    assert any(line.startswith("sensitivity (KLD per unit of error, median per kind): attn_k ")
                for line in shown[0])
 
 

@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "tensors are quantized, --tensor-type and the embedding/output types win")
     ap.add_argument("--target-size", type=int, metavar="BYTES",
                     help="as --target-bpw, for a file of at most BYTES bytes")
+    ap.add_argument("--sensitivity", metavar="FILE",
+                    help="with a budget: the tensors' measured sensitivities; read FILE when it "
+                         "exists (measured for the same weights and imatrix), else measure them on "
+                         "--calibrate's text and write FILE, to reuse for other types and budgets")
     ap.add_argument("--dry-run", action="store_true",
                     help="print each tensor's type and the sizes, write nothing")
     ap.add_argument("args", nargs="+", metavar="INPUT [OUTPUT] TYPE [nthreads]")
@@ -192,6 +196,8 @@ def options_from_args(ns: argparse.Namespace, n_threads: int | None) -> Quantize
         raise ModelError(f"--target-bpw must be a number above 0 and at most 32 (F32), not {ns.target_bpw}")
     if ns.target_size is not None and ns.target_size <= 0:
         raise ModelError(f"--target-size must be a number of bytes above 0, not {ns.target_size}")
+    if ns.sensitivity and ns.target_bpw is None and ns.target_size is None:
+        raise ModelError("--sensitivity is for a budget: give --target-bpw or --target-size too")
     if not (ns.gptq_holdout == 0 or ns.gptq_holdout >= 2):
         raise ModelError(f"--gptq-holdout must be 0 or at least 2, not {ns.gptq_holdout}")
     if ns.include_weights and ns.exclude_weights:
@@ -208,7 +214,8 @@ def options_from_args(ns: argparse.Namespace, n_threads: int | None) -> Quantize
         gptq=GptqSettings(damp=ns.gptq_damp, act_order=ns.gptq_act_order,
                           sink_weight=ns.gptq_sink_weight, asym=ns.gptq_asym,
                           holdout=ns.gptq_holdout), device=ns.device,
-        target_bpw=ns.target_bpw, target_size=ns.target_size)
+        target_bpw=ns.target_bpw, target_size=ns.target_size,
+        sensitivity=ns.sensitivity)
 
 
 def dry_run(inp: Path, ftype, opts: QuantizeOptions) -> None:

@@ -22,6 +22,7 @@ is left with the best steps that still fit. Deterministic: ties go to the earlie
 """
 from __future__ import annotations
 
+import hashlib
 import re
 import sys
 from dataclasses import dataclass
@@ -66,6 +67,7 @@ class Options:
     types: tuple[T, ...]
     nbytes: np.ndarray  # int64 (n,)
     loss: np.ndarray  # float64 (n,): sensitivity x error
+    digest: str = ""  # sha256 of the sampled rows and the imatrix the estimate was made from
 
     def hull(self) -> list[int]:
         """Indices of the candidates on the lower convex hull of (bytes, loss), smallest
@@ -198,7 +200,11 @@ def estimate(p: Any, n_threads: int | None = None) -> Options:
         imatrix = None  # per-expert imatrices: the estimate goes unweighted
     lookup = tensor_kind(p.name) == "token_embd"
     errors = weighted_errors(x, types, imatrix, n_rows, lookup=lookup, n_threads=n_threads)
-    return Options(p.name, types, np.array([type_nbytes(q, t.n_elements) for q in types], np.int64), errors)
+    digest = hashlib.sha256(x.tobytes())
+    if imatrix is not None:
+        digest.update(np.ascontiguousarray(imatrix, np.float32).tobytes())
+    return Options(p.name, types, np.array([type_nbytes(q, t.n_elements) for q in types], np.int64), errors,
+                   digest.hexdigest())
 
 
 Measure = Callable[[list[Any], list[Options]], Any]  # -> sensitivity.Sensitivity

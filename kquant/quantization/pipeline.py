@@ -79,6 +79,8 @@ class QuantizeOptions:
     # bits per weight of all tensor data, or the file's bytes; at most one of them
     target_bpw: float | None = None
     target_size: int | None = None
+    # a sensitivity file (sensitivity_file.py): read when it exists, else measured and written
+    sensitivity: str | None = None
 
 
 @dataclass
@@ -298,14 +300,31 @@ def apply_budget(plan: Plan, opts: QuantizeOptions, model_path: str | Path, n_th
                 or (opts.output_tensor_type is not None and mixes.tensor_category(name) == mixes.Category.OUTPUT))
 
     measure = None
-    if opts.calibrate:
-        from .sensitivity import measure_sensitivities
-
+    if opts.calibrate or opts.sensitivity:
         def measure(planned, options):
-            return measure_sensitivities(model_path, opts.calibrate, planned, options, opts.calibrate_ctx,
-                                         n_threads=n_threads, progress=progress)
+            return _sensitivities(opts, model_path, planned, options, n_threads, progress)
     with numba_threads(n_threads):
         return allocate_plan(plan.tensors, budget, fixed, measure, n_threads, progress)
+
+
+def _sensitivities(opts: QuantizeOptions, model_path: str | Path, planned: list, options: list,
+                   n_threads: int | None, progress: bool):
+    """The tensors' sensitivities: from --sensitivity's file when it exists, else measured on
+    the --calibrate text (and saved to the file when one is named)."""
+    from .sensitivity import SENSITIVITY_CHUNKS, measure_sensitivities
+    from .sensitivity_file import load_sensitivity, save_sensitivity, weights_key
+
+    key = weights_key(options)
+    if opts.sensitivity and Path(opts.sensitivity).exists():
+        return load_sensitivity(opts.sensitivity, key, opts.calibrate)
+    if not opts.calibrate:
+        raise ModelError(f"{opts.sensitivity}: no such sensitivity file, and no --calibrate text to "
+                         f"measure the sensitivities on")
+    s = measure_sensitivities(model_path, opts.calibrate, planned, options, opts.calibrate_ctx,
+                              n_threads=n_threads, progress=progress)
+    if opts.sensitivity:
+        save_sensitivity(opts.sensitivity, s, key, opts.calibrate, opts.calibrate_ctx, SENSITIVITY_CHUNKS)
+    return s
 
 
 _BLK = re.compile(r"blk\.(\d+)\.")

@@ -353,13 +353,19 @@ class Transformer:
     # --- the pass ---------------------------------------------------------------------------
 
     def forward(self, segments: Sequence[Segment], observe: Observer | None = None,
-                logit_rows: Any = None, observe_output: bool = False) -> Any:
+                logit_rows: Any = None, observe_output: bool = False,
+                start: tuple[int, Any] | None = None, block_inputs: list | None = None) -> Any:
         """Run the segments (each continuing its own KV cache) as one batch.
 
         Returns the logits (rows, n_vocab) of the batch rows `logit_rows` (indices into the
         concatenated tokens; None = every row; an empty list = none, and None is returned).
         With `observe_output`, `observe("output.weight", ...)` sees the normed final states of
-        every row, as llama-imatrix --process-output does."""
+        every row, as llama-imatrix --process-output does.
+
+        `start` (block l, x) runs blocks l.. only, from x (rows, n_embd), the residual stream at
+        block l's input of an earlier pass over the same tokens (their caches fresh);
+        `block_inputs` gets each block's input appended (what `start` takes), then the last
+        block's output (l = the block count: the logits only)."""
         xp, W = self.xp, self.weights
         tokens = np.concatenate([np.asarray(s.tokens, np.int64) for s in segments])
         if tokens.size and (tokens.min() < 0 or tokens.max() >= W.token_embd.shape[0]):
@@ -369,19 +375,23 @@ class Transformer:
                 raise ModelError(f"context of {s.cache.n_ctx} tokens exceeded")
         pos = np.concatenate([np.arange(s.cache.n, s.cache.n + len(s.tokens)) for s in segments])
         pos = xp.asarray(pos)
-        x = xp.asarray(W.token_embd[tokens])
+        first, x = start if start is not None else (0, xp.asarray(W.token_embd[tokens]))
         # an overflow becomes inf/NaN in the activations: the imatrix collector reports it with
         # the tensor's name, perplexity shows it; numpy's warnings would only add noise
         with np.errstate(over="ignore", invalid="ignore"):
             # exact: the rows whose logits are wanted leave the last block's attention, as
             # llama.cpp's inp_out_ids (its products' row groups then match llama.cpp's)
             # (llama-imatrix asks for every row's logits: with an observer, no rows are dropped)
-            select = (self.exact and observe is None and not observe_output
-                      and logit_rows is not None and len(logit_rows) > 0)
+            select = (self.exact and observe is None and not observe_output and block_inputs is None
+                      and first < len(W.layers) and logit_rows is not None and len(logit_rows) > 0)
             out_rows = xp.asarray(np.asarray(logit_rows, np.int64)) if select else None
             last = len(W.layers) - 1
-            for il, layer in enumerate(W.layers):
-                x = self._block(il, layer, x, segments, pos, observe, out_rows if il == last else None)
+            for il in range(first, len(W.layers)):
+                if block_inputs is not None:
+                    block_inputs.append(x)
+                x = self._block(il, W.layers[il], x, segments, pos, observe, out_rows if il == last else None)
+            if block_inputs is not None:
+                block_inputs.append(x)
         for s in segments:
             s.cache.n += len(s.tokens)
         want_logits = logit_rows is None or len(logit_rows) > 0
