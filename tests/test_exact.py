@@ -43,9 +43,9 @@ def test_products_do_not_depend_on_the_thread_count():
 
 
 def test_cutting_a_product_between_threads_keeps_its_bits():
-    """matmul_nt cuts big products into one slice per thread on 64-row boundaries: OpenBLAS's
-    single-threaded sgemm gives every value the same bits however the columns are cut there
-    (checked here on this machine's BLAS kernel), and small products keep fixed tiles."""
+    """matmul_nt cuts every product into tiles that depend on its shape only, so 1 to 5 threads
+    make the same single-threaded BLAS calls (OpenBLAS's Haswell kernel gives other bits where
+    the columns are cut elsewhere), and the result is the plain product's to float noise."""
     rng = np.random.default_rng(3)
     shapes = [(512, 576, 576), (512, 576, 192), (512, 1536, 576), (256, 576, 4160), (300, 1000, 1000),
               (230, 576, 1536), (128, 4096, 704), (170, 576, 1536), (8, 576, 1536), (1, 576, 576)]
@@ -59,21 +59,26 @@ def test_cutting_a_product_between_threads_keeps_its_bits():
                 outs.append(gemm.matmul_nt(x, w))
             for t, o in enumerate(outs[1:], 2):
                 assert np.array_equal(o, outs[0]), (M, K, N, t)
+            np.testing.assert_allclose(outs[0], x @ w.T, rtol=1e-4, atol=1e-3)
     finally:
         set_threads(None)
 
 
-def test_threads_get_even_slices_of_a_product():
-    """The slices are as even as 16-row boundaries allow (SmolLM2's 576 and 192-row matrices:
-    288 + 288 and 96 + 96 on 2 threads), each big enough for OpenBLAS's regular kernel."""
+def test_products_are_cut_by_shape_into_tiles_any_thread_count_shares_evenly():
+    """12 tiles (or 6, 4, 3, 2) on 16-row boundaries, each big enough for OpenBLAS's regular
+    kernel, whatever the thread count: SmolLM2's 576-row matrices on 512 tokens in 12 tiles of
+    48 rows, its 192-row ones in 6 of 32; a small product in fixed 128-row tiles."""
     try:
-        gemm.set_pool_threads(2)
-        assert gemm.column_tiles(512, 576, 576) == [(0, 288), (288, 576)]
-        assert gemm.column_tiles(512, 576, 192) == [(0, 96), (96, 192)]
-        gemm.set_pool_threads(64)  # more threads than slices of 2^23 multiply-adds
-        tiles = gemm.column_tiles(512, 576, 576)
-        assert all(512 * 576 * (b - a) >= gemm.SPLIT_MIN_MACS for a, b in tiles)
-        assert len(tiles) == 576 // 32
+        tiles = []
+        for t in (1, 2, 64):
+            gemm.set_pool_threads(t)
+            tiles.append([gemm.column_tiles(512, 576, n) for n in (576, 192, 49152)] + [gemm.column_tiles(1, 576, 576)])
+        assert tiles[0] == tiles[1] == tiles[2]
+        big, small, vocab, one = tiles[0]
+        assert big == [(48 * i, 48 * i + 48) for i in range(12)]
+        assert small == [(32 * i, 32 * i + 32) for i in range(6)]
+        assert len(vocab) == 12 and all(512 * 576 * (b - a) >= gemm.SPLIT_MIN_MACS for a, b in big + small + vocab)
+        assert one == [(0, 128), (128, 256), (256, 384), (384, 512), (512, 576)]
     finally:
         set_threads(None)
 

@@ -6,15 +6,14 @@ product (attention's probabilities times values, one KV head) differs in 63% of 
 between 1 and 2 threads, which moved kquant-perplexity's SmolLM2 figures by 0.8% with -t.
 
 Here BLAS always runs on one thread, over tiles of the output's columns (weight rows), and the
-runtime's own pool of threads runs the tiles side by side. A value's float order in OpenBLAS's
-single-threaded sgemm depends only on K's blocking, not on where the columns are cut, as long
-as (measured: tests/test_exact.py) the cuts fall on multiples of `SPLIT_ROWS` and every
-call is big enough to take the regular kernel (below about 10^6 multiply-adds OpenBLAS has a
-small-matrix path, and narrow or odd column counts take edge kernels, which add in other
-orders). So a big product is cut into one slice per thread on `SPLIT_ROWS` boundaries, each
-slice at least `SPLIT_MIN_MACS` multiply-adds (the fastest split: each thread one long BLAS
-call, the slices as even as the boundaries allow), and a small one into fixed `TILE_N`-column
-tiles, the same for any thread count.
+runtime's own pool of threads runs the tiles side by side. The tiles depend on the product's
+shape only, never on the thread count: OpenBLAS's single-threaded sgemm gives a value other
+bits when the columns around it are cut elsewhere on some kernels (its Haswell kernel, which
+AMD's Zen cores take: cutting a (510, 576) x (576, 1536) product at row 768 moved 3% of the
+values; its SkylakeX kernel kept them), so each thread count must make the same calls. A big
+product is cut into 12 tiles (or 6, 4, 3, 2: as many as keep each at least `SPLIT_MIN_MACS`
+multiply-adds, above OpenBLAS's small-matrix path) on `SPLIT_ROWS` boundaries, even for 2, 3,
+4, 6 and 12 threads; a small one into fixed `TILE_N`-column tiles.
 """
 from __future__ import annotations
 
@@ -27,11 +26,14 @@ import numpy as np
 #: thread count, or the float order would depend on it again
 TILE_N = 128
 
-#: a product is cut per thread only at multiples of this many weight rows (OpenBLAS's sgemm
-#: kernels take 16 at a time; cuts at 8 kept the bits too, at 4 not always)
+#: a big product is cut only at multiples of this many weight rows (OpenBLAS's sgemm kernels
+#: take 16 at a time)
 SPLIT_ROWS = 16
-#: ... into slices of at least this many multiply-adds, far above the small-matrix path
+#: ... into tiles of at least this many multiply-adds, far above the small-matrix path
 SPLIT_MIN_MACS = 1 << 23
+#: ... as many tiles as the first of these that keeps them that big: divisible by the common
+#: thread counts, so that the tiles spread evenly
+SPLIT_TILES = (12, 6, 4, 3, 2)
 
 _pool: ThreadPoolExecutor | None = None
 _pool_threads = 1
@@ -64,17 +66,13 @@ def run_all(fn: Callable[[Any], None], items: Iterable[Any]) -> None:
 
 
 def column_tiles(M: int, K: int, N: int) -> list[tuple[int, int]]:
-    """The (r0, r1) weight-row ranges matmul_nt gives its threads for an (M, K) x (N, K).T
-    product: one slice per thread on SPLIT_ROWS boundaries, each a regular-kernel BLAS call of
-    SPLIT_MIN_MACS or more (fewer slices than threads where N is too short for that), else
-    fixed TILE_N tiles (see the module docstring)."""
+    """The (r0, r1) weight-row ranges matmul_nt runs as separate BLAS calls for an (M, K) x
+    (N, K).T product, from the shape alone (see the module docstring)."""
     groups = -(-N // SPLIT_ROWS)
-    min_groups = -(-SPLIT_MIN_MACS // (M * K * SPLIT_ROWS)) if M * K else groups + 1
-    if min_groups <= groups and M * K * SPLIT_ROWS * 4 >= SPLIT_MIN_MACS:
-        # at most groups // min_groups slices, so that each has min_groups groups or more
-        n = max(1, min(_pool_threads, groups // min_groups))
-        bounds = [min(N, (groups * i // n) * SPLIT_ROWS) for i in range(n + 1)]
-        return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+    for n in SPLIT_TILES:
+        if n <= groups and M * K * SPLIT_ROWS * (groups // n) >= SPLIT_MIN_MACS:
+            bounds = [min(N, (groups * i // n) * SPLIT_ROWS) for i in range(n + 1)]
+            return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
     return [(r0, min(N, r0 + TILE_N)) for r0 in range(0, N, TILE_N)]
 
 
