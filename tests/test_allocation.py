@@ -129,7 +129,7 @@ def test_target_bpw_meets_the_budget_and_llama_cpp_runs_the_file(tmp_path, capsy
         if "norm" not in name:
             assert f"{name} " in shown and f"({qtype.name})" in shown.split(f"{name} ")[1].split("\n")[0]
     assert q.get("quantize.kquant.target_bpw") == pytest.approx(3.6)
-    llm = llama_cpp.Llama(str(out), n_ctx=64, n_threads=2, verbose=False)
+    llm = llama_cpp.Llama(str(out), n_ctx=64, n_threads=2, logits_all=True, verbose=False)
     tokens = llm.tokenize(b"The quick brown fox")
     llm.eval(tokens)
     assert np.isfinite(np.array(llm.scores[:len(tokens)])).all()
