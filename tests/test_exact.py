@@ -42,10 +42,13 @@ def test_products_do_not_depend_on_the_thread_count():
     np.testing.assert_allclose(results[0][1], x @ w.T, rtol=1e-4, atol=1e-3)
 
 
-def test_cutting_a_product_between_threads_keeps_its_bits():
-    """matmul_nt cuts every product into tiles that depend on its shape only, so 1 to 5 threads
-    make the same single-threaded BLAS calls (OpenBLAS's Haswell kernel gives other bits where
-    the columns are cut elsewhere), and the result is the plain product's to float noise."""
+@pytest.mark.parametrize("cpus", [2, 5])
+def test_cutting_a_product_between_threads_keeps_its_bits(monkeypatch, cpus):
+    """matmul_nt cuts every product into tiles that depend on its shape and the machine's CPU
+    count only, so 1 to 5 threads make the same single-threaded BLAS calls (OpenBLAS's Haswell
+    kernel gives other bits where the columns are cut elsewhere), and the result is the plain
+    product's to float noise."""
+    monkeypatch.setattr(gemm, "MAX_TILES", cpus)
     rng = np.random.default_rng(3)
     shapes = [(512, 576, 576), (512, 576, 192), (512, 1536, 576), (256, 576, 4160), (300, 1000, 1000),
               (230, 576, 1536), (128, 4096, 704), (170, 576, 1536), (8, 576, 1536), (1, 576, 576)]
@@ -64,21 +67,26 @@ def test_cutting_a_product_between_threads_keeps_its_bits():
         set_threads(None)
 
 
-def test_products_are_cut_by_shape_into_tiles_any_thread_count_shares_evenly():
-    """12 tiles (or 6, 4, 3, 2) on 16-row boundaries, each big enough for OpenBLAS's regular
-    kernel, whatever the thread count: SmolLM2's 576-row matrices on 512 tokens in 12 tiles of
-    48 rows, its 192-row ones in 6 of 32; a small product in fixed 128-row tiles."""
+def test_products_are_cut_by_the_shape_and_the_machine_not_the_thread_count(monkeypatch):
+    """One tile per CPU of the machine (MAX_TILES) on 16-row boundaries, each big enough for
+    OpenBLAS's regular kernel, whatever the thread count: on 12 CPUs SmolLM2's 576-row matrices
+    on 512 tokens in 12 tiles of 48 rows, its 192-row ones in 6 of 32; on 2 CPUs 288 + 288; a
+    small product in fixed 128-row tiles."""
     try:
-        tiles = []
-        for t in (1, 2, 64):
-            gemm.set_pool_threads(t)
-            tiles.append([gemm.column_tiles(512, 576, n) for n in (576, 192, 49152)] + [gemm.column_tiles(1, 576, 576)])
-        assert tiles[0] == tiles[1] == tiles[2]
-        big, small, vocab, one = tiles[0]
-        assert big == [(48 * i, 48 * i + 48) for i in range(12)]
-        assert small == [(32 * i, 32 * i + 32) for i in range(6)]
-        assert len(vocab) == 12 and all(512 * 576 * (b - a) >= gemm.SPLIT_MIN_MACS for a, b in big + small + vocab)
-        assert one == [(0, 128), (128, 256), (256, 384), (384, 512), (512, 576)]
+        for cpus, big_rows, small_rows in ((12, 48, 32), (2, 288, 96)):
+            monkeypatch.setattr(gemm, "MAX_TILES", cpus)
+            tiles = []
+            for t in (1, 2, 64):
+                gemm.set_pool_threads(t)
+                tiles.append([gemm.column_tiles(512, 576, n) for n in (576, 192, 49152)]
+                             + [gemm.column_tiles(1, 576, 576)])
+            assert tiles[0] == tiles[1] == tiles[2]
+            big, small, vocab, one = tiles[0]
+            assert big == [(big_rows * i, big_rows * i + big_rows) for i in range(576 // big_rows)]
+            assert small == [(small_rows * i, small_rows * i + small_rows) for i in range(192 // small_rows)]
+            assert len(vocab) == cpus
+            assert all(512 * 576 * (b - a) >= gemm.SPLIT_MIN_MACS for a, b in big + small + vocab)
+            assert one == [(0, 128), (128, 256), (256, 384), (384, 512), (512, 576)]
     finally:
         set_threads(None)
 

@@ -7,16 +7,17 @@ between 1 and 2 threads, which moved kquant-perplexity's SmolLM2 figures by 0.8%
 
 Here BLAS always runs on one thread, over tiles of the output's columns (weight rows), and the
 runtime's own pool of threads runs the tiles side by side. The tiles depend on the product's
-shape only, never on the thread count: OpenBLAS's single-threaded sgemm gives a value other
+shape and the machine's CPU count only, never on the thread count: OpenBLAS's single-threaded sgemm gives a value other
 bits when the columns around it are cut elsewhere on some kernels (its Haswell kernel, which
 AMD's Zen cores take: cutting a (510, 576) x (576, 1536) product at row 768 moved 3% of the
 values; its SkylakeX kernel kept them), so each thread count must make the same calls. A big
-product is cut into 12 tiles (or 6, 4, 3, 2: as many as keep each at least `SPLIT_MIN_MACS`
-multiply-adds, above OpenBLAS's small-matrix path) on `SPLIT_ROWS` boundaries, even for 2, 3,
-4, 6 and 12 threads; a small one into fixed `TILE_N`-column tiles.
+product is cut into one tile per CPU of the machine (`MAX_TILES`; fewer where a tile would fall
+below `SPLIT_MIN_MACS` multiply-adds, OpenBLAS's small-matrix path) on `SPLIT_ROWS` boundaries,
+as even as they allow; a small one into fixed `TILE_N`-column tiles.
 """
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable
 
@@ -31,9 +32,10 @@ TILE_N = 128
 SPLIT_ROWS = 16
 #: ... into tiles of at least this many multiply-adds, far above the small-matrix path
 SPLIT_MIN_MACS = 1 << 23
-#: ... as many tiles as the first of these that keeps them that big: divisible by the common
-#: thread counts, so that the tiles spread evenly
-SPLIT_TILES = (12, 6, 4, 3, 2)
+#: ... into at most this many tiles: the machine's CPU count, not the thread count (-t), so that
+#: every -t makes the same calls; one tile per core is the fastest cut (12 tiles instead of 2
+#: made an F16 SmolLM2 perplexity run 35% slower on 2 cores)
+MAX_TILES = os.cpu_count() or 1
 
 _pool: ThreadPoolExecutor | None = None
 _pool_threads = 1
@@ -69,8 +71,8 @@ def column_tiles(M: int, K: int, N: int) -> list[tuple[int, int]]:
     """The (r0, r1) weight-row ranges matmul_nt runs as separate BLAS calls for an (M, K) x
     (N, K).T product, from the shape alone (see the module docstring)."""
     groups = -(-N // SPLIT_ROWS)
-    for n in SPLIT_TILES:
-        if n <= groups and M * K * SPLIT_ROWS * (groups // n) >= SPLIT_MIN_MACS:
+    for n in range(min(MAX_TILES, groups), 1, -1):
+        if M * K * SPLIT_ROWS * (groups // n) >= SPLIT_MIN_MACS:
             bounds = [min(N, (groups * i // n) * SPLIT_ROWS) for i in range(n + 1)]
             return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
     return [(r0, min(N, r0 + TILE_N)) for r0 in range(0, N, TILE_N)]
