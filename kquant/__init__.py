@@ -13,13 +13,25 @@ import os
 # busy CPUs out (kquant.runtime.device.default_threads).
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
-from .codecs import CODECS, get_codec
-from .codecs.api import dequantize, quantize
-from .errors import ModelError
-from .models import open_model
-from .quantization.pipeline import QuantizeOptions, quantize_model
-from .types import TYPES, get_type
+# The public names load their modules on first use (PEP 562), so that `import kquant.cli` (every
+# command's entry point) is instant: a command installs its signal handlers before Numba and
+# numpy load, and Ctrl-C while they load is an ordinary interrupt, not a traceback.
+_PUBLIC = {
+    "CODECS": ".codecs", "get_codec": ".codecs", "dequantize": ".codecs.api", "quantize": ".codecs.api",
+    "ModelError": ".errors", "open_model": ".models", "QuantizeOptions": ".quantization.pipeline",
+    "quantize_model": ".quantization.pipeline", "get_type": ".types", "TYPES": ".types",
+}
 
 __version__ = "0.1.0"  # the one version string (pyproject.toml reads it)
 __all__ = ["quantize", "dequantize", "get_codec", "CODECS", "get_type", "TYPES", "quantize_model",
            "QuantizeOptions", "open_model", "ModelError", "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'kquant' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_PUBLIC[name], __name__), name)
+    globals()[name] = value  # once loaded, an ordinary attribute
+    return value

@@ -270,7 +270,7 @@ def test_nan_in_weights(smollm2_f16, tmp_path):
     bad = tmp_path / "nan.gguf"
     write_gguf(ModelSource(src.arch, src.kv, tensors), bad, progress=False)
     assert_fails_cleanly([str(bad), str(tmp_path / "o.gguf"), "Q4_K_M"], tmp_path / "o.gguf",
-                         "blk.1.ffn_up.weight: non-finite")
+                         "tensor 'blk.1.ffn_up.weight' has invalid data: non-finite")
 
 
 def test_requantize_needs_the_flag(tmp_path, smollm2_f16):

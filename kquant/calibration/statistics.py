@@ -142,7 +142,9 @@ def _stats_kernel(values, counts, row_size):  # pragma: no cover - compiled
     return n, out
 
 
-@njit(cache=True)
+# error_model="numpy": an all-zero entry divides 0 by 0, which is NaN in C++ as in numpy
+# (llama-imatrix prints it), not Python's ZeroDivisionError
+@njit(cache=True, error_model="numpy")
 def _cossim_kernel(cur, prev):  # pragma: no cover - compiled
     f0 = np.float32(0.0)
     n = min(cur.size, prev.size)

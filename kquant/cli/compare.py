@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from ..errors import ModelError
-from . import add_chunk_args, add_runtime_args, run_command
+from . import add_chunk_args, add_runtime_args, check_chunk_args, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +44,7 @@ def _run(ns: argparse.Namespace) -> int:
     from ..validation.common import PerplexityParams
     from ..validation.compare import check_plot, compare, plot_report
 
+    check_chunk_args(ns)
     keep_freed_memory()
     if not ns.base or not ns.quants:
         raise ModelError("give BASE and at least one QUANT file")

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from ..errors import ModelError
-from . import add_chunk_args, add_runtime_args, run_command
+from . import add_chunk_args, add_runtime_args, check_chunk_args, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,6 +105,7 @@ def _run(ns: argparse.Namespace) -> int:
     from ..calibration.imatrix import combine_files, run_imatrix
     from ..runtime import keep_freed_memory
 
+    check_chunk_args(ns)
     keep_freed_memory()
     params = _params(ns)
     if not ns.file:

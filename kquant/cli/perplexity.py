@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from ..errors import ModelError
-from . import add_chunk_args, add_runtime_args, run_command
+from . import add_chunk_args, add_runtime_args, check_chunk_args, run_command, stdout_line_open
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,10 +56,13 @@ class _Stdout:
         else:
             sys.stdout.write(s)
             sys.stdout.flush()
+            stdout_line_open(not s.endswith("\n"))
 
     def flush(self) -> None:
         if self.parts:
-            sys.stdout.write("".join(self.parts))
+            text = "".join(self.parts)
+            sys.stdout.write(text)
+            stdout_line_open(not text.endswith("\n"))
             self.parts = []
         sys.stdout.flush()
 
@@ -74,6 +77,7 @@ def _run(ns: argparse.Namespace) -> int:
     from ..runtime import keep_freed_memory
     from ..validation.perplexity import PerplexityParams, run_perplexity
 
+    check_chunk_args(ns)
     keep_freed_memory()
     if not ns.model:
         raise ModelError("no model: give -m MODEL")

@@ -54,7 +54,7 @@ def write_gguf(source: ModelSource, path: str | os.PathLike[str], progress: bool
         refuse_input_as_output(out, [source.path])
     check_writable(out)
     writer = _writer(source)
-    with atomic_path(out) as tmp:
+    with atomic_path(out, gguf_file_size(source)) as tmp:
         try:
             writer.write_header_to_file(path=tmp)
             writer.write_kv_data_to_file()

@@ -183,6 +183,10 @@ def parse_tensor_type_option(s: str) -> tuple[str, T]:
         raise ValueError(f"missing tensor name in {s!r}")
     if not type_name:
         raise ValueError(f"missing quantization type in {s!r}")
+    try:
+        re.compile(pattern.lower())
+    except re.error as e:
+        raise ValueError(f"--tensor-type {s!r}: {pattern!r} is not a regular expression ({e})") from None
     return pattern.lower(), parse_ggml_type(type_name)
 
 

@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import gguf
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFValueType, LlamaFileType
 
 from . import mixes
 from ..codecs import CODECS
-from ..files.gguf_read import SPLIT_KEYS
+from ..files.gguf_read import SPLIT_KEYS, split_paths
 from ..files.atomic import refuse_input_as_output
 from ..files.gguf_write import gguf_header_size, write_gguf
 from ..calibration.imatrix_file import load_imatrix, weights_for_quantize
@@ -158,13 +159,26 @@ def output_metadata(source: ModelSource, ftype: LlamaFileType, overrides: list[K
     return kv
 
 
+def check_architecture(source: ModelSource) -> None:
+    """llama.cpp's loader refuses an architecture it does not know ("unknown model
+    architecture"), so a file of one would be written for nothing: refuse it first."""
+    if source.arch not in _KNOWN_ARCHS:
+        raise ModelError(f"{source.path or 'the model'}: unknown model architecture: '{source.arch}' "
+                         f"(llama.cpp would not load the result)")
+
+
+_KNOWN_ARCHS = frozenset(gguf.MODEL_ARCH_NAMES.values())
+
+
 def _model_info(source: ModelSource) -> mixes.ModelInfo:
     arch = source.arch
 
     def hparam(key: str) -> int:
         v = source.get(f"{arch}.{key}", 0)
         if isinstance(v, (list, tuple)):
-            return int(v[0]) if v else 0
+            v = v[0] if v else 0
+        if not isinstance(v, (int, float)) or v != v:
+            raise ModelError(f"{source.path}: metadata {arch}.{key} is {v!r}, not a number")
         return int(v or 0)
 
     return mixes.ModelInfo(arch=arch, n_layer=hparam("block_count"),
@@ -206,8 +220,26 @@ def _check_imatrix(weights: dict[str, np.ndarray], tensors: dict[str, SourceTens
         want = t.shape[0] * (t.shape[2] if len(t.shape) > 2 else 1)
         if w.size != want and not mixes.tensor_category(name) == mixes.Category.TOKEN_EMBD:
             raise ModelError(f"imatrix entry {name} has {w.size} values, the tensor needs {want}")
-        if not np.isfinite(w).all():
-            raise ModelError(f"imatrix entry {name} contains non-finite values")
+        _check_importance(name, w, t.shape[2] if len(t.shape) > 2 and w.size == want else 1)
+
+
+def _check_importance(name: str, w: np.ndarray, n_mat: int) -> None:
+    """Values a real imatrix cannot hold, which would ruin the tensor silently: non-finite ones
+    (llama-quantize refuses them too), negative ones (sums of squares), and a matrix whose every
+    value is zero (its scales would be fitted to nothing: 70x the perplexity on the tiny model)."""
+    if not np.isfinite(w).all():
+        bad = w[~np.isfinite(w)][0]
+        raise ModelError(f"imatrix entry {name} contains non-finite value {bad} (at "
+                         f"{int(np.flatnonzero(~np.isfinite(w))[0])})")
+    if (w < 0).any():
+        raise ModelError(f"imatrix entry {name} contains negative value {w[w < 0][0]:g} (at "
+                         f"{int(np.flatnonzero(w < 0)[0])}): importance is a sum of squares")
+    for j, part in enumerate(w.reshape(n_mat, -1)):
+        if not part.any():
+            which = f" (expert {j})" if n_mat > 1 else ""
+            raise ModelError(f"imatrix entry {name}{which} is all zero: no importance to weight it "
+                             f"by; recompute the imatrix, or leave the tensor out with "
+                             f"--exclude-weights {name}")
 
 
 def plan_quantization(source: ModelSource, ftype: str | int | LlamaFileType,
@@ -218,6 +250,7 @@ def plan_quantization(source: ModelSource, ftype: str | int | LlamaFileType,
     (--method gptq), its imatrix stands in for a missing --imatrix and its Hessians go with
     the matrices GPTQ can quantize."""
     opts = options or QuantizeOptions()
+    check_architecture(source)
     only_copy = isinstance(ftype, str) and ftype.strip().upper() == "COPY"
     ftype = loader_ftype(source) if only_copy else mixes.parse_ftype(ftype)
     weights: dict[str, np.ndarray] = {}
@@ -434,12 +467,31 @@ def convert_tensor(p: PlannedTensor, n_threads: int | None = None,
     return out.reshape(-1)
 
 
+def split_output_paths(out: Path, n_split: int) -> list[Path]:
+    stem = str(out)[:-5] if str(out).endswith(".gguf") else str(out)
+    return [Path(f"{stem}-{i + 1:05d}-of-{n_split:05d}.gguf") for i in range(n_split)]
+
+
+def _write_split(result: ModelSource, plan: Plan, n_split: int, out: Path, progress: bool) -> None:
+    """--keep-split's files, each written atomically; an error or a signal removes those
+    already written, so that no incomplete set of parts is left."""
+    written: list[Path] = []
+    try:
+        for part, path in zip(split_outputs(result, plan, n_split), split_output_paths(out, n_split)):
+            written.append(write_gguf(part, path, progress=progress))
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+
+
 def _float_rows(rows: np.ndarray, t: SourceTensor, r0: int, n_threads: int | None) -> np.ndarray:
     """Rows of a tensor's stored bytes as float32, refusing NaN / Inf (row numbers from r0)."""
     x = rows.view(np.float32) if t.type == T.F32 else dequantize(rows, t.type, n_threads=n_threads)
     if not np.isfinite(x).all():
         bad = np.argwhere(~np.isfinite(x))[0]
-        raise ModelError(f"{t.name}: non-finite weight at row {r0 + bad[0]}, column {bad[1]}")
+        raise ModelError(f"tensor '{t.name}' has invalid data: non-finite weight {x[tuple(bad)]} at "
+                         f"row {r0 + bad[0]}, column {bad[1]}")
     return x
 
 
@@ -474,6 +526,10 @@ def quantize_model(input_path: str | Path, output_path: str | Path,
                              "Hessians (--hessian F)")
         refuse_input_as_output(out, [opts.calibrate, opts.hessian])
     source = open_model(inp, opts.hf_outtype)
+    n_split = 1 + max((t.split for t in source.tensors), default=0)
+    if opts.keep_split and n_split > 1:
+        for path in split_output_paths(out, n_split):
+            refuse_input_as_output(path, split_paths(inp))
     plan = plan_quantization(source, ftype, opts)  # refuses a bad type or imatrix before calibrating
     report = None
     if opts.method == "gptq":
@@ -494,13 +550,10 @@ def quantize_model(input_path: str | Path, output_path: str | Path,
         if opts.sequential and not opts.hessian:
             _quantize_sequentially(inp, plan, opts, report, progress)
     result = output_source(plan, opts.n_threads, report)
-    n_split = 1 + max((t.split for t in source.tensors), default=0)
     if not opts.keep_split or n_split == 1:
         write_gguf(result, out, progress=progress)
     else:
-        for i, part in enumerate(split_outputs(result, plan, n_split)):
-            stem = str(out)[:-5] if str(out).endswith(".gguf") else str(out)
-            write_gguf(part, f"{stem}-{i + 1:05d}-of-{n_split:05d}.gguf", progress=progress)
+        _write_split(result, plan, n_split, out, progress)
     return Summary(plan.size_in, plan.size_out, plan.n_elements, time.perf_counter() - t0,
                    len(plan.tensors), report.line() if report is not None else "",
                    allocation.line() if allocation is not None else "")
