@@ -4,11 +4,12 @@
     get_arch("qwen2").rope_neox                    # True
     arch_for_hf_class("MistralForCausalLM").name   # "llama"
 
-Each module here other than base.py is named after a GGUF architecture (general.architecture)
-and defines `ARCH`, an `Arch` record (kquant.archs.base) holding everything kquant knows about
-it: how convert_hf_to_gguf.py converts its Hugging Face folders, and what the runtime's blocks
-look like.  The registry imports every such module, so supporting a new architecture is one
-new file here (and a fixture with its reference to test it).
+Each module here other than base.py and checks.py is named after a GGUF architecture
+(general.architecture) and defines `ARCH`, an `Arch` record (kquant.archs.base) holding
+everything kquant knows about it: how convert_hf_to_gguf.py converts its Hugging Face folders,
+what the runtime's blocks look like, and the tensors llama.cpp's loader creates for it (which
+checks.py checks a model against).  The registry imports every such module, so supporting a new
+architecture is one new file here (and a fixture with its reference to test it).
 """
 from __future__ import annotations
 
@@ -17,18 +18,24 @@ import pkgutil
 
 from .base import Arch
 
-__all__ = ["Arch", "ARCHS", "get_arch", "arch_for_hf_class", "arch_for_model_type", "hf_classes"]
+__all__ = ["Arch", "ARCHS", "get_arch", "arch_for_hf_class", "arch_for_model_type", "hf_classes",
+           "check_tensors", "model_dims"]
+
+# the modules here that are no architecture
+_NOT_ARCHS = ("base", "checks")
 
 
 def _discover() -> dict[str, Arch]:
     archs: dict[str, Arch] = {}
     # sorted, so that lists shown to the user have one order
     for module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
-        if module == "base" or module.startswith("_"):
+        if module in _NOT_ARCHS or module.startswith("_"):
             continue
         arch = importlib.import_module(f"{__name__}.{module}").ARCH
         if arch.name != module:  # the file name is how get_arch finds it: keep them one
             raise ImportError(f"kquant/archs/{module}.py defines architecture {arch.name!r}")
+        if not arch.tensors:  # every model of it would fail kquant.archs.checks
+            raise ImportError(f"kquant/archs/{module}.py declares no tensors")
         archs[module] = arch
     return archs
 
@@ -57,3 +64,6 @@ def arch_for_model_type(model_type: object) -> Arch | None:
 def hf_classes() -> list[str]:
     """Every Hugging Face class kquant converts, in registry order."""
     return list(_BY_HF_CLASS)
+
+
+from .checks import check_tensors, model_dims  # noqa: E402  (it reads ARCHS)

@@ -6,14 +6,17 @@ One record serves both ends of kquant:
   classes it converts, transformers' config defaults, whether Q/K rows are permuted, and hooks
   for the few steps where the converter runs code of its own for the architecture (extra
   metadata, vocabulary quirks, refusals, generated tensors);
-* the runtime (kquant.runtime): the rope style and the optional parts of a block.
+* both: the tensors llama.cpp's loader creates for the architecture (`tensors`, a table of
+  `TensorSpec`: name, shape in hyper-parameters, required or not), against which
+  kquant.archs.checks checks a converted folder and a model given to the runtime;
+* the runtime (kquant.runtime): the rope style.
 
 Rules are plain data wherever the converter's are (gguf-py's tensor_mapping.py style); the
 hooks default to what the converter does for an architecture that adds nothing.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -23,7 +26,7 @@ from gguf import MODEL_ARCH, MODEL_TENSOR
 
 from ..files import hf_vocab
 
-__all__ = ["Arch", "HParams", "tensor_name", "BLOCK_PREFIX"]
+__all__ = ["Arch", "HParams", "Dims", "TensorSpec", "tensor_name", "BLOCK_PREFIX"]
 
 # config.json after transformers' defaults (kquant.files.hf._hparams)
 HParams = dict[str, Any]
@@ -35,6 +38,71 @@ BLOCK_PREFIX = gguf.TENSOR_NAMES[MODEL_TENSOR.ATTN_NORM].partition("{bid}")[0]
 def tensor_name(key: MODEL_TENSOR, bid: int | None = None, suffix: str = "weight") -> str:
     """The GGUF name of tensor `key` (of block `bid`): gguf's TENSOR_NAMES plus ".weight"/".bias"."""
     return f"{gguf.TENSOR_NAMES[key].format(bid=bid)}.{suffix}"
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The sizes a model's tensor shapes are made of, from its GGUF metadata (llama_hparams)."""
+
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int    # attention.key_length (n_embd_head_k)
+    head_dim_v: int  # attention.value_length (n_embd_head_v)
+    n_rot: int       # rope.dimension_count
+    n_vocab: int     # the tokenizer's token count, as llama.cpp sizes token_embd
+
+    @property
+    def n_q(self) -> int:
+        """Query rows of attn_q: n_head * n_embd_head_k."""
+        return self.n_head * self.head_dim
+
+    @property
+    def n_k(self) -> int:
+        """Key rows of attn_k: n_embd_k_gqa."""
+        return self.n_head_kv * self.head_dim
+
+    @property
+    def n_v(self) -> int:
+        """Value rows of attn_v: n_embd_v_gqa."""
+        return self.n_head_kv * self.head_dim_v
+
+    @property
+    def n_rot_half(self) -> int:
+        """Entries of rope_freqs: one per rotated pair."""
+        return self.n_rot // 2
+
+
+_DIM_NAMES = frozenset(f.name for f in fields(Dims)) | {"n_q", "n_k", "n_v", "n_rot_half"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor llama.cpp's loader creates for an architecture (a create_tensor call of
+    llama-model.cpp): `shape` in ggml order (ne[0] first) as names of `Dims` sizes, e.g.
+    "n_embd n_vocab"; a block tensor (its gguf name has "{bid}") is created in every block."""
+
+    key: MODEL_TENSOR
+    shape: str
+    suffix: str = "weight"
+    required: bool = True  # False: TENSOR_NOT_REQUIRED
+    # False: llama.cpp uses it but kquant's runtime has no code for it, so it refuses the model
+    runs: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = set(self.shape.split()) - _DIM_NAMES
+        if unknown:  # a typo in a table is the table's author's error, at import
+            raise ValueError(f"{self.key.name}: unknown size(s) {sorted(unknown)} in shape {self.shape!r}")
+
+    @property
+    def per_block(self) -> bool:
+        return "{bid}" in gguf.TENSOR_NAMES[self.key]
+
+    def size(self, dims: Dims) -> tuple[int, ...]:
+        """The shape llama.cpp expects, in ggml order."""
+        return tuple(getattr(dims, d) for d in self.shape.split())
 
 
 def _no_params(w: gguf.GGUFWriter, folder: Path, hp: HParams) -> None:
@@ -73,18 +141,23 @@ class Arch:
     check: Callable[[Path, HParams, str], None] = _no_check
     # tensors the converter generates, written before the folder's (generate_extra_tensors)
     extra_tensors: Callable[[HParams], list[tuple[MODEL_TENSOR, np.ndarray]]] = _no_extra_tensors
+    # --- both -------------------------------------------------------------------------------
+    # every tensor llama.cpp's loader creates for the architecture, in its order (its
+    # create_tensor calls; kquant.archs.checks compares a model with them)
+    tensors: tuple[TensorSpec, ...] = ()
     # --- runtime ----------------------------------------------------------------------------
     # llama.cpp's rope type: NEOX rotates (i, i + n_rot/2), NORM adjacent pairs (2i, 2i + 1)
     rope_neox: bool = False
-    # every block RMS-normalizes each Q and K head (attn_q_norm / attn_k_norm), tensors
-    # llama.cpp's loader requires for such an arch. (Q/K/V and output biases it takes wherever
-    # they are, for every arch: create_tensor_qkv's TENSOR_NOT_REQUIRED; so does the runtime.)
-    qk_norm: bool = False
 
     @property
     def name(self) -> str:
         """The GGUF name (general.architecture, the metadata key prefix)."""
         return gguf.MODEL_ARCH_NAMES[self.model_arch]
+
+    @property
+    def qk_norm(self) -> bool:
+        """Every block RMS-normalizes each Q and K head (attn_q_norm / attn_k_norm required)."""
+        return any(t.key == MODEL_TENSOR.ATTN_Q_NORM and t.required for t in self.tensors)
 
     def tensor_map(self, n_blocks: int) -> gguf.TensorNameMap:
         """gguf's HF -> GGUF tensor name map for this architecture."""

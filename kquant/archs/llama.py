@@ -18,7 +18,7 @@ from gguf import MODEL_ARCH, MODEL_TENSOR
 from ..errors import ModelError
 from ..files import hf_vocab
 from ..files.safetensors import read_json
-from .base import Arch, HParams
+from .base import Arch, HParams, TensorSpec as T
 
 
 def _head_dim(hp: HParams) -> int:
@@ -102,6 +102,31 @@ def _set_vocab(w: gguf.GGUFWriter, folder: Path, hp: HParams) -> None:
         w.add_add_bos_token(False)
 
 
+# llama-model.cpp's LLM_ARCH_LLAMA tensors, in its order; shapes in ggml order (kquant.archs.base.Dims)
+TENSORS = (
+    T(MODEL_TENSOR.TOKEN_EMBD, "n_embd n_vocab"),
+    T(MODEL_TENSOR.OUTPUT_NORM, "n_embd"),
+    T(MODEL_TENSOR.OUTPUT, "n_embd n_vocab", required=False),  # absent: tied to token_embd
+    T(MODEL_TENSOR.ROPE_FREQS, "n_rot_half", required=False),  # llama3 rope scaling
+    T(MODEL_TENSOR.ATTN_NORM, "n_embd"),
+    T(MODEL_TENSOR.ATTN_Q, "n_embd n_q"),
+    T(MODEL_TENSOR.ATTN_K, "n_embd n_k"),
+    T(MODEL_TENSOR.ATTN_V, "n_embd n_v"),
+    T(MODEL_TENSOR.ATTN_OUT, "n_q n_embd"),
+    T(MODEL_TENSOR.ATTN_Q, "n_q", "bias", required=False),
+    T(MODEL_TENSOR.ATTN_K, "n_k", "bias", required=False),
+    T(MODEL_TENSOR.ATTN_V, "n_v", "bias", required=False),
+    T(MODEL_TENSOR.ATTN_OUT, "n_embd", "bias", required=False),
+    T(MODEL_TENSOR.FFN_NORM, "n_embd"),
+    T(MODEL_TENSOR.FFN_GATE, "n_embd n_ff"),
+    T(MODEL_TENSOR.FFN_DOWN, "n_ff n_embd"),
+    T(MODEL_TENSOR.FFN_UP, "n_embd n_ff"),
+    # mlp_bias checkpoints: llama.cpp adds them, kquant's runtime has no FFN biases
+    T(MODEL_TENSOR.FFN_GATE, "n_ff", "bias", required=False, runs=False),
+    T(MODEL_TENSOR.FFN_DOWN, "n_embd", "bias", required=False, runs=False),
+    T(MODEL_TENSOR.FFN_UP, "n_ff", "bias", required=False, runs=False),
+)
+
 ARCH = Arch(
     model_arch=MODEL_ARCH.LLAMA,
     hf_classes=("LlamaForCausalLM", "MistralForCausalLM"),
@@ -119,5 +144,6 @@ ARCH = Arch(
     set_params=_set_params,
     set_vocab=_set_vocab,
     extra_tensors=_extra_tensors,
+    tensors=TENSORS,
     rope_neox=False,
 )

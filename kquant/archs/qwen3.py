@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from gguf import MODEL_ARCH
+from gguf import MODEL_ARCH, MODEL_TENSOR
 
 from ..errors import ModelError
 from . import qwen2
-from .base import HParams
+from .base import HParams, TensorSpec as T
 
 
 def _check(folder: Path, hp: HParams, hf_class: str) -> None:
@@ -27,6 +27,23 @@ def _check(folder: Path, hp: HParams, hf_class: str) -> None:
         raise ModelError("Qwen3 reranker models are not supported")
 
 
+# llama-model.cpp's LLM_ARCH_QWEN3 tensors: qwen2's (Q/K/V/output biases optional for every
+# arch: create_tensor_qkv's TENSOR_NOT_REQUIRED) plus the per-head Q/K norms every block must
+# have, which llama.cpp creates after attn_output
+_QK_NORMS = (T(MODEL_TENSOR.ATTN_K_NORM, "head_dim"), T(MODEL_TENSOR.ATTN_Q_NORM, "head_dim"))
+
+
+def _qwen3_tensors() -> tuple[T, ...]:
+    out: list[T] = []
+    for t in qwen2.TENSORS:
+        out.append(t)
+        if t.key == MODEL_TENSOR.ATTN_OUT and t.suffix == "weight":
+            out.extend(_QK_NORMS)
+    return tuple(out)
+
+
+TENSORS = _qwen3_tensors()
+
 # Qwen3Config's defaults are Qwen2Config's but for head_dim
 ARCH = replace(
     qwen2.ARCH,
@@ -34,5 +51,5 @@ ARCH = replace(
     hf_classes=("Qwen3ForCausalLM",),
     config_defaults={"qwen3": {**qwen2.ARCH.config_defaults["qwen2"], "head_dim": 128}},
     check=_check,
-    qk_norm=True,
+    tensors=TENSORS,
 )

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -36,7 +37,7 @@ import numpy as np
 import gguf
 from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType, MODEL_ARCH, MODEL_TENSOR
 
-from ..archs import Arch, arch_for_hf_class, arch_for_model_type, hf_classes
+from ..archs import Arch, arch_for_hf_class, arch_for_model_type, check_tensors, hf_classes
 from ..archs.base import tensor_name
 from ..errors import ModelError
 from .safetensors import StTensor, index_tensors, read_json
@@ -104,6 +105,9 @@ _SKIP_PREFIXES = ("mlp", "vit.", "vpm.", "siglip2.", "conformer.", "merger.", "r
 _SKIP_PARTS = ("visual.", "vision.", "audio.", "talker.", "vision_", "audio_", "token2wav.", "code2wav.",
                "projector.", "pre_mm_projector_norm", "image_newline", "view_seperator", "patch_embed",
                "patch_embedding", "patch_merger.", "patch_merge_mlp.", "model.connector.")
+
+# where the blocks' tensors of the architectures kquant converts are (model.layers.N.*)
+_BLOCK_PREFIXES = ("model.layers.", "layers.")
 
 # tensors the converter always keeps in F32 (when present in the architecture)
 _F32_TENSORS = ("FFN_GATE_INP", "FFN_GATE_INP_SHEXP", "POS_EMBD", "TOKEN_TYPES", "SSM_CONV1D", "SHORTCONV_CONV",
@@ -253,7 +257,19 @@ def _general_metadata(w: gguf.GGUFWriter, folder: Path, total_params: int) -> No
 # the model
 # ---------------------------------------------------------------------------------------------
 
-def _kv_list(w: gguf.GGUFWriter) -> list[KV]:
+def _check_utf8(folder: Path, key: str, text: str) -> None:
+    """JSON (and the model card's YAML) can spell lone surrogates ("\\ud800"), which no UTF-8
+    text holds: the converter fails on them with a traceback, and kquant's GGUF writer would
+    write "\\udc80".."\\udcff" as stray bytes. One error naming the key instead."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        raise ModelError(f"{folder}: {key} is not valid UTF-8 text: it holds the lone surrogate "
+                         f"U+{code:04X} (written \\u{code:04x} in the folder's JSON or model card)") from None
+
+
+def _kv_list(folder: Path, w: gguf.GGUFWriter) -> list[KV]:
     out = []
     for key, v in w.kv_data[0].items():
         value, sub = v.value, v.sub_type
@@ -261,8 +277,13 @@ def _kv_list(w: gguf.GGUFWriter) -> list[KV]:
             if sub is None:
                 sub = GGUFValueType.get_type(value[0])
             value = [x.decode("utf-8") if isinstance(x, (bytes, bytearray)) else x for x in value]
+            for x in value:
+                if isinstance(x, str):
+                    _check_utf8(folder, key, x)
         elif isinstance(value, (bytes, bytearray)):
             value = value.decode("utf-8")
+        if isinstance(value, str):
+            _check_utf8(folder, key, value)
         out.append(KV(key, value, v.type, sub))
     return out
 
@@ -292,13 +313,62 @@ def _refuse_unsupported(folder: Path, arch: Arch, hp: dict[str, Any], hf_class: 
         raise ModelError("quantized checkpoints (quantization_config) are not supported")
 
 
-def _block_count(config_file: Path, hp: dict[str, Any]) -> int:
-    block_count = _find(hp, ["n_layers", "num_hidden_layers", "n_layer", "num_layers"])
-    if not isinstance(block_count, int):
-        raise ModelError(f"{config_file}: no num_hidden_layers")
-    for key in ("hidden_size", "num_attention_heads", "vocab_size"):
-        if not isinstance(hp.get(key), int):
+# The sizes config.json must state: transformers would fill a missing one in with Llama-7B's
+# (hidden_size 4096, ...) and the converter write a file none of the folder's tensors fit.
+_REQUIRED_SIZES = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
+                   "vocab_size")
+# sizes that may be absent (or null: transformers' default), but are positive integers if given
+_OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (bool, str, type(None))) else repr(value)
+
+
+def _check_size(config_file: Path, key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):  # bool is an int to Python
+        raise ModelError(f"{config_file}: {key} is {_shown(value)}, not an integer")
+    if value < 1:
+        raise ModelError(f"{config_file}: {key} is {value}; it must be at least 1")
+
+
+def _check_positive(config_file: Path, key: str, value: Any) -> None:
+    """A float hyper-parameter (an epsilon, rope's base): a finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ModelError(f"{config_file}: {key} is {_shown(value)}, not a number")
+    if not math.isfinite(value) or value <= 0:
+        raise ModelError(f"{config_file}: {key} is {value}; it must be a finite number > 0")
+
+
+def _check_config(config_file: Path, config: dict[str, Any]) -> None:
+    """The sizes and numbers of config.json the converted model is made of, before transformers'
+    defaults could stand in for them: ModelError naming the key otherwise."""
+    for key in _REQUIRED_SIZES:
+        if config.get(key) is None:
             raise ModelError(f"{config_file}: no {key}")
+    for key in _REQUIRED_SIZES + _OPTIONAL_SIZES:
+        if config.get(key) is not None:
+            _check_size(config_file, key, config[key])
+    n_head, n_head_kv = config["num_attention_heads"], config.get("num_key_value_heads")
+    if n_head_kv is not None and n_head % n_head_kv:
+        raise ModelError(f"{config_file}: num_attention_heads {n_head} is not a multiple of "
+                         f"num_key_value_heads {n_head_kv}")
+    for key in ("rms_norm_eps", "rope_theta"):
+        if config.get(key) is not None:
+            _check_positive(config_file, key, config[key])
+
+
+def _check_rope(config_file: Path, rope: dict[str, Any]) -> None:
+    """rope_theta where transformers 5 keeps it (rope_parameters, maybe per attention type)."""
+    for params in (rope, *(v for v in rope.values() if isinstance(v, dict))):
+        if params.get("rope_theta") is not None:
+            _check_positive(config_file, "rope_theta", params["rope_theta"])
+
+
+def _block_count(config_file: Path, hp: dict[str, Any]) -> int:
+    """The converter's block count (its first of these keys; num_hidden_layers checked)."""
+    block_count = _find(hp, ["n_layers", "num_hidden_layers", "n_layer", "num_layers"])
+    _check_size(config_file, "num_hidden_layers", block_count)
     return block_count
 
 
@@ -359,6 +429,9 @@ def _tensors(folder: Path, arch: Arch, hp: dict[str, Any], block_count: int,
         if name is None:
             continue
         bid = next((int(p) for p in name.split(".") if p.isdecimal()), None)
+        if bid is not None and bid >= block_count and name.startswith(_BLOCK_PREFIXES):
+            raise ModelError(f"tensor {name!r} ({st.path.name}) is of block {bid}, but config.json's "
+                             f"num_hidden_layers is {block_count}")
         if "block_sparse_moe.experts" in name:
             raise ModelError("mixture-of-experts models are not supported")
         new_name = tensor_map.get_name(key=name, try_suffixes=(".weight", ".bias"))
@@ -387,7 +460,7 @@ def _metadata(folder: Path, arch: Arch, hp: dict[str, Any], block_count: int, ft
         arch.set_vocab(w, folder, hp)
     finally:
         log.setLevel(level)
-    return _kv_list(w)
+    return _kv_list(folder, w)
 
 
 def load_hf_model(folder: str | Path, outtype: str = "f16") -> ModelSource:
@@ -401,18 +474,28 @@ def load_hf_model(folder: str | Path, outtype: str = "f16") -> ModelSource:
         raise ModelError(f"unknown outtype {outtype!r} (choose from {', '.join(OUTTYPES)})")
     ftype = OUTTYPES[outtype]
     config = _read_config(folder)
+    config_file = folder / "config.json"
     arches = config.get("architectures") or []
-    hf_class = arches[0] if arches else None
+    if not isinstance(arches, list) or not arches:
+        # the converter reads the model's class from here and nowhere else
+        raise ModelError(f"{config_file}: no architectures (the model's class, e.g. [\"LlamaForCausalLM\"])")
+    hf_class = arches[0]
     arch = arch_for_hf_class(hf_class)
     if arch is None:
         raise ModelError(f"architecture {hf_class!r} is not supported (kquant converts "
                          f"{', '.join(hf_classes())})")
+    _check_config(config_file, config)
     hp = _hparams(config)
+    _check_rope(config_file, hp["rope_parameters"])
     _refuse_unsupported(folder, arch, hp, hf_class)
-    block_count = _block_count(folder / "config.json", hp)
+    block_count = _block_count(config_file, hp)
     tensors = _tensors(folder, arch, hp, block_count, ftype)
     kv = _metadata(folder, arch, hp, block_count, ftype, sum(t.n_elements for t in tensors))
-    return ModelSource(arch=arch.name, kv=kv, tensors=tensors, path=str(folder))
+    source = ModelSource(arch=arch.name, kv=kv, tensors=tensors, path=str(folder))
+    # the converter writes whatever it is given, but llama.cpp would refuse to load a file
+    # whose config and tensors disagree: refuse it before it is written
+    check_tensors(source)
+    return source
 
 
 def guess_outtype(folder: str | Path) -> str:

@@ -1,19 +1,23 @@
 """A model's shape and numerics, read from GGUF metadata (what llama.cpp's llama_hparams holds).
 
 Every input kquant reads becomes GGUF metadata first (an HF folder through kquant.files.hf, exactly as
-convert_hf_to_gguf.py writes it), so this is the one place that interprets hyperparameters.
-Which architectures the runtime accepts, and each one's rope style, come from kquant.archs.
+convert_hf_to_gguf.py writes it), so this is the one place that interprets hyperparameters (the
+sizes the tensors are made of through kquant.archs.checks, which the converter checks with too).
+Which architectures the runtime accepts, each one's rope style and its tensors come from
+kquant.archs; `read_config` refuses, before any work, a model the runtime would fail on halfway
+or compute garbage with.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gguf import MODEL_TENSOR
+from gguf import GGMLQuantizationType as T
 
 from ..archs import ARCHS
-from ..archs.base import tensor_name
+from ..archs.checks import check_tensors, meta_float, meta_int, model_dims, where
 from ..errors import ModelError
 from ..files.source import ModelSource
+from ..matmul.cpu import WEIGHT_TYPES
 
 
 @dataclass(frozen=True)
@@ -39,49 +43,67 @@ class ModelConfig:
 
 
 def read_config(source: ModelSource) -> ModelConfig:
-    """The hyperparameters of a llama/mistral/qwen2/qwen3 model, with llama.cpp's defaults."""
+    """The hyperparameters of a llama/mistral/qwen2/qwen3 model, with llama.cpp's defaults, after
+    checking everything the runtime will rely on before any weight is read: each metadata value
+    (present where llama.cpp requires it, of its type, in range), every tensor's type (one the
+    runtime computes with) and the tensor set and shapes (kquant.archs.checks, llama.cpp's
+    loader checks). A model that fails any is one ModelError naming the key or tensor."""
     arch = source.arch
     if arch not in ARCHS:
         raise ModelError(f"architecture {arch!r} is not supported by kquant's runtime "
                          f"(supported: {', '.join(sorted(ARCHS))})")
-
-    def key(name: str, default=None, required: bool = False):
-        value = source.get(f"{arch}.{name}", default)
-        if required and value is None:
-            raise ModelError(f"{source.path}: metadata key {arch}.{name} is missing")
-        return value
-
-    n_embd = int(key("embedding_length", required=True))
-    n_head = int(key("attention.head_count", required=True))
-    n_head_kv = int(key("attention.head_count_kv", n_head))
-    head_dim = int(key("attention.key_length", n_embd // n_head))
-    if int(key("attention.value_length", head_dim)) != head_dim:
-        raise ModelError("models whose value heads differ in size from key heads are not supported")
-    if n_head % n_head_kv:
-        raise ModelError(f"{n_head} attention heads do not group into {n_head_kv} KV heads")
-    scaling = str(key("rope.scaling.type", "none"))
-    if scaling not in ("none", "linear"):
-        raise ModelError(f"rope scaling {scaling!r} is not supported by kquant's runtime")
-    factor = float(key("rope.scaling.factor", 0.0) or 0.0)
-    tokens = source.get("tokenizer.ggml.tokens")
-    n_vocab = int(key("vocab_size", len(tokens) if tokens is not None else 0))
-    embd_name = tensor_name(MODEL_TENSOR.TOKEN_EMBD)
-    embd = next((t for t in source.tensors if t.name == embd_name), None)
-    if embd is None:
-        raise ModelError(f"{source.path}: no {embd_name}")
-    n_vocab = embd.shape[1] if len(embd.shape) == 2 else n_vocab
+    check_runnable_types(source)
+    dims = model_dims(source)
+    if dims.head_dim_v != dims.head_dim:
+        raise ModelError(f"{where(source)}: {arch}.attention.value_length {dims.head_dim_v} differs from "
+                         f"{arch}.attention.key_length {dims.head_dim}: kquant's runtime does not run such models")
+    meta_int(source, f"{arch}.context_length", 0)  # llama.cpp's n_ctx_train: checked, not used
+    rope_freq_scale = _rope_freq_scale(source)
+    check_tensors(source, dims, runtime=True)
     return ModelConfig(
         arch=arch,
-        n_layer=int(key("block_count", required=True)),
-        n_embd=n_embd,
-        n_ff=int(key("feed_forward_length", required=True)),
-        n_head=n_head,
-        n_head_kv=n_head_kv,
-        head_dim=head_dim,
-        n_rot=int(key("rope.dimension_count", head_dim)),
+        n_layer=dims.n_layer,
+        n_embd=dims.n_embd,
+        n_ff=dims.n_ff,
+        n_head=dims.n_head,
+        n_head_kv=dims.n_head_kv,
+        head_dim=dims.head_dim,
+        n_rot=dims.n_rot,
         rope_neox=ARCHS[arch].rope_neox,
-        rope_base=float(key("rope.freq_base", 10000.0)),
-        rope_freq_scale=1.0 / factor if scaling == "linear" and factor > 0 else 1.0,
-        rms_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-        n_vocab=n_vocab,
+        rope_base=meta_float(source, f"{arch}.rope.freq_base", 10000.0),
+        rope_freq_scale=rope_freq_scale,
+        rms_eps=meta_float(source, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
+        n_vocab=dims.n_vocab,
     )
+
+
+def _rope_freq_scale(source: ModelSource) -> float:
+    """1 / the linear rope scaling factor (the only scaling the runtime runs); llama.cpp takes a
+    factor of 0, or none, as no scaling."""
+    key = f"{source.arch}.rope.scaling"
+    scaling = source.get(f"{key}.type", "none")
+    if scaling not in ("none", "linear"):
+        raise ModelError(f"{where(source)}: rope scaling {scaling!r} ({key}.type) is not supported by "
+                         "kquant's runtime")
+    factor = meta_float(source, f"{key}.factor", 0.0, allow_zero=True)
+    return 1.0 / factor if scaling == "linear" and factor > 0 else 1.0
+
+
+def check_runnable_types(source: ModelSource) -> None:
+    """ModelError naming the first tensor stored in a type the runtime cannot compute with: the
+    runtime multiplies every matrix by its block kernel (kquant.matmul), so it runs the types
+    that have one, and dequantizes the rest of the tensors with the same types' codecs."""
+    for t in source.tensors:
+        if t.type not in WEIGHT_TYPES:
+            runs = ", ".join(q.name for q in WEIGHT_TYPES)
+            raise ModelError(f"{where(source)}: tensor {t.name} is {t.type.name}: kquant's runtime does not "
+                             f"run {_family(t.type)} yet (it runs {runs})")
+
+
+def _family(qtype: T) -> str:
+    """How the user knows the types of a family: one message for all i-quants."""
+    if qtype.name.startswith("IQ"):
+        return "i-quants"
+    if qtype.name.startswith("TQ"):
+        return "ternary quants (TQ1_0, TQ2_0)"
+    return f"{qtype.name} tensors"

@@ -5,6 +5,7 @@ tensors are dequantized with kquant's codecs, which are bit-exact with ggml's, s
 model computes with exactly the values llama.cpp's dequantization gives.  Tensors are found under
 gguf's TENSOR_NAMES. Biases are used wherever a file has them, as llama.cpp's loader takes them;
 the architecture's record (kquant.archs) says whether every block must have Q/K norms.
+read_config has checked the tensor set, shapes and types against it before anything loads.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from gguf import MODEL_TENSOR as MT
 from tqdm import tqdm
 
 from ..archs import Arch, get_arch
-from ..archs.base import BLOCK_PREFIX, tensor_name
+from ..archs.base import tensor_name
 from ..codecs.api import dequantize
 from ..errors import ModelError
 from ..files.source import ModelSource, SourceTensor
@@ -137,9 +138,6 @@ def load_weights(source: ModelSource, config: ModelConfig, xp: Any = np, progres
     c, arch = config, get_arch(config.arch)
     layers = [_load_layer(get, c, arch, i)
               for i in tqdm(range(c.n_layer), desc="loading", unit="layer", disable=not progress, leave=False)]
-    for name in by_name:
-        if name.startswith(BLOCK_PREFIX) and int(name.split(".")[1]) >= c.n_layer:
-            raise ModelError(f"{source.path}: tensor {name} is beyond block_count {c.n_layer}")
     embd = by_name.get(TOKEN_EMBD)
     token_embd = tensor_f32(embd)
     output = get(OUTPUT, (c.n_vocab, c.n_embd), required=False)
