@@ -631,3 +631,20 @@ def test_generate_takes_llama_cli_values(m: Materials, argv, capsys):
     """-n 0 (the prompt alone) and --seed -1 (random, llama.cpp's default) are ordinary runs."""
     rc, out, err = run_cli(GEN, ["-m", str(m.gguf), "-p", "Hi", *argv], capsys)
     assert rc == 0 and "Traceback" not in err and "kquant-generate: prompt" in err, err
+
+
+def test_names_that_are_not_utf8_print_as_bytes(m: Materials, tmp_path):
+    """A tensor name with a byte that is not UTF-8 is kept (llama.cpp keeps bytes) and printed
+    back as that byte by --dry-run, under a strict UTF-8 stdout, not a UnicodeEncodeError."""
+    import subprocess
+    import sys
+
+    data = m.gguf.read_bytes()
+    name = b"blk.0.ffn_up.weight"
+    bad = tmp_path / "bytes.gguf"
+    bad.write_bytes(data.replace(struct.pack("<Q", len(name)) + name,
+                                 struct.pack("<Q", len(name)) + name[:-1] + b"\xff", 1))
+    p = subprocess.run([sys.executable, "-m", "kquant.cli.quantize", "--dry-run", str(bad), "Q8_0"],
+                       capture_output=True, env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"}, timeout=300)
+    assert p.returncode == 0 and b"Traceback" not in p.stderr, p.stderr
+    assert b"blk.0.ffn_up.weigh\xff" in p.stdout

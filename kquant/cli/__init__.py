@@ -134,10 +134,19 @@ def check_chunk_args(ns: argparse.Namespace) -> None:
         raise ModelError(f"--chunks must be a number above 0, or -1 for all of the text, not {ns.chunks}")
 
 
+def _raw_names_printable() -> None:
+    """Names from a GGUF file keep bytes that are not UTF-8 (as surrogates, as llama.cpp keeps
+    the bytes): print them back as those bytes rather than fail on them."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            stream.reconfigure(errors="surrogateescape")
+
+
 def run_command(prog: str, body: Callable[[], int], interrupted: str = "interrupted") -> int:
     """Run a command's body with the tools' shared error contract: a bad input (ModelError) or
     an OS error is one `PROG: error: ...` line on stderr and exit code 1; Ctrl-C, SIGTERM and
     SIGHUP print one line and exit 128 + the signal, after the body's cleanups ran."""
+    _raw_names_printable()
     with signals_as_interrupts():
         try:
             return body()
