@@ -227,6 +227,8 @@ CASES = [
     # kquant-quantize: the imatrix
     Case("q-imatrix-missing", Q, lambda m, d: ["--imatrix", "none.dat", G(m, d), "out.gguf", "Q4_K_M"], "none.dat"),
     Case("q-imatrix-text", Q, lambda m, d: ["--imatrix", str(m.text), G(m, d), "out.gguf", "Q4_K_M"], "imatrix"),
+    Case("q-imatrix-is-model", Q, lambda m, d: ["--imatrix", G(m, d), G(m, d), "out.gguf", "Q4_K_M"],
+         "not an imatrix"),
     Case("q-imatrix-truncated", Q, lambda m, d: ["--imatrix", str(_truncated(m.imatrix, d / "t.gguf", 0.6)), G(m, d),
                                                  "out.gguf", "Q4_K_M"], "t.gguf"),
     Case("q-imatrix-string-made-array", Q, lambda m, d: [
@@ -315,6 +317,7 @@ CASES = [
                                                  "-o", "out.gguf"], "c.dat"),
     Case("im-in-file-empty-name", IM, lambda m, d: ["--in-file", str(_legacy_empty_name(d)), "-o", "out.gguf"],
          "e.dat.*(empty|name)"),
+    Case("im-in-file-is-model", IM, lambda m, d: ["--in-file", G(m, d), "-o", "out.gguf"], "not an imatrix"),
     Case("im-stats-two-files", IM, lambda m, d: ["--show-statistics", "--in-file", str(m.imatrix),
                                                  "--in-file", str(m.imatrix)], "single"),
     Case("im-head-count-zero", IM, lambda m, d: [

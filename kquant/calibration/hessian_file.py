@@ -68,7 +68,7 @@ def load_hessians(path: str | Path, model: str) -> tuple[Hessians, Imatrix, str,
         counts = {k: int(v) for k, v in json.loads(meta["counts"]).items()}
         shared = {k: str(v) for k, v in json.loads(meta["shared"]).items()}
         n_chunks = int(meta["chunks"])
-    except (KeyError, ValueError, TypeError, AttributeError):
+    except (KeyError, ValueError, TypeError, AttributeError, OverflowError, RecursionError):
         raise ModelError(f"{p}: damaged Hessian file metadata") from None
     hessians = Hessians(shared=shared, counts=counts)
     imatrix = Imatrix(datasets=[meta.get("dataset", "")], chunk_count=n_chunks)

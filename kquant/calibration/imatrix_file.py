@@ -34,10 +34,11 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType, GGUFValueType
 
 from ..errors import ModelError
 from ..files.atomic import write_atomic
+from ..files.gguf_read import read_gguf
 
 IN_SUM2, COUNTS = ".in_sum2", ".counts"
 
@@ -72,27 +73,31 @@ def load_imatrix(path: str | Path) -> Imatrix:
 
 
 def _load_gguf(p: Path) -> Imatrix:
-    try:
-        reader = GGUFReader(p, "r")
-    except (ValueError, IndexError, OSError, KeyError) as e:
-        raise ModelError(f"{p}: not a readable GGUF imatrix ({e})") from None
-    fields = reader.fields
+    """What common_imatrix_load reads from a GGUF imatrix, through kquant's validated reader."""
+    kv, tensors = read_gguf(p)
+    values = {k.key: k for k in kv}
     im = Imatrix()
-    if "imatrix.datasets" in fields:
-        im.datasets = list(fields["imatrix.datasets"].contents())
-    im.chunk_count = int(fields["imatrix.chunk_count"].contents()) if "imatrix.chunk_count" in fields else 0
-    im.chunk_size = int(fields["imatrix.chunk_size"].contents()) if "imatrix.chunk_size" in fields else 0
-    im.has_metadata = all(k in fields for k in ("imatrix.datasets", "imatrix.chunk_count",
+    datasets = values.get("imatrix.datasets")
+    # as common_imatrix_load: the datasets are taken only as an array of strings
+    if datasets is not None and datasets.sub_type == GGUFValueType.STRING:
+        im.datasets = list(datasets.value)
+    im.chunk_count = _u32_value(p, values, "imatrix.chunk_count")
+    im.chunk_size = _u32_value(p, values, "imatrix.chunk_size")
+    im.has_metadata = all(k in values for k in ("imatrix.datasets", "imatrix.chunk_count",
                                                 "imatrix.chunk_size"))
+    if not tensors:
+        raise ModelError(f"{p}: the imatrix holds no data")
     pairs: dict[str, dict[str, np.ndarray]] = {}
-    for t in reader.tensors:
+    for t in tensors:
         for suffix in (IN_SUM2, COUNTS):
             if t.name.endswith(suffix) and len(t.name) > len(suffix):
-                if t.tensor_type != GGMLQuantizationType.F32:
+                if t.type != GGMLQuantizationType.F32:
                     raise ModelError(f"{p}: {t.name} must be F32")
-                pairs.setdefault(t.name[:-len(suffix)], {})[suffix] = np.asarray(t.data).ravel()
-    if not reader.tensors:
-        raise ModelError(f"{p}: the imatrix holds no data")
+                pairs.setdefault(t.name[:-len(suffix)], {})[suffix] = t.load().view("<f4")
+    if not pairs:  # llama-imatrix's "no data" for a GGUF that holds no entries: a model, say
+        kind = values.get("general.type")
+        what = f" (general.type = {kind.value})" if kind is not None else ""
+        raise ModelError(f"{p}: not an imatrix: no .in_sum2 / .counts tensors{what}")
     for name in sorted(pairs):
         sc = pairs[name]
         if IN_SUM2 not in sc or COUNTS not in sc:
@@ -103,41 +108,66 @@ def _load_gguf(p: Path) -> Imatrix:
     return im
 
 
+def _u32_value(p: Path, values: dict, key: str) -> int:
+    """A UINT32 key's value, 0 when absent (llama.cpp's gguf_get_val_u32 aborts on another
+    type; a clear error here)."""
+    kv = values.get(key)
+    if kv is None:
+        return 0
+    if kv.type != GGUFValueType.UINT32:
+        raise ModelError(f"{p}: key '{key}' must be of type UINT32 but is {kv.type.name}")
+    return int(kv.value)
+
+
+# the smallest legacy entry: name length, ncall, nval and one value
+_MIN_DAT_ENTRY = 4 + 4 + 4 + 4
+
+
 def _load_legacy(p: Path) -> Imatrix:
     data = p.read_bytes()
     pos = 0
 
-    def take(fmt: str):
+    def take(fmt: str, what: str):
         nonlocal pos
         size = struct.calcsize(fmt)
         if pos + size > len(data):
-            raise ModelError(f"{p}: truncated imatrix (legacy .dat) file")
+            raise ModelError(f"{p}: truncated imatrix (legacy .dat) file: it ends inside {what}")
         out = struct.unpack_from(fmt, data, pos)
         pos += size
         return out
 
-    (n_entries,) = take("<i")
+    (n_entries,) = take("<i", "the entry count")
     if n_entries < 1:
         raise ModelError(f"{p}: not an imatrix file (neither GGUF nor legacy .dat with entries)")
+    if n_entries * _MIN_DAT_ENTRY > len(data) - pos:  # before looping over a corrupt count
+        raise ModelError(f"{p}: truncated or corrupt imatrix (legacy .dat) file: {n_entries} "
+                         f"entries cannot fit in its {len(data)} bytes")
     im = Imatrix(is_legacy=True)
-    for _ in range(n_entries):
-        (length,) = take("<i")
-        if length < 0 or pos + length > len(data):
-            raise ModelError(f"{p}: truncated or corrupt imatrix (legacy .dat) file")
+    for i in range(1, n_entries + 1):
+        where = f"entry {i} of {n_entries}"
+        (length,) = take("<i", f"the name length of {where}")
+        if length < 0 or length > len(data) - pos:
+            raise ModelError(f"{p}: truncated or corrupt imatrix (legacy .dat) file: {where} "
+                             f"has a name of {length} bytes, {len(data) - pos} are left")
         name = data[pos:pos + length].split(b"\0")[0].decode("utf-8", "replace")
         pos += length
-        ncall, nval = take("<ii")
+        if not name:
+            raise ModelError(f"{p}: {where} has an empty name")
+        if name in im.entries:  # llama.cpp keeps the last silently; one of them is wrong
+            raise ModelError(f"{p}: {where} repeats the name {name}")
+        ncall, nval = take("<ii", f"the counts of {where} ({name})")
         if nval < 1:
-            raise ModelError(f"{p}: entry {name} has no values")
-        sums = np.frombuffer(data, np.float32, nval, pos).copy() if pos + 4 * nval <= len(data) else None
-        if sums is None:
-            raise ModelError(f"{p}: truncated imatrix (legacy .dat) file")
+            raise ModelError(f"{p}: {where} ({name}) has {nval} values, it needs at least 1")
+        if 4 * nval > len(data) - pos:
+            raise ModelError(f"{p}: truncated imatrix (legacy .dat) file: {where} ({name}) "
+                             f"has {nval} values, {len(data) - pos} bytes are left")
+        sums = np.frombuffer(data, "<f4", nval, pos).astype(np.float32)
         pos += 4 * nval
         im.entries[name] = ImatrixEntry(sums, np.array([ncall], np.int64))
     if pos < len(data):
         try:
-            (im.chunk_count,) = take("<i")
-            (length,) = take("<i")
+            (im.chunk_count,) = take("<i", "the chunk count")
+            (length,) = take("<i", "the dataset name length")
             if length > 0 and pos + length <= len(data):
                 im.datasets.append(data[pos:pos + length].split(b"\0")[0].decode("utf-8", "replace"))
         except ModelError:
