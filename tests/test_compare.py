@@ -213,7 +213,7 @@ def test_bad_inputs(tmp_path, tiny_llama_f32, quants):
     assert "cannot read the text file" in run_error([base, q8, "-f", str(tmp_path / "none.txt"), *OPTS])
     assert "neither a GGUF" in run_error([base, str(CALIB), *f])
     for n in ("0", "-3"):
-        assert f"--chunks {n}: give a positive number" in run_error([base, q8, "-f", str(CALIB), "--chunks", n])
+        assert f"--chunks must be a number above 0, or -1 for all of the text, not {n}" in run_error([base, q8, "-f", str(CALIB), "--chunks", n])
     other = _variant(tiny_llama_f32, tmp_path / "vocab.gguf", token="<other>")
     assert "its vocabulary differs from the base model's (token 0: '<other>'" in run_error([base, q8, str(other), *f])
     other = _variant(tiny_llama_f32, tmp_path / "arch.gguf", arch="qwen2")

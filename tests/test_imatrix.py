@@ -194,7 +194,7 @@ def test_in_file_of_another_model(tmp_path, capsys):
 def test_bad_sizes_and_same_output(tmp_path, capsys):
     msg = run_error(capsys, ["-m", str(TINY_HF), "-f", str(TEXTS / "pg84.txt"), "-c", "0",
                              "-o", str(tmp_path / "o.gguf")])
-    assert "-c > 0" in msg
+    assert "-c (--ctx-size) must be a number above 0, not 0" in msg
     im = tmp_path / "im.gguf"
     im.write_bytes((REF / "tiny-llama.c128.gguf").read_bytes())
     msg = run_error(capsys, ["-m", str(TINY_HF), "-f", str(TEXTS / "pg84.txt"), "--in-file", str(im), "-o", str(im)])
