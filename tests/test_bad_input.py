@@ -423,30 +423,26 @@ def _split_pair(m: Materials, d: Path) -> Path:
 
 
 def _quantized(m: Materials, d: Path) -> Path:
-    from kquant.files.gguf_read import load_gguf
-    from kquant.files.gguf_write import write_gguf
-    from kquant.codecs.api import quantize
-
-    s = load_gguf(m.gguf)
-    t = next(t for t in s.tensors if t.name == "blk.0.ffn_up.weight")
-    data = quantize(np.asarray(t.load()).view(np.float32).reshape(t.shape[1], t.shape[0]), "Q8_0")
-    t.type, t.load = T.Q8_0, (lambda data=data: data.reshape(-1))
-    s.path = ""
-    return write_gguf(s, d / "q8.gguf", progress=False)
+    return _one_matrix_as(m, d / "q8.gguf", "Q8_0", T.Q8_0)
 
 
 def _iq_model(m: Materials, d: Path) -> Path:
     """The tiny model with one matrix declared IQ4_NL (the same block size and bytes as Q4_0)."""
+    return _one_matrix_as(m, d / "iq.gguf", "Q4_0", T.IQ4_NL)
+
+
+def _one_matrix_as(m: Materials, out: Path, codec: str, declared: T) -> Path:
+    """The tiny model with blk.0.ffn_up.weight quantized by `codec`, declared `declared`."""
+    from kquant.codecs.api import quantize
     from kquant.files.gguf_read import load_gguf
     from kquant.files.gguf_write import write_gguf
-    from kquant.codecs.api import quantize
 
     s = load_gguf(m.gguf)
     t = next(t for t in s.tensors if t.name == "blk.0.ffn_up.weight")
-    data = quantize(np.asarray(t.load()).view(np.float32).reshape(t.shape[1], t.shape[0]), "Q4_0")
-    t.type, t.load = T.IQ4_NL, (lambda data=data: data.reshape(-1))
+    data = quantize(np.asarray(t.load()).view(np.float32).reshape(t.shape[1], t.shape[0]), codec)
+    t.type, t.load = declared, (lambda data=data: data.reshape(-1))
     s.path = ""
-    return write_gguf(s, d / "iq.gguf", progress=False)
+    return write_gguf(s, out, progress=False)
 
 
 def _nan_weights(m: Materials, d: Path) -> Path:

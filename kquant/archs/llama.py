@@ -102,8 +102,9 @@ def _set_vocab(w: gguf.GGUFWriter, folder: Path, hp: HParams) -> None:
         w.add_add_bos_token(False)
 
 
-# llama-model.cpp's LLM_ARCH_LLAMA tensors, in its order; shapes in ggml order (kquant.archs.base.Dims)
-TENSORS = (
+# llama-model.cpp's LLM_ARCH_LLAMA tensors, in its order; shapes in ggml order (kquant.archs.base.Dims).
+# DENSE is what qwen2 and qwen3 share with it.
+DENSE = (
     T(MODEL_TENSOR.TOKEN_EMBD, "n_embd n_vocab"),
     T(MODEL_TENSOR.OUTPUT_NORM, "n_embd"),
     T(MODEL_TENSOR.OUTPUT, "n_embd n_vocab", required=False),  # absent: tied to token_embd
@@ -121,6 +122,8 @@ TENSORS = (
     T(MODEL_TENSOR.FFN_GATE, "n_embd n_ff"),
     T(MODEL_TENSOR.FFN_DOWN, "n_ff n_embd"),
     T(MODEL_TENSOR.FFN_UP, "n_embd n_ff"),
+)
+TENSORS = DENSE + (
     # mlp_bias checkpoints: llama.cpp adds them, kquant's runtime has no FFN biases
     T(MODEL_TENSOR.FFN_GATE, "n_ff", "bias", required=False, runs=False),
     T(MODEL_TENSOR.FFN_DOWN, "n_embd", "bias", required=False, runs=False),

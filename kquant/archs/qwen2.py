@@ -13,7 +13,8 @@ from gguf import MODEL_ARCH, MODEL_TENSOR
 
 from ..errors import ModelError
 from ..files.safetensors import read_json
-from .base import Arch, HParams, TensorSpec as T
+from . import llama
+from .base import Arch, HParams
 
 
 def set_pooling_type(w: gguf.GGUFWriter, folder: Path, hp: HParams) -> None:
@@ -46,28 +47,10 @@ def set_pooling_type(w: gguf.GGUFWriter, folder: Path, hp: HParams) -> None:
         w.add_classifier_pooling_type(mode_mapping[classifier_pooling])
 
 
-# llama-model.cpp's LLM_ARCH_QWEN2 tensors, in its order; shapes in ggml order (kquant.archs.base.Dims).
+# llama-model.cpp's LLM_ARCH_QWEN2 tensors: llama's dense set.
 # The converter writes Q/K/V biases for every block; llama.cpp takes them (and an output bias)
 # wherever they are, for every arch (create_tensor_qkv's TENSOR_NOT_REQUIRED).
-TENSORS = (
-    T(MODEL_TENSOR.TOKEN_EMBD, "n_embd n_vocab"),
-    T(MODEL_TENSOR.OUTPUT_NORM, "n_embd"),
-    T(MODEL_TENSOR.OUTPUT, "n_embd n_vocab", required=False),  # absent: tied to token_embd
-    T(MODEL_TENSOR.ROPE_FREQS, "n_rot_half", required=False),
-    T(MODEL_TENSOR.ATTN_NORM, "n_embd"),
-    T(MODEL_TENSOR.ATTN_Q, "n_embd n_q"),
-    T(MODEL_TENSOR.ATTN_K, "n_embd n_k"),
-    T(MODEL_TENSOR.ATTN_V, "n_embd n_v"),
-    T(MODEL_TENSOR.ATTN_OUT, "n_q n_embd"),
-    T(MODEL_TENSOR.ATTN_Q, "n_q", "bias", required=False),
-    T(MODEL_TENSOR.ATTN_K, "n_k", "bias", required=False),
-    T(MODEL_TENSOR.ATTN_V, "n_v", "bias", required=False),
-    T(MODEL_TENSOR.ATTN_OUT, "n_embd", "bias", required=False),
-    T(MODEL_TENSOR.FFN_NORM, "n_embd"),
-    T(MODEL_TENSOR.FFN_GATE, "n_embd n_ff"),
-    T(MODEL_TENSOR.FFN_DOWN, "n_ff n_embd"),
-    T(MODEL_TENSOR.FFN_UP, "n_embd n_ff"),
-)
+TENSORS = llama.DENSE
 
 ARCH = Arch(
     model_arch=MODEL_ARCH.QWEN2,
