@@ -502,12 +502,12 @@ def test_bad_input(case: Case, m: Materials, tmp_path, monkeypatch, capsys):
 
 # --- signals: Ctrl-C, SIGTERM and SIGHUP leave nothing behind --------------------------------
 
-# Runs kquant-quantize's console entry point with a signal sent to itself at a chosen moment:
-# while numpy loads (the imports), or when the first tensor is quantized (the output's hidden
-# temporary file exists by then).
+# Runs a command's console entry point with a signal sent to itself at a chosen moment: while
+# numpy loads ("import"), or at the first call of a function the run goes through ("module:attr";
+# for a generator, when the item after its first is asked for: one chunk is done by then).
 _SIGNALLED = r'''
-import os, signal, sys
-sig, when, argv = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+import importlib, inspect, os, sys
+sig, when, command, argv = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
 if when == "import":
     class _Hook:
         def find_spec(self, name, path=None, target=None):
@@ -516,37 +516,69 @@ if when == "import":
                 os.kill(os.getpid(), sig)
             return None
     sys.meta_path.insert(0, _Hook())
-from kquant.cli import quantize_entry
-if when == "write":
-    import kquant.quantization.pipeline as pipeline
-    real = pipeline.quantize
-    def quantize(*a, **k):
-        os.kill(os.getpid(), sig)
-        return real(*a, **k)
-    pipeline.quantize = quantize
-sys.argv = ["kquant-quantize", *argv]
-sys.exit(quantize_entry())
+entry = getattr(importlib.import_module("kquant.cli"), f"{command}_entry")
+if when != "import":
+    module, attr = when.split(":")
+    target = importlib.import_module(module)
+    real = getattr(target, attr)
+    if inspect.isgeneratorfunction(real):
+        def wrapped(*a, **k):
+            for item in real(*a, **k):
+                yield item
+                os.kill(os.getpid(), sig)
+    else:
+        def wrapped(*a, **k):
+            os.kill(os.getpid(), sig)
+            return real(*a, **k)
+    setattr(target, attr, wrapped)
+sys.argv = [f"kquant-{command}", *argv]
+sys.exit(entry())
 '''
 
+_QUANTIZE = "kquant.quantization.pipeline:quantize"
 
-@pytest.mark.parametrize("sig,when", [("SIGINT", "import"), ("SIGTERM", "import"), ("SIGINT", "write"),
-                                      ("SIGTERM", "write"), ("SIGHUP", "write")])
+
+@pytest.mark.parametrize("sig,when", [("SIGINT", "import"), ("SIGTERM", "import"), ("SIGINT", _QUANTIZE),
+                                      ("SIGTERM", _QUANTIZE), ("SIGHUP", _QUANTIZE)])
 def test_signal_leaves_nothing(m: Materials, tmp_path, sig: str, when: str):
+    p, word = _signalled(sig, when, "quantize", [str(m.gguf), str(tmp_path / "out.gguf"), "Q4_K_M"], tmp_path)
+    assert p.stderr.strip().splitlines()[-1] == f"kquant-quantize: {word}" + (
+        "; no output written" if when != "import" else ""), p.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_signal_keeps_the_imatrix_saved_before(m: Materials, tmp_path):
+    """SIGTERM after the first chunk of kquant-imatrix -ofreq 1: the imatrix saved after it is
+    whole (one chunk), and no temporary file is left."""
+    from kquant.calibration.imatrix_file import load_imatrix
+
+    out = tmp_path / "im.gguf"
+    p, word = _signalled("SIGTERM", "kquant.calibration.imatrix:run_chunks", "imatrix",
+                         ["-m", str(m.gguf), "-f", str(m.text), "-c", "64", "-b", "64", "--chunks", "4",
+                          "-ofreq", "1", "-o", str(out), "--no-progress"], tmp_path)
+    assert p.stderr.strip().splitlines()[-1] == f"kquant-imatrix: {word}; files saved before this point are intact"
+    assert list(tmp_path.iterdir()) == [out] and load_imatrix(out).chunk_count == 1
+
+
+def test_signal_leaves_no_logits_file(m: Materials, tmp_path):
+    p, word = _signalled("SIGHUP", "kquant.validation.perplexity:run_chunks", "perplexity",
+                         ["-m", str(m.gguf), "-f", str(m.text), "-c", "64", "-b", "64", "--chunks", "4",
+                          "--kl-divergence-base", str(tmp_path / "base.kld"), "--no-progress"], tmp_path)
+    assert p.stderr.strip().splitlines()[-1] == f"kquant-perplexity: {word}; no logits file written"
+    assert list(tmp_path.iterdir()) == []
+
+
+def _signalled(sig: str, when: str, command: str, argv: list[str], cwd: Path):
+    """Run the command with the signal; check the exit code and that no traceback was printed."""
     import signal
     import subprocess
     import sys
 
     signum = int(getattr(signal, sig))
-    before = _digest(m.root)
-    p = subprocess.run([sys.executable, "-c", _SIGNALLED, str(signum), when, str(m.gguf),
-                        str(tmp_path / "out.gguf"), "Q4_K_M"], capture_output=True, text=True,
-                       cwd=tmp_path, timeout=600)
-    assert p.returncode == 128 + signum, p.stderr
-    assert "Traceback" not in p.stderr
-    word = "interrupted" if sig == "SIGINT" else f"stopped by {sig}"
-    assert p.stderr.strip().splitlines()[-1] == f"kquant-quantize: {word}" + (
-        "; no output written" if when == "write" else ""), p.stderr
-    assert list(tmp_path.iterdir()) == [] and _digest(m.root) == before
+    p = subprocess.run([sys.executable, "-c", _SIGNALLED, str(signum), when, command, *argv],
+                       capture_output=True, text=True, cwd=cwd, timeout=600)
+    assert p.returncode == 128 + signum and "Traceback" not in p.stderr, p.stderr
+    return p, ("interrupted" if sig == "SIGINT" else f"stopped by {sig}")
 
 
 # --- full disks, streamed output, the context -----------------------------------------------
