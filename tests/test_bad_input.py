@@ -506,7 +506,9 @@ def test_bad_input(case: Case, m: Materials, tmp_path, monkeypatch, capsys):
 # numpy loads ("import"), or at the first call of a function the run goes through ("module:attr";
 # for a generator, when the item after its first is asked for: one chunk is done by then).
 _SIGNALLED = r'''
-import importlib, inspect, os, sys
+import importlib, inspect, os, signal, sys
+# as in a terminal: a parent run in the background (nohup ... &, as CI may be) ignores SIGINT
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sig, when, command, argv = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
 if when == "import":
     class _Hook:
