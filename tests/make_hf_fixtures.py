@@ -36,6 +36,8 @@ FIXTURES = {
     "tiny-qwen2": "Qwen2ForCausalLM, BF16, Q/K/V biases, Qwen2 BPE tokenizer.json, tied, padded vocab",
     "tiny-qwen3": "Qwen3ForCausalLM, F16, q_norm/k_norm, head_dim 128 != hidden/heads, GQA",
     "tiny-smollm": "LlamaForCausalLM, BF16, SmolLM BPE (digits + byte-level), tied, hidden 64",
+    "tiny-phi3": "Phi3ForCausalLM, BF16, fused qkv_proj / gate_up_proj, GQA, partial rotary 0.75, LongRoPE, "
+                 "SentencePiece + Phi-3 added tokens, padded vocab",
 }
 
 
@@ -412,6 +414,53 @@ def build_smollm(d: Path, text: str) -> None:
     write_safetensors(d / "model.safetensors", _weights(6, cfg, tied=True), "BF16")
 
 
+_CHAT_PHI3 = ("{% for message in messages %}{{'<|' + message['role'] + '|>' + '\n' + message['content'] + "
+              "'<|end|>\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}"
+              "{{ eos_token }}{% endif %}")
+
+
+def build_phi3(d: Path, spm_model: bytes, n_sp: int) -> None:
+    """Phi-3 / Phi-4-mini's layout: Q/K/V in one qkv_proj, gate and up in one gate_up_proj (gate
+    first), LongRoPE factors for the rotated 3/4 of each head, Phi-3's added tokens (in
+    added_tokens.json, tokenizer_config.json and tokenizer.json) past the SentencePiece pieces."""
+    rot_half = 256 // 4 * 3 // 4 // 2  # head_dim 64 * partial_rotary_factor 0.75 / 2
+    cfg = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_size": 256,
+           "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "max_position_embeddings": 1024, "original_max_position_embeddings": 256,
+           "partial_rotary_factor": 0.75, "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
+           "rope_scaling": {"long_factor": [round(1.0 + 0.75 * i, 4) for i in range(rot_half)],
+                            "short_factor": [round(1.0 + 0.01 * i, 4) for i in range(rot_half)],
+                            "type": "longrope"},
+           "sliding_window": 2047, "tie_word_embeddings": False, "vocab_size": n_sp + 8,
+           "bos_token_id": 1, "eos_token_id": n_sp, "pad_token_id": n_sp, "hidden_act": "silu",
+           "attention_bias": False, "torch_dtype": "bfloat16"}
+    _write_json(d / "config.json", cfg)
+    w = _weights(7, cfg)
+    fused = {}
+    for name, a in w.items():
+        if ".k_proj." in name or ".v_proj." in name or ".up_proj." in name:
+            continue
+        if ".q_proj." in name:
+            p = name.replace("q_proj", "{}")
+            fused[name.replace("q_proj", "qkv_proj")] = np.concatenate([w[p.format(x)] for x in ("q_proj", "k_proj", "v_proj")])
+        elif ".gate_proj." in name:
+            fused[name.replace("gate_proj", "gate_up_proj")] = np.concatenate([a, w[name.replace("gate_proj", "up_proj")]])
+        else:
+            fused[name] = a
+    write_safetensors(d / "model.safetensors", fused, "BF16")
+    extra = [(n_sp, "<|endoftext|>", True), (n_sp + 1, "<|assistant|>", True), (n_sp + 2, "<|placeholder1|>", True),
+             (n_sp + 3, "<|end|>", True), (n_sp + 4, "<|user|>", True), (n_sp + 5, "<tool>", False)]
+    _spm_folder(d, spm_model, n_sp, extra, _CHAT_PHI3)
+    (d / "added_tokens.json").write_text(json.dumps({c: t for t, c, _ in extra}), encoding="utf-8")
+    base = [(0, "<unk>", True), (1, "<s>", True), (2, "</s>", True)]
+    tj = {"version": "1.0", "truncation": None, "padding": None,
+          "added_tokens": [_added(t, c, sp) for t, c, sp in base + extra], "normalizer": None,
+          "pre_tokenizer": None, "post_processor": None, "decoder": None,
+          "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>", "byte_fallback": True, "vocab": {}, "merges": []}}
+    _write_json(d / "tokenizer.json", tj)
+    _write_json(d / "generation_config.json", {"bos_token_id": 1, "eos_token_id": [n_sp, n_sp + 3], "pad_token_id": n_sp})
+
+
 def build(dest: str | Path, names: list[str] | None = None, text_path: str | Path | None = None) -> dict[str, Path]:
     """Build the fixtures (all, or `names`) under `dest`; returns name -> folder."""
     dest = Path(dest)
@@ -427,7 +476,7 @@ def build(dest: str | Path, names: list[str] | None = None, text_path: str | Pat
             raise KeyError(name)
         d = dest / name
         d.mkdir(parents=True, exist_ok=True)
-        if name.endswith("-spm") and spm_model is None:
+        if (name.endswith("-spm") or name == "tiny-phi3") and spm_model is None:
             import sentencepiece as spm
             spm_model = train_sentencepiece(text)
             n_sp = spm.SentencePieceProcessor(model_proto=spm_model).vocab_size()
@@ -443,6 +492,8 @@ def build(dest: str | Path, names: list[str] | None = None, text_path: str | Pat
             build_qwen(d, text, "Qwen3ForCausalLM")
         elif name == "tiny-smollm":
             build_smollm(d, text)
+        elif name == "tiny-phi3":
+            build_phi3(d, spm_model, n_sp)
         out[name] = d
     return out
 

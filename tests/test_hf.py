@@ -119,11 +119,44 @@ def test_default_outfile_name(built):
 def test_arch_registry():
     """kquant.archs finds each architecture file by GGUF name and by Hugging Face class."""
     from kquant.archs import ARCHS, arch_for_hf_class, get_arch
-    assert sorted(ARCHS) == ["llama", "qwen2", "qwen3"]
+    assert sorted(ARCHS) == ["llama", "phi3", "qwen2", "qwen3"]
     assert arch_for_hf_class("MistralForCausalLM") is arch_for_hf_class("LlamaForCausalLM") is get_arch("llama")
     assert arch_for_hf_class("Qwen3ForCausalLM").name == "qwen3"
+    assert arch_for_hf_class("Phi3ForCausalLM").name == "phi3"
     assert arch_for_hf_class("GPT2LMHeadModel") is None
-    assert [get_arch(n).rope_neox for n in ("llama", "qwen2", "qwen3")] == [False, True, True]
+    assert [get_arch(n).rope_neox for n in ("llama", "qwen2", "qwen3", "phi3")] == [False, True, True, True]
+
+
+def _phi3_with(built, tmp_path, **changes) -> Path:
+    d = _copy(built, "tiny-phi3", tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    for key, value in changes.items():
+        if key.startswith("rs_"):  # a field of rope_scaling
+            cfg["rope_scaling"][key[3:]] = value
+        else:
+            cfg[key] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def test_phi3_refusals(built, tmp_path):
+    """What transformers' Phi3Config and the converter refuse, as one ModelError each."""
+    with pytest.raises(ModelError, match="long_factor has 23 values; the 48 rotated dimensions of a head take 24"):
+        load_hf_model(_phi3_with(built, tmp_path / "a", rs_long_factor=[1.0] * 23))
+    with pytest.raises(ModelError, match="rope_scaling type 'dynamic' is not supported"):
+        load_hf_model(_phi3_with(built, tmp_path / "b", rs_type="dynamic"))
+    with pytest.raises(ModelError, match="tokenizer_config.json: added token .* has id 643, not one of the 643"):
+        load_hf_model(_phi3_with(built, tmp_path / "c", vocab_size=643))
+
+
+def test_phi3_without_longrope(built, tmp_path):
+    """No rope_scaling: no rope factors, no attn_factor; sliding_window absent -> 0."""
+    d = _phi3_with(built, tmp_path, rope_scaling=None, sliding_window=None)
+    src = load_hf_model(d, "f32")
+    assert not any(t.name.startswith("rope_factors") for t in src.tensors)
+    assert src.get("phi3.rope.scaling.attn_factor") is None
+    assert src.get("phi3.attention.sliding_window") == 0
+    assert src.get("phi3.rope.scaling.original_context_length") == 256
 
 
 def test_pre_tokenizer_names():

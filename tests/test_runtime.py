@@ -78,6 +78,36 @@ def test_architectures_match_llama_cpp(hf_built, tmp_path, llama_cpp, name):
     assert rel_error(ours, llama_logits(llama_cpp, gguf_path, toks)) < 1e-4
 
 
+def test_phi3_rope_factors_follow_the_context(hf_built, tmp_path, llama_cpp):
+    """LongRoPE as llama.cpp chooses it: the tiny-phi3 fixture's original context is 256, so a
+    512-token context takes rope_factors_long (and rope.scaling.attn_factor), a 256-token one
+    rope_factors_short; with `exact`, llama.cpp's logits to the bit either way; the CuPy code
+    path computes the same; one batch cannot mix the two contexts."""
+    from kquant.errors import ModelError
+    from kquant.files.gguf_write import write_gguf
+    from kquant.files.hf import load_hf_model
+
+    gguf_path = tmp_path / "tiny-phi3-f32.gguf"
+    write_gguf(load_hf_model(hf_built["tiny-phi3"], "f32"), gguf_path, progress=False)
+    model = Transformer(open_model(gguf_path, "f32"), "cpu", progress=False)
+    generic = Transformer(open_model(gguf_path, "f32"), "cpu", progress=False, xp=_NumpyStandIn())
+    toks = tokens_for(model.config.n_vocab, 100)
+    for n_ctx in (256, 512):
+        llm = llama_cpp.Llama(str(gguf_path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx, n_threads=2,
+                              flash_attn=True, verbose=False)
+        llm.eval(toks.tolist())
+        ref = np.array(llm.scores[:len(toks)], np.float32)
+        model.exact = False
+        ours = model.forward([Segment(toks, model.new_cache(n_ctx))])
+        assert rel_error(ours, ref) < 1e-4
+        assert rel_error(generic.forward([Segment(toks, generic.new_cache(n_ctx))]), ours) < 1e-5
+        model.exact = True
+        exact = model.forward([Segment(toks, model.new_cache(n_ctx))])
+        assert np.array_equal(exact.view(np.uint32), ref.view(np.uint32)), n_ctx
+    with pytest.raises(ModelError, match="different rope factors"):
+        model.forward([Segment(toks[:10], model.new_cache(256)), Segment(toks[:10], model.new_cache(512))])
+
+
 def test_quantized_model_runs_on_dequantized_weights(tiny_llama_f32, tmp_path, llama_cpp):
     """A Q8_0 file: kquant dequantizes bit-exactly, so it matches llama.cpp like F32 does."""
     from kquant import QuantizeOptions, quantize_model
@@ -222,15 +252,15 @@ def test_rope_is_ggmls_bit_for_bit(ggml_cpu, neox, base):
 
     class Model:  # just what the table builder reads
         xp = np
-        _rope_cache = (0, None, None)
+        _rope_cache = (0, None, None, None)
 
         class config:
-            n_rot, rope_base, rope_freq_scale, rope_neox = d, base, 1.0, neox
+            n_rot, rope_base, rope_freq_scale, rope_neox, rope_attn_factor = d, base, 1.0, neox, 1.0
 
         class weights:
             rope_freqs = None
 
-    cos, sin = Transformer._rope_tables(Model(), T)
+    cos, sin = Transformer._rope_tables(Model(), T, None)
     ours = x.copy()
     rope_inplace(ours, np.arange(T), cos, sin, d, neox)
     np.testing.assert_array_equal(ours, ggml_cpu.rope(x, d, neox, base))

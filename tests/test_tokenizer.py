@@ -2,8 +2,8 @@
 (through llama-cpp-python, the vocabulary loaded with vocab_only=True).
 
 Models: the real SmolLM2-135M (byte-level BPE, pre-tokenizer "smollm"), the project's tiny model
-data/tiny-llama (SentencePiece), and the six Hugging Face fixtures of make_hf_fixtures.py (SPM with
-added tokens, Llama-3 BPE, Qwen2/Qwen3 BPE, SmolLM BPE), the latter two kinds converted to GGUF by
+data/tiny-llama (SentencePiece), and the seven Hugging Face fixtures of make_hf_fixtures.py (SPM with
+added tokens, Phi-3's padded SPM, Llama-3 BPE, Qwen2/Qwen3 BPE, SmolLM BPE), the latter two kinds converted to GGUF by
 kquant for llama.cpp (and read by kquant straight from their folders).  Texts: the whole shared
 texts (wiki.test.raw and the calibration books), and strings made to hit the corner cases.
 """

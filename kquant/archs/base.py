@@ -9,7 +9,7 @@ One record serves both ends of kquant:
 * both: the tensors llama.cpp's loader creates for the architecture (`tensors`, a table of
   `TensorSpec`: name, shape in hyper-parameters, required or not), against which
   kquant.archs.checks checks a converted folder and a model given to the runtime;
-* the runtime (kquant.runtime): the rope style.
+* the runtime (kquant.runtime): the rope style, where the attention scale is applied.
 
 Rules are plain data wherever the converter's are (gguf-py's tensor_mapping.py style); the
 hooks default to what the converter does for an architecture that adds nothing.
@@ -78,11 +78,21 @@ class Dims:
 _DIM_NAMES = frozenset(f.name for f in fields(Dims)) | {"n_q", "n_k", "n_v", "n_rot_half"}
 
 
+def _terms(size: str) -> list[tuple[int, str]]:
+    """One size of a shape: a sum of sizes, each maybe times a count ("n_embd+n_k+n_v", "2*n_ff")."""
+    out = []
+    for term in size.split("+"):
+        count, _, name = term.rpartition("*")
+        out.append((int(count) if count else 1, name))
+    return out
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One tensor llama.cpp's loader creates for an architecture (a create_tensor call of
     llama-model.cpp): `shape` in ggml order (ne[0] first) as names of `Dims` sizes, e.g.
-    "n_embd n_vocab"; a block tensor (its gguf name has "{bid}") is created in every block."""
+    "n_embd n_vocab", each maybe a sum of sizes times counts ("n_embd+n_k+n_v", "2*n_ff");
+    a block tensor (its gguf name has "{bid}") is created in every block."""
 
     key: MODEL_TENSOR
     shape: str
@@ -92,7 +102,7 @@ class TensorSpec:
     runs: bool = True
 
     def __post_init__(self) -> None:
-        unknown = set(self.shape.split()) - _DIM_NAMES
+        unknown = {name for size in self.shape.split() for _, name in _terms(size)} - _DIM_NAMES
         if unknown:  # a typo in a table is the table's author's error, at import
             raise ValueError(f"{self.key.name}: unknown size(s) {sorted(unknown)} in shape {self.shape!r}")
 
@@ -102,7 +112,7 @@ class TensorSpec:
 
     def size(self, dims: Dims) -> tuple[int, ...]:
         """The shape llama.cpp expects, in ggml order."""
-        return tuple(getattr(dims, d) for d in self.shape.split())
+        return tuple(sum(k * getattr(dims, name) for k, name in _terms(size)) for size in self.shape.split())
 
 
 def _no_params(w: gguf.GGUFWriter, folder: Path, hp: HParams) -> None:
@@ -115,6 +125,10 @@ def _no_check(folder: Path, hp: HParams, hf_class: str) -> None:
 
 def _no_extra_tensors(hp: HParams) -> list[tuple[MODEL_TENSOR, np.ndarray]]:
     return []
+
+
+def _no_tensor_params(w: gguf.GGUFWriter, hp: HParams) -> None:
+    """An architecture whose generate_extra_tensors writes no metadata."""
 
 
 @dataclass(frozen=True)
@@ -135,12 +149,19 @@ class Arch:
     hf_name_drop: tuple[str, ...] = ()
     # metadata written after the generic hyperparameters (the class's set_gguf_parameters)
     set_params: Callable[[gguf.GGUFWriter, Path, HParams], None] = _no_params
+    # a set_gguf_parameters that replaces TextModel's instead of adding to it (it writes every
+    # hyper-parameter itself): (writer, hparams, block count, file type); None: TextModel's
+    # then set_params
+    own_params: Callable[[gguf.GGUFWriter, HParams, int, gguf.LlamaFileType], None] | None = None
     # tokenizer.ggml.* metadata (the class's set_vocab)
     set_vocab: Callable[[gguf.GGUFWriter, Path, HParams], None] = hf_vocab.set_vocab
     # raises ModelError for folders of this class that kquant does not convert
     check: Callable[[Path, HParams, str], None] = _no_check
     # tensors the converter generates, written before the folder's (generate_extra_tensors)
     extra_tensors: Callable[[HParams], list[tuple[MODEL_TENSOR, np.ndarray]]] = _no_extra_tensors
+    # metadata generate_extra_tensors writes: the converter prepares its tensors before its
+    # metadata, so these keys come first, right after general.architecture
+    tensor_params: Callable[[gguf.GGUFWriter, HParams], None] = _no_tensor_params
     # --- both -------------------------------------------------------------------------------
     # every tensor llama.cpp's loader creates for the architecture, in its order (its
     # create_tensor calls; kquant.archs.checks compares a model with them)
@@ -148,6 +169,9 @@ class Arch:
     # --- runtime ----------------------------------------------------------------------------
     # llama.cpp's rope type: NEOX rotates (i, i + n_rot/2), NORM adjacent pairs (2i, 2i + 1)
     rope_neox: bool = False
+    # the graph multiplies Q by 1/sqrt(head_dim) before attention, which then scales the
+    # scores by 1 (phi3), rather than scaling the scores
+    scale_q: bool = False
 
     @property
     def name(self) -> str:

@@ -2,7 +2,7 @@
 
 `load_hf_model(folder, outtype)` reads config.json, the tokenizer files and the safetensors
 headers of a folder of any class in kquant.archs (LlamaForCausalLM, MistralForCausalLM,
-Qwen2ForCausalLM, Qwen3ForCausalLM) and returns the metadata pairs and tensors that
+Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM) and returns the metadata pairs and tensors that
 `convert_hf_to_gguf.py --outtype OUTTYPE` would write, in the same order, with the same value
 types and the same tensor bytes.  Nothing is loaded at construction: each tensor's `load()`
 memory-maps only its own bytes.
@@ -175,7 +175,11 @@ def _make_load(raw: Callable[[], np.ndarray], permute: tuple[int, int | None] | 
 
 def _set_params(w: gguf.GGUFWriter, arch: Arch, folder: Path, hp: dict[str, Any], block_count: int,
                 rope: dict[str, Any], ftype: LlamaFileType) -> None:
-    """TextModel.set_gguf_parameters, then the architecture's own additions."""
+    """TextModel.set_gguf_parameters, then the architecture's own additions (or the
+    architecture's own set_gguf_parameters instead, where it replaces TextModel's)."""
+    if arch.own_params is not None:
+        arch.own_params(w, hp, block_count, ftype)
+        return
     w.add_block_count(block_count)
     if (n_ctx := _find(hp, ["max_position_embeddings", "n_ctx", "n_positions", "max_length",
                             "max_sequence_length", "model_max_length"])) is not None:
@@ -454,6 +458,7 @@ def _metadata(folder: Path, arch: Arch, hp: dict[str, Any], block_count: int, ft
     level = log.level
     log.setLevel(logging.ERROR)
     try:
+        arch.tensor_params(w, hp)
         _general_metadata(w, folder, total_params)
         _set_params(w, arch, folder, hp, block_count, hp["rope_parameters"], ftype)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)

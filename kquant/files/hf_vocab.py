@@ -27,7 +27,7 @@ from ..errors import ModelError
 from .safetensors import read_json
 
 __all__ = ["BPE_PRE_TOKENIZERS", "bpe_pre_tokenizer_name", "SpecialVocab", "set_vocab",
-           "set_vocab_sentencepiece", "set_vocab_gpt2"]
+           "set_vocab_sentencepiece", "set_vocab_gpt2", "sentencepiece_pieces"]
 
 # token types (gguf.TokenType / SentencePieceTokenTypes)
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
@@ -321,8 +321,8 @@ class SpecialVocab:
             self.set_special_token(typ, token_id)
 
 
-def set_vocab_sentencepiece(w: gguf.GGUFWriter, folder: Path, hp: dict[str, Any]) -> None:
-    """TextModel._set_vocab_sentencepiece / _create_vocab_sentencepiece."""
+def sentencepiece_pieces(folder: Path) -> list[tuple[bytes, float, int]]:
+    """Every piece of the folder's SentencePiece tokenizer.model: (text, score, token type)."""
     from sentencepiece import SentencePieceProcessor
 
     tokenizer_path = folder / 'tokenizer.model'
@@ -331,14 +331,8 @@ def set_vocab_sentencepiece(w: gguf.GGUFWriter, folder: Path, hp: dict[str, Any]
         sp.LoadFromFile(str(tokenizer_path))
     except (OSError, RuntimeError) as e:
         raise ModelError(f"cannot load SentencePiece model {tokenizer_path}: {e}") from None
-    vocab_size = hp.get("vocab_size_per_layer_input", hp.get("vocab_size")) or sp.vocab_size()
-
-    tokens: list[bytes] = [f"[PAD{i}]".encode() for i in range(vocab_size)]
-    scores: list[float] = [-10000.0] * vocab_size
-    toktypes: list[int] = [_UNUSED] * vocab_size
+    out = []
     for token_id in range(sp.vocab_size()):
-        if token_id >= vocab_size:
-            break
         toktype = _NORMAL
         if sp.IsUnknown(token_id):
             toktype = _UNKNOWN
@@ -348,8 +342,21 @@ def set_vocab_sentencepiece(w: gguf.GGUFWriter, folder: Path, hp: dict[str, Any]
             toktype = _UNUSED
         elif sp.IsByte(token_id):
             toktype = _BYTE
-        tokens[token_id] = sp.IdToPiece(token_id).encode("utf-8")
-        scores[token_id] = sp.GetScore(token_id)
+        out.append((sp.IdToPiece(token_id).encode("utf-8"), sp.GetScore(token_id), toktype))
+    return out
+
+
+def set_vocab_sentencepiece(w: gguf.GGUFWriter, folder: Path, hp: dict[str, Any]) -> None:
+    """TextModel._set_vocab_sentencepiece / _create_vocab_sentencepiece."""
+    pieces = sentencepiece_pieces(folder)
+    vocab_size = hp.get("vocab_size_per_layer_input", hp.get("vocab_size")) or len(pieces)
+
+    tokens: list[bytes] = [f"[PAD{i}]".encode() for i in range(vocab_size)]
+    scores: list[float] = [-10000.0] * vocab_size
+    toktypes: list[int] = [_UNUSED] * vocab_size
+    for token_id, (piece, score, toktype) in enumerate(pieces[:vocab_size]):
+        tokens[token_id] = piece
+        scores[token_id] = score
         toktypes[token_id] = toktype
 
     added_tokens_file = folder / 'added_tokens.json'

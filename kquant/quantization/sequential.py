@@ -264,4 +264,7 @@ def sequential_gptq(model_path: str | Path, text_path: str | Path, planned: dict
         raise ModelError("--chunks must be at least 1 for calibration")
     chunks = chunk_sequences(tokens, 0, n, n_ctx, bos)
     model = Transformer(source, device, progress)
+    if any(L.wqkv is not None or L.w_gate is None for L in model.weights.layers):
+        raise ModelError(f"{model_path}: sequential GPTQ does not support fused Q/K/V (attn_qkv) or "
+                         "gate/up (ffn_up of 2 * n_ff rows) matrices yet")
     return SequentialGptq(model, planned, convert, report, n_threads).run(chunks, progress)

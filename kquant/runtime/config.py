@@ -35,6 +35,12 @@ class ModelConfig:
     rope_freq_scale: float  # 1 / linear scaling factor
     rms_eps: float
     n_vocab: int
+    # rope.scaling.attn_factor: cos and sin scaled by it (LongRoPE's, phi3)
+    rope_attn_factor: float = 1.0
+    # rope.scaling.original_context_length (llama.cpp's n_ctx_orig_yarn): a context longer than
+    # this takes the rope_factors_long tensor, else rope_factors_short
+    n_ctx_orig: int = 0
+    scale_q: bool = False  # Q scaled by 1/sqrt(head_dim) before attention (kquant.archs: phi3)
 
     @property
     def n_rep(self) -> int:
@@ -43,7 +49,7 @@ class ModelConfig:
 
 
 def read_config(source: ModelSource) -> ModelConfig:
-    """The hyperparameters of a llama/mistral/qwen2/qwen3 model, with llama.cpp's defaults, after
+    """The hyperparameters of a llama/mistral/qwen2/qwen3/phi3 model, with llama.cpp's defaults, after
     checking everything the runtime will rely on before any weight is read: each metadata value
     (present where llama.cpp requires it, of its type, in range), every tensor's type (one the
     runtime computes with) and the tensor set and shapes (kquant.archs.checks, llama.cpp's
@@ -57,7 +63,7 @@ def read_config(source: ModelSource) -> ModelConfig:
     if dims.head_dim_v != dims.head_dim:
         raise ModelError(f"{where(source)}: {arch}.attention.value_length {dims.head_dim_v} differs from "
                          f"{arch}.attention.key_length {dims.head_dim}: kquant's runtime does not run such models")
-    meta_int(source, f"{arch}.context_length", 0)  # llama.cpp's n_ctx_train: checked, not used
+    n_ctx_train = meta_int(source, f"{arch}.context_length", 0)  # llama.cpp's n_ctx_train
     rope_freq_scale = _rope_freq_scale(source)
     check_tensors(source, dims, runtime=True)
     return ModelConfig(
@@ -74,19 +80,23 @@ def read_config(source: ModelSource) -> ModelConfig:
         rope_freq_scale=rope_freq_scale,
         rms_eps=meta_float(source, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
         n_vocab=dims.n_vocab,
+        rope_attn_factor=meta_float(source, f"{arch}.rope.scaling.attn_factor", 1.0),
+        n_ctx_orig=meta_int(source, f"{arch}.rope.scaling.original_context_length", 0, minimum=0) or n_ctx_train,
+        scale_q=ARCHS[arch].scale_q,
     )
 
 
 def _rope_freq_scale(source: ModelSource) -> float:
-    """1 / the linear rope scaling factor (the only scaling the runtime runs); llama.cpp takes a
-    factor of 0, or none, as no scaling."""
+    """1 / the linear rope scaling factor (the only scaling the runtime runs; longrope's is the
+    same factor, with its per-frequency factors from tensors); llama.cpp takes a factor of 0,
+    or none, as no scaling."""
     key = f"{source.arch}.rope.scaling"
     scaling = source.get(f"{key}.type", "none")
-    if scaling not in ("none", "linear"):
+    if scaling not in ("none", "linear", "longrope"):
         raise ModelError(f"{where(source)}: rope scaling {scaling!r} ({key}.type) is not supported by "
                          "kquant's runtime")
     factor = meta_float(source, f"{key}.factor", 0.0, allow_zero=True)
-    return 1.0 / factor if scaling == "linear" and factor > 0 else 1.0
+    return 1.0 / factor if scaling in ("linear", "longrope") and factor > 0 else 1.0
 
 
 def check_runnable_types(source: ModelSource) -> None:

@@ -1,19 +1,20 @@
-"""The forward pass of llama-family models (llama, mistral, qwen2, qwen3), a whole batch at once.
+"""The forward pass of llama-family models (llama, mistral, qwen2, qwen3, phi3), a whole batch at once.
 
-It computes what llama.cpp's graph computes (src/models/llama.cpp, qwen2.cpp, qwen3.cpp), in
+It computes what llama.cpp's graph computes (src/models/llama.cpp, qwen2.cpp, qwen3.cpp, phi3.cpp), in
 float32, with matrix-matrix products over every token of a batch:
 
     x = token_embd[tokens]
     for each block:
         h = rms_norm(x) * attn_norm
-        q, k, v = h @ Wq.T (+bq), h @ Wk.T (+bk), h @ Wv.T (+bv)
+        q, k, v = h @ Wq.T (+bq), h @ Wk.T (+bk), h @ Wv.T (+bv)  (phi3: one fused product, split)
         q, k = rms_norm per head * q_norm / k_norm           (qwen3)
         q, k = rope(q), rope(k)                               (pairs: llama adjacent, qwen halves)
+        q = q / sqrt(d)                                       (phi3; the scores are then not scaled)
         k, v -> KV cache, rounded to float16 as llama.cpp's default F16 cache stores them
         a = softmax(q k^T / sqrt(d) + causal mask) v          (GQA: query head h reads KV head h // n_rep)
         x = x + a @ Wo.T
         h = rms_norm(x) * ffn_norm
-        x = x + (silu(h @ Wgate.T) * (h @ Wup.T)) @ Wdown.T
+        x = x + (silu(h @ Wgate.T) * (h @ Wup.T)) @ Wdown.T   (phi3: gate and up one product, split)
     logits = (rms_norm(x) * output_norm) @ Wout.T
 
 All of it is written against an array module `xp`: numpy (BLAS) on the CPU, CuPy on a GPU.
@@ -90,7 +91,8 @@ class Transformer:
         self.device = device
         self.config = read_config(source)
         self.weights: Weights = load_weights(source, self.config, self.xp, progress)
-        self._rope_cache: tuple[int, Any, Any] = (0, None, None)
+        # (positions, rope factors used, cos, sin)
+        self._rope_cache: tuple[int, Any, Any, Any] = (0, None, None, None)
         # the last product's input and what was made of it (see _once_per_input)
         self._prepared: tuple[Any, Any, Any] = (None, None, None)
         # attention in ggml's exact flash-attention order (kernels.flash_attention): bit for bit
@@ -125,11 +127,31 @@ class Transformer:
         y *= w
         return y
 
-    def _rope_tables(self, n_pos: int) -> tuple[Any, Any]:
+    def _rope_factors(self, segments: Sequence[Segment]) -> str | None:
+        """Which per-frequency rope divisors the segments' context takes, as llama.cpp's
+        get_rope_factors chooses: rope_freqs where the model has it, else LongRoPE's long
+        factors when the context (the cache's size, padded to 256 as llama.cpp pads n_ctx)
+        exceeds the original context length, else the short ones."""
+        W = self.weights
+        if W.rope_freqs is not None:
+            return "rope_freqs"
+        if W.rope_long is None and W.rope_short is None:
+            return None
+        picks = {"rope_long" if -(-s.cache.n_ctx // 256) * 256 > self.config.n_ctx_orig else "rope_short"
+                 for s in segments}
+        if len(picks) > 1:
+            raise ModelError("the sequences of one batch have contexts on both sides of the model's original "
+                             f"context length ({self.config.n_ctx_orig}), which take different rope factors: "
+                             "run them in separate batches")
+        return picks.pop() if picks else None
+
+    def _rope_tables(self, n_pos: int, factors: str | None) -> tuple[Any, Any]:
         """cos and sin of every (position, pair), with ggml's float32 arithmetic: theta starts at
-        the position and is multiplied by base^(-2/n_rot) once per pair (ggml_rope_cache_init)."""
-        have, cos, sin = self._rope_cache
-        if have >= n_pos:
+        the position and is multiplied by base^(-2/n_rot) once per pair (ggml_rope_cache_init),
+        divided by the rope factors `factors` (a Weights field) where given, and cos and sin
+        scaled by rope.scaling.attn_factor."""
+        have, have_factors, cos, sin = self._rope_cache
+        if have >= n_pos and have_factors == factors:
             return cos, sin
         n_pos = max(n_pos, 2 * have, 512)
         c = self.config
@@ -140,20 +162,22 @@ class Transformer:
         for i in range(half):
             table[:, i] = theta
             theta = theta * theta_scale
-        if self.weights.rope_freqs is not None:
-            table = table / self.weights.rope_freqs[:half].astype(F32)
+        if factors is not None:
+            table = table / getattr(self.weights, factors)[:half].astype(F32)
         table = table * F32(c.rope_freq_scale)
         # libm's cosf/sinf, as ggml calls them (numpy's float32 SIMD versions differ in the last
         # bit for ~9% of these arguments, and even correctly rounded ones for ~1%)
         cos, sin = rope_table(table)
+        if c.rope_attn_factor != 1.0:  # ggml's rope_yarn: cosf(theta) * mscale
+            cos, sin = cos * F32(c.rope_attn_factor), sin * F32(c.rope_attn_factor)
         cos, sin = self.xp.asarray(cos), self.xp.asarray(sin)
-        self._rope_cache = (n_pos, cos, sin)
+        self._rope_cache = (n_pos, factors, cos, sin)
         return cos, sin
 
-    def _rope(self, x: Any, pos: Any) -> Any:
+    def _rope(self, x: Any, pos: Any, factors: str | None = None) -> Any:
         """Rotate the first n_rot dims of every head of x (rows, heads, head_dim) in place."""
         c = self.config
-        cos, sin = self._rope_tables(int(pos.max()) + 1)
+        cos, sin = self._rope_tables(int(pos.max()) + 1, factors)
         if self.xp is np:
             rope_inplace(x, pos, cos, sin, c.n_rot, c.rope_neox)
             return x
@@ -176,7 +200,8 @@ class Transformer:
         order, bit for bit, but several times slower than BLAS."""
         xp, c = self.xp, self.config
         T = q.shape[0]
-        scale = F32(1.0) / np.sqrt(F32(c.head_dim))  # 1.0f/sqrtf(n_embd_head), in float
+        # 1.0f/sqrtf(n_embd_head), in float; 1 where Q was scaled by it (phi3)
+        scale = F32(1.0) if c.scale_q else F32(1.0) / np.sqrt(F32(c.head_dim))
         if xp is np and (self.exact_attention or self.exact):
             out = np.empty((T, c.n_head, c.head_dim), F32)
             q = np.ascontiguousarray(q)
@@ -310,15 +335,27 @@ class Transformer:
         xp, c = self.xp, self.config
         n = L.names
         N = h.shape[0]
-        q = self._linear(h, L.wq, L.bq, n["wq"], observe).reshape(N, c.n_head, c.head_dim)
-        k = self._linear(h, L.wk, L.bk, n["wk"], observe).reshape(N, c.n_head_kv, c.head_dim)
-        v = self._linear(h, L.wv, L.bv, n["wv"], observe).reshape(N, c.n_head_kv, c.head_dim)
+        if L.wqkv is not None:  # one product, split as llama.cpp's build_qkv views it
+            qkv = self._linear(h, L.wqkv, L.bqkv, n["wqkv"], observe)
+            q_dim, kv_dim = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
+            q, k, v = (xp.ascontiguousarray(qkv[:, a:b]) for a, b in
+                       ((0, q_dim), (q_dim, q_dim + kv_dim), (q_dim + kv_dim, q_dim + 2 * kv_dim)))
+        else:
+            q = self._linear(h, L.wq, L.bq, n["wq"], observe)
+            k = self._linear(h, L.wk, L.bk, n["wk"], observe)
+            v = self._linear(h, L.wv, L.bv, n["wv"], observe)
+        q = q.reshape(N, c.n_head, c.head_dim)
+        k = k.reshape(N, c.n_head_kv, c.head_dim)
+        v = v.reshape(N, c.n_head_kv, c.head_dim)
         if L.q_norm is not None:
             q = self._rms_norm(q, L.q_norm)
         if L.k_norm is not None:
             k = self._rms_norm(k, L.k_norm)
-        q = self._rope(q, pos)
-        k = self._rope(k, pos)
+        factors = self._rope_factors(segments)
+        q = self._rope(q, pos, factors)
+        k = self._rope(k, pos, factors)
+        if c.scale_q:  # ggml_scale(Qcur, 1.0f/sqrtf(n_embd_head)) before attention
+            q *= F32(1.0) / np.sqrt(F32(c.head_dim))
         # llama.cpp's KV cache is F16 by default: attention reads the rounded values
         if xp is np:
             k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)
@@ -341,8 +378,13 @@ class Transformer:
         """silu(h @ Wgate^T) * (h @ Wup^T) (N, n_ff) for the normed input h: the input of
         the down matrix."""
         n = L.names
-        g = self._linear(h, L.w_gate, None, n["w_gate"], observe)
-        u = self._linear(h, L.w_up, None, n["w_up"], observe)
+        if L.w_gate is None:  # fused (phi3): ggml_swiglu of the two halves, gate first
+            gu = self._linear(h, L.w_up, None, n["w_up"], observe)
+            n_ff = gu.shape[1] // 2
+            g, u = self.xp.ascontiguousarray(gu[:, :n_ff]), self.xp.ascontiguousarray(gu[:, n_ff:])
+        else:
+            g = self._linear(h, L.w_gate, None, n["w_gate"], observe)
+            u = self._linear(h, L.w_up, None, n["w_up"], observe)
         # swiglu: silu(g) * u, silu(g) = g / (1 + exp(-g))
         if self.xp is np:
             swiglu(g, u)

@@ -34,7 +34,7 @@ class Layer:
     wv: Any
     wo: Any
     ffn_norm: Any
-    w_gate: Any
+    w_gate: Any  # None: gate and up fused in w_up (2 * n_ff rows, gate first: phi3)
     w_up: Any
     w_down: Any
     bq: Any = None  # Q/K/V/output biases, where the file has them (every qwen2 block does)
@@ -43,6 +43,9 @@ class Layer:
     bo: Any = None
     q_norm: Any = None  # per-head RMSNorm of Q and K (every qwen3 block)
     k_norm: Any = None
+    # Q, K and V as one matrix (attn_qkv, phi3), in place of wq/wk/wv (then None), its bias
+    wqkv: Any = None
+    bqkv: Any = None
     # the GGUF name of each matrix ("wq" -> "blk.3.attn_q.weight"): what the imatrix and the
     # activation rounding (by the matrix's stored type) know it by
     names: dict[str, str] = field(default_factory=dict)
@@ -63,6 +66,10 @@ class Weights:
     # quantized matrices as stored (uint8 rows of blocks, a view of the file's memory map), for
     # products over a few tokens straight from the blocks (kquant.matmul: ggml's vec_dot)
     blocks: dict[str, np.ndarray]
+    # LongRoPE's per-frequency divisors (phi3), for contexts beyond rope.scaling's original
+    # context length and within it; rope_freqs, where a model has it, takes precedence
+    rope_long: np.ndarray | None = None
+    rope_short: np.ndarray | None = None
 
 
 def tensor_f32(t: SourceTensor) -> np.ndarray:
@@ -83,29 +90,38 @@ TOKEN_EMBD = tensor_name(MT.TOKEN_EMBD)
 OUTPUT = tensor_name(MT.OUTPUT)
 OUTPUT_NORM = tensor_name(MT.OUTPUT_NORM)
 ROPE_FREQS = tensor_name(MT.ROPE_FREQS)
+ROPE_LONG = tensor_name(MT.ROPE_FACTORS_LONG)
+ROPE_SHORT = tensor_name(MT.ROPE_FACTORS_SHORT)
 
 
 # each matrix of a block: its Layer field and its gguf tensor
-MATRICES = {"wq": MT.ATTN_Q, "wk": MT.ATTN_K, "wv": MT.ATTN_V, "wo": MT.ATTN_OUT,
+MATRICES = {"wq": MT.ATTN_Q, "wk": MT.ATTN_K, "wv": MT.ATTN_V, "wqkv": MT.ATTN_QKV, "wo": MT.ATTN_OUT,
             "w_gate": MT.FFN_GATE, "w_up": MT.FFN_UP, "w_down": MT.FFN_DOWN}
 
 
-def _load_layer(get: Callable[..., Any], c: ModelConfig, arch: Arch, i: int) -> Layer:
-    """Block i's weights; the arch record says whether its blocks must have Q/K norms."""
+def _load_layer(get: Callable[..., Any], has: Callable[[str], bool], c: ModelConfig, arch: Arch, i: int) -> Layer:
+    """Block i's weights; the arch record says whether its blocks must have Q/K norms. Q/K/V
+    are one fused matrix where the block has attn_qkv, gate and up one where it has no
+    ffn_gate (as llama.cpp's graph takes them)."""
     q_dim, kv_dim = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
 
     def w(key: MT, shape: tuple[int, ...], required: bool = True, suffix: str = "weight") -> Any:
         return get(tensor_name(key, i, suffix), shape, required)
 
-    return Layer(
+    fused_qkv = has(tensor_name(MT.ATTN_QKV, i))
+    fused_ffn = not has(tensor_name(MT.FFN_GATE, i))
+    qkv = (q_dim + 2 * kv_dim, c.n_embd)
+    layer = Layer(
         attn_norm=w(MT.ATTN_NORM, (c.n_embd,)),
-        wq=w(MT.ATTN_Q, (q_dim, c.n_embd)),
-        wk=w(MT.ATTN_K, (kv_dim, c.n_embd)),
-        wv=w(MT.ATTN_V, (kv_dim, c.n_embd)),
+        wq=None if fused_qkv else w(MT.ATTN_Q, (q_dim, c.n_embd)),
+        wk=None if fused_qkv else w(MT.ATTN_K, (kv_dim, c.n_embd)),
+        wv=None if fused_qkv else w(MT.ATTN_V, (kv_dim, c.n_embd)),
+        wqkv=w(MT.ATTN_QKV, qkv) if fused_qkv else None,
+        bqkv=w(MT.ATTN_QKV, qkv[:1], False, "bias") if fused_qkv else None,
         wo=w(MT.ATTN_OUT, (c.n_embd, q_dim)),
         ffn_norm=w(MT.FFN_NORM, (c.n_embd,)),
-        w_gate=w(MT.FFN_GATE, (c.n_ff, c.n_embd)),
-        w_up=w(MT.FFN_UP, (c.n_ff, c.n_embd)),
+        w_gate=None if fused_ffn else w(MT.FFN_GATE, (c.n_ff, c.n_embd)),
+        w_up=w(MT.FFN_UP, ((2 if fused_ffn else 1) * c.n_ff, c.n_embd)),
         w_down=w(MT.FFN_DOWN, (c.n_embd, c.n_ff)),
         bq=w(MT.ATTN_Q, (q_dim,), False, "bias"),
         bk=w(MT.ATTN_K, (kv_dim,), False, "bias"),
@@ -113,8 +129,17 @@ def _load_layer(get: Callable[..., Any], c: ModelConfig, arch: Arch, i: int) -> 
         bo=w(MT.ATTN_OUT, (c.n_embd,), False, "bias"),
         q_norm=w(MT.ATTN_Q_NORM, (c.head_dim,), arch.qk_norm),
         k_norm=w(MT.ATTN_K_NORM, (c.head_dim,), arch.qk_norm),
-        names={f: tensor_name(key, i) for f, key in MATRICES.items()},
     )
+    if fused_qkv and any(has(tensor_name(k, i)) for k in (MT.ATTN_Q, MT.ATTN_K, MT.ATTN_V)):
+        # llama.cpp's loader creates no attn_q/k/v beside attn_qkv: too many tensors
+        raise ModelError(f"tensor {tensor_name(MT.ATTN_QKV, i)}: block {i} has a fused Q/K/V matrix "
+                         "and separate ones too")
+    if fused_qkv and (layer.bq is not None or layer.bk is not None or layer.bv is not None):
+        raise ModelError(f"tensor {tensor_name(MT.ATTN_QKV, i)}: separate Q/K/V biases with a fused "
+                         "Q/K/V matrix are not supported by kquant's runtime")
+    # the matrices the block has
+    layer.names = {f: tensor_name(key, i) for f, key in MATRICES.items() if getattr(layer, f) is not None}
+    return layer
 
 
 def load_weights(source: ModelSource, config: ModelConfig, xp: Any = np, progress: bool = True) -> Weights:
@@ -136,7 +161,7 @@ def load_weights(source: ModelSource, config: ModelConfig, xp: Any = np, progres
         return data if xp is np else xp.asarray(data)
 
     c, arch = config, get_arch(config.arch)
-    layers = [_load_layer(get, c, arch, i)
+    layers = [_load_layer(get, by_name.__contains__, c, arch, i)
               for i in tqdm(range(c.n_layer), desc="loading", unit="layer", disable=not progress, leave=False)]
     embd = by_name.get(TOKEN_EMBD)
     token_embd = tensor_f32(embd)
@@ -164,4 +189,6 @@ def load_weights(source: ModelSource, config: ModelConfig, xp: Any = np, progres
         output=output,
         layers=layers,
         rope_freqs=tensor_f32(freqs).ravel() if freqs is not None else None,
+        rope_long=tensor_f32(by_name[ROPE_LONG]).ravel() if ROPE_LONG in by_name else None,
+        rope_short=tensor_f32(by_name[ROPE_SHORT]).ravel() if ROPE_SHORT in by_name else None,
     )
