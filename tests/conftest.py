@@ -147,3 +147,30 @@ def tiny_llama_f32(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny") / "tiny-llama-f32.gguf"
     write_gguf(load_hf_model(TINY_LLAMA, "f32"), path, progress=False)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_phi3(tmp_path_factory) -> Path:
+    """The tiny-phi3 Hugging Face fixture (tests/make_hf_fixtures.py): fused QKV and gate/up,
+    partial rotary, LongRoPE factors for contexts above its original 256."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import make_hf_fixtures as fixtures
+
+    if not fixtures.DEFAULT_TEXT.is_file():
+        pytest.skip(f"training text {fixtures.DEFAULT_TEXT} (shared/) not available")
+    return fixtures.build(tmp_path_factory.mktemp("phi3"), ["tiny-phi3"])["tiny-phi3"]
+
+
+@pytest.fixture(scope="session")
+def tiny_phi3_q4_k_m(tiny_phi3) -> Path:
+    """tiny-phi3 converted to F32 and quantized to Q4_K_M by kquant (llama.cpp's bytes)."""
+    from kquant import QuantizeOptions, quantize_model
+    from kquant.files.gguf_write import write_gguf
+    from kquant.files.hf import load_hf_model
+    from kquant.quantization.mixes import parse_ftype
+
+    f32 = tiny_phi3.with_name("tiny-phi3-f32.gguf")
+    write_gguf(load_hf_model(tiny_phi3, "f32"), f32, progress=False)
+    out = tiny_phi3.with_name("tiny-phi3-Q4_K_M.gguf")
+    quantize_model(f32, out, parse_ftype("Q4_K_M"), QuantizeOptions(), progress=False)
+    return out

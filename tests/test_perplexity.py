@@ -105,7 +105,8 @@ def model_path(request, tiny_quant, name: str) -> Path:
         return request.getfixturevalue("tiny_llama_f32")
     if name.startswith("tiny-"):
         return tiny_quant(name[5:])
-    return request.getfixturevalue({"smollm2-2l-f32": "smollm2_2l_f32", "smollm2-Q4_K_M": "smollm2_q4_k_m"}[name])
+    return request.getfixturevalue({"smollm2-2l-f32": "smollm2_2l_f32", "smollm2-Q4_K_M": "smollm2_q4_k_m",
+                                    "phi3-Q4_K_M": "tiny_phi3_q4_k_m"}[name])
 
 
 # --- perplexity against llama-perplexity ---------------------------------------------------
@@ -116,6 +117,9 @@ CASES = [
     pytest.param("tiny-llama-f32.c256b128", "tiny-f32", ["-c", "256", "-b", "128", "--chunks", "3"],
                  id="tiny-f32-c256-b128"),
     pytest.param("smollm2-2l-f32.c512", "smollm2-2l-f32", ["--chunks", "4"], id="smollm2-2l-f32-c512"),
+    # phi3: short rope factors at -c 128, long ones (and the attention factor) at -c 512
+    pytest.param("tiny-phi3-Q4_K_M.c128", "phi3-Q4_K_M", ["-c", "128", "--chunks", "8"], id="phi3-Q4_K_M-c128"),
+    pytest.param("tiny-phi3-Q4_K_M.c512", "phi3-Q4_K_M", ["-c", "512", "--chunks", "4"], id="phi3-Q4_K_M-c512"),
 ]
 
 
