@@ -150,27 +150,43 @@ def tiny_llama_f32(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_phi3(tmp_path_factory) -> Path:
-    """The tiny-phi3 Hugging Face fixture (tests/make_hf_fixtures.py): fused QKV and gate/up,
-    partial rotary, LongRoPE factors for contexts above its original 256."""
+def hf_fixture(tmp_path_factory):
+    """`hf_fixture(name)`: one Hugging Face fixture of tests/make_hf_fixtures.py, built once
+    (tiny-phi3: fused QKV and gate/up, LongRoPE factors for contexts above its original 256;
+    tiny-gemma2: sliding window 32, soft-capping, GeGLU)."""
     sys.path.insert(0, str(Path(__file__).parent))
     import make_hf_fixtures as fixtures
 
     if not fixtures.DEFAULT_TEXT.is_file():
         pytest.skip(f"training text {fixtures.DEFAULT_TEXT} (shared/) not available")
-    return fixtures.build(tmp_path_factory.mktemp("phi3"), ["tiny-phi3"])["tiny-phi3"]
+    root = tmp_path_factory.mktemp("fixtures")
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            built.update(fixtures.build(root, [name]))
+        return built[name]
+    return get
 
 
 @pytest.fixture(scope="session")
-def tiny_phi3_q4_k_m(tiny_phi3) -> Path:
-    """tiny-phi3 converted to F32 and quantized to Q4_K_M by kquant (llama.cpp's bytes)."""
+def hf_fixture_gguf(hf_fixture):
+    """`hf_fixture_gguf(name, ftype)`: the fixture converted to F32 by kquant (llama.cpp's
+    converter's bytes), then quantized to `ftype` unless it is F32 (llama-quantize's bytes)."""
     from kquant import QuantizeOptions, quantize_model
     from kquant.files.gguf_write import write_gguf
     from kquant.files.hf import load_hf_model
     from kquant.quantization.mixes import parse_ftype
 
-    f32 = tiny_phi3.with_name("tiny-phi3-f32.gguf")
-    write_gguf(load_hf_model(tiny_phi3, "f32"), f32, progress=False)
-    out = tiny_phi3.with_name("tiny-phi3-Q4_K_M.gguf")
-    quantize_model(f32, out, parse_ftype("Q4_K_M"), QuantizeOptions(), progress=False)
-    return out
+    def get(name: str, ftype: str = "F32") -> Path:
+        folder = hf_fixture(name)
+        f32 = folder.with_name(f"{name}-f32.gguf")
+        if not f32.is_file():
+            write_gguf(load_hf_model(folder, "f32"), f32, progress=False)
+        if ftype == "F32":
+            return f32
+        out = folder.with_name(f"{name}-{ftype}.gguf")
+        if not out.is_file():
+            quantize_model(f32, out, parse_ftype(ftype), QuantizeOptions(), progress=False)
+        return out
+    return get

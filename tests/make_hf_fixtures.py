@@ -38,6 +38,8 @@ FIXTURES = {
     "tiny-smollm": "LlamaForCausalLM, BF16, SmolLM BPE (digits + byte-level), tied, hidden 64",
     "tiny-phi3": "Phi3ForCausalLM, BF16, fused qkv_proj / gate_up_proj, GQA, partial rotary 0.75, LongRoPE, "
                  "SentencePiece + Phi-3 added tokens, padded vocab",
+    "tiny-gemma2": "Gemma2ForCausalLM, BF16, (1 + w) norms, post-norms, GeGLU, GQA, sliding window 32 on even "
+                   "layers, attention and final logit soft-capping, tied, SentencePiece + turn tokens",
 }
 
 
@@ -461,6 +463,58 @@ def build_phi3(d: Path, spm_model: bytes, n_sp: int) -> None:
     _write_json(d / "generation_config.json", {"bos_token_id": 1, "eos_token_id": [n_sp, n_sp + 3], "pad_token_id": n_sp})
 
 
+_CHAT_GEMMA = ("{{ bos_token }}{% for message in messages %}{{ '<start_of_turn>' + message['role'] + '\n' + "
+               "message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}"
+               "{{ '<start_of_turn>model\n' }}{% endif %}")
+
+
+def _gemma_weights(seed: int, cfg: dict, *, qk_norm: bool = False) -> dict[str, np.ndarray]:
+    """Gemma's layout: RMSNorm weights w stored for (1 + w) (so around 0), four norms a block
+    (input, post-attention, pre- and post-feedforward), tied embeddings."""
+    w = _weights(seed, cfg, qk_norm=qk_norm, tied=True)
+    rng = np.random.default_rng(seed + 100)
+    out = {}
+    for name, a in w.items():
+        if name.endswith("norm.weight"):
+            a = (a - np.float32(1.0)).astype(np.float32)
+        elif name.endswith(("q_proj.weight", "k_proj.weight")):  # scores of a few units, which the
+            a = (a * np.float32(5.0)).astype(np.float32)           # soft-cap bends, softmax not flat
+        elif name == "model.embed_tokens.weight":  # a residual stream above the post-normed blocks'
+            a = (a * np.float32(10.0)).astype(np.float32)  # outputs (logits of a few units)
+        out[name] = a
+        if name.endswith("post_attention_layernorm.weight"):
+            p = name.rpartition("post_attention_layernorm")[0]
+            for extra in ("pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight"):
+                out[p + extra] = (rng.standard_normal(a.shape, dtype=np.float32) * np.float32(0.1)).astype(np.float32)
+    return out
+
+
+def _gemma_tokenizer(d: Path, spm_model: bytes, n_sp: int) -> None:
+    extra = [(n_sp, "<start_of_turn>", True), (n_sp + 1, "<end_of_turn>", True)]
+    _spm_folder(d, spm_model, n_sp, extra, _CHAT_GEMMA)
+    tc = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8"))
+    tc["tokenizer_class"] = "GemmaTokenizer"
+    tc["add_bos_token"], tc["add_eos_token"] = True, False
+    _write_json(d / "tokenizer_config.json", tc)
+
+
+def build_gemma2(d: Path, spm_model: bytes, n_sp: int) -> None:
+    """Gemma 2's layout and numerics, small: a sliding window of 32 on the even layers (the
+    tests' prompts are longer), soft-caps low enough that random weights reach them."""
+    cfg = {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "hidden_size": 256,
+           "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "head_dim": 64, "max_position_embeddings": 1024, "rms_norm_eps": 1e-06,
+           "rope_theta": 10000.0, "attention_bias": False, "attention_dropout": 0.0,
+           "attn_logit_softcapping": 2.0, "final_logit_softcapping": 5.0, "query_pre_attn_scalar": 64,
+           "sliding_window": 32, "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh",
+           "tie_word_embeddings": True, "vocab_size": n_sp + 2, "bos_token_id": 1, "eos_token_id": 2,
+           "pad_token_id": 0, "torch_dtype": "bfloat16"}
+    _write_json(d / "config.json", cfg)
+    write_safetensors(d / "model.safetensors", _gemma_weights(8, cfg), "BF16")
+    _gemma_tokenizer(d, spm_model, n_sp)
+    _write_json(d / "generation_config.json", {"bos_token_id": 1, "eos_token_id": [2, n_sp + 1], "pad_token_id": 0})
+
+
 def build(dest: str | Path, names: list[str] | None = None, text_path: str | Path | None = None) -> dict[str, Path]:
     """Build the fixtures (all, or `names`) under `dest`; returns name -> folder."""
     dest = Path(dest)
@@ -476,7 +530,7 @@ def build(dest: str | Path, names: list[str] | None = None, text_path: str | Pat
             raise KeyError(name)
         d = dest / name
         d.mkdir(parents=True, exist_ok=True)
-        if (name.endswith("-spm") or name == "tiny-phi3") and spm_model is None:
+        if (name.endswith("-spm") or name in ("tiny-phi3", "tiny-gemma2")) and spm_model is None:
             import sentencepiece as spm
             spm_model = train_sentencepiece(text)
             n_sp = spm.SentencePieceProcessor(model_proto=spm_model).vocab_size()
@@ -494,6 +548,8 @@ def build(dest: str | Path, names: list[str] | None = None, text_path: str | Pat
             build_smollm(d, text)
         elif name == "tiny-phi3":
             build_phi3(d, spm_model, n_sp)
+        elif name == "tiny-gemma2":
+            build_gemma2(d, spm_model, n_sp)
         out[name] = d
     return out
 

@@ -45,14 +45,16 @@ CASES = [
      ["--output-format", "dat", "-c", "256", "-b", "128", "--chunks", "3", "--from-chunk", "2"]),
     ("smollm2-2l.c512.gguf", "smollm2", "pg1342.txt", ["--chunks", "4"]),
     # phi3: fused attn_qkv and ffn_up entries, long rope factors
-    ("tiny-phi3.c512.gguf", "phi3", "pg84.txt", ["-c", "512", "--chunks", "3", "--process-output"]),
+    ("tiny-phi3.c512.gguf", "tiny-phi3", "pg84.txt", ["-c", "512", "--chunks", "3", "--process-output"]),
+    # gemma2: sliding window, soft-capping; a tied output, so no output.weight entry
+    ("tiny-gemma2.c128.gguf", "tiny-gemma2", "pg84.txt", ["-c", "128", "--chunks", "4", "--process-output"]),
 ]
 
 
 @pytest.mark.parametrize("ref_name, model, text, args", CASES, ids=[c[0] for c in CASES])
 def test_matches_llama_imatrix(request, tmp_path, capsys, ref_name, model, text, args):
-    model_path = TINY_HF if model == "hf" else request.getfixturevalue(
-        {"smollm2": "smollm2_2l_f32", "phi3": "tiny_phi3"}[model])
+    model_path = (TINY_HF if model == "hf" else request.getfixturevalue("smollm2_2l_f32") if model == "smollm2"
+                  else request.getfixturevalue("hf_fixture")(model))
     out = tmp_path / ref_name
     rc = main(["-m", str(model_path), "-f", str(TEXTS / text), "-o", str(out), "-t", "2",
                "--device", "cpu", *args])

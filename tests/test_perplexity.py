@@ -105,8 +105,10 @@ def model_path(request, tiny_quant, name: str) -> Path:
         return request.getfixturevalue("tiny_llama_f32")
     if name.startswith("tiny-"):
         return tiny_quant(name[5:])
-    return request.getfixturevalue({"smollm2-2l-f32": "smollm2_2l_f32", "smollm2-Q4_K_M": "smollm2_q4_k_m",
-                                    "phi3-Q4_K_M": "tiny_phi3_q4_k_m"}[name])
+    if name.startswith(("phi3-", "gemma2-")):  # the HF fixtures tiny-phi3, tiny-gemma2
+        arch, _, ftype = name.partition("-")
+        return request.getfixturevalue("hf_fixture_gguf")(f"tiny-{arch}", ftype)
+    return request.getfixturevalue({"smollm2-2l-f32": "smollm2_2l_f32", "smollm2-Q4_K_M": "smollm2_q4_k_m"}[name])
 
 
 # --- perplexity against llama-perplexity ---------------------------------------------------
@@ -120,6 +122,9 @@ CASES = [
     # phi3: short rope factors at -c 128, long ones (and the attention factor) at -c 512
     pytest.param("tiny-phi3-Q4_K_M.c128", "phi3-Q4_K_M", ["-c", "128", "--chunks", "8"], id="phi3-Q4_K_M-c128"),
     pytest.param("tiny-phi3-Q4_K_M.c512", "phi3-Q4_K_M", ["-c", "512", "--chunks", "4"], id="phi3-Q4_K_M-c512"),
+    # gemma2: 128-token chunks cross its 32-token sliding window
+    pytest.param("tiny-gemma2-f32.c128", "gemma2-F32", ["-c", "128", "--chunks", "8"], id="gemma2-f32-c128"),
+    pytest.param("tiny-gemma2-Q4_K_M.c128", "gemma2-Q4_K_M", ["-c", "128", "--chunks", "8"], id="gemma2-Q4_K_M-c128"),
 ]
 
 
@@ -129,10 +134,13 @@ def test_matches_llama_perplexity(request, capsys, tiny_quant, ref_name, model, 
     prints them: F32 models within 1e-4, quantized ones within 0.1%."""
     out = run(capsys, ["-m", str(model_path(request, tiny_quant, model)), "-f", str(WIKI), *args])
     ref = (REF / f"{ref_name}.out").read_text()
-    rtol = 1e-4 if "f32" in model else 1e-3
+    rtol = 1e-4 if "f32" in model.lower() else 1e-3
+    # gemma2's GELU reads ggml's float16 table: an input one float16 step away moves it by up to
+    # 1e-3, and on a quantized file (activations rounded to 8 bits) single chunks move by 1.4e-3
+    chunk_rtol = 2e-3 if model == "gemma2-Q4_K_M" else rtol
     ours, theirs = chunk_ppls(out), chunk_ppls(ref)
     assert len(ours) == len(theirs)
-    np.testing.assert_allclose(ours, theirs, rtol=rtol)
+    np.testing.assert_allclose(ours, theirs, rtol=chunk_rtol)
     np.testing.assert_allclose(final_estimate(out), final_estimate(ref), rtol=rtol)
 
 

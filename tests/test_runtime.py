@@ -108,6 +108,34 @@ def test_phi3_rope_factors_follow_the_context(hf_built, tmp_path, llama_cpp):
         model.forward([Segment(toks[:10], model.new_cache(256)), Segment(toks[:10], model.new_cache(512))])
 
 
+def test_gemma2_window_caps_and_array_module_path(hf_built, tmp_path, llama_cpp):
+    """tiny-gemma2 (sliding window 32 on layer 0, soft-capped scores and logits): the CuPy code
+    path computes what the Numba one does; the window matters (without it the logits differ
+    from llama.cpp's); `exact` refuses the model rather than attend without window or caps."""
+    import dataclasses
+
+    from kquant.errors import ModelError
+    from kquant.files.gguf_write import write_gguf
+    from kquant.files.hf import load_hf_model
+
+    gguf_path = tmp_path / "tiny-gemma2-f32.gguf"
+    write_gguf(load_hf_model(hf_built["tiny-gemma2"], "f32"), gguf_path, progress=False)
+    model = Transformer(open_model(gguf_path, "f32"), "cpu", progress=False)
+    assert model.config.n_swa == 32 and model.config.swa_layers == (True, False)
+    generic = Transformer(open_model(gguf_path, "f32"), "cpu", progress=False, xp=_NumpyStandIn())
+    toks = tokens_for(model.config.n_vocab, 100, 1)
+    ours = model.forward([Segment(toks, model.new_cache(128))])
+    # GELU's float16 table turns float32 rounding differences into float16 steps: 1e-4, not 1e-5
+    assert rel_error(generic.forward([Segment(toks, generic.new_cache(128))]), ours) < 1e-4
+    ref = llama_logits(llama_cpp, gguf_path, toks)
+    assert rel_error(ours, ref) < 1e-4
+    model.config = dataclasses.replace(model.config, swa_layers=(False, False))
+    assert rel_error(model.forward([Segment(toks, model.new_cache(128))]), ref) > 1e-3
+    model.exact = True
+    with pytest.raises(ModelError, match="sliding-window attention or attention soft-capping"):
+        model.forward([Segment(toks, model.new_cache(128))])
+
+
 def test_quantized_model_runs_on_dequantized_weights(tiny_llama_f32, tmp_path, llama_cpp):
     """A Q8_0 file: kquant dequantizes bit-exactly, so it matches llama.cpp like F32 does."""
     from kquant import QuantizeOptions, quantize_model

@@ -9,7 +9,8 @@ One record serves both ends of kquant:
 * both: the tensors llama.cpp's loader creates for the architecture (`tensors`, a table of
   `TensorSpec`: name, shape in hyper-parameters, required or not), against which
   kquant.archs.checks checks a converted folder and a model given to the runtime;
-* the runtime (kquant.runtime): the rope style, where the attention scale is applied.
+* the runtime (kquant.runtime): the rope style, where the attention scale is applied, and the
+  block's extras (embedding scale, post-norms, GeGLU, soft-capping, sliding-window attention).
 
 Rules are plain data wherever the converter's are (gguf-py's tensor_mapping.py style); the
 hooks default to what the converter does for an architecture that adds nothing.
@@ -26,7 +27,7 @@ from gguf import MODEL_ARCH, MODEL_TENSOR
 
 from ..files import hf_vocab
 
-__all__ = ["Arch", "HParams", "Dims", "TensorSpec", "tensor_name", "BLOCK_PREFIX"]
+__all__ = ["Arch", "HParams", "Dims", "TensorSpec", "tensor_name", "BLOCK_PREFIX", "inv_sqrt_head_dim"]
 
 # config.json after transformers' defaults (kquant.files.hf._hparams)
 HParams = dict[str, Any]
@@ -131,6 +132,11 @@ def _no_tensor_params(w: gguf.GGUFWriter, hp: HParams) -> None:
     """An architecture whose generate_extra_tensors writes no metadata."""
 
 
+def inv_sqrt_head_dim(dims: "Dims") -> float:
+    """llama.cpp's usual Q scale: 1.0f/sqrtf(n_embd_head_k), in float32."""
+    return float(np.float32(1.0) / np.sqrt(np.float32(dims.head_dim)))
+
+
 @dataclass(frozen=True)
 class Arch:
     model_arch: MODEL_ARCH
@@ -147,6 +153,8 @@ class Arch:
     permute_qk: bool = False
     # substrings the converter removes from HF tensor names before mapping them
     hf_name_drop: tuple[str, ...] = ()
+    # HF tensor names the converter drops (its filter_tensors)
+    hf_skip: tuple[str, ...] = ()
     # metadata written after the generic hyperparameters (the class's set_gguf_parameters)
     set_params: Callable[[gguf.GGUFWriter, Path, HParams], None] = _no_params
     # a set_gguf_parameters that replaces TextModel's instead of adding to it (it writes every
@@ -157,6 +165,9 @@ class Arch:
     set_vocab: Callable[[gguf.GGUFWriter, Path, HParams], None] = hf_vocab.set_vocab
     # raises ModelError for folders of this class that kquant does not convert
     check: Callable[[Path, HParams, str], None] = _no_check
+    # added to every HF tensor whose name ends in "norm.weight", in the tensor's own dtype after
+    # bf16 is widened to float32 (Gemma's RMSNorm multiplies by 1 + w: the converter adds the 1)
+    norm_shift: float = 0.0
     # tensors the converter generates, written before the folder's (generate_extra_tensors)
     extra_tensors: Callable[[HParams], list[tuple[MODEL_TENSOR, np.ndarray]]] = _no_extra_tensors
     # metadata generate_extra_tensors writes: the converter prepares its tensors before its
@@ -172,6 +183,23 @@ class Arch:
     # the graph multiplies Q by 1/sqrt(head_dim) before attention, which then scales the
     # scores by 1 (phi3), rather than scaling the scores
     scale_q: bool = False
+    # with scale_q: the factor (llama.cpp's f_attention_scale), from the model's sizes
+    q_scale: Callable[[Dims], float] = inv_sqrt_head_dim
+    # the token embeddings are multiplied by sqrtf(n_embd) (gemma)
+    scale_embd: bool = False
+    # the FFN's gate activation: "silu" (SwiGLU) or "gelu" (GeGLU, ggml's tanh approximation)
+    ffn_act: str = "silu"
+    # attention scores soft-capped, cap * tanh(s / cap), by {arch}.attn_logit_softcapping
+    # (llama.cpp's hparams.attn_soft_cap), whose default is this (0: no capping)
+    attn_softcap: float = 0.0
+    # the logits soft-capped by {arch}.final_logit_softcapping, default this (0: no capping)
+    final_softcap: float = 0.0
+    # sliding-window attention (llama.cpp's LLAMA_SWA_TYPE_STANDARD): the layer pattern
+    # (load_swa_pattern's n_pattern: every n-th layer global, the others SWA; 0: no SWA) unless
+    # {arch}.attention.sliding_window_pattern says otherwise, and the window when
+    # {arch}.attention.sliding_window is absent
+    swa_pattern: int = 0
+    swa_window: int = 0
 
     @property
     def name(self) -> str:
@@ -182,6 +210,12 @@ class Arch:
     def qk_norm(self) -> bool:
         """Every block RMS-normalizes each Q and K head (attn_q_norm / attn_k_norm required)."""
         return any(t.key == MODEL_TENSOR.ATTN_Q_NORM and t.required for t in self.tensors)
+
+    @property
+    def post_norms(self) -> bool:
+        """Every block RMS-normalizes the attention's and the FFN's outputs before adding them
+        to the residual (attn_post_norm / ffn_post_norm required)."""
+        return any(t.key == MODEL_TENSOR.ATTN_POST_NORM and t.required for t in self.tensors)
 
     def tensor_map(self, n_blocks: int) -> gguf.TensorNameMap:
         """gguf's HF -> GGUF tensor name map for this architecture."""

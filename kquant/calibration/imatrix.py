@@ -176,7 +176,8 @@ def check_against_model(im: Imatrix, model: Transformer, process_output: bool) -
     # each matrix's row length (the width of its input), by GGUF name
     widths = {name: getattr(layer, field).shape[1]
               for layer in model.weights.layers for field, name in layer.names.items()}
-    widths[OUTPUT] = model.config.n_embd
+    if not model.weights.output_tied:
+        widths[OUTPUT] = model.config.n_embd
     for name, e in im.entries.items():
         want = widths.get(name)
         if want is None:

@@ -2,7 +2,7 @@
 
 `load_hf_model(folder, outtype)` reads config.json, the tokenizer files and the safetensors
 headers of a folder of any class in kquant.archs (LlamaForCausalLM, MistralForCausalLM,
-Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM) and returns the metadata pairs and tensors that
+Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM) and returns the metadata pairs and tensors that
 `convert_hf_to_gguf.py --outtype OUTTYPE` would write, in the same order, with the same value
 types and the same tensor bytes.  Nothing is loaded at construction: each tensor's `load()`
 memory-maps only its own bytes.
@@ -383,6 +383,8 @@ def _hf_tensor_name(name: str, arch: Arch) -> str | None:
         name = name.replace("e_score_correction_bias", "e_score_correction.bias")
     if "language_model." in name:
         name = name.replace("language_model.", "")
+    if name in arch.hf_skip:
+        return None
     if name.startswith(_SKIP_PREFIXES) or any(p in name for p in _SKIP_PARTS):
         return None
     for part in arch.hf_name_drop:
@@ -410,6 +412,14 @@ def _qk_permutation(name: str, st: StTensor, arch: Arch, hp: dict[str, Any]) -> 
     if not st.shape or st.shape[0] % (2 * heads):
         raise ModelError(f"tensor {name!r} of shape {list(st.shape)} does not split into rope heads")
     return permute
+
+
+def _shifted(load: Callable[[], np.ndarray], shift: float) -> Callable[[], np.ndarray]:
+    """load() + shift in the tensor's dtype (float16 stays float16, as torch adds)."""
+    def shifted() -> np.ndarray:
+        data = load()
+        return data + data.dtype.type(shift)
+    return shifted
 
 
 def _tensors(folder: Path, arch: Arch, hp: dict[str, Any], block_count: int,
@@ -444,7 +454,11 @@ def _tensors(folder: Path, arch: Arch, hp: dict[str, Any], block_count: int,
         if new_name in seen:
             raise ModelError(f"tensor {name!r} maps to {new_name!r} a second time")
         seen.add(new_name)
-        add(new_name, st.shape, st.load, _qk_permutation(name, st, arch, hp), bid, st)
+        permute = _qk_permutation(name, st, arch, hp)
+        if arch.norm_shift and name.endswith("norm.weight"):  # the class's modify_tensors
+            add(new_name, st.shape, _shifted(st.load, arch.norm_shift), permute, bid)
+        else:
+            add(new_name, st.shape, st.load, permute, bid, st)
     return tensors
 
 

@@ -267,4 +267,7 @@ def sequential_gptq(model_path: str | Path, text_path: str | Path, planned: dict
     if any(L.wqkv is not None or L.w_gate is None for L in model.weights.layers):
         raise ModelError(f"{model_path}: sequential GPTQ does not support fused Q/K/V (attn_qkv) or "
                          "gate/up (ffn_up of 2 * n_ff rows) matrices yet")
+    if model.config.post_norms or model.config.scale_embd:
+        raise ModelError(f"{model_path}: sequential GPTQ does not support {model.config.arch}'s blocks "
+                         "(scaled embeddings, post-norms) yet")
     return SequentialGptq(model, planned, convert, report, n_threads).run(chunks, progress)

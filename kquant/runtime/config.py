@@ -40,7 +40,16 @@ class ModelConfig:
     # rope.scaling.original_context_length (llama.cpp's n_ctx_orig_yarn): a context longer than
     # this takes the rope_factors_long tensor, else rope_factors_short
     n_ctx_orig: int = 0
-    scale_q: bool = False  # Q scaled by 1/sqrt(head_dim) before attention (kquant.archs: phi3)
+    scale_q: bool = False  # Q scaled by q_scale before attention (kquant.archs: phi3, gemma2)
+    q_scale: float = 1.0  # llama.cpp's f_attention_scale (1/sqrt(head_dim) but for gemma2's 27B)
+    scale_embd: bool = False  # token embeddings times sqrtf(n_embd) (gemma)
+    post_norms: bool = False  # attn_post_norm / ffn_post_norm on each block's outputs (gemma)
+    ffn_act: str = "silu"  # the gate's activation: silu (SwiGLU) or gelu (GeGLU)
+    attn_softcap: float = 0.0  # attention scores capped to cap * tanh(s / cap) (0: not)
+    final_softcap: float = 0.0  # logits capped likewise (0: not)
+    # sliding-window attention: the window, and per layer whether it applies (empty: none)
+    n_swa: int = 0
+    swa_layers: tuple[bool, ...] = ()
 
     @property
     def n_rep(self) -> int:
@@ -49,7 +58,7 @@ class ModelConfig:
 
 
 def read_config(source: ModelSource) -> ModelConfig:
-    """The hyperparameters of a llama/mistral/qwen2/qwen3/phi3 model, with llama.cpp's defaults, after
+    """The hyperparameters of a model of kquant.archs (llama/mistral/qwen2/qwen3/phi3/gemma2), with llama.cpp's defaults, after
     checking everything the runtime will rely on before any weight is read: each metadata value
     (present where llama.cpp requires it, of its type, in range), every tensor's type (one the
     runtime computes with) and the tensor set and shapes (kquant.archs.checks, llama.cpp's
@@ -66,6 +75,8 @@ def read_config(source: ModelSource) -> ModelConfig:
     n_ctx_train = meta_int(source, f"{arch}.context_length", 0)  # llama.cpp's n_ctx_train
     rope_freq_scale = _rope_freq_scale(source)
     check_tensors(source, dims, runtime=True)
+    a = ARCHS[arch]
+    n_swa, swa_layers = _swa(source, a.swa_pattern, a.swa_window, dims.n_layer)
     return ModelConfig(
         arch=arch,
         n_layer=dims.n_layer,
@@ -82,8 +93,42 @@ def read_config(source: ModelSource) -> ModelConfig:
         n_vocab=dims.n_vocab,
         rope_attn_factor=meta_float(source, f"{arch}.rope.scaling.attn_factor", 1.0),
         n_ctx_orig=meta_int(source, f"{arch}.rope.scaling.original_context_length", 0, minimum=0) or n_ctx_train,
-        scale_q=ARCHS[arch].scale_q,
+        scale_q=a.scale_q,
+        q_scale=a.q_scale(dims) if a.scale_q else 1.0,
+        scale_embd=a.scale_embd,
+        post_norms=a.post_norms,
+        ffn_act=a.ffn_act,
+        attn_softcap=meta_float(source, f"{arch}.attn_logit_softcapping", a.attn_softcap)
+        if a.attn_softcap else 0.0,
+        final_softcap=meta_float(source, f"{arch}.final_logit_softcapping", a.final_softcap)
+        if a.final_softcap else 0.0,
+        n_swa=n_swa,
+        swa_layers=swa_layers,
     )
+
+
+def _swa(source: ModelSource, pattern: int, window: int, n_layer: int) -> tuple[int, tuple[bool, ...]]:
+    """llama.cpp's sliding window (attention.sliding_window, else the arch's default) and its
+    layers (load_swa_pattern: attention.sliding_window_pattern as one flag per layer or as
+    n_pattern, else the arch's n_pattern; layer il slides where il % n_pattern < n_pattern - 1);
+    no SWA where the arch has none (llama.cpp ignores the keys there)."""
+    if not pattern:
+        return 0, ()
+    arch = source.arch
+    n_swa = meta_int(source, f"{arch}.attention.sliding_window", window, minimum=0)
+    key = f"{arch}.attention.sliding_window_pattern"
+    value = source.get(key, pattern)
+    if isinstance(value, list):
+        if len(value) != n_layer or not all(isinstance(v, (bool, int)) for v in value):
+            raise ModelError(f"{where(source)}: {key} has {len(value)} entries, not one flag per layer ({n_layer})")
+        layers = tuple(bool(v) for v in value)
+    else:
+        n_pattern = meta_int(source, key, pattern, minimum=0)
+        layers = tuple(n_pattern == 0 or il % n_pattern < n_pattern - 1 for il in range(n_layer))
+    if n_swa == 0 and any(layers):
+        raise ModelError(f"{where(source)}: {arch}.attention.sliding_window is 0 for a model with "
+                         "sliding-window layers")
+    return n_swa, layers
 
 
 def _rope_freq_scale(source: ModelSource) -> float:

@@ -1,21 +1,23 @@
-"""The forward pass of llama-family models (llama, mistral, qwen2, qwen3, phi3), a whole batch at once.
+"""The forward pass of llama-family models (llama, mistral, qwen2, qwen3, phi3, gemma2), a whole batch at once.
 
-It computes what llama.cpp's graph computes (src/models/llama.cpp, qwen2.cpp, qwen3.cpp, phi3.cpp), in
-float32, with matrix-matrix products over every token of a batch:
+It computes what llama.cpp's graph computes (src/models/llama.cpp, qwen2.cpp, qwen3.cpp, phi3.cpp,
+gemma2.cpp), in float32, with matrix-matrix products over every token of a batch:
 
-    x = token_embd[tokens]
+    x = token_embd[tokens]                                    (gemma2: times sqrt(n_embd))
     for each block:
         h = rms_norm(x) * attn_norm
         q, k, v = h @ Wq.T (+bq), h @ Wk.T (+bk), h @ Wv.T (+bv)  (phi3: one fused product, split)
         q, k = rms_norm per head * q_norm / k_norm           (qwen3)
         q, k = rope(q), rope(k)                               (pairs: llama adjacent, qwen halves)
-        q = q / sqrt(d)                                       (phi3; the scores are then not scaled)
+        q = q / sqrt(d)                                       (phi3, gemma2; the scores are then not scaled)
         k, v -> KV cache, rounded to float16 as llama.cpp's default F16 cache stores them
-        a = softmax(q k^T / sqrt(d) + causal mask) v          (GQA: query head h reads KV head h // n_rep)
-        x = x + a @ Wo.T
+        a = softmax(q k^T / sqrt(d) + causal mask) v          (GQA: query head h reads KV head h // n_rep;
+                                                              gemma2: scores cap*tanh(s/cap), SWA mask)
+        x = x + a @ Wo.T                                      (gemma2: rms_norm(a @ Wo.T) * attn_post_norm)
         h = rms_norm(x) * ffn_norm
-        x = x + (silu(h @ Wgate.T) * (h @ Wup.T)) @ Wdown.T   (phi3: gate and up one product, split)
-    logits = (rms_norm(x) * output_norm) @ Wout.T
+        x = x + (silu(h @ Wgate.T) * (h @ Wup.T)) @ Wdown.T   (phi3: gate and up one product, split;
+                                                              gemma2: gelu, the output post-normed)
+    logits = (rms_norm(x) * output_norm) @ Wout.T             (gemma2: cap * tanh(logits / cap))
 
 All of it is written against an array module `xp`: numpy (BLAS) on the CPU, CuPy on a GPU.
 An `observe(name, x)` callback sees the input of every weight's matrix product, which is what an
@@ -43,6 +45,7 @@ from ..matmul.cpu import run_blocks, weight_rows
 from ..matmul.exact import ExactMatrix, beats_blas, float_blocks
 from .kernels import (flash_attention, flash_attention_split_kv, flash_attention_vec, kv_view_length,
                       rms_sums, rope_inplace, rope_table, rope_theta_scale, round_to_half, softmax_causal, swiglu,
+                      geglu, gelu_table, softmax_window,
                       uses_split_kv)
 from .weights import OUTPUT, Layer, Weights, load_weights
 
@@ -192,17 +195,27 @@ class Transformer:
         x1[...] = r1
         return x
 
-    def _attention(self, q: Any, seg_k: Any, seg_v: Any, n0: int) -> Any:
+    def _attention(self, q: Any, seg_k: Any, seg_v: Any, n0: int, n_swa: int = 0) -> Any:
         """Causal GQA attention of one segment's queries q (T, n_head, d) at positions n0.. over
         the keys (n_head_kv, d, n0 + T) and values (n_head_kv, n0 + T, d) of its sequence;
         returns (T, n_head * d): matrix products by query blocks, a Numba softmax with ggml's
         expf. With `exact_attention` (CPU), the Numba kernel that adds in ggml's flash-attention
-        order, bit for bit, but several times slower than BLAS."""
+        order, bit for bit, but several times slower than BLAS.
+
+        `n_swa` > 0: a sliding window, the query at position p sees keys p - n_swa + 1 .. p
+        (llama.cpp's is_masked_swa); scores soft-capped where the model caps them."""
         xp, c = self.xp, self.config
         T = q.shape[0]
-        # 1.0f/sqrtf(n_embd_head), in float; 1 where Q was scaled by it (phi3)
+        # 1.0f/sqrtf(n_embd_head), in float; 1 where Q was scaled (phi3, gemma2)
         scale = F32(1.0) if c.scale_q else F32(1.0) / np.sqrt(F32(c.head_dim))
+        cap = F32(c.attn_softcap)
+        if cap > 0:  # ggml_flash_attn_ext: scale /= softcap; s = softcap * tanhf(s * scale)
+            scale = scale / cap
+        windowed = n_swa > 0 or cap > 0
         if xp is np and (self.exact_attention or self.exact):
+            if windowed:
+                raise ModelError("exact attention (llama.cpp's flash-attention order) does not run models "
+                                 "with sliding-window attention or attention soft-capping yet")
             out = np.empty((T, c.n_head, c.head_dim), F32)
             q = np.ascontiguousarray(q)
             # llama.cpp's KV view: the cells in use padded to 256 (llama_kv_cache::get_n_kv)
@@ -224,13 +237,21 @@ class Transformer:
             rows = c.n_head_kv * c.n_rep * (b - a)
             qb = qh[:, :, a:b].reshape(c.n_head_kv, c.n_rep * (b - a), c.head_dim)
             s = self._bmm(qb, seg_k[:, :, :S])
-            # the query at position n0 + t sees keys 0 .. n0 + t
+            # the query at position n0 + t sees keys 0 .. n0 + t (n0 + t - n_swa + 1 .. with SWA)
             visible = n0 + np.arange(a, b) + 1
-            if xp is np:
+            first = np.maximum(visible - n_swa, 0) if n_swa > 0 else np.zeros_like(visible)
+            if xp is np and windowed:
+                total = softmax_window(s.reshape(rows, S), scale, cap, np.tile(first, rows // (b - a)),
+                                       np.tile(visible, rows // (b - a)))
+            elif xp is np:
                 total = softmax_causal(s.reshape(rows, S), scale, np.tile(visible, rows // (b - a)))
             else:
                 s *= scale
-                s[:, xp.arange(S)[None, :] >= xp.asarray(np.tile(visible, c.n_rep))[:, None]] = -np.inf
+                if cap > 0:
+                    s = cap * xp.tanh(s)
+                keys = xp.arange(S)[None, :]
+                s[:, (keys >= xp.asarray(np.tile(visible, c.n_rep))[:, None])
+                  | (keys < xp.asarray(np.tile(first, c.n_rep))[:, None])] = -np.inf
                 s -= s.max(axis=-1, keepdims=True)
                 xp.exp(s, out=s)
                 total = s.sum(axis=-1, dtype=np.float64).astype(F32)
@@ -321,11 +342,17 @@ class Transformer:
         n = L.names
         h = self._rms_norm(x, L.attn_norm)
         attn = self.self_attention(il, L, h, segments, pos, observe)
-        x = x + self._linear(attn, L.wo, L.bo, n["wo"], observe)
+        attn = self._linear(attn, L.wo, L.bo, n["wo"], observe)
+        if L.attn_post_norm is not None:  # gemma2: the output normed before the residual
+            attn = self._rms_norm(attn, L.attn_post_norm)
+        x = x + attn
         if out_rows is not None:  # llama.cpp's last block: the FFN on the output rows only
             x = x[out_rows]
         h = self._rms_norm(x, L.ffn_norm)
-        x += self._linear(self.ffn_hidden(L, h, observe), L.w_down, None, n["w_down"], observe)
+        y = self._linear(self.ffn_hidden(L, h, observe), L.w_down, None, n["w_down"], observe)
+        if L.ffn_post_norm is not None:
+            y = self._rms_norm(y, L.ffn_post_norm)
+        x += y
         return x
 
     def self_attention(self, il: int, L: Layer, h: Any, segments: Sequence[Segment], pos: Any,
@@ -351,11 +378,12 @@ class Transformer:
             q = self._rms_norm(q, L.q_norm)
         if L.k_norm is not None:
             k = self._rms_norm(k, L.k_norm)
+        n_swa = c.n_swa if c.swa_layers and c.swa_layers[il] else 0
         factors = self._rope_factors(segments)
         q = self._rope(q, pos, factors)
         k = self._rope(k, pos, factors)
-        if c.scale_q:  # ggml_scale(Qcur, 1.0f/sqrtf(n_embd_head)) before attention
-            q *= F32(1.0) / np.sqrt(F32(c.head_dim))
+        if c.scale_q:  # ggml_scale(Qcur, f_attention_scale) before attention
+            q *= F32(c.q_scale)
         # llama.cpp's KV cache is F16 by default: attention reads the rounded values
         if xp is np:
             k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)
@@ -370,7 +398,7 @@ class Transformer:
             T, n0, cache = len(seg.tokens), seg.cache.n, seg.cache
             cache.k[il][:, :, n0:n0 + T] = k[r:r + T].transpose(1, 2, 0)
             cache.v[il][:, n0:n0 + T] = v[r:r + T].transpose(1, 0, 2)
-            attn[r:r + T] = self._attention(q[r:r + T], cache.k[il], cache.v[il], n0)
+            attn[r:r + T] = self._attention(q[r:r + T], cache.k[il], cache.v[il], n0, n_swa)
             r += T
         return attn
 
@@ -385,6 +413,14 @@ class Transformer:
         else:
             g = self._linear(h, L.w_gate, None, n["w_gate"], observe)
             u = self._linear(h, L.w_up, None, n["w_up"], observe)
+        if self.config.ffn_act == "gelu":  # geglu: ggml's float16-table GELU of g, times u
+            table = gelu_table()
+            if self.xp is np:
+                geglu(g, u, table)
+                return g
+            xp = self.xp
+            t = xp.asarray(table)[xp.clip(g, -10, 10).astype(np.float16).view(np.uint16)]
+            return xp.where(g <= -10, F32(0.0), xp.where(g >= 10, g, t)) * u
         # swiglu: silu(g) * u, silu(g) = g / (1 + exp(-g))
         if self.xp is np:
             swiglu(g, u)
@@ -402,7 +438,7 @@ class Transformer:
         Returns the logits (rows, n_vocab) of the batch rows `logit_rows` (indices into the
         concatenated tokens; None = every row; an empty list = none, and None is returned).
         With `observe_output`, `observe("output.weight", ...)` sees the normed final states of
-        every row, as llama-imatrix --process-output does.
+        every row, as llama-imatrix --process-output does (not for a tied output: no such tensor).
 
         `start` (block l, x) runs blocks l.. only, from x (rows, n_embd), the residual stream at
         block l's input of an earlier pass over the same tokens (their caches fresh);
@@ -417,7 +453,12 @@ class Transformer:
                 raise ModelError(f"context of {s.cache.n_ctx} tokens exceeded")
         pos = np.concatenate([np.arange(s.cache.n, s.cache.n + len(s.tokens)) for s in segments])
         pos = xp.asarray(pos)
-        first, x = start if start is not None else (0, xp.asarray(W.token_embd[tokens]))
+        if start is not None:
+            first, x = start
+        else:
+            first, x = 0, xp.asarray(W.token_embd[tokens])
+            if self.config.scale_embd:  # ggml_scale(inpL, sqrtf(n_embd))
+                x *= np.sqrt(F32(self.config.n_embd))
         # an overflow becomes inf/NaN in the activations: the imatrix collector reports it with
         # the tensor's name, perplexity shows it; numpy's warnings would only add noise
         with np.errstate(over="ignore", invalid="ignore"):
@@ -442,7 +483,8 @@ class Transformer:
         if observe_output:
             with np.errstate(over="ignore", invalid="ignore"):
                 h = self._rms_norm(x, W.output_norm)
-            observe(OUTPUT, h)
+            if not W.output_tied:  # llama-imatrix collects by tensor name: a tied product is
+                observe(OUTPUT, h)  # token_embd's, which it leaves out
             if logit_rows is not None:
                 h = h[xp.asarray(np.asarray(logit_rows, np.int64))]
         else:
@@ -452,7 +494,10 @@ class Transformer:
         if not want_logits:
             return None
         self._prepared = (None, None, None)
-        return self._linear(h, W.output, None, OUTPUT, None)
+        logits = self._linear(h, W.output, None, OUTPUT, None)
+        if cap := F32(self.config.final_softcap):  # scale by 1/cap, tanh, scale by cap
+            logits = cap * xp.tanh(logits * (F32(1.0) / cap))
+        return logits
 
 
 def load_model(path: str | Path, device: str = "cpu", progress: bool = True) -> Transformer:

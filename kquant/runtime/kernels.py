@@ -102,6 +102,37 @@ def softmax_causal(s, scale, first_masked):
 
 
 @njit(parallel=True, cache=True)
+def softmax_window(s, scale, softcap, first_visible, first_masked):
+    """softmax_causal with keys j < first_visible[r] masked too (a sliding window) and, where
+    softcap > 0, the scores soft-capped as ggml's flash attention caps them:
+    softcap * tanhf(x * scale) with `scale` already divided by softcap."""
+    rows, S = s.shape
+    sums = np.empty(rows, np.float32)
+    for r in prange(rows):
+        L = min(first_masked[r], S)
+        f = max(min(first_visible[r], L), 0)
+        row = s[r]
+        m = F32(-np.inf)
+        for j in range(f, L):
+            v = row[j] * scale
+            if softcap > 0:
+                v = softcap * F32(math.tanh(v))
+            row[j] = v
+            m = max(m, v)
+        for j in range(f, L):
+            row[j] = expf(row[j] - m)
+        for j in range(f):
+            row[j] = F32(0.0)
+        for j in range(L, S):
+            row[j] = F32(0.0)
+        total = 0.0
+        for j in range(f, L):
+            total += row[j]
+        sums[r] = F32(total)
+    return sums
+
+
+@njit(parallel=True, cache=True)
 def round_to_half(x):
     """In place over rows of x (rows, n): every value rounded to float16 and back, as llama.cpp's
     F16 KV cache stores keys and values (numpy's astype pair, without its two temporaries)."""
@@ -493,3 +524,48 @@ def token_nll_exact(logits, targets):
         logit[r] = row[t]
         prob[r] = F32(math.exp(row[t] - m)) / F32(total)
     return nll, logit, prob
+
+
+_GELU_COEF_A = F32(0.044715)
+_SQRT_2_OVER_PI = F32(0.79788456080286535587989211986876)
+
+
+@njit(cache=True)
+def _gelu_table():
+    """ggml_table_gelu_f16: for every float16 x, ggml_gelu_f32(x) (the tanh approximation, in
+    float with libm's tanhf) rounded to float16; here widened back to float32."""
+    out = np.empty(1 << 16, np.float32)
+    for i in range(1 << 16):
+        x = fp16_to_fp32(np.uint16(i))
+        t = F32(math.tanh(_SQRT_2_OVER_PI * x * (F32(1.0) + _GELU_COEF_A * x * x)))
+        y = F32(0.5) * x * (F32(1.0) + t)
+        out[i] = fp16_to_fp32(fp32_to_fp16(y))
+    return out
+
+
+_GELU_TABLE: np.ndarray | None = None
+
+
+def gelu_table() -> np.ndarray:
+    """The table ggml's CPU GELU reads (GGML_GELU_FP16), made once."""
+    global _GELU_TABLE
+    if _GELU_TABLE is None:
+        with np.errstate(all="ignore"):
+            _GELU_TABLE = _gelu_table()
+    return _GELU_TABLE
+
+
+@njit(parallel=True, cache=True)
+def geglu(g, u, table):
+    """In place: g <- gelu(g) * u as ggml_vec_geglu_f32 computes it: 0 at or below -10, the
+    identity at or above 10, else the float16 table at g rounded to float16."""
+    rows, n = g.shape
+    for r in prange(rows):
+        for j in range(n):
+            x = g[r, j]
+            if x <= F32(-10.0):
+                g[r, j] = F32(0.0)
+            elif x >= F32(10.0):
+                g[r, j] = x * u[r, j]
+            else:
+                g[r, j] = table[fp32_to_fp16(x)] * u[r, j]

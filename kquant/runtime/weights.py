@@ -43,6 +43,9 @@ class Layer:
     bo: Any = None
     q_norm: Any = None  # per-head RMSNorm of Q and K (every qwen3 block)
     k_norm: Any = None
+    # RMSNorm weights of the attention's and the FFN's outputs (every gemma2 block)
+    attn_post_norm: Any = None
+    ffn_post_norm: Any = None
     # Q, K and V as one matrix (attn_qkv, phi3), in place of wq/wk/wv (then None), its bias
     wqkv: Any = None
     bqkv: Any = None
@@ -70,6 +73,8 @@ class Weights:
     # context length and within it; rope_freqs, where a model has it, takes precedence
     rope_long: np.ndarray | None = None
     rope_short: np.ndarray | None = None
+    # no output.weight: the logits come from token_embd (llama-imatrix then has no output entry)
+    output_tied: bool = False
 
 
 def tensor_f32(t: SourceTensor) -> np.ndarray:
@@ -129,6 +134,8 @@ def _load_layer(get: Callable[..., Any], has: Callable[[str], bool], c: ModelCon
         bo=w(MT.ATTN_OUT, (c.n_embd,), False, "bias"),
         q_norm=w(MT.ATTN_Q_NORM, (c.head_dim,), arch.qk_norm),
         k_norm=w(MT.ATTN_K_NORM, (c.head_dim,), arch.qk_norm),
+        attn_post_norm=w(MT.ATTN_POST_NORM, (c.n_embd,)) if arch.post_norms else None,
+        ffn_post_norm=w(MT.FFN_POST_NORM, (c.n_embd,)) if arch.post_norms else None,
     )
     if fused_qkv and any(has(tensor_name(k, i)) for k in (MT.ATTN_Q, MT.ATTN_K, MT.ATTN_V)):
         # llama.cpp's loader creates no attn_q/k/v beside attn_qkv: too many tensors
@@ -191,4 +198,5 @@ def load_weights(source: ModelSource, config: ModelConfig, xp: Any = np, progres
         rope_freqs=tensor_f32(freqs).ravel() if freqs is not None else None,
         rope_long=tensor_f32(by_name[ROPE_LONG]).ravel() if ROPE_LONG in by_name else None,
         rope_short=tensor_f32(by_name[ROPE_SHORT]).ravel() if ROPE_SHORT in by_name else None,
+        output_tied=OUTPUT not in by_name,
     )
