@@ -304,6 +304,9 @@ CASES = [
     Case("cv-empty-folder", CV, lambda m, d: [str(_mkdir(d / "empty")), "--outfile", "out.gguf"], "config.json"),
     Case("cv-bad-outtype", CV, lambda m, d: [str(m.hf), "--outtype", "q5"], "outtype"),
     # kquant-imatrix
+    Case("im-hf-dropped-rope", IM, lambda m, d: ["-m", str(hf_copy(m, d, config={
+        "rope_scaling": {"rope_type": "nosuch"}})), "-f", str(m.text), "-c", "64"],
+        r"rope_scaling type 'nosuch' .*does not implement it"),
     Case("im-batch-zero", IM, lambda m, d: ["-m", G(m, d), "-f", str(m.text), "-b", "0"], "-b"),
     Case("im-ctx-zero", IM, lambda m, d: ["-m", G(m, d), "-f", str(m.text), "-c", "0"], "-c"),
     Case("im-chunks-zero", IM, lambda m, d: ["-m", G(m, d), "-f", str(m.text), "--chunks", "0"], "chunks"),
@@ -334,6 +337,10 @@ CASES = [
     Case("ppl-ctx-zero", PPL, lambda m, d: ["-m", G(m, d), "-f", str(m.text), "-c", "0"], "-c"),
     Case("ppl-text-too-short", PPL, lambda m, d: ["-m", G(m, d), "-f", str(_write(d / "s.txt", b"Hi")), "-c", "64"],
          "tokens"),
+    # a rope_scaling type the converter drops: llama.cpp runs such a model unscaled, kquant refuses
+    Case("ppl-hf-dropped-rope", PPL, lambda m, d: ["-m", str(hf_copy(m, d, config={
+        "rope_scaling": {"type": "dynamic", "factor": 2.0}})), "-f", str(m.text), "-c", "64"],
+        r"rope_scaling type 'dynamic' is dropped by convert_hf_to_gguf.py"),
     Case("ppl-kld-no-base", PPL, lambda m, d: ["-m", G(m, d), "--kl-divergence"], "kl-divergence-base"),
     Case("ppl-kld-base-corrupt", PPL, lambda m, d: ["-m", G(m, d), "--kl-divergence", "--kl-divergence-base",
                                                     str(_write(d / "b.kld", b"_logits_" + b"\0" * 7))], "b.kld"),

@@ -335,3 +335,44 @@ def test_lone_surrogate_in_an_hf_folder_is_refused(tmp_path, escape):
     with pytest.raises(ModelError, match=rf"^{folder}: tokenizer\.chat_template is not valid UTF-8 text: it holds "
                                          rf"the lone surrogate U\+{escape[2:].upper()}"):
         load_hf_model(folder, "f32")
+
+
+# --- rope scaling the converter drops -------------------------------------------------------
+
+@pytest.mark.parametrize("rope, runs", [
+    ({"rope_type": "linear", "factor": 2.0}, True),
+    ({"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 64}, True),  # llama: rope_freqs
+    ({"type": "dynamic", "factor": 2.0}, False),
+    ({"rope_type": "nosuch"}, False),
+])
+def test_dropped_rope_scaling_is_refused_at_run_time(tmp_path: Path, rope: dict, runs: bool) -> None:
+    """convert_hf_to_gguf.py drops a rope_scaling type it does not know (llama.cpp then runs the
+    model unscaled): kquant converts the same bytes, warns, and its runtime refuses the folder."""
+    folder = hf_copy(tmp_path, lambda c: c.update(rope_scaling=rope))
+    source = load_hf_model(folder, "f32")
+    assert bool(source.not_runnable) != runs
+    if runs:
+        read_config(source)
+        return
+    with pytest.raises(ModelError, match=r"rope_scaling type .* is dropped by convert_hf_to_gguf.py"):
+        read_config(source)
+
+
+def test_dropped_rope_scaling_warns_on_convert(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    from kquant.cli.convert import main as convert
+
+    folder = hf_copy(tmp_path, lambda c: c.update(rope_scaling={"type": "dynamic", "factor": 2.0}))
+    assert convert([str(folder), "--outfile", str(tmp_path / "out.gguf"), "--outtype", "f32"]) == 0
+    err = capfd.readouterr().err
+    assert "kquant-convert: warning: config.json's rope_scaling type 'dynamic' is dropped" in err
+    assert (tmp_path / "out.gguf").is_file()
+
+
+def test_llama3_rope_on_qwen2_is_dropped(tmp_path: Path) -> None:
+    """Only LlamaModel turns llama3 scaling into rope_freqs: on any other class it is dropped."""
+    from kquant.archs import get_arch
+    from kquant.files.hf import _dropped_rope
+
+    assert _dropped_rope(get_arch("llama"), {"rope_type": "llama3"}) == ""
+    assert "'llama3' is dropped" in _dropped_rope(get_arch("qwen2"), {"rope_type": "llama3"})

@@ -61,6 +61,8 @@ def _run(args: argparse.Namespace) -> int:
             raise ModelError(f"{folder} is not a directory")
         outtype = guess_outtype(folder)
     source = load_hf_model(folder, outtype)
+    if source.not_runnable:  # the converter's own warning, with its consequence
+        print(f"kquant-convert: warning: {source.not_runnable}", file=sys.stderr)
     if args.outfile is None:
         out = folder / default_outfile_name(source)
     elif args.outfile.is_dir():

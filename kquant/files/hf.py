@@ -369,6 +369,27 @@ def _check_rope(config_file: Path, rope: dict[str, Any]) -> None:
             _check_positive(config_file, "rope_theta", params["rope_theta"])
 
 
+# rope_scaling types convert_hf_to_gguf.py writes into the GGUF (TextModel.set_gguf_parameters),
+# or as tensors (llama3: LlamaModel's rope_freqs); it drops any other with a warning, and
+# llama.cpp then runs the model without it
+_ROPE_WRITTEN = {"default": (), "linear": (), "yarn": (), "su": (), "longrope": (), "llama3": ("llama",)}
+
+
+def _dropped_rope(arch: Arch, rope: dict[str, Any]) -> str:
+    """Why the converted model would run with a rope other than the checkpoint's: a
+    rope_scaling type the converter drops ("" when it keeps it)."""
+    params = rope.get("full_attention", rope)
+    rope_type = params.get("rope_type")
+    if not isinstance(rope_type, str):
+        return ""
+    archs = _ROPE_WRITTEN.get(rope_type if rope_type in _ROPE_WRITTEN else rope_type.lower())
+    if archs is None or (archs and arch.name not in archs):
+        return (f"config.json's rope_scaling type {rope_type!r} is dropped by convert_hf_to_gguf.py for "
+                f"{arch.name} models (llama.cpp then runs them without it), and kquant's runtime does "
+                "not implement it")
+    return ""
+
+
 def _block_count(config_file: Path, hp: dict[str, Any]) -> int:
     """The converter's block count (its first of these keys; num_hidden_layers checked)."""
     block_count = _find(hp, ["n_layers", "num_hidden_layers", "n_layer", "num_layers"])
@@ -510,7 +531,8 @@ def load_hf_model(folder: str | Path, outtype: str = "f16") -> ModelSource:
     block_count = _block_count(config_file, hp)
     tensors = _tensors(folder, arch, hp, block_count, ftype)
     kv = _metadata(folder, arch, hp, block_count, ftype, sum(t.n_elements for t in tensors))
-    source = ModelSource(arch=arch.name, kv=kv, tensors=tensors, path=str(folder))
+    source = ModelSource(arch=arch.name, kv=kv, tensors=tensors, path=str(folder),
+                         not_runnable=_dropped_rope(arch, hp["rope_parameters"]))
     # the converter writes whatever it is given, but llama.cpp would refuse to load a file
     # whose config and tensors disagree: refuse it before it is written
     check_tensors(source)

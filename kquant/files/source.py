@@ -54,6 +54,9 @@ class ModelSource:
     kv: list[KV]
     tensors: list[SourceTensor]
     path: str = ""
+    # why the model, converted faithfully, cannot be run faithfully (a Hugging Face feature
+    # llama.cpp's converter drops): the runtime refuses it with this reason; "" for none
+    not_runnable: str = ""
 
     def get(self, key: str, default: Any = None) -> Any:
         for kv in self.kv:

@@ -67,6 +67,8 @@ def read_config(source: ModelSource) -> ModelConfig:
     if arch not in ARCHS:
         raise ModelError(f"architecture {arch!r} is not supported by kquant's runtime "
                          f"(supported: {', '.join(sorted(ARCHS))})")
+    if source.not_runnable:
+        raise ModelError(f"{where(source)}: {source.not_runnable}")
     check_runnable_types(source)
     dims = model_dims(source)
     if dims.head_dim_v != dims.head_dim:
