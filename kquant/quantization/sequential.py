@@ -14,6 +14,9 @@ Here all calibration chunks run together, one block at a time, the way the error
         g  = silu(h2 @ Wgate_q^T) * (h2 @ Wup_q^T);  H = g^T g  -> Wdown quantized
         X  = X1 + g @ Wdown_q^T
 
+as the runtime's block computes it (pass_block): Q/K/V or gate/up fused in one matrix (phi3)
+are swept as one, embeddings scaled and outputs post-normed where the model does (gemma2), the
+attention windowed and soft-capped where it is.
 Each matrix's Hessian is the float64 sum over all N tokens of its (already quantized-upstream)
 input, the first token of every chunk counted `GptqSettings.sink_weight` times (see there); each quantized matrix replaces the float one in the model at once, as its file bytes
 decode, so what follows it sees what llama.cpp will compute. The block scale searches keep the
@@ -83,6 +86,8 @@ class SequentialGptq:
         n_ctx = len(chunks[0])
         self.n_ctx = n_ctx
         x = m.xp.asarray(np.ascontiguousarray(m.weights.token_embd[np.concatenate(chunks)], F32))
+        if m.config.scale_embd:  # as the runtime's forward: ggml_scale(inpL, sqrtf(n_embd))
+            x *= np.sqrt(F32(m.config.n_embd))
         # the float model's own stream, when the sweeps aim at its outputs (GptqSettings.asym)
         x_fp = x.copy() if self.asym else None
         layers = m.weights.layers
@@ -105,36 +110,50 @@ class SequentialGptq:
                      ) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """The float block's matrix inputs (by the first matrix that reads each) for its float
         inputs x, and its float outputs; run before the block's matrices are replaced."""
-        m, n = self.model, L.names
-        h = m._rms_norm(x, L.attn_norm)
-        attn = self.attention(il, L, h, n_ctx)
-        x = x + m._linear(attn, L.wo, L.bo, n["wo"], None)
-        h2 = m._rms_norm(x, L.ffn_norm)
-        g = m.ffn_hidden(L, h2)
-        x += m._linear(g, L.w_down, None, n["w_down"], None)
-        return {"wq": h, "wo": attn, "w_gate": h2, "w_down": g}, x
+        inputs: dict[str, np.ndarray] = {}
+
+        def record(attrs: tuple[str, ...], h: np.ndarray) -> None:
+            inputs[attrs[0]] = h
+
+        return inputs, self.pass_block(il, L, x, n_ctx, record)
 
     def block(self, il: int, L: Any, x: np.ndarray, n_ctx: int,
               fp: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """One block's matrices quantized on its inputs x (N, n_embd); returns the block's
         outputs from the quantized matrices. `fp` holds the float model's inputs of the
         matrices (float_inputs) when the sweeps aim at its outputs."""
-        m, n = self.model, L.names
         fp = fp or {}
+
+        def quantize_readers(attrs: tuple[str, ...], h: np.ndarray) -> None:
+            # the matrices that read one input share its Hessian
+            stats = self.hessian_of(L.names[attrs[0]], h, fp.get(attrs[0]))
+            for attr in attrs:
+                self.quantize(L, attr, stats)
+
+        return self.pass_block(il, L, x, n_ctx, quantize_readers)
+
+    def pass_block(self, il: int, L: Any, x: np.ndarray, n_ctx: int,
+                   before: Callable[[tuple[str, ...], np.ndarray], None]) -> np.ndarray:
+        """Block il on inputs x (N, n_embd), as the runtime's block computes it, calling
+        before(matrices, h) with each input h before the matrices that read it are used
+        (Q/K/V or the fused attn_qkv; the output; gate and up, or the fused ffn_up; down)."""
+        m, n = self.model, L.names
         h = m._rms_norm(x, L.attn_norm)
-        hq = self.hessian_of(n["wq"], h, fp.get("wq"))
-        for attr in ("wq", "wk", "wv"):
-            self.quantize(L, attr, hq)
+        before(("wqkv",) if L.wqkv is not None else ("wq", "wk", "wv"), h)
         attn = self.attention(il, L, h, n_ctx)
-        self.quantize(L, "wo", self.hessian_of(n["wo"], attn, fp.get("wo")))
-        x = x + m._linear(attn, L.wo, L.bo, n["wo"], None)
+        before(("wo",), attn)
+        out = m._linear(attn, L.wo, L.bo, n["wo"], None)
+        if L.attn_post_norm is not None:
+            out = m._rms_norm(out, L.attn_post_norm)
+        x = x + out
         h2 = m._rms_norm(x, L.ffn_norm)
-        hg = self.hessian_of(n["w_gate"], h2, fp.get("w_gate"))
-        self.quantize(L, "w_gate", hg)
-        self.quantize(L, "w_up", hg)
+        before(("w_gate", "w_up") if L.w_gate is not None else ("w_up",), h2)
         g = m.ffn_hidden(L, h2)
-        self.quantize(L, "w_down", self.hessian_of(n["w_down"], g, fp.get("w_down")))
-        x += m._linear(g, L.w_down, None, n["w_down"], None)
+        before(("w_down",), g)
+        y = m._linear(g, L.w_down, None, n["w_down"], None)
+        if L.ffn_post_norm is not None:
+            y = m._rms_norm(y, L.ffn_post_norm)
+        x += y
         return x
 
     def attention(self, il: int, L: Any, h: np.ndarray, n_ctx: int) -> np.ndarray:
@@ -264,10 +283,4 @@ def sequential_gptq(model_path: str | Path, text_path: str | Path, planned: dict
         raise ModelError("--chunks must be at least 1 for calibration")
     chunks = chunk_sequences(tokens, 0, n, n_ctx, bos)
     model = Transformer(source, device, progress)
-    if any(L.wqkv is not None or L.w_gate is None for L in model.weights.layers):
-        raise ModelError(f"{model_path}: sequential GPTQ does not support fused Q/K/V (attn_qkv) or "
-                         "gate/up (ffn_up of 2 * n_ff rows) matrices yet")
-    if model.config.post_norms or model.config.scale_embd:
-        raise ModelError(f"{model_path}: sequential GPTQ does not support {model.config.arch}'s blocks "
-                         "(scaled embeddings, post-norms) yet")
     return SequentialGptq(model, planned, convert, report, n_threads).run(chunks, progress)
