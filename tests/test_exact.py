@@ -161,6 +161,35 @@ def test_kl_divergence_and_generation_are_the_same_for_any_thread_count(tmp_path
     assert text[0] == text[1] and len(text[0]) > 40
 
 
+# every architecture's blocks beyond llama's: fused products and LongRoPE (phi3), the GELU
+# table, soft-caps, a sliding window, post-norms (gemma2)
+ARCH_FIXTURES = ["tiny-phi3", "tiny-gemma2"]
+
+
+@pytest.mark.parametrize("fixture", ARCH_FIXTURES)
+def test_every_architecture_is_the_same_for_any_thread_count(tmp_path, capsysbinary, hf_fixture,
+                                                             hf_fixture_gguf, fixture):
+    """Per-chunk perplexities of the Q4_K_M file, the imatrix file's bytes (from the HF folder)
+    and greedy generation (random weights: bytes that are no UTF-8), with -t 1 and 2."""
+    from kquant.cli.generate import main as generate
+    from kquant.cli.imatrix import main as imatrix
+    from kquant.cli.perplexity import main as perplexity
+
+    model = hf_fixture_gguf(fixture, "Q4_K_M")
+    outs = []
+    for t in ("1", "2"):
+        assert perplexity(["-m", str(model), "-f", str(CALIB), "--chunks", "3", "-c", "128", "-t", t,
+                           "--no-progress"]) == 0
+        ppl = capsysbinary.readouterr().out.splitlines()[:2]
+        out = tmp_path / f"t{t}.gguf"
+        assert imatrix(["-m", str(hf_fixture(fixture)), "-f", str(CALIB), "-o", str(out), "-c", "128",
+                        "--chunks", "3", "-t", t, "--no-progress"]) == 0
+        capsysbinary.readouterr()
+        assert generate(["-m", str(model), "-p", "It was a dark night", "-n", "16", "-t", t]) == 0
+        outs.append((ppl, out.read_bytes(), capsysbinary.readouterr().out))
+    assert outs[0] == outs[1]
+
+
 def test_default_thread_count_leaves_out_busy_cpus(monkeypatch):
     """The default -t: one thread per CPU that other processes do not keep busy, at least one
     (a thread waiting for a busy core holds up every parallel loop's join)."""
