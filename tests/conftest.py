@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
@@ -50,6 +51,41 @@ def _smollm2_path() -> Path | None:
                 return None
             partial = target.with_suffix(".part")
             with zf.open(member) as src, open(partial, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+            partial.rename(target)
+    return target
+
+
+LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
+
+
+def llama_cpp_file(relpath: str) -> Path | None:
+    """A file of llama.cpp's source tree (e.g. "models/ggml-vocab-gemma-4.gguf"): from
+    $KQUANT_LLAMA_CPP (an unpacked llama.cpp folder) or the cache; fetched from the
+    llama-cpp-python sdist on PyPI (the one pip builds for the interop extra, so usually in
+    pip's cache) into ~/.cache/kquant on first use. None when it cannot be had."""
+    env = os.environ.get("KQUANT_LLAMA_CPP")
+    if env:
+        return Path(env, relpath) if Path(env, relpath).is_file() else None
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kquant"
+    target = cache / Path(relpath).name
+    if target.is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        fetched = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", tmp,
+             LLAMA_CPP_SDIST], capture_output=True, text=True, timeout=600)
+        sdists = list(Path(tmp).glob("*.tar.gz"))
+        if fetched.returncode != 0 or not sdists:
+            return None
+        with tarfile.open(sdists[0]) as tf:
+            member = next((m for m in tf.getmembers() if m.name.endswith("vendor/llama.cpp/" + relpath)), None)
+            if member is None:
+                return None
+            partial = target.with_suffix(".part")
+            with tf.extractfile(member) as src, open(partial, "wb") as dst:
                 while chunk := src.read(1 << 20):
                     dst.write(chunk)
             partial.rename(target)

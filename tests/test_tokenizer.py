@@ -22,7 +22,7 @@ from gguf import GGUFValueType
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import make_hf_fixtures as fixtures  # noqa: E402
-from conftest import _smollm2_path  # noqa: E402
+from conftest import _smollm2_path, llama_cpp_file  # noqa: E402
 from kquant.files.gguf_read import load_gguf  # noqa: E402
 from kquant.files.gguf_write import write_gguf  # noqa: E402
 from kquant.files.hf import load_hf_model  # noqa: E402
@@ -324,6 +324,32 @@ def test_spm_settings(changes, llama_cpp, tmp_path):
     p = Pair(llama_cpp, src, tmp_path / "v.gguf")
     try:
         _check_pair(p, TRICKY)
+    finally:
+        p.llama.close()
+
+
+def test_gemma_sized_spm_vocabulary(llama_cpp, texts, tmp_path):
+    """SentencePiece over a 262,144-token vocabulary, Gemma's size (the one of llama.cpp's
+    models/ggml-vocab-gemma-4.gguf: its tokens, scores and types, with Gemma's settings, no
+    space prefix, BOS added), run as llama.cpp's SPM tokenizer: the same ids on the corner
+    cases and a slice of every shared text."""
+    from kquant.files.gguf_read import load_gguf as read
+
+    path = llama_cpp_file("models/ggml-vocab-gemma-4.gguf")
+    if path is None:
+        pytest.skip("llama.cpp's ggml-vocab-gemma-4.gguf (llama-cpp-python sdist) not available")
+    have = {kv.key: kv for kv in read(path).kv}
+    kv = [KV("general.architecture", "llama", GGUFValueType.STRING),
+          KV("tokenizer.ggml.model", "llama", GGUFValueType.STRING)]
+    kv += [have[f"tokenizer.ggml.{k}"] for k in ("tokens", "scores", "token_type", "bos_token_id", "eos_token_id",
+                                                 "unknown_token_id", "padding_token_id", "add_space_prefix",
+                                                 "add_bos_token")]
+    assert len(have["tokenizer.ggml.tokens"].value) == 262144
+    src = ModelSource("llama", kv, [])
+    write_gguf(src, tmp_path / "v.gguf", progress=False)
+    p = Pair(llama_cpp, src, tmp_path / "v.gguf")
+    try:
+        _check_pair(p, TRICKY + [t[:100_000] for t in texts.values()], pieces=range(0, 262144, 997))
     finally:
         p.llama.close()
 
