@@ -404,3 +404,77 @@ def test_freed_memory_stays_with_the_commands():
     if grown("keep") < 60:
         pytest.fail("keep_freed_memory did not keep a freed 64 MiB array")
     assert grown("plain") < 8
+
+
+def test_exact_gemma2_is_llama_cpps(capsys, hf_fixture, hf_fixture_gguf, tmp_path):
+    """--exact on tiny-gemma2 (a 32-key sliding window on even layers, attention and final
+    soft-capping, the GELU table, post-norms): llama-perplexity's digits for the F32 and
+    Q4_K_M files (tests/data/perplexity_ref) and llama-imatrix's values bit for bit
+    (tests/data/imatrix_ref/tiny-gemma2.c128.gguf)."""
+    import re
+
+    from kquant.calibration.imatrix_file import load_imatrix
+    from kquant.cli.imatrix import main as imatrix
+    from kquant.cli.perplexity import main as perplexity
+
+    wiki = ROOT.parent / "shared" / "text" / "eval" / "wiki.test.raw"
+    text = ROOT.parent / "shared" / "text" / "calibration" / "pg84.txt"
+    if not wiki.is_file() or not text.is_file():
+        pytest.skip("shared texts not available")
+    pattern = r"\[\d+\][\d.]+,|Final estimate: PPL = [\d.]+ \+/- [\d.]+"
+    for ftype, ref in (("F32", "f32"), ("Q4_K_M", "Q4_K_M")):
+        assert perplexity(["-m", str(hf_fixture_gguf("tiny-gemma2", ftype)), "-f", str(wiki), "-c", "128",
+                           "--chunks", "8", "--exact", "-t", "2", "--no-progress"]) == 0
+        want = (Path(__file__).parent / "data" / "perplexity_ref" / f"tiny-gemma2-{ref}.c128.out").read_text()
+        assert re.findall(pattern, capsys.readouterr().out) == re.findall(pattern, want), ftype
+    out = tmp_path / "im.gguf"
+    assert imatrix(["-m", str(hf_fixture("tiny-gemma2")), "-f", str(text), "-o", str(out), "-c", "128",
+                    "--chunks", "4", "--process-output", "--exact", "-t", "2", "--no-progress"]) == 0
+    capsys.readouterr()
+    ours, theirs = load_imatrix(out), load_imatrix(Path(__file__).parent / "data" / "imatrix_ref" /
+                                                    "tiny-gemma2.c128.gguf")
+    assert sorted(ours.entries) == sorted(theirs.entries)
+    for name, e in theirs.entries.items():
+        np.testing.assert_array_equal(ours.entries[name].counts, e.counts, err_msg=name)
+        np.testing.assert_array_equal(ours.entries[name].sums, e.sums, err_msg=name)
+
+
+@pytest.mark.parametrize("n_ctx, steps", [(128, 40), (768, 280)])
+def test_exact_gemma2_generation_is_llama_cpps(hf_fixture_gguf, llama_cpp, n_ctx, steps):
+    """Token by token through the sliding window (18 prompt tokens, a window of 32) and, at
+    -c 768, past 256 cells, where ggml splits the cells between its 2 threads: every step's
+    logits equal llama-cpp-python's (flash attention) bit for bit."""
+    from kquant.models import open_model
+    from kquant.runtime import Transformer
+    from kquant.runtime.forward import Segment
+
+    path = hf_fixture_gguf("tiny-gemma2", "F32")
+    llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=2, verbose=False, flash_attn=True, logits_all=True)
+    try:
+        prompt = llm.tokenize(b"It was a dark and stormy night, and", add_bos=True, special=True)
+        llm.eval(prompt)
+        theirs, their_logits = [], []
+        for _ in range(steps):
+            their_logits.append(np.array(llm.scores[llm.n_tokens - 1], np.float32))
+            theirs.append(int(np.argmax(their_logits[-1])))
+            llm.eval([theirs[-1]])
+    finally:
+        llm.close()
+    model = Transformer(open_model(path, "f32"), "cpu", progress=False)
+    model.exact, model.exact_threads = True, 2
+    cache = model.new_cache(n_ctx)
+    ours = [model.forward([Segment(np.array(prompt), cache)])[-1]]
+    for tok in theirs[:-1]:
+        ours.append(model.forward([Segment(np.array([tok]), cache)], logit_rows=[0])[0])
+    for step, (a, b) in enumerate(zip(ours, their_logits)):
+        assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), step
+
+
+def test_exact_refuses_a_context_beyond_the_sliding_window_cache(hf_fixture_gguf, capsys):
+    """llama.cpp's SWA cache (window 32 + 512 cells, padded: 768) reuses cells past its size, so
+    the keys' order, and the sums, change: --exact refuses -c 1024 and says what fits."""
+    from kquant.cli.perplexity import main
+
+    assert main(["-m", str(hf_fixture_gguf("tiny-gemma2", "F32")), "-f", str(CALIB), "-c", "1024",
+                 "--exact", "--no-progress"]) == 1
+    assert "use -c 768 or less" in capsys.readouterr().err

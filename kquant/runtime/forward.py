@@ -45,7 +45,7 @@ from ..matmul.cpu import run_blocks, weight_rows
 from ..matmul.exact import ExactMatrix, beats_blas, float_blocks
 from .kernels import (flash_attention, flash_attention_split_kv, flash_attention_vec, kv_view_length,
                       rms_sums, rope_inplace, rope_table, rope_theta_scale, round_to_half, softmax_causal, swiglu,
-                      geglu, gelu_table, softmax_window,
+                      geglu, gelu_table, soft_cap, softmax_window,
                       uses_split_kv)
 from .weights import OUTPUT, Layer, Weights, load_weights
 
@@ -58,6 +58,8 @@ _QUERY_BLOCK = 128
 # up to this many tokens, quantized products run on the blocks themselves (memory-bound: 4-8x
 # fewer bytes than the dequantized float32 matrix); above, dequantized float32 BLAS is faster
 _BLOCK_KERNEL_TOKENS = 4
+# llama.cpp's default physical batch (n_ubatch), which sizes its sliding-window KV cache
+_UBATCH = 512
 
 
 class KVCache:
@@ -213,9 +215,8 @@ class Transformer:
             scale = scale / cap
         windowed = n_swa > 0 or cap > 0
         if xp is np and (self.exact_attention or self.exact):
-            if windowed:
-                raise ModelError("exact attention (llama.cpp's flash-attention order) does not run models "
-                                 "with sliding-window attention or attention soft-capping yet")
+            if n_swa > 0:
+                self._check_swa_cache(seg_k.shape[2])
             out = np.empty((T, c.n_head, c.head_dim), F32)
             q = np.ascontiguousarray(q)
             # llama.cpp's KV view: the cells in use padded to 256 (llama_kv_cache::get_n_kv)
@@ -223,11 +224,11 @@ class Transformer:
             if self.exact and uses_split_kv(T, n_kv):
                 # one query over >= 512 cells: ggml splits the cells between its threads
                 flash_attention_split_kv(q, seg_k, seg_v, n0, n_kv, self.emulated_threads(),
-                                         scale, c.n_rep, out)
+                                         scale, c.n_rep, out, cap, n_swa)
             else:
                 # ggml's tiled kernel from GGML_FA_TILE_Q (64) queries of a sequence, else one_chunk
                 kernel = flash_attention if T >= 64 or not self.exact else flash_attention_vec
-                kernel(q, seg_k, seg_v, n0, scale, c.n_rep, out)
+                kernel(q, seg_k, seg_v, n0, scale, c.n_rep, out, cap, n_swa)
             return out.reshape(T, c.n_head * c.head_dim)
         qh = xp.ascontiguousarray(q.reshape(T, c.n_head_kv, c.n_rep, c.head_dim).transpose(1, 2, 0, 3))
         out = xp.empty((c.n_head_kv, c.n_rep, T, c.head_dim), F32)
@@ -258,6 +259,18 @@ class Transformer:
             o = self._bmm(s, seg_v[:, :S]).reshape(c.n_head_kv, c.n_rep, b - a, c.head_dim)
             out[:, :, a:b] = o / total.reshape(c.n_head_kv, c.n_rep, b - a, 1)
         return out.transpose(2, 0, 1, 3).reshape(T, c.n_head * c.head_dim)
+
+    def _check_swa_cache(self, n_ctx: int) -> None:
+        """Exact attention over a sliding window reads the keys in position order, as
+        llama.cpp's SWA cache holds them until it is full: it has n_swa + n_ubatch (512) cells
+        padded to 256 (llama_kv_cache_iswa), after which new keys take the cells of keys out
+        of the window and the order, so the float sums, differ. A context beyond that is
+        refused rather than computed in another order."""
+        n_cells = -(-(self.config.n_swa + _UBATCH) // 256) * 256
+        if n_ctx > n_cells:
+            raise ModelError(f"exact mode reproduces llama.cpp's sliding-window cache ({n_cells} cells for a "
+                             f"window of {self.config.n_swa}) only for contexts that fit it: -c {n_ctx} is "
+                             f"larger; use -c {n_cells} or less, or leave out --exact")
 
     def emulated_threads(self) -> int:
         """The llama.cpp thread count `exact` reproduces: `exact_threads`, else the runtime's
@@ -496,7 +509,10 @@ class Transformer:
         self._prepared = (None, None, None)
         logits = self._linear(h, W.output, None, OUTPUT, None)
         if cap := F32(self.config.final_softcap):  # scale by 1/cap, tanh, scale by cap
-            logits = cap * xp.tanh(logits * (F32(1.0) / cap))
+            if self.exact and xp is np:  # libm's tanhf, as ggml_tanh (numpy's differs in the last bit)
+                soft_cap(logits, cap)
+            else:
+                logits = cap * xp.tanh(logits * (F32(1.0) / cap))
         return logits
 
 

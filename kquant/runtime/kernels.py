@@ -251,27 +251,46 @@ def _max(row, n):
 FA_TILE = 64  # GGML_FA_TILE_KV (ggml-cpu/common.h): keys per tile of the online softmax
 
 
+@njit(cache=True, inline="always")
+def _first_key(last, n_swa):
+    """The first key a query whose last visible key is `last` sees: 0, or with a sliding
+    window of n_swa keys (llama.cpp's is_masked_swa: p1 - p0 >= n_swa is masked) last - n_swa + 1."""
+    return max(0, last - n_swa + 1) if n_swa > 0 else 0
+
+
+@njit(cache=True, inline="always")
+def _capped(s, softcap):
+    """ggml's logit soft-capping of a scaled score (scale already divided by the cap):
+    softcap * tanhf(s), libm's tanhf as ggml_vec_tanh_f32 calls it."""
+    return softcap * F32(math.tanh(s)) if softcap != F32(0.0) else s
+
+
 @njit(parallel=True, cache=True)
-def flash_attention(q, kt, v, n0, scale, n_rep, out):
+def flash_attention(q, kt, v, n0, scale, n_rep, out, softcap=F32(0.0), n_swa=0):
     """Causal attention of queries q (T, n_head, d) at positions n0.. over keys kt (n_head_kv,
     d, keys) and values v (n_head_kv, keys, d) into out (T, n_head, d), computed as ggml's CPU
     flash attention (ops.cpp, ggml_compute_forward_flash_attn_ext_tiled) computes it: per tile
     of 64 keys, scores as a fused multiply-add chain over d (simd_gemm), scaled, the running
     maximum and sum updated with libm's expf, probabilities with ggml_v_expf and the tile sum
     taken 8 lanes at a time as AVX2 does, values accumulated by fused multiply-adds over the
-    tile's keys, and the result scaled by 1/sum. Query head h reads KV head h // n_rep."""
+    tile's keys, and the result scaled by 1/sum. Query head h reads KV head h // n_rep.
+
+    `softcap` > 0: each scaled score s becomes softcap * tanhf(s) (`scale` is then already
+    divided by it, as ggml divides it); `n_swa` > 0: keys n_swa or more positions back are
+    masked (-inf in their tile, as ggml adds its mask; tiles with none visible skipped)."""
     T, n_head, d = q.shape
     for th in prange(T * n_head):
         t = th // n_head
         h = th % n_head
         kvh = h // n_rep
         last = n0 + t  # the last key this query sees
+        first = _first_key(last, n_swa)
         m = F32(-np.inf)
         s_sum = F32(0.0)
         acc = np.zeros(d, np.float32)
         sc = np.empty(FA_TILE, np.float32)
         qv = q[t, h]
-        for ic in range(0, last + 1, FA_TILE):
+        for ic in range(first - first % FA_TILE, last + 1, FA_TILE):
             w = min(FA_TILE, last + 1 - ic)
             for j in range(FA_TILE):
                 sc[j] = F32(0.0)
@@ -281,7 +300,9 @@ def flash_attention(q, kt, v, n0, scale, n_rep, out):
                 for j in range(w):
                     sc[j] = fmaf(qd, krow[j], sc[j])
             for j in range(w):
-                sc[j] *= scale
+                sc[j] = _capped(sc[j] * scale, softcap)
+            for j in range(min(w, first - ic)):  # before the window
+                sc[j] = F32(-np.inf)
             for j in range(w, FA_TILE):
                 sc[j] = F32(-np.inf)
             tile_max = _max(sc, FA_TILE)
@@ -348,7 +369,7 @@ def _vec_dot_f16(qh, kt, kvh, key, acc):
 
 
 @njit(cache=True)
-def _one_chunk(qh, kt, v, kvh, ic_start, ic_end, scale, acc, vkq):
+def _one_chunk(qh, kt, v, kvh, ic_start, ic_end, scale, softcap, acc, vkq):
     """The online softmax of ggml_compute_forward_flash_attn_ext_f16_one_chunk for one query
     (qh: already rounded to F16) over the cells ic_start .. ic_end - 1 of KV head kvh (all of
     them visible: ggml skips masked cells before touching them): vkq (dv,) receives the
@@ -360,7 +381,7 @@ def _one_chunk(qh, kt, v, kvh, ic_start, ic_end, scale, acc, vkq):
     m = F32(-np.inf)
     s_sum = F32(0.0)
     for ic in range(ic_start, ic_end):
-        s = _vec_dot_f16(qh, kt, kvh, ic, acc) * scale
+        s = _capped(_vec_dot_f16(qh, kt, kvh, ic, acc) * scale, softcap)
         ms = F32(1.0)
         vs = F32(1.0)
         if s > m:
@@ -379,7 +400,7 @@ def _one_chunk(qh, kt, v, kvh, ic_start, ic_end, scale, acc, vkq):
 
 
 @njit(parallel=True, cache=True)
-def flash_attention_vec(q, kt, v, n0, scale, n_rep, out):
+def flash_attention_vec(q, kt, v, n0, scale, n_rep, out, softcap=F32(0.0), n_swa=0):
     """The same attention as flash_attention, computed as ggml's CPU backend computes it for
     fewer than 64 queries per sequence (generation, a short last ubatch):
     ggml_compute_forward_flash_attn_ext_f16_one_chunk. Per query: the query rounded to F16,
@@ -402,7 +423,8 @@ def flash_attention_vec(q, kt, v, n0, scale, n_rep, out):
             qh[c] = _f16(q[t, h, c])
         acc = np.empty((4, 8), np.float32)
         vkq = np.empty(dv, np.float32)  # F16 values held as float32
-        _, s_sum = _one_chunk(qh, kt, v, kvh, 0, n0 + t + 1, scale, acc, vkq)
+        # ggml skips the masked cells (before the window) without touching them
+        _, s_sum = _one_chunk(qh, kt, v, kvh, _first_key(n0 + t, n_swa), n0 + t + 1, scale, softcap, acc, vkq)
         inv = F32(1.0) / s_sum if s_sum != F32(0.0) else F32(0.0)
         for i in range(dv):
             out[t, h, i] = vkq[i] * inv
@@ -426,7 +448,7 @@ def uses_split_kv(n_queries: int, n_kv: int) -> bool:
 
 
 @njit(parallel=True, cache=True)
-def flash_attention_split_kv(q, kt, v, n0, n_kv, nth, scale, n_rep, out):
+def flash_attention_split_kv(q, kt, v, n0, n_kv, nth, scale, n_rep, out, softcap=F32(0.0), n_swa=0):
     """One query q (1, n_head, d) at position n0 over keys kt (n_head_kv, d, keys) and values v
     (n_head_kv, keys, d), cells 0 .. n0 visible, into out (1, n_head, d), as ggml's CPU backend
     computes it when llama.cpp's KV view is n_kv >= 512 cells (a decode step once more than
@@ -445,19 +467,20 @@ def flash_attention_split_kv(q, kt, v, n0, n_kv, nth, scale, n_rep, out):
     dv = v.shape[2]
     chunk = (n_kv + nth - 1) // nth
     visible = n0 + 1
+    first = _first_key(n0, n_swa)
     part = np.empty((n_head, nth, 2 + dv), np.float32)
     for hc in prange(n_head * nth):
         h = hc // nth
         c = hc % nth
         kvh = h // n_rep
-        ic_start = c * chunk
-        ic_end = min(ic_start + chunk, n_kv, visible)
+        ic_start = max(c * chunk, first)
+        ic_end = min(c * chunk + chunk, n_kv, visible)
         qh = np.empty(d, np.float32)
         for i in range(d):
             qh[i] = _f16(q[0, h, i])
         acc = np.empty((4, 8), np.float32)
         vkq = np.empty(dv, np.float32)
-        m, s_sum = _one_chunk(qh, kt, v, kvh, ic_start, ic_end, scale, acc, vkq)
+        m, s_sum = _one_chunk(qh, kt, v, kvh, ic_start, ic_end, scale, softcap, acc, vkq)
         part[h, c, 0] = m
         part[h, c, 1] = s_sum
         for i in range(dv):
@@ -569,3 +592,14 @@ def geglu(g, u, table):
                 g[r, j] = x * u[r, j]
             else:
                 g[r, j] = table[fp32_to_fp16(x)] * u[r, j]
+
+
+@njit(parallel=True, cache=True)
+def soft_cap(x, cap):
+    """x = cap * tanhf(x * (1 / cap)) in place, rows in parallel: ggml_scale, ggml_tanh (libm's
+    tanhf per value) and ggml_scale, as llama.cpp soft-caps gemma2's logits."""
+    inv = F32(1.0) / cap
+    rows, n = x.shape
+    for r in prange(rows):
+        for j in range(n):
+            x[r, j] = F32(math.tanh(x[r, j] * inv)) * cap
