@@ -280,7 +280,7 @@ def test_rope_is_ggmls_bit_for_bit(ggml_cpu, neox, base):
 
     class Model:  # just what the table builder reads
         xp = np
-        _rope_cache = (0, None, None, None)
+        _rope_cache: dict = {}
 
         class config:
             n_rot, rope_base, rope_freq_scale, rope_neox, rope_attn_factor = d, base, 1.0, neox, 1.0

@@ -50,6 +50,9 @@ class ModelConfig:
     # sliding-window attention: the window, and per layer whether it applies (empty: none)
     n_swa: int = 0
     swa_layers: tuple[bool, ...] = ()
+    # the SWA layers' rope (base, freq scale) where it differs from the global one (gemma3:
+    # rope.freq_base_swa at scale 1); None: every layer ropes with rope_base, rope_freq_scale
+    rope_swa: tuple[float, float] | None = None
 
     @property
     def n_rep(self) -> int:
@@ -58,7 +61,7 @@ class ModelConfig:
 
 
 def read_config(source: ModelSource) -> ModelConfig:
-    """The hyperparameters of a model of kquant.archs (llama/mistral/qwen2/qwen3/phi3/gemma2), with llama.cpp's defaults, after
+    """The hyperparameters of a model of kquant.archs (llama/mistral/qwen2/qwen3/phi3/gemma2/gemma3), with llama.cpp's defaults, after
     checking everything the runtime will rely on before any weight is read: each metadata value
     (present where llama.cpp requires it, of its type, in range), every tensor's type (one the
     runtime computes with) and the tensor set and shapes (kquant.archs.checks, llama.cpp's
@@ -100,10 +103,13 @@ def read_config(source: ModelSource) -> ModelConfig:
         ffn_act=a.ffn_act,
         attn_softcap=meta_float(source, f"{arch}.attn_logit_softcapping", a.attn_softcap)
         if a.attn_softcap else 0.0,
-        final_softcap=meta_float(source, f"{arch}.final_logit_softcapping", a.final_softcap)
-        if a.final_softcap else 0.0,
+        final_softcap=meta_float(source, f"{arch}.final_logit_softcapping", a.final_softcap,
+                                 allow_zero=a.final_softcap_key)
+        if a.final_softcap or a.final_softcap_key else 0.0,
         n_swa=n_swa,
         swa_layers=swa_layers,
+        rope_swa=(meta_float(source, f"{arch}.rope.freq_base_swa", a.swa_rope_base), 1.0)
+        if a.swa_rope_base and any(swa_layers) else None,
     )
 
 
@@ -116,6 +122,8 @@ def _swa(source: ModelSource, pattern: int, window: int, n_layer: int) -> tuple[
         return 0, ()
     arch = source.arch
     n_swa = meta_int(source, f"{arch}.attention.sliding_window", window, minimum=0)
+    if n_swa == 0 and window == 0:  # gemma3: no window (key absent or 0) is no SWA at all
+        return 0, ()
     key = f"{arch}.attention.sliding_window_pattern"
     value = source.get(key, pattern)
     if isinstance(value, list):
