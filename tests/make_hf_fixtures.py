@@ -541,11 +541,14 @@ def build_gemma3(d: Path, spm_model: bytes, n_sp: int) -> None:
 
 
 def _gemma3_weights(seed: int, cfg: dict) -> dict[str, np.ndarray]:
-    """_gemma_weights with Q/K norms; Q/K unscaled (the norms set their size)."""
+    """_gemma_weights with Q/K norms; Q/K and the embeddings unscaled (the Q/K norms set the
+    scores' size; without soft-capping, logits of a few units want a small embedding)."""
     w = _gemma_weights(seed, cfg, qk_norm=True)
     for name in w:
         if name.endswith(("q_proj.weight", "k_proj.weight")):
             w[name] = (w[name] / np.float32(5.0)).astype(np.float32)
+        elif name == "model.embed_tokens.weight":
+            w[name] = (w[name] / np.float32(10.0)).astype(np.float32)
     return w
 
 

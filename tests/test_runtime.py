@@ -76,9 +76,10 @@ def test_architectures_match_llama_cpp(hf_built, tmp_path, llama_cpp, name):
     toks = tokens_for(model.config.n_vocab, 200)
     ours = model.forward([Segment(toks, model.new_cache(512))])
     # gemma3's six blocks of GeGLU through ggml's float16 GELU table turn float32 rounding
-    # differences into float16 steps (1.3e-4 measured from the first tokens on; a wrong rope
-    # base or window is 0.3): 2e-4 there
-    tol = 2e-4 if name.startswith("tiny-gemma3") else 1e-4
+    # differences into float16 steps, against logits of a few tenths (no soft-cap): 2.6e-4 and
+    # 2.9e-4 measured, as large on the first 20 tokens as on the last (a wrong rope base or
+    # window is 0.7 to 1.1): 5e-4 there
+    tol = 5e-4 if name.startswith("tiny-gemma3") else 1e-4
     assert rel_error(ours, llama_logits(llama_cpp, gguf_path, toks)) < tol
 
 
@@ -163,9 +164,9 @@ def test_gemma3_windows_and_rope_bases(hf_built, tmp_path, llama_cpp, name):
     toks = tokens_for(c.n_vocab, 100, 1)
     ours = model.forward([Segment(toks, model.new_cache(128))])
     ref = llama_logits(llama_cpp, gguf_path, toks)
-    assert rel_error(ours, ref) < 2e-4
+    assert rel_error(ours, ref) < 5e-4
     generic = Transformer(open_model(gguf_path, "f32"), "cpu", progress=False, xp=_NumpyStandIn())
-    assert rel_error(generic.forward([Segment(toks, generic.new_cache(128))]), ours) < 2e-4
+    assert rel_error(generic.forward([Segment(toks, generic.new_cache(128))]), ours) < 5e-4
     changes = [dict(swa_layers=(False,) * 6), dict(rope_swa=None)]
     if name.endswith("-vl"):
         changes.append(dict(rope_freq_scale=1.0))
