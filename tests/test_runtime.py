@@ -236,7 +236,7 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path):
     from kquant.files.source import KV, ModelSource
 
     with pytest.raises(ModelError, match="not supported"):
-        read_config(ModelSource("gemma3", [KV("general.architecture", "gemma3", None)], []))
+        read_config(ModelSource("mamba", [KV("general.architecture", "mamba", None)], []))
 
 
 @pytest.mark.parametrize("wtype", ["Q4_K", "Q8_0", "Q4_1", "F16", "BF16"])

@@ -2,7 +2,8 @@
 
 `load_hf_model(folder, outtype)` reads config.json, the tokenizer files and the safetensors
 headers of a folder of any class in kquant.archs (LlamaForCausalLM, MistralForCausalLM,
-Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM) and returns the metadata pairs and tensors that
+Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM,
+Gemma3ForConditionalGeneration's text model) and returns the metadata pairs and tensors that
 `convert_hf_to_gguf.py --outtype OUTTYPE` would write, in the same order, with the same value
 types and the same tensor bytes.  Nothing is loaded at construction: each tensor's `load()`
 memory-maps only its own bytes.
