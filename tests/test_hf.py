@@ -182,6 +182,7 @@ def _gemma3_with(built, tmp_path, name="tiny-gemma3", **changes) -> Path:
     ("tiny-gemma3", dict(query_pre_attn_scalar=128), r"query_pre_attn_scalar is 128, .* 1/sqrt\(64\)"),
     ("tiny-gemma3", dict(use_bidirectional_attention=True), "bidirectional attention"),
     ("tiny-gemma3", dict(sliding_window=None), "sliding_window is None"),
+    ("tiny-gemma3", dict(model_type="gemma3"), "model_type 'gemma3' .* without a text_config"),
 ])
 def test_gemma3_refusals(built, tmp_path, capsys, name, changes, message):
     """Settings the converter refuses or writes without llama.cpp's gemma3 graph reading them

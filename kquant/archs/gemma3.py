@@ -81,6 +81,9 @@ def hparams(config: dict[str, Any]) -> HParams:
     level (Gemma3ForConditionalGeneration), or the Gemma3TextConfig itself."""
     text = config.get("text_config")
     if text is None:
+        if config.get("model_type") == "gemma3":  # Gemma3Config: its text_config's defaults
+            raise ModelError("config.json: model_type 'gemma3' (the multimodal Gemma3Config) without a "
+                             "text_config; a text-only Gemma 3 is model_type 'gemma3_text'")
         return _text_hparams(config)
     if not isinstance(text, dict):
         raise ModelError(f"config.json's text_config is {text!r}, not an object")

@@ -41,7 +41,7 @@ class ModelConfig:
     # this takes the rope_factors_long tensor, else rope_factors_short
     n_ctx_orig: int = 0
     scale_q: bool = False  # Q scaled by q_scale before attention (kquant.archs: phi3, gemma2, gemma3)
-    q_scale: float = 1.0  # llama.cpp's f_attention_scale (1/sqrt(head_dim) but for gemma2's 27B)
+    q_scale: float = 1.0  # llama.cpp's f_attention_scale (1/sqrt(head_dim) but for gemma2's and gemma3's 27B)
     scale_embd: bool = False  # token embeddings times sqrtf(n_embd) (gemma)
     post_norms: bool = False  # attn_post_norm / ffn_post_norm on each block's outputs (gemma)
     ffn_act: str = "silu"  # the gate's activation: silu (SwiGLU) or gelu (GeGLU)
