@@ -40,6 +40,11 @@ FIXTURES = {
                  "SentencePiece + Phi-3 added tokens, padded vocab",
     "tiny-gemma2": "Gemma2ForCausalLM, BF16, (1 + w) norms, post-norms, GeGLU, GQA, sliding window 32 on even "
                    "layers, attention and final logit soft-capping, tied, SentencePiece + turn tokens",
+    "tiny-gemma3": "Gemma3ForCausalLM, BF16, (1 + w) norms incl. Q/K norms, post-norms, GeGLU, GQA, 6 layers: "
+                   "sliding window 32 with rope base 10000 on layers 0-4, layer 5 global with base 1e6, tied",
+    "tiny-gemma3-vl": "Gemma3ForConditionalGeneration (text_config; vision tower and projector skipped), "
+                      "linear rope scaling 8 on the global layer, final logit soft-capping, token_embd padded "
+                      "beyond vocab_size (trimmed)",
 }
 
 
@@ -515,6 +520,67 @@ def build_gemma2(d: Path, spm_model: bytes, n_sp: int) -> None:
     _write_json(d / "generation_config.json", {"bos_token_id": 1, "eos_token_id": [2, n_sp + 1], "pad_token_id": 0})
 
 
+def _gemma3_text_config(n_sp: int) -> dict:
+    return {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 6, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 64, "max_position_embeddings": 1024, "rms_norm_eps": 1e-06,
+            "query_pre_attn_scalar": 64, "sliding_window": 32, "hidden_activation": "gelu_pytorch_tanh",
+            "vocab_size": n_sp + 2, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+
+
+def build_gemma3(d: Path, spm_model: bytes, n_sp: int) -> None:
+    """Gemma 3's text model, small: 6 layers so that llama.cpp's pattern (every 6th layer
+    global) has both kinds, a window of 32 below the tests' prompts, two rope bases."""
+    cfg = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", **_gemma3_text_config(n_sp),
+           "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "rope_scaling": None,
+           "sliding_window_pattern": 6, "final_logit_softcapping": None, "attn_logit_softcapping": None,
+           "tie_word_embeddings": True, "torch_dtype": "bfloat16"}
+    _write_json(d / "config.json", cfg)
+    write_safetensors(d / "model.safetensors", _gemma3_weights(11, cfg), "BF16")
+    _gemma_tokenizer(d, spm_model, n_sp)
+    _write_json(d / "generation_config.json", {"bos_token_id": 1, "eos_token_id": [2, n_sp + 1], "pad_token_id": 0})
+
+
+def _gemma3_weights(seed: int, cfg: dict) -> dict[str, np.ndarray]:
+    """_gemma_weights with Q/K norms; Q/K and the embeddings unscaled (the Q/K norms set the
+    scores' size; without soft-capping, logits of a few units want a small embedding)."""
+    w = _gemma_weights(seed, cfg, qk_norm=True)
+    for name in w:
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            w[name] = (w[name] / np.float32(5.0)).astype(np.float32)
+        elif name == "model.embed_tokens.weight":
+            w[name] = (w[name] / np.float32(10.0)).astype(np.float32)
+    return w
+
+
+def build_gemma3_vl(d: Path, spm_model: bytes, n_sp: int) -> None:
+    """Gemma3ForConditionalGeneration as the hub's checkpoints store it (language_model.model.*,
+    vision_tower.*, multi_modal_projector.*): only the text model is converted. Its
+    text_config leaves rope_theta and the local base to Gemma3TextConfig's defaults and scales
+    the global layers' rope linearly by 8 (as Gemma 3 4B); the embedding has 6 rows beyond
+    vocab_size, which the converter drops."""
+    text = {"model_type": "gemma3_text", **_gemma3_text_config(n_sp),
+            "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "final_logit_softcapping": 5.0}
+    cfg = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+           "boi_token_index": n_sp, "eoi_token_index": n_sp + 1, "image_token_index": n_sp + 1,
+           "mm_tokens_per_image": 4, "text_config": text,
+           "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 32, "image_size": 32,
+                             "patch_size": 16, "intermediate_size": 64, "num_attention_heads": 2,
+                             "num_hidden_layers": 1, "vision_use_head": False},
+           "torch_dtype": "bfloat16"}
+    _write_json(d / "config.json", cfg)
+    w = _gemma3_weights(12, {**text, "vocab_size": text["vocab_size"] + 6})
+    rng = np.random.default_rng(13)
+    out = {f"language_model.{k}": v for k, v in w.items()}
+    for name, shape in (("vision_tower.vision_model.embeddings.patch_embedding.weight", (32, 3, 16, 16)),
+                        ("vision_tower.vision_model.post_layernorm.weight", (32,)),
+                        ("multi_modal_projector.mm_input_projection_weight", (32, 256)),
+                        ("multi_modal_projector.mm_soft_emb_norm.weight", (32,))):
+        out[name] = (rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)).astype(np.float32)
+    write_safetensors(d / "model.safetensors", out, "BF16")
+    _gemma_tokenizer(d, spm_model, n_sp)
+    _write_json(d / "generation_config.json", {"bos_token_id": 1, "eos_token_id": [2, n_sp + 1], "pad_token_id": 0})
+
+
 def build(dest: str | Path, names: list[str] | None = None, text_path: str | Path | None = None) -> dict[str, Path]:
     """Build the fixtures (all, or `names`) under `dest`; returns name -> folder."""
     dest = Path(dest)
@@ -530,7 +596,7 @@ def build(dest: str | Path, names: list[str] | None = None, text_path: str | Pat
             raise KeyError(name)
         d = dest / name
         d.mkdir(parents=True, exist_ok=True)
-        if (name.endswith("-spm") or name in ("tiny-phi3", "tiny-gemma2")) and spm_model is None:
+        if (name.endswith("-spm") or name in ("tiny-phi3", "tiny-gemma2", "tiny-gemma3", "tiny-gemma3-vl")) and spm_model is None:
             import sentencepiece as spm
             spm_model = train_sentencepiece(text)
             n_sp = spm.SentencePieceProcessor(model_proto=spm_model).vocab_size()
@@ -550,6 +616,10 @@ def build(dest: str | Path, names: list[str] | None = None, text_path: str | Pat
             build_phi3(d, spm_model, n_sp)
         elif name == "tiny-gemma2":
             build_gemma2(d, spm_model, n_sp)
+        elif name == "tiny-gemma3":
+            build_gemma3(d, spm_model, n_sp)
+        elif name == "tiny-gemma3-vl":
+            build_gemma3_vl(d, spm_model, n_sp)
         out[name] = d
     return out
 

@@ -119,11 +119,13 @@ def test_default_outfile_name(built):
 def test_arch_registry():
     """kquant.archs finds each architecture file by GGUF name and by Hugging Face class."""
     from kquant.archs import ARCHS, arch_for_hf_class, get_arch
-    assert sorted(ARCHS) == ["gemma2", "llama", "phi3", "qwen2", "qwen3"]
+    assert sorted(ARCHS) == ["gemma2", "gemma3", "llama", "phi3", "qwen2", "qwen3"]
     assert arch_for_hf_class("MistralForCausalLM") is arch_for_hf_class("LlamaForCausalLM") is get_arch("llama")
     assert arch_for_hf_class("Qwen3ForCausalLM").name == "qwen3"
     assert arch_for_hf_class("Phi3ForCausalLM").name == "phi3"
     assert arch_for_hf_class("Gemma2ForCausalLM").name == "gemma2"
+    assert arch_for_hf_class("Gemma3ForCausalLM") is arch_for_hf_class("Gemma3ForConditionalGeneration") \
+        is get_arch("gemma3")
     assert arch_for_hf_class("GPT2LMHeadModel") is None
     assert [get_arch(n).rope_neox for n in ("llama", "qwen2", "qwen3", "phi3", "gemma2")] == [False, True, True, True, True]
 
@@ -158,6 +160,58 @@ def test_phi3_without_longrope(built, tmp_path):
     assert src.get("phi3.rope.scaling.attn_factor") is None
     assert src.get("phi3.attention.sliding_window") == 0
     assert src.get("phi3.rope.scaling.original_context_length") == 256
+
+
+def _gemma3_with(built, tmp_path, name="tiny-gemma3", **changes) -> Path:
+    """A copy of a gemma3 fixture with config.json's (text_config's, for -vl) keys changed."""
+    d = _copy(built, name, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    (cfg.get("text_config") or cfg).update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.mark.parametrize("name, changes, message", [
+    ("tiny-gemma3", dict(attn_logit_softcapping=50.0), "attn_logit_softcapping is set; Gemma 3 has none"),
+    ("tiny-gemma3-vl", dict(rope_scaling={"rope_type": "yarn", "factor": 8.0}),
+     "rope scaling 'yarn' of the global layers is not supported"),
+    ("tiny-gemma3", dict(rope_parameters={"full_attention": {"rope_type": "default"},
+                                          "sliding_attention": {"rope_type": "linear", "factor": 2.0}}),
+     "rope scaling 'linear' of the sliding-window layers"),
+    ("tiny-gemma3", dict(sliding_window_pattern=2), "layer_types .* differ from llama.cpp's Gemma 3 pattern"),
+    ("tiny-gemma3", dict(query_pre_attn_scalar=128), r"query_pre_attn_scalar is 128, .* 1/sqrt\(64\)"),
+    ("tiny-gemma3", dict(use_bidirectional_attention=True), "bidirectional attention"),
+    ("tiny-gemma3", dict(sliding_window=None), "sliding_window is None"),
+    ("tiny-gemma3", dict(model_type="gemma3"), "model_type 'gemma3' .* without a text_config"),
+])
+def test_gemma3_refusals(built, tmp_path, capsys, name, changes, message):
+    """Settings the converter refuses or writes without llama.cpp's gemma3 graph reading them
+    (it would compute another model): one `error:` line each."""
+    d = _gemma3_with(built, tmp_path, name, **changes)
+    with pytest.raises(ModelError, match=message):
+        load_hf_model(d)
+    assert convert_cli.main([str(d), "--outtype", "f16", "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kquant-convert: error: ")
+
+
+def test_gemma3_configs(built, tmp_path):
+    """sliding_window_pattern 1: every layer global, no window written (llama.cpp then has no
+    SWA); no tokenizer.model: refused; a text_config only Gemma3ForConditionalGeneration has."""
+    src = load_hf_model(_gemma3_with(built, tmp_path / "a", sliding_window_pattern=1), "f32")
+    assert src.get("gemma3.attention.sliding_window") is None
+    from kquant.runtime.config import read_config
+    c = read_config(src)
+    assert c.swa_layers == () and c.rope_swa is None
+    d = _copy(built, "tiny-gemma3", tmp_path / "b")
+    (d / "tokenizer.model").unlink()
+    with pytest.raises(ModelError, match="no tokenizer.model"):
+        load_hf_model(d)
+    d = _copy(built, "tiny-phi3", tmp_path / "c")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "text_config": {}}))
+    with pytest.raises(ModelError, match=r"nested configs \(text_config\) are not supported"):
+        load_hf_model(d)
 
 
 def test_pre_tokenizer_names():

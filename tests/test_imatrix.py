@@ -48,6 +48,9 @@ CASES = [
     ("tiny-phi3.c512.gguf", "tiny-phi3", "pg84.txt", ["-c", "512", "--chunks", "3", "--process-output"]),
     # gemma2: sliding window, soft-capping; a tied output, so no output.weight entry
     ("tiny-gemma2.c128.gguf", "tiny-gemma2", "pg84.txt", ["-c", "128", "--chunks", "4", "--process-output"]),
+    # gemma3: Q/K norms, two rope bases (-vl: linear scaling on the global layer), tied output
+    ("tiny-gemma3.c128.gguf", "tiny-gemma3", "pg84.txt", ["-c", "128", "--chunks", "4", "--process-output"]),
+    ("tiny-gemma3-vl.c128.gguf", "tiny-gemma3-vl", "pg84.txt", ["-c", "128", "--chunks", "4", "--process-output"]),
 ]
 
 

@@ -105,8 +105,8 @@ def model_path(request, tiny_quant, name: str) -> Path:
         return request.getfixturevalue("tiny_llama_f32")
     if name.startswith("tiny-"):
         return tiny_quant(name[5:])
-    if name.startswith(("phi3-", "gemma2-")):  # the HF fixtures tiny-phi3, tiny-gemma2
-        arch, _, ftype = name.partition("-")
+    if name.startswith(("phi3-", "gemma2-", "gemma3-")):  # the HF fixtures tiny-phi3, tiny-gemma2, ...
+        arch, _, ftype = name.rpartition("-")
         return request.getfixturevalue("hf_fixture_gguf")(f"tiny-{arch}", ftype)
     return request.getfixturevalue({"smollm2-2l-f32": "smollm2_2l_f32", "smollm2-Q4_K_M": "smollm2_q4_k_m"}[name])
 
@@ -125,6 +125,10 @@ CASES = [
     # gemma2: 128-token chunks cross its 32-token sliding window
     pytest.param("tiny-gemma2-f32.c128", "gemma2-F32", ["-c", "128", "--chunks", "8"], id="gemma2-f32-c128"),
     pytest.param("tiny-gemma2-Q4_K_M.c128", "gemma2-Q4_K_M", ["-c", "128", "--chunks", "8"], id="gemma2-Q4_K_M-c128"),
+    # gemma3: 5 windowed layers (rope base 10000) and a global one (base 1e6; -vl: rope scaled by 8)
+    pytest.param("tiny-gemma3-Q4_K_M.c128", "gemma3-Q4_K_M", ["-c", "128", "--chunks", "8"], id="gemma3-Q4_K_M-c128"),
+    pytest.param("tiny-gemma3-vl-Q4_K_M.c128", "gemma3-vl-Q4_K_M", ["-c", "128", "--chunks", "8"],
+                 id="gemma3-vl-Q4_K_M-c128"),
 ]
 
 

@@ -292,10 +292,12 @@ def hf_folders(tmp_path_factory):
     if not fixtures.DEFAULT_TEXT.is_file():
         pytest.skip(f"training text {fixtures.DEFAULT_TEXT} (shared/) not available")
     return fixtures.build(tmp_path_factory.mktemp("hf"),
-                          ["tiny-llama-spm", "tiny-mistral-spm", "tiny-qwen2", "tiny-qwen3", "tiny-phi3", "tiny-gemma2"])
+                          ["tiny-llama-spm", "tiny-mistral-spm", "tiny-qwen2", "tiny-qwen3", "tiny-phi3", "tiny-gemma2",
+                           "tiny-gemma3", "tiny-gemma3-vl"])
 
 
-@pytest.mark.parametrize("name", ["tiny-llama-spm", "tiny-mistral-spm", "tiny-qwen2", "tiny-qwen3", "tiny-phi3", "tiny-gemma2"])
+@pytest.mark.parametrize("name", ["tiny-llama-spm", "tiny-mistral-spm", "tiny-qwen2", "tiny-qwen3", "tiny-phi3", "tiny-gemma2",
+                                  "tiny-gemma3", "tiny-gemma3-vl"])
 @pytest.mark.parametrize("ftype", ["Q4_K_M", "Q6_K"])
 def test_hf_folder_in_one_step(llama_cpp, hf_folders, tmp_path, name, ftype):
     """kquant-quantize on a folder = convert_hf_to_gguf (f16, its default) + llama-quantize."""

@@ -148,6 +148,13 @@ class Arch:
     config_defaults: Mapping[str, Mapping[str, Any]]
     # transformers computes a missing head_dim as hidden_size / num_attention_heads
     head_dim_from_heads: bool = False
+    # config.json -> hparams where transformers' config class does more than fill in defaults
+    # (gemma3: rope parameters per layer type, a text_config nested in a multimodal config);
+    # None: the defaults above, then the generic rope handling (kquant.files.hf._hparams)
+    hparams: Callable[[dict[str, Any]], HParams] | None = None
+    # the part of config.json that states the text model's sizes (checked before defaults
+    # fill them in); None: config.json itself, and a nested text_config is refused
+    text_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     default_rope_theta: float = 10_000.0
     # the converter permutes HF's rotate-half Q/K rows to GGML's interleaved rope layout
     permute_qk: bool = False
@@ -168,6 +175,9 @@ class Arch:
     # added to every HF tensor whose name ends in "norm.weight", in the tensor's own dtype after
     # bf16 is widened to float32 (Gemma's RMSNorm multiplies by 1 + w: the converter adds the 1)
     norm_shift: float = 0.0
+    # token_embd keeps only the vocabulary's rows, hparams' vocab_size with a tokenizer.model
+    # (Gemma3Model.modify_tensors drops the rows of out-of-vocabulary ids)
+    trim_embd_to_vocab: bool = False
     # tensors the converter generates, written before the folder's (generate_extra_tensors)
     extra_tensors: Callable[[HParams], list[tuple[MODEL_TENSOR, np.ndarray]]] = _no_extra_tensors
     # metadata generate_extra_tensors writes: the converter prepares its tensors before its
@@ -194,12 +204,19 @@ class Arch:
     attn_softcap: float = 0.0
     # the logits soft-capped by {arch}.final_logit_softcapping, default this (0: no capping)
     final_softcap: float = 0.0
+    # llama.cpp reads final_logit_softcapping even where its default is 0 (gemma3: capped only
+    # where the file says so; 0 then means no capping)
+    final_softcap_key: bool = False
     # sliding-window attention (llama.cpp's LLAMA_SWA_TYPE_STANDARD): the layer pattern
     # (load_swa_pattern's n_pattern: every n-th layer global, the others SWA; 0: no SWA) unless
     # {arch}.attention.sliding_window_pattern says otherwise, and the window when
     # {arch}.attention.sliding_window is absent
     swa_pattern: int = 0
     swa_window: int = 0
+    # the SWA layers rope with {arch}.rope.freq_base_swa (default this) at scale 1, the global
+    # ones with rope.freq_base and the linear scaling (llama.cpp's get_rope_freq_base / _scale
+    # with rope_freq_base_train_swa); 0: every layer ropes alike
+    swa_rope_base: float = 0.0
 
     @property
     def name(self) -> str:

@@ -22,7 +22,7 @@ OUTTYPES = ("f32", "f16", "bf16", "q8_0", "auto")
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="kquant-convert",
-        description="Convert a Hugging Face model folder (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2; safetensors) to a "
+        description="Convert a Hugging Face model folder (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2, Gemma 3; safetensors) to a "
                     "GGUF file, exactly as llama.cpp's convert_hf_to_gguf.py does.")
     ap.add_argument("model", metavar="HF_DIR", help="the model folder (config.json, *.safetensors, tokenizer)")
     ap.add_argument("--outtype", choices=OUTTYPES, default="f16",

@@ -2,7 +2,8 @@
 
 `load_hf_model(folder, outtype)` reads config.json, the tokenizer files and the safetensors
 headers of a folder of any class in kquant.archs (LlamaForCausalLM, MistralForCausalLM,
-Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM) and returns the metadata pairs and tensors that
+Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM,
+Gemma3ForConditionalGeneration's text model) and returns the metadata pairs and tensors that
 `convert_hf_to_gguf.py --outtype OUTTYPE` would write, in the same order, with the same value
 types and the same tensor bytes.  Nothing is loaded at construction: each tensor's `load()`
 memory-maps only its own bytes.
@@ -71,6 +72,8 @@ def _hparams(config: dict[str, Any]) -> dict[str, Any]:
     arch = arch_for_model_type(model_type)
     if arch is None:
         return dict(config)
+    if arch.hparams is not None:
+        return arch.hparams(config)
     hp = dict(arch.config_defaults[model_type])
     hp.update(config)
     if arch.head_dim_from_heads and hp.get("head_dim") is None:
@@ -302,10 +305,20 @@ def _read_config(folder: Path) -> dict[str, Any]:
     config = read_json(config_file, "config")
     if not isinstance(config, dict):
         raise ModelError(f"{config_file} is not a JSON object")
-    for key in ("llm_config", "lm_config", "thinker_config", "language_config", "lfm", "text_config"):
-        if key in config:
-            raise ModelError(f"{config_file}: multimodal / nested configs ({key}) are not supported")
     return config
+
+
+def _text_config(config_file: Path, config: dict[str, Any], arch: Arch) -> dict[str, Any]:
+    """The part of config.json holding the text model's sizes: config.json itself, or the
+    text_config of a multimodal class whose architecture reads it (gemma3); other nested
+    configs refused."""
+    for key in ("llm_config", "lm_config", "thinker_config", "language_config", "lfm", "text_config"):
+        if key in config and not (key == "text_config" and arch.text_config is not None):
+            raise ModelError(f"{config_file}: multimodal / nested configs ({key}) are not supported")
+    text = arch.text_config(config) if arch.text_config is not None else config
+    if not isinstance(text, dict):
+        raise ModelError(f"{config_file}: text_config is not a JSON object")
+    return text
 
 
 def _refuse_unsupported(folder: Path, arch: Arch, hp: dict[str, Any], hf_class: str) -> None:
@@ -344,10 +357,10 @@ def _check_positive(config_file: Path, key: str, value: Any) -> None:
         raise ModelError(f"{config_file}: {key} is {value}; it must be a finite number > 0")
 
 
-def _check_config(config_file: Path, config: dict[str, Any]) -> None:
+def _check_config(config_file: Path, config: dict[str, Any], required: tuple[str, ...] = _REQUIRED_SIZES) -> None:
     """The sizes and numbers of config.json the converted model is made of, before transformers'
     defaults could stand in for them: ModelError naming the key otherwise."""
-    for key in _REQUIRED_SIZES:
+    for key in required:
         if config.get(key) is None:
             raise ModelError(f"{config_file}: no {key}")
     for key in _REQUIRED_SIZES + _OPTIONAL_SIZES:
@@ -476,7 +489,11 @@ def _tensors(folder: Path, arch: Arch, hp: dict[str, Any], block_count: int,
             raise ModelError(f"tensor {name!r} maps to {new_name!r} a second time")
         seen.add(new_name)
         permute = _qk_permutation(name, st, arch, hp)
-        if arch.norm_shift and name.endswith("norm.weight"):  # the class's modify_tensors
+        n_vocab = hp.get("vocab_size")
+        if arch.trim_embd_to_vocab and "embed_tokens.weight" in name and st.shape and n_vocab \
+                and st.shape[0] > n_vocab:  # the class's modify_tensors: data_torch[:n_vocab_real]
+            add(new_name, (n_vocab, *st.shape[1:]), lambda st=st, n=n_vocab: st.load()[:n], permute, bid)
+        elif arch.norm_shift and name.endswith("norm.weight"):  # the class's modify_tensors
             add(new_name, st.shape, _shifted(st.load, arch.norm_shift), permute, bid)
         else:
             add(new_name, st.shape, st.load, permute, bid, st)
@@ -524,7 +541,10 @@ def load_hf_model(folder: str | Path, outtype: str = "f16") -> ModelSource:
     if arch is None:
         raise ModelError(f"architecture {hf_class!r} is not supported (kquant converts "
                          f"{', '.join(hf_classes())})")
-    _check_config(config_file, config)
+    # a nested text_config (Gemma3ForConditionalGeneration) may leave sizes out: its class's
+    # defaults are the model family's own (Gemma 3 4B's config.json states 5 of them)
+    text = _text_config(config_file, config, arch)
+    _check_config(config_file, text, _REQUIRED_SIZES if text is config else ())
     hp = _hparams(config)
     _check_rope(config_file, hp["rope_parameters"])
     _refuse_unsupported(folder, arch, hp, hf_class)

@@ -40,8 +40,8 @@ class ModelConfig:
     # rope.scaling.original_context_length (llama.cpp's n_ctx_orig_yarn): a context longer than
     # this takes the rope_factors_long tensor, else rope_factors_short
     n_ctx_orig: int = 0
-    scale_q: bool = False  # Q scaled by q_scale before attention (kquant.archs: phi3, gemma2)
-    q_scale: float = 1.0  # llama.cpp's f_attention_scale (1/sqrt(head_dim) but for gemma2's 27B)
+    scale_q: bool = False  # Q scaled by q_scale before attention (kquant.archs: phi3, gemma2, gemma3)
+    q_scale: float = 1.0  # llama.cpp's f_attention_scale (1/sqrt(head_dim) but for gemma2's and gemma3's 27B)
     scale_embd: bool = False  # token embeddings times sqrtf(n_embd) (gemma)
     post_norms: bool = False  # attn_post_norm / ffn_post_norm on each block's outputs (gemma)
     ffn_act: str = "silu"  # the gate's activation: silu (SwiGLU) or gelu (GeGLU)
@@ -50,6 +50,9 @@ class ModelConfig:
     # sliding-window attention: the window, and per layer whether it applies (empty: none)
     n_swa: int = 0
     swa_layers: tuple[bool, ...] = ()
+    # the SWA layers' rope (base, freq scale) where it differs from the global one (gemma3:
+    # rope.freq_base_swa at scale 1); None: every layer ropes with rope_base, rope_freq_scale
+    rope_swa: tuple[float, float] | None = None
 
     @property
     def n_rep(self) -> int:
@@ -58,7 +61,7 @@ class ModelConfig:
 
 
 def read_config(source: ModelSource) -> ModelConfig:
-    """The hyperparameters of a model of kquant.archs (llama/mistral/qwen2/qwen3/phi3/gemma2), with llama.cpp's defaults, after
+    """The hyperparameters of a model of kquant.archs (llama/mistral/qwen2/qwen3/phi3/gemma2/gemma3), with llama.cpp's defaults, after
     checking everything the runtime will rely on before any weight is read: each metadata value
     (present where llama.cpp requires it, of its type, in range), every tensor's type (one the
     runtime computes with) and the tensor set and shapes (kquant.archs.checks, llama.cpp's
@@ -102,10 +105,13 @@ def read_config(source: ModelSource) -> ModelConfig:
         ffn_act=a.ffn_act,
         attn_softcap=meta_float(source, f"{arch}.attn_logit_softcapping", a.attn_softcap)
         if a.attn_softcap else 0.0,
-        final_softcap=meta_float(source, f"{arch}.final_logit_softcapping", a.final_softcap)
-        if a.final_softcap else 0.0,
+        final_softcap=meta_float(source, f"{arch}.final_logit_softcapping", a.final_softcap,
+                                 allow_zero=a.final_softcap_key)
+        if a.final_softcap or a.final_softcap_key else 0.0,
         n_swa=n_swa,
         swa_layers=swa_layers,
+        rope_swa=(meta_float(source, f"{arch}.rope.freq_base_swa", a.swa_rope_base), 1.0)
+        if a.swa_rope_base and any(swa_layers) else None,
     )
 
 
@@ -118,6 +124,8 @@ def _swa(source: ModelSource, pattern: int, window: int, n_layer: int) -> tuple[
         return 0, ()
     arch = source.arch
     n_swa = meta_int(source, f"{arch}.attention.sliding_window", window, minimum=0)
+    if n_swa == 0 and window == 0:  # gemma3: no window (key absent or 0) is no SWA at all
+        return 0, ()
     key = f"{arch}.attention.sliding_window_pattern"
     value = source.get(key, pattern)
     if isinstance(value, list):

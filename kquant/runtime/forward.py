@@ -1,23 +1,25 @@
-"""The forward pass of llama-family models (llama, mistral, qwen2, qwen3, phi3, gemma2), a whole batch at once.
+"""The forward pass of llama-family models (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3), a whole
+batch at once.
 
 It computes what llama.cpp's graph computes (src/models/llama.cpp, qwen2.cpp, qwen3.cpp, phi3.cpp,
-gemma2.cpp), in float32, with matrix-matrix products over every token of a batch:
+gemma2.cpp, gemma3.cpp), in float32, with matrix-matrix products over every token of a batch:
 
-    x = token_embd[tokens]                                    (gemma2: times sqrt(n_embd))
+    x = token_embd[tokens]                                    (gemma: times sqrt(n_embd))
     for each block:
         h = rms_norm(x) * attn_norm
         q, k, v = h @ Wq.T (+bq), h @ Wk.T (+bk), h @ Wv.T (+bv)  (phi3: one fused product, split)
-        q, k = rms_norm per head * q_norm / k_norm           (qwen3)
-        q, k = rope(q), rope(k)                               (pairs: llama adjacent, qwen halves)
-        q = q / sqrt(d)                                       (phi3, gemma2; the scores are then not scaled)
+        q, k = rms_norm per head * q_norm / k_norm           (qwen3, gemma3)
+        q, k = rope(q), rope(k)                               (pairs: llama adjacent, qwen halves;
+                                                              gemma3's SWA layers: their own base)
+        q = q / sqrt(d)                                       (phi3, gemma; the scores are then not scaled)
         k, v -> KV cache, rounded to float16 as llama.cpp's default F16 cache stores them
         a = softmax(q k^T / sqrt(d) + causal mask) v          (GQA: query head h reads KV head h // n_rep;
-                                                              gemma2: scores cap*tanh(s/cap), SWA mask)
-        x = x + a @ Wo.T                                      (gemma2: rms_norm(a @ Wo.T) * attn_post_norm)
+                                                              gemma2: scores cap*tanh(s/cap); gemma: SWA mask)
+        x = x + a @ Wo.T                                      (gemma: rms_norm(a @ Wo.T) * attn_post_norm)
         h = rms_norm(x) * ffn_norm
         x = x + (silu(h @ Wgate.T) * (h @ Wup.T)) @ Wdown.T   (phi3: gate and up one product, split;
-                                                              gemma2: gelu, the output post-normed)
-    logits = (rms_norm(x) * output_norm) @ Wout.T             (gemma2: cap * tanh(logits / cap))
+                                                              gemma: gelu, the output post-normed)
+    logits = (rms_norm(x) * output_norm) @ Wout.T             (gemma2, gemma3 where set: cap * tanh(logits / cap))
 
 All of it is written against an array module `xp`: numpy (BLAS) on the CPU, CuPy on a GPU.
 An `observe(name, x)` callback sees the input of every weight's matrix product, which is what an
@@ -96,8 +98,9 @@ class Transformer:
         self.device = device
         self.config = read_config(source)
         self.weights: Weights = load_weights(source, self.config, self.xp, progress)
-        # (positions, rope factors used, cos, sin)
-        self._rope_cache: tuple[int, Any, Any, Any] = (0, None, None, None)
+        # (rope factors, base, freq scale) -> (positions, cos, sin): one table per kind of
+        # layer (gemma3's SWA layers rope with their own base and scale)
+        self._rope_cache: dict[tuple, tuple[int, Any, Any]] = {}
         # the last product's input and what was made of it (see _once_per_input)
         self._prepared: tuple[Any, Any, Any] = (None, None, None)
         # attention in ggml's exact flash-attention order (kernels.flash_attention): bit for bit
@@ -150,18 +153,23 @@ class Transformer:
                              "run them in separate batches")
         return picks.pop() if picks else None
 
-    def _rope_tables(self, n_pos: int, factors: str | None) -> tuple[Any, Any]:
+    def _rope_tables(self, n_pos: int, factors: str | None, base: float | None = None,
+                     freq_scale: float | None = None) -> tuple[Any, Any]:
         """cos and sin of every (position, pair), with ggml's float32 arithmetic: theta starts at
         the position and is multiplied by base^(-2/n_rot) once per pair (ggml_rope_cache_init),
-        divided by the rope factors `factors` (a Weights field) where given, and cos and sin
-        scaled by rope.scaling.attn_factor."""
-        have, have_factors, cos, sin = self._rope_cache
-        if have >= n_pos and have_factors == factors:
+        divided by the rope factors `factors` (a Weights field) where given, times the freq
+        scale, and cos and sin scaled by rope.scaling.attn_factor. `base` and `freq_scale`:
+        the model's rope.freq_base and linear scaling unless given (a layer's own)."""
+        c = self.config
+        base = c.rope_base if base is None else base
+        freq_scale = c.rope_freq_scale if freq_scale is None else freq_scale
+        key = (factors, base, freq_scale)
+        have, cos, sin = self._rope_cache.get(key, (0, None, None))
+        if have >= n_pos:
             return cos, sin
         n_pos = max(n_pos, 2 * have, 512)
-        c = self.config
         half = c.n_rot // 2
-        theta_scale = rope_theta_scale(F32(c.rope_base), c.n_rot)
+        theta_scale = rope_theta_scale(F32(base), c.n_rot)
         theta = np.arange(n_pos, dtype=F32)
         table = np.empty((n_pos, half), F32)
         for i in range(half):
@@ -169,20 +177,22 @@ class Transformer:
             theta = theta * theta_scale
         if factors is not None:
             table = table / getattr(self.weights, factors)[:half].astype(F32)
-        table = table * F32(c.rope_freq_scale)
+        table = table * F32(freq_scale)
         # libm's cosf/sinf, as ggml calls them (numpy's float32 SIMD versions differ in the last
         # bit for ~9% of these arguments, and even correctly rounded ones for ~1%)
         cos, sin = rope_table(table)
         if c.rope_attn_factor != 1.0:  # ggml's rope_yarn: cosf(theta) * mscale
             cos, sin = cos * F32(c.rope_attn_factor), sin * F32(c.rope_attn_factor)
         cos, sin = self.xp.asarray(cos), self.xp.asarray(sin)
-        self._rope_cache = (n_pos, factors, cos, sin)
+        self._rope_cache[key] = (n_pos, cos, sin)
         return cos, sin
 
-    def _rope(self, x: Any, pos: Any, factors: str | None = None) -> Any:
-        """Rotate the first n_rot dims of every head of x (rows, heads, head_dim) in place."""
+    def _rope(self, x: Any, pos: Any, factors: str | None = None,
+              base_scale: tuple[float, float] | None = None) -> Any:
+        """Rotate the first n_rot dims of every head of x (rows, heads, head_dim) in place;
+        `base_scale`: the layer's own rope base and freq scale (None: the model's)."""
         c = self.config
-        cos, sin = self._rope_tables(int(pos.max()) + 1, factors)
+        cos, sin = self._rope_tables(int(pos.max()) + 1, factors, *(base_scale or (None, None)))
         if self.xp is np:
             rope_inplace(x, pos, cos, sin, c.n_rot, c.rope_neox)
             return x
@@ -393,8 +403,10 @@ class Transformer:
             k = self._rms_norm(k, L.k_norm)
         n_swa = c.n_swa if c.swa_layers and c.swa_layers[il] else 0
         factors = self._rope_factors(segments)
-        q = self._rope(q, pos, factors)
-        k = self._rope(k, pos, factors)
+        # gemma3: the SWA layers' own base and scale (llama_model::get_rope_freq_base)
+        base_scale = c.rope_swa if c.swa_layers and c.swa_layers[il] else None
+        q = self._rope(q, pos, factors, base_scale)
+        k = self._rope(k, pos, factors, base_scale)
         if c.scale_q:  # ggml_scale(Qcur, f_attention_scale) before attention
             q *= F32(c.q_scale)
         # llama.cpp's KV cache is F16 by default: attention reads the rounded values
