@@ -162,8 +162,8 @@ def test_kl_divergence_and_generation_are_the_same_for_any_thread_count(tmp_path
 
 
 # every architecture's blocks beyond llama's: fused products and LongRoPE (phi3), the GELU
-# table, soft-caps, a sliding window, post-norms (gemma2)
-ARCH_FIXTURES = ["tiny-phi3", "tiny-gemma2"]
+# table, soft-caps, a sliding window, post-norms (gemma2), two rope bases (gemma3)
+ARCH_FIXTURES = ["tiny-phi3", "tiny-gemma2", "tiny-gemma3"]
 
 
 @pytest.mark.parametrize("fixture", ARCH_FIXTURES)
@@ -406,11 +406,17 @@ def test_freed_memory_stays_with_the_commands():
     assert grown("plain") < 8
 
 
-def test_exact_gemma2_is_llama_cpps(capsys, hf_fixture, hf_fixture_gguf, tmp_path):
-    """--exact on tiny-gemma2 (a 32-key sliding window on even layers, attention and final
-    soft-capping, the GELU table, post-norms): llama-perplexity's digits for the F32 and
-    Q4_K_M files (tests/data/perplexity_ref) and llama-imatrix's values bit for bit
-    (tests/data/imatrix_ref/tiny-gemma2.c128.gguf)."""
+# fixture, the files with llama-perplexity references (tests/data/perplexity_ref, -c 128 x 8)
+WINDOWED = [("tiny-gemma2", ("F32", "Q4_K_M")), ("tiny-gemma3", ("Q4_K_M",)), ("tiny-gemma3-vl", ("Q4_K_M",))]
+
+
+@pytest.mark.parametrize("fixture, ftypes", WINDOWED, ids=[w[0] for w in WINDOWED])
+def test_exact_windowed_models_are_llama_cpps(capsys, hf_fixture, hf_fixture_gguf, tmp_path, fixture, ftypes):
+    """--exact on the sliding-window fixtures (gemma2: a 32-key window on even layers,
+    attention and final soft-capping; gemma3: 5 windowed layers of 6 with their own rope base,
+    Q/K norms; -vl: linear rope scaling, final soft-capping; all: the GELU table, post-norms):
+    llama-perplexity's digits (tests/data/perplexity_ref) and llama-imatrix's values bit for
+    bit (tests/data/imatrix_ref/FIXTURE.c128.gguf)."""
     import re
 
     from kquant.calibration.imatrix_file import load_imatrix
@@ -422,33 +428,37 @@ def test_exact_gemma2_is_llama_cpps(capsys, hf_fixture, hf_fixture_gguf, tmp_pat
     if not wiki.is_file() or not text.is_file():
         pytest.skip("shared texts not available")
     pattern = r"\[\d+\][\d.]+,|Final estimate: PPL = [\d.]+ \+/- [\d.]+"
-    for ftype, ref in (("F32", "f32"), ("Q4_K_M", "Q4_K_M")):
-        assert perplexity(["-m", str(hf_fixture_gguf("tiny-gemma2", ftype)), "-f", str(wiki), "-c", "128",
+    for ftype in ftypes:
+        assert perplexity(["-m", str(hf_fixture_gguf(fixture, ftype)), "-f", str(wiki), "-c", "128",
                            "--chunks", "8", "--exact", "-t", "2", "--no-progress"]) == 0
-        want = (Path(__file__).parent / "data" / "perplexity_ref" / f"tiny-gemma2-{ref}.c128.out").read_text()
+        ref = "f32" if ftype == "F32" else ftype
+        want = (Path(__file__).parent / "data" / "perplexity_ref" / f"{fixture}-{ref}.c128.out").read_text()
         assert re.findall(pattern, capsys.readouterr().out) == re.findall(pattern, want), ftype
     out = tmp_path / "im.gguf"
-    assert imatrix(["-m", str(hf_fixture("tiny-gemma2")), "-f", str(text), "-o", str(out), "-c", "128",
+    assert imatrix(["-m", str(hf_fixture(fixture)), "-f", str(text), "-o", str(out), "-c", "128",
                     "--chunks", "4", "--process-output", "--exact", "-t", "2", "--no-progress"]) == 0
-    capsys.readouterr()
-    ours, theirs = load_imatrix(out), load_imatrix(Path(__file__).parent / "data" / "imatrix_ref" /
-                                                    "tiny-gemma2.c128.gguf")
+    printed = capsys.readouterr().out
+    ref_dir = Path(__file__).parent / "data" / "imatrix_ref"
+    want = re.findall(r"\[\d+\][\d.]+,", (ref_dir / f"{fixture}.c128.out").read_text())
+    assert re.findall(r"\[\d+\][\d.]+,", printed) == want
+    ours, theirs = load_imatrix(out), load_imatrix(ref_dir / f"{fixture}.c128.gguf")
     assert sorted(ours.entries) == sorted(theirs.entries)
     for name, e in theirs.entries.items():
         np.testing.assert_array_equal(ours.entries[name].counts, e.counts, err_msg=name)
         np.testing.assert_array_equal(ours.entries[name].sums, e.sums, err_msg=name)
 
 
-@pytest.mark.parametrize("n_ctx, steps", [(128, 40), (768, 280)])
-def test_exact_gemma2_generation_is_llama_cpps(hf_fixture_gguf, llama_cpp, n_ctx, steps):
-    """Token by token through the sliding window (18 prompt tokens, a window of 32) and, at
+@pytest.mark.parametrize("fixture, n_ctx, steps", [("tiny-gemma2", 128, 40), ("tiny-gemma2", 768, 280),
+                                                   ("tiny-gemma3", 128, 40)])
+def test_exact_windowed_generation_is_llama_cpps(hf_fixture_gguf, llama_cpp, fixture, n_ctx, steps):
+    """Token by token through the sliding window (a window of 32 after the prompt) and, at
     -c 768, past 256 cells, where ggml splits the cells between its 2 threads: every step's
     logits equal llama-cpp-python's (flash attention) bit for bit."""
     from kquant.models import open_model
     from kquant.runtime import Transformer
     from kquant.runtime.forward import Segment
 
-    path = hf_fixture_gguf("tiny-gemma2", "F32")
+    path = hf_fixture_gguf(fixture, "F32")
     llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=2, verbose=False, flash_attn=True, logits_all=True)
     try:
         prompt = llm.tokenize(b"It was a dark and stormy night, and", add_bos=True, special=True)
