@@ -187,7 +187,7 @@ def test_hessian_diagonals_are_the_importance_matrix(tmp_path, capsys):
         assert np.allclose(h, h.T)
 
 
-@pytest.mark.parametrize("model", ["tiny-llama", "tiny-phi3", "tiny-gemma2"])
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-phi3", "tiny-gemma2", "tiny-gemma3"])
 def test_sequential_pass_sees_what_the_float_model_computes(model, hf_fixture):
     """The sequential sweep's own forward pass (all chunks at once, block by block): with no
     matrix replaced, every Hessian it forms equals the one-shot calibration's (the runtime's
