@@ -228,8 +228,7 @@ def _set_params(w: gguf.GGUFWriter, arch: Arch, folder: Path, hp: dict[str, Any]
         w.add_layer_norm_rms_eps(eps)
     if (eps := _find(hp, ["layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"])) is not None:
         w.add_layer_norm_eps(eps)
-    if _find(hp, ["num_local_experts", "num_experts", "n_routed_experts"]) is not None:
-        raise ModelError("mixture-of-experts models are not supported")
+    _set_expert_params(w, hp)
     if (head_dim := hp.get("head_dim")) is not None:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
@@ -237,8 +236,49 @@ def _set_params(w: gguf.GGUFWriter, arch: Arch, folder: Path, hp: dict[str, Any]
     arch.set_params(w, folder, hp)
 
 
-def _general_metadata(w: gguf.GGUFWriter, folder: Path, total_params: int) -> None:
-    """ModelBase.prepare_metadata: general.type and the authorship / sampling keys."""
+# the converter's score functions that this gguf package has a value for
+_GATING_FUNCS = {name.lower(): getattr(gguf.ExpertGatingFuncType, name)
+                 for name in ("SIGMOID", "SOFTMAX", "SQRTSOFTPLUS") if hasattr(gguf.ExpertGatingFuncType, name)}
+
+
+def _set_expert_params(w: gguf.GGUFWriter, hp: dict[str, Any]) -> None:
+    """TextModel.set_gguf_parameters' expert keys (what a checkpoint without experts lacks)."""
+    if (n_experts := _find(hp, ["num_local_experts", "num_experts", "n_routed_experts"])) is not None:
+        w.add_expert_count(n_experts)
+    if (n_used := _find(hp, ["num_experts_per_tok", "num_experts_per_token", "top_k_experts"])) is not None:
+        w.add_expert_used_count(n_used)
+    if (n_groups := hp.get("n_group")) is not None:
+        w.add_expert_group_count(n_groups)
+    if (n_group_used := hp.get("topk_group")) is not None:
+        w.add_expert_group_used_count(n_group_used)
+    if (score_func := _find(hp, ["score_function", "scoring_func", "score_func", "moe_router_activation",
+                                 "moe_router_activation_func", "expert_selection_fn"])) is not None:
+        if score_func not in _GATING_FUNCS:
+            raise ModelError(f"unsupported expert score gating function {score_func!r}")
+        w.add_expert_gating_func(_GATING_FUNCS[score_func])
+
+
+def _parameter_counts(tensors: list[SourceTensor]) -> tuple[int, int, int, int]:
+    """GGUFWriter.get_total_parameter_count: (total, shared, per-expert, expert count), the
+    experts being the 3-D "_exps." tensors."""
+    total = shared = expert = expert_sum = n_expert_tensors = 0
+    for t in tensors:
+        size = t.n_elements
+        if "_exps." in t.name and len(t.shape) >= 3:
+            count = t.shape[1 if ".bias" in t.name else 2]  # numpy's shape[-2 / -3], in ggml order
+            expert += size // count
+            expert_sum += count
+            n_expert_tensors += 1
+        else:
+            shared += size
+        total += size
+    return total, shared, expert, expert_sum // n_expert_tensors if n_expert_tensors else 0
+
+
+def _general_metadata(w: gguf.GGUFWriter, folder: Path, counts: tuple[int, int, int, int]) -> None:
+    """ModelBase.prepare_metadata: general.type and the authorship / sampling keys; `counts`
+    are _parameter_counts' (the size label of a model with experts counts one of them)."""
+    total_params = counts[0]
     meta = gguf.Metadata.load(None, folder, None, total_params)
     gen_config_file = folder / "generation_config.json"
     if gen_config_file.is_file():  # llama.cpp's Metadata also reads repetition_penalty
@@ -252,7 +292,7 @@ def _general_metadata(w: gguf.GGUFWriter, folder: Path, total_params: int) -> No
     if meta.name is None:
         meta.name = folder.name
     if meta.size_label is None and total_params > 0:
-        meta.size_label = gguf.size_label(total_params, total_params, 0, 0)
+        meta.size_label = gguf.size_label(*counts)
     w.add_type(gguf.GGUFType.MODEL)
     meta.set_gguf_meta_model(w)
 
@@ -435,9 +475,22 @@ def _tensors(folder: Path, arch: Arch, hp: dict[str, Any], block_count: int,
             qtype = GGMLQuantizationType.F16
         tensors.append(SourceTensor(new_name, tuple(reversed(np_shape)), qtype, _make_load(raw, permute, qtype, st)))
 
+    seen: set[str] = set()
+
+    def add_mapped(name: str, np_shape: tuple[int, ...], raw: Callable[[], np.ndarray],
+                   permute: tuple[int, int | None] | None, bid: int | None, st: StTensor | None = None) -> None:
+        new_name = tensor_map.get_name(key=name, try_suffixes=(".weight", ".bias"))
+        where = f" ({st.path.name})" if st is not None else ""
+        if new_name is None:
+            raise ModelError(f"tensor {name!r}{where} has no GGUF name for {arch.name}")
+        if new_name in seen:
+            raise ModelError(f"tensor {name!r} maps to {new_name!r} a second time")
+        seen.add(new_name)
+        add(new_name, np_shape, raw, permute, bid, st)
+
     for key, data in arch.extra_tensors(hp):
         add(tensor_name(key), data.shape, lambda d=data: d, None, None)
-    seen: set[str] = set()
+    stacker = _ExpertStacker(arch, hp, block_count)
     for hf_name, st in index_tensors(folder).items():
         name = _hf_tensor_name(hf_name, arch)
         if name is None:
@@ -446,24 +499,65 @@ def _tensors(folder: Path, arch: Arch, hp: dict[str, Any], block_count: int,
         if bid is not None and bid >= block_count and name.startswith(_BLOCK_PREFIXES):
             raise ModelError(f"tensor {name!r} ({st.path.name}) is of block {bid}, but config.json's "
                              f"num_hidden_layers is {block_count}")
-        if "block_sparse_moe.experts" in name:
-            raise ModelError("mixture-of-experts models are not supported")
-        new_name = tensor_map.get_name(key=name, try_suffixes=(".weight", ".bias"))
-        if new_name is None:
-            raise ModelError(f"tensor {name!r} ({st.path.name}) has no GGUF name for {arch.name}")
-        if new_name in seen:
-            raise ModelError(f"tensor {name!r} maps to {new_name!r} a second time")
-        seen.add(new_name)
+        if arch.hf_experts is not None and arch.hf_experts.marker in name:
+            for merged, shape, load in stacker.add(name, bid, st):
+                add_mapped(merged, shape, load, None, bid)
+            continue
+        if "block_sparse_moe.experts" in name or ".mlp.experts." in name:
+            raise ModelError(f"tensor {name!r}: mixture-of-experts {arch.name} models are not supported")
         permute = _qk_permutation(name, st, arch, hp)
         if arch.norm_shift and name.endswith("norm.weight"):  # the class's modify_tensors
-            add(new_name, st.shape, _shifted(st.load, arch.norm_shift), permute, bid)
+            add_mapped(name, st.shape, _shifted(st.load, arch.norm_shift), permute, bid)
         else:
-            add(new_name, st.shape, st.load, permute, bid, st)
+            add_mapped(name, st.shape, st.load, permute, bid, st)
+    stacker.finish()
     return tensors
 
 
+class _ExpertStacker:
+    """The converter's _experts buffer: a block's per-expert tensors held until all
+    n_expert * kinds of them are seen, then one stacked tensor per kind (in the kinds' order),
+    each loading its experts only when written."""
+
+    def __init__(self, arch: Arch, hp: dict[str, Any], block_count: int):
+        self.rule = arch.hf_experts
+        self.n_expert = _find(hp, self.rule.count_keys) if self.rule is not None else None
+        self.blocks: list[dict[str, StTensor]] = [{} for _ in range(block_count)]
+
+    def add(self, name: str, bid: int | None, st: StTensor) -> list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
+        rule = self.rule
+        if bid is None or not isinstance(self.n_expert, int) or self.n_expert < 1:
+            raise ModelError(f"tensor {name!r}: an expert tensor outside the blocks, or no expert count "
+                             f"({' / '.join(rule.count_keys)}) in config.json")
+        held = self.blocks[bid]
+        held[name] = st
+        if len(held) < self.n_expert * len(rule.kinds):
+            return []
+        out = []
+        for kind in rule.kinds:
+            names = [rule.per_expert.format(bid=bid, xid=x, kind=kind) for x in range(self.n_expert)]
+            missing = [n for n in names if n not in held]
+            if missing:
+                raise ModelError(f"block {bid}: expert tensor {missing[0]!r} is missing (the folder's expert "
+                                 f"tensors are not the {self.n_expert} x {len(rule.kinds)} the converter stacks)")
+            parts = [held.pop(n) for n in names]
+            shapes = {tuple(p.shape) for p in parts}
+            if len(shapes) != 1 or len(parts[0].shape) != 2:
+                raise ModelError(f"block {bid}: the {kind} experts have different or non-2-D shapes {sorted(shapes)}")
+            out.append((rule.merged.format(bid=bid, kind=kind), (self.n_expert, *parts[0].shape),
+                        lambda parts=parts: np.stack([p.load() for p in parts])))
+        return out
+
+    def finish(self) -> None:
+        """Qwen2MoeModel.prepare_tensors: no expert tensor may be left over."""
+        left = [n for held in self.blocks for n in held]
+        if left:
+            raise ModelError(f"unprocessed expert tensors: {left[0]!r} (and {len(left) - 1} more)"
+                             if len(left) > 1 else f"unprocessed expert tensor: {left[0]!r}")
+
+
 def _metadata(folder: Path, arch: Arch, hp: dict[str, Any], block_count: int, ftype: LlamaFileType,
-              total_params: int) -> list[KV]:
+              counts: tuple[int, int, int, int]) -> list[KV]:
     """The converter's metadata, in its order: general.*, hyper-parameters, tokenizer."""
     w = gguf.GGUFWriter(path=None, arch=arch.name)
     # a key set twice keeps its first place and takes the last value, as in the converter
@@ -473,7 +567,7 @@ def _metadata(folder: Path, arch: Arch, hp: dict[str, Any], block_count: int, ft
     log.setLevel(logging.ERROR)
     try:
         arch.tensor_params(w, hp)
-        _general_metadata(w, folder, total_params)
+        _general_metadata(w, folder, counts)
         _set_params(w, arch, folder, hp, block_count, hp["rope_parameters"], ftype)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         arch.set_vocab(w, folder, hp)
@@ -509,7 +603,7 @@ def load_hf_model(folder: str | Path, outtype: str = "f16") -> ModelSource:
     _refuse_unsupported(folder, arch, hp, hf_class)
     block_count = _block_count(config_file, hp)
     tensors = _tensors(folder, arch, hp, block_count, ftype)
-    kv = _metadata(folder, arch, hp, block_count, ftype, sum(t.n_elements for t in tensors))
+    kv = _metadata(folder, arch, hp, block_count, ftype, _parameter_counts(tensors))
     source = ModelSource(arch=arch.name, kv=kv, tensors=tensors, path=str(folder))
     # the converter writes whatever it is given, but llama.cpp would refuse to load a file
     # whose config and tensors disagree: refuse it before it is written
