@@ -50,6 +50,15 @@ class ModelConfig:
     # sliding-window attention: the window, and per layer whether it applies (empty: none)
     n_swa: int = 0
     swa_layers: tuple[bool, ...] = ()
+    # mixture of experts (0: none): experts, experts used per token, the rows of each expert's
+    # gate/up and of the shared expert's; the top-k weights renormalized (build_moe_ffn's
+    # norm_w, by arch) and scaled by expert_weights_scale (0: not)
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_ff_exp: int = 0
+    n_ff_shexp: int = 0
+    expert_norm: bool = False
+    expert_weights_scale: float = 0.0
 
     @property
     def n_rep(self) -> int:
@@ -76,6 +85,7 @@ def read_config(source: ModelSource) -> ModelConfig:
     rope_freq_scale = _rope_freq_scale(source)
     check_tensors(source, dims, runtime=True)
     a = ARCHS[arch]
+    _check_experts(source, dims.n_expert)
     n_swa, swa_layers = _swa(source, a.swa_pattern, a.swa_window, dims.n_layer)
     return ModelConfig(
         arch=arch,
@@ -104,7 +114,28 @@ def read_config(source: ModelSource) -> ModelConfig:
         if a.final_softcap else 0.0,
         n_swa=n_swa,
         swa_layers=swa_layers,
+        n_expert=dims.n_expert,
+        n_expert_used=meta_int(source, f"{arch}.expert_used_count", 0, minimum=0) if dims.n_expert else 0,
+        n_ff_exp=dims.n_ff_exp,
+        n_ff_shexp=dims.n_ff_shexp,
+        expert_norm=a.expert_norm,
+        expert_weights_scale=meta_float(source, f"{arch}.expert_weights_scale", 0.0, allow_zero=True),
     )
+
+
+def _check_experts(source: ModelSource, n_expert: int) -> None:
+    """The routing the runtime computes: llama.cpp's softmax gating over all experts, k of
+    them per token. Expert groups (DeepSeek-V3's group-limited routing, which build_moe_ffn
+    applies to any arch that has them) are refused."""
+    arch = source.arch
+    if not n_expert:
+        return
+    if meta_int(source, f"{arch}.expert_used_count", 0, minimum=0) == 0:
+        raise ModelError(f"{where(source)}: {arch}.expert_count is {n_expert} but {arch}.expert_used_count "
+                         "is missing or 0")
+    if meta_int(source, f"{arch}.expert_group_count", 0, minimum=0) > 1:
+        raise ModelError(f"{where(source)}: expert groups ({arch}.expert_group_count) are not supported by "
+                         "kquant's runtime")
 
 
 def _swa(source: ModelSource, pattern: int, window: int, n_layer: int) -> tuple[int, tuple[bool, ...]]:
