@@ -264,6 +264,9 @@ def sequential_gptq(model_path: str | Path, text_path: str | Path, planned: dict
         raise ModelError("--chunks must be at least 1 for calibration")
     chunks = chunk_sequences(tokens, 0, n, n_ctx, bos)
     model = Transformer(source, device, progress)
+    if model.config.n_expert:
+        raise ModelError(f"{model_path}: sequential GPTQ does not support mixture-of-experts models "
+                         f"({model.config.arch}, {model.config.n_expert} experts) yet")
     if any(L.wqkv is not None or L.w_gate is None for L in model.weights.layers):
         raise ModelError(f"{model_path}: sequential GPTQ does not support fused Q/K/V (attn_qkv) or "
                          "gate/up (ffn_up of 2 * n_ff rows) matrices yet")
