@@ -40,6 +40,8 @@ FIXTURES = {
                  "SentencePiece + Phi-3 added tokens, padded vocab",
     "tiny-qwen3moe": "Qwen3MoeForCausalLM, BF16, 8 experts (top 2, renormalized), q_norm/k_norm, GQA, "
                      "Qwen2 BPE tokenizer.json",
+    "tiny-qwen2moe": "Qwen2MoeForCausalLM, BF16, 4 experts (top 2, not renormalized) + a shared expert with its "
+                     "sigmoid gate, Q/K/V biases, Qwen2 BPE tokenizer.json",
     "tiny-gemma2": "Gemma2ForCausalLM, BF16, (1 + w) norms, post-norms, GeGLU, GQA, sliding window 32 on even "
                    "layers, attention and final logit soft-capping, tied, SentencePiece + turn tokens",
 }
@@ -419,6 +421,12 @@ def build_qwen(d: Path, text: str, arch: str) -> None:
                "hidden_act": "silu", "use_sliding_window": False, "sliding_window": 32768,
                "max_window_layers": 21, "torch_dtype": "bfloat16"}
         weights, dtype = _weights(4, cfg, bias=True, tied=True), "BF16"
+        if arch == "Qwen2MoeForCausalLM":
+            cfg.update(model_type="qwen2_moe", intermediate_size=768, num_experts=4, num_experts_per_tok=2,
+                       moe_intermediate_size=256, shared_expert_intermediate_size=512, norm_topk_prob=False,
+                       decoder_sparse_step=1, mlp_only_layers=[], qkv_bias=True, tie_word_embeddings=False,
+                       output_router_logits=False, router_aux_loss_coef=0.001)
+            weights = _weights(7, cfg, bias=True)
     _write_json(d / "config.json", cfg)
     write_safetensors(d / "model.safetensors", weights, dtype)
     _write_json(d / "generation_config.json", {"bos_token_id": n, "do_sample": True, "eos_token_id": [n + 2, n],
@@ -585,6 +593,8 @@ def build(dest: str | Path, names: list[str] | None = None, text_path: str | Pat
             build_qwen(d, text, "Qwen3ForCausalLM")
         elif name == "tiny-qwen3moe":
             build_qwen(d, text, "Qwen3MoeForCausalLM")
+        elif name == "tiny-qwen2moe":
+            build_qwen(d, text, "Qwen2MoeForCausalLM")
         elif name == "tiny-smollm":
             build_smollm(d, text)
         elif name == "tiny-phi3":

@@ -119,12 +119,13 @@ def test_default_outfile_name(built):
 def test_arch_registry():
     """kquant.archs finds each architecture file by GGUF name and by Hugging Face class."""
     from kquant.archs import ARCHS, arch_for_hf_class, get_arch
-    assert sorted(ARCHS) == ["gemma2", "llama", "phi3", "qwen2", "qwen3", "qwen3moe"]
+    assert sorted(ARCHS) == ["gemma2", "llama", "phi3", "qwen2", "qwen2moe", "qwen3", "qwen3moe"]
     assert arch_for_hf_class("MistralForCausalLM") is arch_for_hf_class("LlamaForCausalLM") is get_arch("llama")
     assert arch_for_hf_class("Qwen3ForCausalLM").name == "qwen3"
     assert arch_for_hf_class("Phi3ForCausalLM").name == "phi3"
     assert arch_for_hf_class("Gemma2ForCausalLM").name == "gemma2"
     assert arch_for_hf_class("Qwen3MoeForCausalLM").name == "qwen3moe"
+    assert arch_for_hf_class("Qwen2MoeForCausalLM").name == "qwen2moe"
     assert arch_for_hf_class("GPT2LMHeadModel") is None
     assert [get_arch(n).rope_neox for n in ("llama", "qwen2", "qwen3", "phi3", "gemma2")] == [False, True, True, True, True]
 

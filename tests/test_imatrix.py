@@ -53,6 +53,10 @@ CASES = [
     ("tiny-gemma2.c128.gguf", "tiny-gemma2", "pg84.txt", ["-c", "128", "--chunks", "4", "--process-output"]),
     # qwen3moe: per-expert in_sum2 [n_embd, 8] and counts (ggml_mul_mat_id), the router's entry
     ("tiny-qwen3moe.c128.gguf", "tiny-qwen3moe", "pg84.txt", ["-c", "128", "--chunks", "4", "--process-output"]),
+    # qwen2moe in the legacy layout: values per expert over its own count; the shared expert's
+    # gate (ffn_gate_inp_shexp, one output row) has an entry of its own
+    ("tiny-qwen2moe.c128.dat", "tiny-qwen2moe", "pg84.txt",
+     ["--output-format", "dat", "-c", "128", "--chunks", "4", "--process-output"]),
 ]
 
 
