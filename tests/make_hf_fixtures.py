@@ -42,6 +42,7 @@ FIXTURES = {
                      "Qwen2 BPE tokenizer.json",
     "tiny-qwen2moe": "Qwen2MoeForCausalLM, BF16, 4 experts (top 2, not renormalized) + a shared expert with its "
                      "sigmoid gate, Q/K/V biases, Qwen2 BPE tokenizer.json",
+    "tiny-mixtral": "MixtralForCausalLM, F16, 8 experts (top 2, renormalized) of n_ff rows, GQA, SentencePiece",
     "tiny-gemma2": "Gemma2ForCausalLM, BF16, (1 + w) norms, post-norms, GeGLU, GQA, sliding window 32 on even "
                    "layers, attention and final logit soft-capping, tied, SentencePiece + turn tokens",
 }
@@ -336,6 +337,21 @@ def build_mistral_spm(d: Path, spm_model: bytes, n_sp: int) -> None:
     _write_json(d / "generation_config.json", {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2})
 
 
+def build_mixtral(d: Path, spm_model: bytes, n_sp: int) -> None:
+    cfg = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 256,
+           "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "head_dim": None, "max_position_embeddings": 32768,
+           "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": None,
+           "num_local_experts": 8, "num_experts_per_tok": 2, "output_router_logits": False,
+           "router_aux_loss_coef": 0.02, "router_jitter_noise": 0.0,
+           "tie_word_embeddings": False, "vocab_size": n_sp, "bos_token_id": 1, "eos_token_id": 2,
+           "hidden_act": "silu", "torch_dtype": "float16"}
+    _write_json(d / "config.json", cfg)
+    write_safetensors(d / "model.safetensors", _weights(8, cfg), "F16")
+    _spm_folder(d, spm_model, n_sp, [], _CHAT_LLAMA2)
+    _write_json(d / "generation_config.json", {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2})
+
+
 def build_llama3_bpe(d: Path, text: str) -> None:
     vocab, merges = train_bpe(text[:60_000], 360)
     n = len(vocab)
@@ -577,7 +593,7 @@ def build(dest: str | Path, names: list[str] | None = None, text_path: str | Pat
             raise KeyError(name)
         d = dest / name
         d.mkdir(parents=True, exist_ok=True)
-        if (name.endswith("-spm") or name in ("tiny-phi3", "tiny-gemma2")) and spm_model is None:
+        if (name.endswith("-spm") or name in ("tiny-phi3", "tiny-gemma2", "tiny-mixtral")) and spm_model is None:
             import sentencepiece as spm
             spm_model = train_sentencepiece(text)
             n_sp = spm.SentencePieceProcessor(model_proto=spm_model).vocab_size()
@@ -595,6 +611,8 @@ def build(dest: str | Path, names: list[str] | None = None, text_path: str | Pat
             build_qwen(d, text, "Qwen3MoeForCausalLM")
         elif name == "tiny-qwen2moe":
             build_qwen(d, text, "Qwen2MoeForCausalLM")
+        elif name == "tiny-mixtral":
+            build_mixtral(d, spm_model, n_sp)
         elif name == "tiny-smollm":
             build_smollm(d, text)
         elif name == "tiny-phi3":

@@ -120,6 +120,7 @@ def test_arch_registry():
     """kquant.archs finds each architecture file by GGUF name and by Hugging Face class."""
     from kquant.archs import ARCHS, arch_for_hf_class, get_arch
     assert sorted(ARCHS) == ["gemma2", "llama", "phi3", "qwen2", "qwen2moe", "qwen3", "qwen3moe"]
+    assert arch_for_hf_class("MixtralForCausalLM") is get_arch("llama")
     assert arch_for_hf_class("MistralForCausalLM") is arch_for_hf_class("LlamaForCausalLM") is get_arch("llama")
     assert arch_for_hf_class("Qwen3ForCausalLM").name == "qwen3"
     assert arch_for_hf_class("Phi3ForCausalLM").name == "phi3"

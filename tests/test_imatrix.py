@@ -57,6 +57,8 @@ CASES = [
     # gate (ffn_gate_inp_shexp, one output row) has an entry of its own
     ("tiny-qwen2moe.c128.dat", "tiny-qwen2moe", "pg84.txt",
      ["--output-format", "dat", "-c", "128", "--chunks", "4", "--process-output"]),
+    # mixtral: a llama with 8 experts of n_ff rows
+    ("tiny-mixtral.c128.gguf", "tiny-mixtral", "pg84.txt", ["-c", "128", "--chunks", "4", "--process-output"]),
 ]
 
 

@@ -105,7 +105,7 @@ def model_path(request, tiny_quant, name: str) -> Path:
         return request.getfixturevalue("tiny_llama_f32")
     if name.startswith("tiny-"):
         return tiny_quant(name[5:])
-    if name.startswith(("phi3-", "gemma2-", "qwen3moe-", "qwen2moe-")):  # the HF fixtures tiny-phi3, ...
+    if name.startswith(("phi3-", "gemma2-", "qwen3moe-", "qwen2moe-", "mixtral-")):  # the HF fixtures tiny-phi3, ...
         arch, _, ftype = name.partition("-")
         return request.getfixturevalue("hf_fixture_gguf")(f"tiny-{arch}", ftype)
     return request.getfixturevalue({"smollm2-2l-f32": "smollm2_2l_f32", "smollm2-Q4_K_M": "smollm2_q4_k_m"}[name])
@@ -133,6 +133,10 @@ CASES = [
     pytest.param("tiny-qwen2moe-f32.c128", "qwen2moe-F32", ["-c", "128", "--chunks", "8"], id="qwen2moe-f32-c128"),
     pytest.param("tiny-qwen2moe-Q4_K_M.c128", "qwen2moe-Q4_K_M", ["-c", "128", "--chunks", "8"],
                  id="qwen2moe-Q4_K_M-c128"),
+    # mixtral (arch llama with experts): 8 experts, llama-quantize's 8-expert rules
+    pytest.param("tiny-mixtral-f32.c128", "mixtral-F32", ["-c", "128", "--chunks", "8"], id="mixtral-f32-c128"),
+    pytest.param("tiny-mixtral-Q4_K_M.c128", "mixtral-Q4_K_M", ["-c", "128", "--chunks", "8"],
+                 id="mixtral-Q4_K_M-c128"),
 ]
 
 

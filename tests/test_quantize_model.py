@@ -297,7 +297,7 @@ def hf_folders(tmp_path_factory):
 
 # the HF fixtures quantized in one step (MoE ones: 3-D expert tensors quantized per expert)
 ONE_STEP = ["tiny-llama-spm", "tiny-mistral-spm", "tiny-qwen2", "tiny-qwen3", "tiny-phi3", "tiny-gemma2",
-            "tiny-qwen3moe", "tiny-qwen2moe"]
+            "tiny-qwen3moe", "tiny-qwen2moe", "tiny-mixtral"]
 
 
 @pytest.mark.parametrize("name", ONE_STEP)
@@ -314,7 +314,8 @@ def test_hf_folder_in_one_step(llama_cpp, hf_folders, tmp_path, name, ftype):
 
 
 # MoE fixtures and their llama-imatrix references (tests/data/imatrix_ref)
-MOE_IMATRIX = [("tiny-qwen3moe", "tiny-qwen3moe.c128.gguf"), ("tiny-qwen2moe", "tiny-qwen2moe.c128.dat")]
+MOE_IMATRIX = [("tiny-qwen3moe", "tiny-qwen3moe.c128.gguf"), ("tiny-qwen2moe", "tiny-qwen2moe.c128.dat"),
+               ("tiny-mixtral", "tiny-mixtral.c128.gguf")]
 
 
 @pytest.mark.parametrize("name, ref_imatrix", MOE_IMATRIX)

@@ -170,8 +170,9 @@ class Arch:
     # transformers' config defaults (5.x) for the fields the converter reads, by config.json
     # model_type; None: computed in the config's __post_init__
     config_defaults: Mapping[str, Mapping[str, Any]]
-    # transformers computes a missing head_dim as hidden_size / num_attention_heads
-    head_dim_from_heads: bool = False
+    # the model types whose transformers config computes a missing head_dim as
+    # hidden_size / num_attention_heads (MixtralConfig, say, leaves it None)
+    head_dim_from_heads: tuple[str, ...] = ()
     default_rope_theta: float = 10_000.0
     # the converter permutes HF's rotate-half Q/K rows to GGML's interleaved rope layout
     permute_qk: bool = False

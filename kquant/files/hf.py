@@ -2,7 +2,8 @@
 
 `load_hf_model(folder, outtype)` reads config.json, the tokenizer files and the safetensors
 headers of a folder of any class in kquant.archs (LlamaForCausalLM, MistralForCausalLM,
-Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM) and returns the metadata pairs and tensors that
+MixtralForCausalLM, Qwen2ForCausalLM, Qwen2MoeForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM,
+Phi3ForCausalLM, Gemma2ForCausalLM) and returns the metadata pairs and tensors that
 `convert_hf_to_gguf.py --outtype OUTTYPE` would write, in the same order, with the same value
 types and the same tensor bytes.  Nothing is loaded at construction: each tensor's `load()`
 memory-maps only its own bytes.
@@ -14,7 +15,8 @@ What lives where:
   metadata (gguf's `Metadata.load`: model card, config.json, generation_config.json; the name
   falls back to the folder's name, the size label comes from the parameter count), the generic
   hyper-parameter keys, and the tensors: names through gguf's tensor name map, Q and K rows
-  permuted back to the GGML rope layout where the architecture asks for it, 1-D tensors, norms
+  permuted back to the GGML rope layout where the architecture asks for it, per-expert tensors
+  stacked into one 3-D tensor per kind (the architecture's `hf_experts`), 1-D tensors, norms
   and biases in F32, the rest in the outtype; f16 is numpy's float32 -> float16 cast (round to
   nearest even), bf16 is gguf.quants' BF16 rounding, q8_0 is gguf.quants' Q8_0 (rows whose
   length is not a multiple of 32 fall back to F16 as in the converter);
@@ -73,7 +75,7 @@ def _hparams(config: dict[str, Any]) -> dict[str, Any]:
         return dict(config)
     hp = dict(arch.config_defaults[model_type])
     hp.update(config)
-    if arch.head_dim_from_heads and hp.get("head_dim") is None:
+    if model_type in arch.head_dim_from_heads and hp.get("head_dim") is None:
         hp["head_dim"] = hp["hidden_size"] // hp["num_attention_heads"]
     if hp.get("num_key_value_heads") is None:
         hp["num_key_value_heads"] = hp["num_attention_heads"]

@@ -116,11 +116,20 @@ def read_config(source: ModelSource) -> ModelConfig:
         swa_layers=swa_layers,
         n_expert=dims.n_expert,
         n_expert_used=meta_int(source, f"{arch}.expert_used_count", 0, minimum=0) if dims.n_expert else 0,
-        n_ff_exp=dims.n_ff_exp,
+        n_ff_exp=_expert_rows(a, dims),
         n_ff_shexp=dims.n_ff_shexp,
         expert_norm=a.expert_norm,
         expert_weights_scale=meta_float(source, f"{arch}.expert_weights_scale", 0.0, allow_zero=True),
     )
+
+
+def _expert_rows(arch, dims) -> int:
+    """Each expert's gate/up rows as the arch's loader sizes them (llama: n_ff; qwen*moe:
+    expert_feed_forward_length), read off its ffn_up_exps shape."""
+    from gguf import MODEL_TENSOR
+
+    spec = next((t for t in arch.tensors if t.key == MODEL_TENSOR.FFN_UP_EXP), None)
+    return spec.size(dims)[1] if spec is not None and dims.n_expert else 0
 
 
 def _check_experts(source: ModelSource, n_expert: int) -> None:

@@ -16,7 +16,10 @@ gemma2.cpp), in float32, with matrix-matrix products over every token of a batch
         x = x + a @ Wo.T                                      (gemma2: rms_norm(a @ Wo.T) * attn_post_norm)
         h = rms_norm(x) * ffn_norm
         x = x + (silu(h @ Wgate.T) * (h @ Wup.T)) @ Wdown.T   (phi3: gate and up one product, split;
-                                                              gemma2: gelu, the output post-normed)
+                                                              gemma2: gelu, the output post-normed;
+                                                              mixtral, qwen2moe, qwen3moe: the top-k
+                                                              experts' FFNs, weighted, + the shared
+                                                              expert: moe_ffn, runtime/experts.py)
     logits = (rms_norm(x) * output_norm) @ Wout.T             (gemma2: cap * tanh(logits / cap))
 
 All of it is written against an array module `xp`: numpy (BLAS) on the CPU, CuPy on a GPU.
