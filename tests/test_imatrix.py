@@ -37,7 +37,12 @@ def assert_close_to_reference(ours: Imatrix, ref: Imatrix, rtol: float = 1e-3) -
         # an expert no token was routed to holds zeros (llama-imatrix writes partial entries)
         zero = e.sums == 0
         assert not mine.sums[zero].any(), name
-        rel = np.abs(mine.sums[~zero].astype(np.float64) - e.sums[~zero]) / np.abs(e.sums[~zero])
+        # each value relative to itself, or to 1% of its row's (its expert's) largest: an expert
+        # that saw a few tokens can have a column summing to almost nothing, where float order
+        # alone moves the last digits by more than rtol of it
+        rows = np.abs(e.sums.astype(np.float64)).reshape(max(1, e.counts.size), -1)
+        scale = np.maximum(rows, 0.01 * rows.max(axis=1, keepdims=True)).ravel()
+        rel = np.abs(mine.sums.astype(np.float64) - e.sums)[~zero] / scale[~zero]
         assert rel.max() < rtol, (name, rel.max())
 
 
@@ -59,6 +64,10 @@ CASES = [
      ["--output-format", "dat", "-c", "128", "--chunks", "4", "--process-output"]),
     # mixtral: a llama with 8 experts of n_ff rows
     ("tiny-mixtral.c128.gguf", "tiny-mixtral", "pg84.txt", ["-c", "128", "--chunks", "4", "--process-output"]),
+    # one 64-token chunk leaves an expert of each block unrouted: partial entries, written with
+    # zero sums and count (GGUF) or 1 * ncall (.dat) for it, as llama-imatrix writes them
+    ("tiny-mixtral.c64.gguf", "tiny-mixtral", "pg84.txt", ["-c", "64", "--chunks", "1"]),
+    ("tiny-mixtral.c64.dat", "tiny-mixtral", "pg84.txt", ["--output-format", "dat", "-c", "64", "--chunks", "1"]),
 ]
 
 
