@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -525,12 +526,21 @@ class _ExpertStacker:
         self.rule = arch.hf_experts
         self.n_expert = _find(hp, self.rule.count_keys) if self.rule is not None else None
         self.blocks: list[dict[str, StTensor]] = [{} for _ in range(block_count)]
+        if self.rule is not None:
+            kinds = "|".join(re.escape(k) for k in self.rule.kinds)
+            self._pattern = re.compile(re.escape(self.rule.per_expert).replace(r"\{bid\}", r"\d+")
+                                       .replace(r"\{xid\}", r"\d+").replace(r"\{kind\}", f"(?:{kinds})"))
 
     def add(self, name: str, bid: int | None, st: StTensor) -> list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
         rule = self.rule
         if bid is None or not isinstance(self.n_expert, int) or self.n_expert < 1:
             raise ModelError(f"tensor {name!r}: an expert tensor outside the blocks, or no expert count "
                              f"({' / '.join(rule.count_keys)}) in config.json")
+        if not self._pattern.fullmatch(name):
+            # e.g. transformers 5's fused mlp.experts.gate_up_proj [n_expert, 2 * n_ff, n_embd]
+            raise ModelError(f"tensor {name!r}: expert tensors are converted in the per-expert layout "
+                             f"({rule.per_expert.format(bid='N', xid='X', kind='|'.join(rule.kinds))}); "
+                             "fused or stacked expert tensors are not supported")
         held = self.blocks[bid]
         held[name] = st
         if len(held) < self.n_expert * len(rule.kinds):
