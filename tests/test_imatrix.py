@@ -251,3 +251,15 @@ def test_nan_in_activations_keeps_earlier_file(tmp_path, tiny_llama_f32, capsys)
     assert "non-finite" in msg and "blk.1." in msg
     assert out.read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
+
+
+def test_moe_refusals(hf_fixture_gguf, tmp_path, capsys):
+    """GPTQ's layer Hessians are per matrix: kquant-imatrix --hessian-out refuses a MoE model
+    with one clear error, as does --exact (llama.cpp's float order: not for experts yet)."""
+    model = hf_fixture_gguf("tiny-qwen3moe")
+    common = ["-m", str(model), "-f", str(TEXTS / "pg84.txt"), "-c", "128", "--chunks", "2", "-t", "2",
+              "--device", "cpu"]
+    assert main([*common, "-o", str(tmp_path / "a.gguf"), "--hessian-out", str(tmp_path / "h.bin")]) == 1
+    assert "does not support mixture-of-experts models (qwen3moe, 8 experts)" in capsys.readouterr().err
+    assert main([*common, "-o", str(tmp_path / "b.gguf"), "--exact"]) == 1
+    assert "does not run mixture-of-experts models" in capsys.readouterr().err

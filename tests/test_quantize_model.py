@@ -413,3 +413,16 @@ def test_directory_that_is_not_a_model(tmp_path):
     (tmp_path / "empty").mkdir()
     assert_fails_cleanly([str(tmp_path / "empty"), str(tmp_path / "o.gguf"), "Q4_K_M"],
                          tmp_path / "o.gguf", "config.json")
+
+
+def test_moe_refuses_gptq(hf_fixture_gguf, tmp_path, capsys):
+    """--method gptq (one-shot or sequential) has no sweep for stacked experts: one error,
+    before any calibration pass."""
+    f32 = hf_fixture_gguf("tiny-mixtral")
+    text = Path(__file__).resolve().parents[2] / "shared" / "text" / "calibration" / "pg84.txt"
+    for extra in ([], ["--gptq-one-shot"]):
+        rc = quantize_main(["--method", "gptq", "--calibrate", str(text), *extra, str(f32),
+                            str(tmp_path / "g.gguf"), "Q4_K_M"])
+        assert rc == 1
+        assert "--method gptq does not support mixture-of-experts models (llama, 8 experts)" in capsys.readouterr().err
+    assert not (tmp_path / "g.gguf").exists()

@@ -69,14 +69,13 @@ class Collector:
     imatrix every `output_frequency` chunks, as IMatrixCollector::collect_imatrix does."""
 
     def __init__(self, params: ImatrixParams, imatrix: Imatrix, xp: Any = np,
-                 on_save: Callable[[str], None] | None = None, n_experts: int = 0):
+                 on_save: Callable[[str], None] | None = None):
         self.params = params
         self.im = imatrix
         self.xp = xp
         self.chunk_size = params.n_ctx
         self.last_chunk = imatrix.chunk_count
         self.on_save = on_save
-        self.n_experts = n_experts  # the model's expert count, the rows of an expert entry
         self._device_sums: dict[str, Any] = {}  # GPU accumulators, copied back when saving
         self._pending: list[str] = []
         self._pending_x: Any = None
@@ -147,7 +146,7 @@ class Collector:
         it (sums [n_expert, cols]) and their count; an expert no token chose keeps 0."""
         x = to_host(inp.x).astype(np.float32, copy=False)
         x = np.ascontiguousarray(x.reshape(x.shape[0], -1 if x.ndim == 3 else 1, x.shape[-1]))
-        n_as = self.n_experts
+        n_as = inp.n_expert
         e = self.im.entries.get(name)
         cols = x.shape[2]
         if e is None:
@@ -315,7 +314,7 @@ def run_imatrix(model_path: str | Path, text_path: str | Path, params: ImatrixPa
         save_hessians(hessian_out, collector.hessians, result.imatrix, model_tag(source), str(text_path),
                       result.n_chunks)
     else:
-        collector = Collector(params, im, model.xp, n_experts=model.config.n_expert)
+        collector = Collector(params, im, model.xp)
         result = compute_imatrix(model, tokens, params, collector, bos, progress, log)
     collector.save()
     return result

@@ -541,6 +541,10 @@ def quantize_model(input_path: str | Path, output_path: str | Path,
             refuse_input_as_output(path, split_paths(inp))
     plan = plan_quantization(source, ftype, opts)  # refuses a bad type or imatrix before calibrating
     report = None
+    if opts.method == "gptq" and (n_expert := source.get(f"{source.arch}.expert_count") or 0):
+        # the sweeps and Hessians are per matrix: stacked experts have neither yet
+        raise ModelError(f"{inp}: --method gptq does not support mixture-of-experts models "
+                         f"({source.arch}, {n_expert} experts) yet")
     if opts.method == "gptq":
         report = GptqReport()
         if opts.hessian:

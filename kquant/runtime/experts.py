@@ -31,10 +31,12 @@ _MIN_WEIGHT_SUM = F32(6.103515625e-5)
 class ExpertInput:
     """The input of a stacked expert tensor's product (ggml_mul_mat_id): `x` (N, cols), the
     same row for every slot of a token (gate/up), or (N, k, cols), one row per slot (down);
-    `ids` (N, k) the expert of each token's slot, host int64."""
+    `ids` (N, k) the expert of each token's slot, host int64; `n_expert` the experts stacked
+    (ggml's n_as: an entry's rows, routed to or not)."""
 
     x: Any
     ids: np.ndarray
+    n_expert: int
 
 
 @njit(parallel=True, cache=True)

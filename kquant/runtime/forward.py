@@ -454,8 +454,8 @@ class Transformer:
         ids, weights = route(probs, c.n_expert_used, c.expert_norm, c.expert_weights_scale)
         N, k = ids.shape
         if observe is not None:
-            observe(n["up_exps"], ExpertInput(h, ids))
-            observe(n["gate_exps"], ExpertInput(h, ids))
+            observe(n["up_exps"], ExpertInput(h, ids, c.n_expert))
+            observe(n["gate_exps"], ExpertInput(h, ids, c.n_expert))
         out = xp.zeros((N, k, c.n_embd), F32)
         acts = xp.zeros((N, k, c.n_ff_exp), F32) if observe is not None else None
         for e, (tok, slot) in enumerate(expert_rows(ids, c.n_expert)):
@@ -470,7 +470,7 @@ class Transformer:
                 acts[tok_d, slot_d] = a
             out[tok_d, slot_d] = self._expert_linear(a, L.down_exps, n["down_exps"], e)
         if observe is not None:
-            observe(n["down_exps"], ExpertInput(acts, ids))
+            observe(n["down_exps"], ExpertInput(acts, ids, c.n_expert))
         out *= xp.asarray(weights)[:, :, None]  # ggml_mul(experts, weights)
         y = out[:, 0]
         for j in range(1, k):  # the views added in slot order
