@@ -38,6 +38,11 @@ FIXTURES = {
     "tiny-smollm": "LlamaForCausalLM, BF16, SmolLM BPE (digits + byte-level), tied, hidden 64",
     "tiny-phi3": "Phi3ForCausalLM, BF16, fused qkv_proj / gate_up_proj, GQA, partial rotary 0.75, LongRoPE, "
                  "SentencePiece + Phi-3 added tokens, padded vocab",
+    "tiny-qwen3moe": "Qwen3MoeForCausalLM, BF16, 8 experts (top 2, renormalized), q_norm/k_norm, GQA, "
+                     "Qwen2 BPE tokenizer.json",
+    "tiny-qwen2moe": "Qwen2MoeForCausalLM, BF16, 4 experts (top 2, not renormalized) + a shared expert with its "
+                     "sigmoid gate, Q/K/V biases, Qwen2 BPE tokenizer.json",
+    "tiny-mixtral": "MixtralForCausalLM, F16, 8 experts (top 2, renormalized) of n_ff rows, GQA, SentencePiece",
     "tiny-gemma2": "Gemma2ForCausalLM, BF16, (1 + w) norms, post-norms, GeGLU, GQA, sliding window 32 on even "
                    "layers, attention and final logit soft-capping, tied, SentencePiece + turn tokens",
     "tiny-gemma3": "Gemma3ForCausalLM, BF16, (1 + w) norms incl. Q/K norms, post-norms, GeGLU, GQA, 6 layers: "
@@ -112,12 +117,44 @@ def _weights(seed: int, cfg: dict, *, bias: bool = False, qk_norm: bool = False,
             w[p + "self_attn.q_norm.weight"] = norm(hd)
             w[p + "self_attn.k_norm.weight"] = norm(hd)
         w[p + "post_attention_layernorm.weight"] = norm(h)
+        if cfg.get("num_local_experts") or cfg.get("num_experts"):
+            w.update(_expert_weights(p, cfg, mat))
+            continue
         w[p + "mlp.gate_proj.weight"] = mat(ff, h)
         w[p + "mlp.up_proj.weight"] = mat(ff, h)
         w[p + "mlp.down_proj.weight"] = mat(h, ff)
     w["model.norm.weight"] = norm(h)
     if not tied:
         w["lm_head.weight"] = mat(v, h)
+    return w
+
+
+def _expert_weights(p: str, cfg: dict, mat) -> dict[str, np.ndarray]:
+    """A block's mixture of experts, HF-named: Qwen2/3-MoE's mlp.gate router, per-expert
+    gate/up/down and (qwen2moe) the shared expert with its gate, or Mixtral's
+    block_sparse_moe.{gate, experts.X.w1/w2/w3}. The router is 5x the other matrices' scale so
+    that tokens prefer distinct experts (a near-uniform softmax would route by noise)."""
+    h = cfg["hidden_size"]
+    n_exp = cfg.get("num_local_experts") or cfg["num_experts"]
+    w = {}
+    if cfg["model_type"] == "mixtral":
+        ff = cfg["intermediate_size"]
+        w[p + "block_sparse_moe.gate.weight"] = mat(n_exp, h) * np.float32(5)
+        for x in range(n_exp):
+            e = f"{p}block_sparse_moe.experts.{x}."
+            w[e + "w1.weight"], w[e + "w2.weight"], w[e + "w3.weight"] = mat(ff, h), mat(h, ff), mat(ff, h)
+        return w
+    ff = cfg["moe_intermediate_size"]
+    w[p + "mlp.gate.weight"] = mat(n_exp, h) * np.float32(5)
+    for x in range(n_exp):
+        e = f"{p}mlp.experts.{x}."
+        w[e + "gate_proj.weight"], w[e + "up_proj.weight"], w[e + "down_proj.weight"] = mat(ff, h), mat(ff, h), mat(h, ff)
+    if cfg.get("shared_expert_intermediate_size"):
+        sff = cfg["shared_expert_intermediate_size"]
+        w[p + "mlp.shared_expert.gate_proj.weight"] = mat(sff, h)
+        w[p + "mlp.shared_expert.up_proj.weight"] = mat(sff, h)
+        w[p + "mlp.shared_expert.down_proj.weight"] = mat(h, sff)
+        w[p + "mlp.shared_expert_gate.weight"] = mat(1, h) * np.float32(25)
     return w
 
 
@@ -305,6 +342,21 @@ def build_mistral_spm(d: Path, spm_model: bytes, n_sp: int) -> None:
     _write_json(d / "generation_config.json", {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2})
 
 
+def build_mixtral(d: Path, spm_model: bytes, n_sp: int) -> None:
+    cfg = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 256,
+           "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "head_dim": None, "max_position_embeddings": 32768,
+           "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": None,
+           "num_local_experts": 8, "num_experts_per_tok": 2, "output_router_logits": False,
+           "router_aux_loss_coef": 0.02, "router_jitter_noise": 0.0,
+           "tie_word_embeddings": False, "vocab_size": n_sp, "bos_token_id": 1, "eos_token_id": 2,
+           "hidden_act": "silu", "torch_dtype": "float16"}
+    _write_json(d / "config.json", cfg)
+    write_safetensors(d / "model.safetensors", _weights(8, cfg), "F16")
+    _spm_folder(d, spm_model, n_sp, [], _CHAT_LLAMA2)
+    _write_json(d / "generation_config.json", {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2})
+
+
 def build_llama3_bpe(d: Path, text: str) -> None:
     vocab, merges = train_bpe(text[:60_000], 360)
     n = len(vocab)
@@ -346,7 +398,7 @@ def build_llama3_bpe(d: Path, text: str) -> None:
 
 
 def build_qwen(d: Path, text: str, arch: str) -> None:
-    qwen3 = arch == "Qwen3ForCausalLM"
+    qwen3 = arch.startswith("Qwen3")
     vocab, merges = train_bpe(text[:60_000], 340 if qwen3 else 330)
     n = len(vocab)
     specials = [("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True),
@@ -377,6 +429,11 @@ def build_qwen(d: Path, text: str, arch: str) -> None:
                "bos_token_id": n, "eos_token_id": n + 2, "attention_bias": False, "hidden_act": "silu",
                "use_sliding_window": False, "sliding_window": None, "max_window_layers": 28, "torch_dtype": "float16"}
         weights, dtype = _weights(5, cfg, qk_norm=True), "F16"
+        if arch == "Qwen3MoeForCausalLM":
+            cfg.update(model_type="qwen3_moe", intermediate_size=768, num_experts=8, num_experts_per_tok=2,
+                       moe_intermediate_size=256, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                       output_router_logits=False, router_aux_loss_coef=0.001, torch_dtype="bfloat16")
+            weights, dtype = _weights(6, cfg, qk_norm=True), "BF16"
     else:
         cfg = {"architectures": [arch], "model_type": "qwen2", "hidden_size": 256, "intermediate_size": 512,
                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -385,6 +442,12 @@ def build_qwen(d: Path, text: str, arch: str) -> None:
                "hidden_act": "silu", "use_sliding_window": False, "sliding_window": 32768,
                "max_window_layers": 21, "torch_dtype": "bfloat16"}
         weights, dtype = _weights(4, cfg, bias=True, tied=True), "BF16"
+        if arch == "Qwen2MoeForCausalLM":
+            cfg.update(model_type="qwen2_moe", intermediate_size=768, num_experts=4, num_experts_per_tok=2,
+                       moe_intermediate_size=256, shared_expert_intermediate_size=512, norm_topk_prob=False,
+                       decoder_sparse_step=1, mlp_only_layers=[], qkv_bias=True, tie_word_embeddings=False,
+                       output_router_logits=False, router_aux_loss_coef=0.001)
+            weights = _weights(7, cfg, bias=True)
     _write_json(d / "config.json", cfg)
     write_safetensors(d / "model.safetensors", weights, dtype)
     _write_json(d / "generation_config.json", {"bos_token_id": n, "do_sample": True, "eos_token_id": [n + 2, n],
@@ -596,7 +659,8 @@ def build(dest: str | Path, names: list[str] | None = None, text_path: str | Pat
             raise KeyError(name)
         d = dest / name
         d.mkdir(parents=True, exist_ok=True)
-        if (name.endswith("-spm") or name in ("tiny-phi3", "tiny-gemma2", "tiny-gemma3", "tiny-gemma3-vl")) and spm_model is None:
+        if (name.endswith("-spm") or name in ("tiny-phi3", "tiny-gemma2", "tiny-gemma3", "tiny-gemma3-vl",
+                                              "tiny-mixtral")) and spm_model is None:
             import sentencepiece as spm
             spm_model = train_sentencepiece(text)
             n_sp = spm.SentencePieceProcessor(model_proto=spm_model).vocab_size()
@@ -610,6 +674,12 @@ def build(dest: str | Path, names: list[str] | None = None, text_path: str | Pat
             build_qwen(d, text, "Qwen2ForCausalLM")
         elif name == "tiny-qwen3":
             build_qwen(d, text, "Qwen3ForCausalLM")
+        elif name == "tiny-qwen3moe":
+            build_qwen(d, text, "Qwen3MoeForCausalLM")
+        elif name == "tiny-qwen2moe":
+            build_qwen(d, text, "Qwen2MoeForCausalLM")
+        elif name == "tiny-mixtral":
+            build_mixtral(d, spm_model, n_sp)
         elif name == "tiny-smollm":
             build_smollm(d, text)
         elif name == "tiny-phi3":

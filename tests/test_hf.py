@@ -119,13 +119,16 @@ def test_default_outfile_name(built):
 def test_arch_registry():
     """kquant.archs finds each architecture file by GGUF name and by Hugging Face class."""
     from kquant.archs import ARCHS, arch_for_hf_class, get_arch
-    assert sorted(ARCHS) == ["gemma2", "gemma3", "llama", "phi3", "qwen2", "qwen3"]
+    assert sorted(ARCHS) == ["gemma2", "gemma3", "llama", "phi3", "qwen2", "qwen2moe", "qwen3", "qwen3moe"]
+    assert arch_for_hf_class("MixtralForCausalLM") is get_arch("llama")
     assert arch_for_hf_class("MistralForCausalLM") is arch_for_hf_class("LlamaForCausalLM") is get_arch("llama")
     assert arch_for_hf_class("Qwen3ForCausalLM").name == "qwen3"
     assert arch_for_hf_class("Phi3ForCausalLM").name == "phi3"
     assert arch_for_hf_class("Gemma2ForCausalLM").name == "gemma2"
     assert arch_for_hf_class("Gemma3ForCausalLM") is arch_for_hf_class("Gemma3ForConditionalGeneration") \
         is get_arch("gemma3")
+    assert arch_for_hf_class("Qwen3MoeForCausalLM").name == "qwen3moe"
+    assert arch_for_hf_class("Qwen2MoeForCausalLM").name == "qwen2moe"
     assert arch_for_hf_class("GPT2LMHeadModel") is None
     assert [get_arch(n).rope_neox for n in ("llama", "qwen2", "qwen3", "phi3", "gemma2")] == [False, True, True, True, True]
 
@@ -357,3 +360,45 @@ def test_cli_errors(built, tmp_path, capsys, case):
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("kquant-convert: error: ") and captured.out == ""
     assert _no_partial_files(d)
+
+
+def _with_config(built, name: str, tmp_path: Path, **changes) -> Path:
+    d = _copy(built, name, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.mark.parametrize("name, changes, message", [
+    # llama.cpp renormalizes every qwen3moe's top-k weights, and no qwen2moe's
+    ("tiny-qwen3moe", {"norm_topk_prob": False}, "norm_topk_prob false is not supported"),
+    ("tiny-qwen2moe", {"norm_topk_prob": True}, "norm_topk_prob true is not supported"),
+    # its graphs have experts in every block
+    ("tiny-qwen3moe", {"mlp_only_layers": [1]}, r"mlp_only_layers \[1\] .* is not supported"),
+    ("tiny-qwen2moe", {"decoder_sparse_step": 2}, "decoder_sparse_step 2 .* is not supported"),
+    # the folder holds 8 experts per block: a count of 4 stacks experts 0-3, then finds the
+    # next four are not 0-3 (the converter's KeyError); of 16, it never has all of a block's
+    ("tiny-mixtral", {"num_local_experts": 4}, "expert tensor .* is missing"),
+    ("tiny-qwen3moe", {"num_experts": 16}, "unprocessed expert tensors"),
+])
+def test_moe_refusals(built, tmp_path, name, changes, message):
+    """MoE configurations llama.cpp would compute differently from the checkpoint, or that do
+    not match the folder's tensors: one ModelError each, before anything is written."""
+    with pytest.raises(ModelError, match=message):
+        load_hf_model(_with_config(built, name, tmp_path, **changes))
+
+
+def test_moe_fused_expert_tensors_refused(built, tmp_path):
+    """transformers 5 may save a block's experts as one fused gate_up_proj: refused by name."""
+    d = _copy(built, "tiny-qwen3moe", tmp_path)
+    st = d / "model.safetensors"
+    header_len = struct.unpack("<Q", st.read_bytes()[:8])[0]
+    header = json.loads(st.read_bytes()[8:8 + header_len])
+    old = "model.layers.0.mlp.experts.0.gate_proj.weight"
+    header = {("model.layers.0.mlp.experts.gate_up_proj" if k == old else k): v for k, v in header.items()}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    st.write_bytes(struct.pack("<Q", len(raw)) + raw + st.read_bytes()[8 + header_len:])
+    with pytest.raises(ModelError, match="fused or stacked expert tensors are not supported"):
+        load_hf_model(d)

@@ -105,7 +105,7 @@ def model_path(request, tiny_quant, name: str) -> Path:
         return request.getfixturevalue("tiny_llama_f32")
     if name.startswith("tiny-"):
         return tiny_quant(name[5:])
-    if name.startswith(("phi3-", "gemma2-", "gemma3-")):  # the HF fixtures tiny-phi3, tiny-gemma2, ...
+    if name.startswith(("phi3-", "gemma2-", "gemma3-", "qwen3moe-", "qwen2moe-", "mixtral-")):  # the HF fixtures
         arch, _, ftype = name.rpartition("-")
         return request.getfixturevalue("hf_fixture_gguf")(f"tiny-{arch}", ftype)
     return request.getfixturevalue({"smollm2-2l-f32": "smollm2_2l_f32", "smollm2-Q4_K_M": "smollm2_q4_k_m"}[name])
@@ -129,6 +129,18 @@ CASES = [
     pytest.param("tiny-gemma3-Q4_K_M.c128", "gemma3-Q4_K_M", ["-c", "128", "--chunks", "8"], id="gemma3-Q4_K_M-c128"),
     pytest.param("tiny-gemma3-vl-Q4_K_M.c128", "gemma3-vl-Q4_K_M", ["-c", "128", "--chunks", "8"],
                  id="gemma3-vl-Q4_K_M-c128"),
+    # mixture of experts: 8 experts, 2 per token (Q4_K_M: Q4_K/Q6_K expert slabs, the router F32)
+    pytest.param("tiny-qwen3moe-f32.c128", "qwen3moe-F32", ["-c", "128", "--chunks", "8"], id="qwen3moe-f32-c128"),
+    pytest.param("tiny-qwen3moe-Q4_K_M.c128", "qwen3moe-Q4_K_M", ["-c", "128", "--chunks", "8"],
+                 id="qwen3moe-Q4_K_M-c128"),
+    # 4 experts, not renormalized, and a shared expert behind its sigmoid gate
+    pytest.param("tiny-qwen2moe-f32.c128", "qwen2moe-F32", ["-c", "128", "--chunks", "8"], id="qwen2moe-f32-c128"),
+    pytest.param("tiny-qwen2moe-Q4_K_M.c128", "qwen2moe-Q4_K_M", ["-c", "128", "--chunks", "8"],
+                 id="qwen2moe-Q4_K_M-c128"),
+    # mixtral (arch llama with experts): 8 experts, llama-quantize's 8-expert rules
+    pytest.param("tiny-mixtral-f32.c128", "mixtral-F32", ["-c", "128", "--chunks", "8"], id="mixtral-f32-c128"),
+    pytest.param("tiny-mixtral-Q4_K_M.c128", "mixtral-Q4_K_M", ["-c", "128", "--chunks", "8"],
+                 id="mixtral-Q4_K_M-c128"),
 ]
 
 

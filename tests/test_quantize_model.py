@@ -292,12 +292,15 @@ def hf_folders(tmp_path_factory):
     if not fixtures.DEFAULT_TEXT.is_file():
         pytest.skip(f"training text {fixtures.DEFAULT_TEXT} (shared/) not available")
     return fixtures.build(tmp_path_factory.mktemp("hf"),
-                          ["tiny-llama-spm", "tiny-mistral-spm", "tiny-qwen2", "tiny-qwen3", "tiny-phi3", "tiny-gemma2",
-                           "tiny-gemma3", "tiny-gemma3-vl"])
+                          ONE_STEP)
 
 
-@pytest.mark.parametrize("name", ["tiny-llama-spm", "tiny-mistral-spm", "tiny-qwen2", "tiny-qwen3", "tiny-phi3", "tiny-gemma2",
-                                  "tiny-gemma3", "tiny-gemma3-vl"])
+# the HF fixtures quantized in one step (MoE ones: 3-D expert tensors quantized per expert)
+ONE_STEP = ["tiny-llama-spm", "tiny-mistral-spm", "tiny-qwen2", "tiny-qwen3", "tiny-phi3", "tiny-gemma2",
+            "tiny-gemma3", "tiny-gemma3-vl", "tiny-qwen3moe", "tiny-qwen2moe", "tiny-mixtral"]
+
+
+@pytest.mark.parametrize("name", ONE_STEP)
 @pytest.mark.parametrize("ftype", ["Q4_K_M", "Q6_K"])
 def test_hf_folder_in_one_step(llama_cpp, hf_folders, tmp_path, name, ftype):
     """kquant-quantize on a folder = convert_hf_to_gguf (f16, its default) + llama-quantize."""
@@ -307,6 +310,32 @@ def test_hf_folder_in_one_step(llama_cpp, hf_folders, tmp_path, name, ftype):
     f16 = write_gguf(load_hf_model(hf_folders[name], "f16"), tmp_path / "f16.gguf", progress=False)
     want = reference(f16, tmp_path / "ref.gguf", ftype)
     assert quantize_main([str(hf_folders[name]), str(tmp_path / "kq.gguf"), ftype]) == 0
+    assert_same_file(tmp_path / "kq.gguf", want)
+
+
+# MoE fixtures and their llama-imatrix references (tests/data/imatrix_ref)
+MOE_IMATRIX = [("tiny-qwen3moe", "tiny-qwen3moe.c128.gguf"), ("tiny-qwen2moe", "tiny-qwen2moe.c128.dat"),
+               ("tiny-mixtral", "tiny-mixtral.c128.gguf"),
+               ("tiny-mixtral", "tiny-mixtral.c64.gguf")]  # partial: unrouted experts weigh 1
+
+
+@pytest.mark.parametrize("name, ref_imatrix", MOE_IMATRIX)
+def test_moe_with_llama_imatrix(llama_cpp, hf_fixture_gguf, tmp_path, name, ref_imatrix):
+    """Q4_K_M with llama-imatrix's own file for a MoE fixture: per-expert importance (in_sum2
+    [n_embd, n_expert] over each expert's count) for each expert's slab, as llama-quantize."""
+    from kquant.calibration.imatrix_file import load_imatrix
+
+    f32 = hf_fixture_gguf(name)
+    path = Path(__file__).parent / "data" / "imatrix_ref" / ref_imatrix
+    im = load_imatrix(path)
+    weights = weights_for_quantize(im)
+    assert any("_exps." in n for n in im.entries)  # per-expert entries (GGUF: one count each)
+    overrides = [("quantize.imatrix.file", "str", str(path)),
+                 ("quantize.imatrix.dataset", "str", im.datasets[-1]),
+                 ("quantize.imatrix.entries_count", "int", len(weights)),
+                 ("quantize.imatrix.chunks_count", "int", im.chunk_count)]
+    want = reference(f32, tmp_path / "ref.gguf", "Q4_K_M", imatrix=weights, kv_overrides=overrides)
+    assert quantize_main(["--imatrix", str(path), str(f32), str(tmp_path / "kq.gguf"), "Q4_K_M"]) == 0
     assert_same_file(tmp_path / "kq.gguf", want)
 
 
@@ -384,3 +413,16 @@ def test_directory_that_is_not_a_model(tmp_path):
     (tmp_path / "empty").mkdir()
     assert_fails_cleanly([str(tmp_path / "empty"), str(tmp_path / "o.gguf"), "Q4_K_M"],
                          tmp_path / "o.gguf", "config.json")
+
+
+def test_moe_refuses_gptq(hf_fixture_gguf, tmp_path, capsys):
+    """--method gptq (one-shot or sequential) has no sweep for stacked experts: one error,
+    before any calibration pass."""
+    f32 = hf_fixture_gguf("tiny-mixtral")
+    text = Path(__file__).resolve().parents[2] / "shared" / "text" / "calibration" / "pg84.txt"
+    for extra in ([], ["--gptq-one-shot"]):
+        rc = quantize_main(["--method", "gptq", "--calibrate", str(text), *extra, str(f32),
+                            str(tmp_path / "g.gguf"), "Q4_K_M"])
+        assert rc == 1
+        assert "--method gptq does not support mixture-of-experts models (llama, 8 experts)" in capsys.readouterr().err
+    assert not (tmp_path / "g.gguf").exists()

@@ -27,7 +27,7 @@ from gguf import MODEL_ARCH, MODEL_TENSOR
 
 from ..files import hf_vocab
 
-__all__ = ["Arch", "HParams", "Dims", "TensorSpec", "tensor_name", "BLOCK_PREFIX", "inv_sqrt_head_dim"]
+__all__ = ["Arch", "HParams", "Dims", "TensorSpec", "ExpertStacking", "tensor_name", "BLOCK_PREFIX", "inv_sqrt_head_dim"]
 
 # config.json after transformers' defaults (kquant.files.hf._hparams)
 HParams = dict[str, Any]
@@ -54,6 +54,12 @@ class Dims:
     head_dim_v: int  # attention.value_length (n_embd_head_v)
     n_rot: int       # rope.dimension_count
     n_vocab: int     # the tokenizer's token count, as llama.cpp sizes token_embd
+    # mixture of experts (0 where the model has none): {arch}.expert_count, the rows of each
+    # expert's gate/up (expert_feed_forward_length, else n_ff / expert_used_count) and of the
+    # shared expert's (expert_shared_feed_forward_length, else n_ff)
+    n_expert: int = 0
+    n_ff_exp: int = 0
+    n_ff_shexp: int = 0
 
     @property
     def n_q(self) -> int:
@@ -101,6 +107,9 @@ class TensorSpec:
     required: bool = True  # False: TENSOR_NOT_REQUIRED
     # False: llama.cpp uses it but kquant's runtime has no code for it, so it refuses the model
     runs: bool = True
+    # llama.cpp creates it only in models with experts (True: {arch}.expert_count > 0) or only
+    # in models without (False: llama's dense FFN beside Mixtral's experts); None: in both
+    experts: bool | None = None
 
     def __post_init__(self) -> None:
         unknown = {name for size in self.shape.split() for _, name in _terms(size)} - _DIM_NAMES
@@ -114,6 +123,21 @@ class TensorSpec:
     def size(self, dims: Dims) -> tuple[int, ...]:
         """The shape llama.cpp expects, in ggml order."""
         return tuple(sum(k * getattr(dims, name) for k, name in _terms(size)) for size in self.shape.split())
+
+
+@dataclass(frozen=True)
+class ExpertStacking:
+    """How the converter stacks a block's per-expert HF tensors into one 3-D tensor per kind
+    (Qwen2MoeModel / LlamaModel.modify_tensors): the HF names holding `marker` are held back
+    until all n_expert * len(kinds) of the block are seen, then written as `merged` (a name the
+    tensor map knows) for each kind in `kinds`' order, experts stacked in id order."""
+
+    marker: str      # e.g. "mlp.experts"
+    per_expert: str  # "model.layers.{bid}.mlp.experts.{xid}.{kind}.weight"
+    merged: str      # "model.layers.{bid}.mlp.experts.{kind}.weight"
+    kinds: tuple[str, ...]
+    # config.json keys of the expert count, the converter's first found
+    count_keys: tuple[str, ...] = ("num_local_experts", "num_experts")
 
 
 def _no_params(w: gguf.GGUFWriter, folder: Path, hp: HParams) -> None:
@@ -146,8 +170,9 @@ class Arch:
     # transformers' config defaults (5.x) for the fields the converter reads, by config.json
     # model_type; None: computed in the config's __post_init__
     config_defaults: Mapping[str, Mapping[str, Any]]
-    # transformers computes a missing head_dim as hidden_size / num_attention_heads
-    head_dim_from_heads: bool = False
+    # the model types whose transformers config computes a missing head_dim as
+    # hidden_size / num_attention_heads (MixtralConfig, say, leaves it None)
+    head_dim_from_heads: tuple[str, ...] = ()
     # config.json -> hparams where transformers' config class does more than fill in defaults
     # (gemma3: rope parameters per layer type, a text_config nested in a multimodal config);
     # None: the defaults above, then the generic rope handling (kquant.files.hf._hparams)
@@ -178,6 +203,8 @@ class Arch:
     # token_embd keeps only the vocabulary's rows, hparams' vocab_size with a tokenizer.model
     # (Gemma3Model.modify_tensors drops the rows of out-of-vocabulary ids)
     trim_embd_to_vocab: bool = False
+    # the per-expert tensors the converter stacks (mixture-of-experts classes); None: none
+    hf_experts: ExpertStacking | None = None
     # tensors the converter generates, written before the folder's (generate_extra_tensors)
     extra_tensors: Callable[[HParams], list[tuple[MODEL_TENSOR, np.ndarray]]] = _no_extra_tensors
     # metadata generate_extra_tensors writes: the converter prepares its tensors before its
@@ -217,6 +244,9 @@ class Arch:
     # ones with rope.freq_base and the linear scaling (llama.cpp's get_rope_freq_base / _scale
     # with rope_freq_base_train_swa); 0: every layer ropes alike
     swa_rope_base: float = 0.0
+    # mixture of experts (build_moe_ffn, softmax gating): the top-k weights renormalized to
+    # sum 1 (its norm_w: mixtral, qwen3moe; not qwen2moe)
+    expert_norm: bool = False
 
     @property
     def name(self) -> str:
@@ -227,6 +257,12 @@ class Arch:
     def qk_norm(self) -> bool:
         """Every block RMS-normalizes each Q and K head (attn_q_norm / attn_k_norm required)."""
         return any(t.key == MODEL_TENSOR.ATTN_Q_NORM and t.required for t in self.tensors)
+
+    @property
+    def needs_experts(self) -> bool:
+        """Every block routes its FFN through experts (its expert tensors required in any model
+        of the arch, as llama.cpp's qwen2moe / qwen3moe loaders require expert_count > 0)."""
+        return any(t.key == MODEL_TENSOR.FFN_GATE_INP and t.required and t.experts is None for t in self.tensors)
 
     @property
     def post_norms(self) -> bool:

@@ -119,26 +119,42 @@ def model_dims(source: ModelSource) -> Dims:
     if n_rot > head_dim or n_rot % 2:
         raise ModelError(f"{path}: {key('rope.dimension_count')} {n_rot} is not an even number of "
                          f"dimensions of a {head_dim}-value head")
+    n_ff = meta_int(source, key("feed_forward_length"))
+    # llama_model::load_hparams: expert_used_count only counts with experts; each MoE arch's
+    # loader takes the expert sizes from these keys, else from n_ff
+    n_expert = meta_int(source, key("expert_count"), 0, minimum=0)
+    n_expert_used = meta_int(source, key("expert_used_count"), 0, minimum=0) if n_expert else 0
+    if n_expert_used > n_expert:
+        raise ModelError(f"{path}: {key('expert_used_count')} {n_expert_used} exceeds "
+                         f"{key('expert_count')} {n_expert}")
+    n_ff_exp = meta_int(source, key("expert_feed_forward_length"), 0, minimum=0)
+    if not n_ff_exp and n_expert_used:
+        n_ff_exp = n_ff // n_expert_used
     return Dims(
         n_layer=meta_int(source, key("block_count")),
         n_embd=n_embd,
-        n_ff=meta_int(source, key("feed_forward_length")),
+        n_ff=n_ff,
         n_head=n_head,
         n_head_kv=n_head_kv,
         head_dim=head_dim,
         head_dim_v=meta_int(source, key("attention.value_length"), head_dim),
         n_rot=n_rot,
         n_vocab=_n_vocab(source),
+        n_expert=n_expert,
+        n_ff_exp=n_ff_exp,
+        n_ff_shexp=meta_int(source, key("expert_shared_feed_forward_length"), 0, minimum=0) or n_ff,
     )
 
 
-def _expected(arch: Arch, n_layer: int) -> Iterator[tuple[str, TensorSpec]]:
-    """Every tensor name the architecture may have, in llama.cpp's creation order."""
-    for spec in arch.tensors:
+def _expected(arch: Arch, dims: Dims) -> Iterator[tuple[str, TensorSpec]]:
+    """Every tensor name the architecture may have, in llama.cpp's creation order (its expert
+    tensors where the model has experts, the dense FFN where it has none)."""
+    specs = [s for s in arch.tensors if s.experts is None or s.experts == (dims.n_expert > 0)]
+    for spec in specs:
         if not spec.per_block:
             yield tensor_name(spec.key, None, spec.suffix), spec
-    for bid in range(n_layer):
-        for spec in arch.tensors:
+    for bid in range(dims.n_layer):
+        for spec in specs:
             if spec.per_block:
                 yield tensor_name(spec.key, bid, spec.suffix), spec
 
@@ -166,9 +182,13 @@ def check_tensors(source: ModelSource, dims: Dims | None = None, runtime: bool =
         raise ModelError(f"{where(source)}: architecture {source.arch!r} is not supported "
                          f"(supported: {', '.join(sorted(ARCHS))})")
     dims = dims or model_dims(source)
+    if arch.needs_experts and not (dims.n_expert and meta_int(source, f"{arch.name}.expert_used_count", 0, minimum=0)):
+        # llama-model.cpp: "n_expert must be > 0 for QWEN3MOE" (and n_expert_used)
+        raise ModelError(f"{where(source)}: a {arch.name} model needs {arch.name}.expert_count and "
+                         f"{arch.name}.expert_used_count > 0")
     by_name = {t.name: t for t in source.tensors}
     used = 0
-    for name, spec in _expected(arch, dims.n_layer):
+    for name, spec in _expected(arch, dims):
         t = by_name.pop(name, None)
         if t is None:
             if spec.required:

@@ -1,9 +1,16 @@
-"""llama (LlamaForCausalLM, and MistralForCausalLM, which llama.cpp converts to the same GGUF arch).
+"""llama (LlamaForCausalLM, and MistralForCausalLM and MixtralForCausalLM, which llama.cpp converts to
+the same GGUF arch).
 
 Conversion follows convert_hf_to_gguf.py's LlamaModel: Q/K rows permuted to GGML's rope layout
 (so the runtime rotates adjacent pairs, NORM), rope_freqs generated for rope_type llama3,
 general vocab_size and rope.dimension_count written, and the tokenizer quirks of llama-family
 folders (SentencePiece or BPE, CodeLlama's infill tokens, SmolLM's add_bos_token).
+
+Mixtral is a llama with experts: the converter stacks each block's block_sparse_moe.experts.X.w1/w2/w3
+into ffn_gate_exps / ffn_down_exps / ffn_up_exps (n_ff rows each: llama.cpp sizes a llama's
+experts by feed_forward_length) beside the router (block_sparse_moe.gate -> ffn_gate_inp), and
+llama.cpp's loader creates those in place of the dense FFN wherever expert_count > 0; its graph
+routes with softmax gating, top expert_used_count, weights renormalized (norm_w).
 """
 from __future__ import annotations
 
@@ -18,7 +25,9 @@ from gguf import MODEL_ARCH, MODEL_TENSOR
 from ..errors import ModelError
 from ..files import hf_vocab
 from ..files.safetensors import read_json
-from .base import Arch, HParams, TensorSpec as T
+from dataclasses import replace
+
+from .base import Arch, ExpertStacking, HParams, TensorSpec as T
 
 
 def _head_dim(hp: HParams) -> int:
@@ -123,16 +132,34 @@ DENSE = (
     T(MODEL_TENSOR.FFN_DOWN, "n_ff n_embd"),
     T(MODEL_TENSOR.FFN_UP, "n_embd n_ff"),
 )
-TENSORS = DENSE + (
+_DENSE_FFN = (MODEL_TENSOR.FFN_GATE, MODEL_TENSOR.FFN_DOWN, MODEL_TENSOR.FFN_UP)
+# a llama block has the dense FFN where the model has no experts (expert_count 0), else these
+EXPERTS = (
+    T(MODEL_TENSOR.FFN_GATE_INP, "n_embd n_expert", experts=True),
+    # TENSOR_NOT_REQUIRED in llama.cpp (an up-only expert FFN); kquant's runtime needs it
+    T(MODEL_TENSOR.FFN_GATE_EXP, "n_embd n_ff n_expert", required=False, experts=True),
+    T(MODEL_TENSOR.FFN_DOWN_EXP, "n_ff n_embd n_expert", experts=True),
+    T(MODEL_TENSOR.FFN_UP_EXP, "n_embd n_ff n_expert", experts=True),
+)
+TENSORS = tuple(replace(t, experts=False) if t.key in _DENSE_FFN else t for t in DENSE) + (
     # mlp_bias checkpoints: llama.cpp adds them, kquant's runtime has no FFN biases
-    T(MODEL_TENSOR.FFN_GATE, "n_ff", "bias", required=False, runs=False),
-    T(MODEL_TENSOR.FFN_DOWN, "n_embd", "bias", required=False, runs=False),
-    T(MODEL_TENSOR.FFN_UP, "n_ff", "bias", required=False, runs=False),
+    T(MODEL_TENSOR.FFN_GATE, "n_ff", "bias", required=False, runs=False, experts=False),
+    T(MODEL_TENSOR.FFN_DOWN, "n_embd", "bias", required=False, runs=False, experts=False),
+    T(MODEL_TENSOR.FFN_UP, "n_ff", "bias", required=False, runs=False, experts=False),
+) + EXPERTS
+
+# LlamaModel.modify_tensors (Mixtral): w1 = gate, w2 = down, w3 = up
+STACKING = ExpertStacking(
+    marker="block_sparse_moe.experts",
+    per_expert="model.layers.{bid}.block_sparse_moe.experts.{xid}.{kind}.weight",
+    merged="layers.{bid}.feed_forward.experts.{kind}.weight",
+    kinds=("w1", "w2", "w3"),
+    count_keys=("num_local_experts",),
 )
 
 ARCH = Arch(
     model_arch=MODEL_ARCH.LLAMA,
-    hf_classes=("LlamaForCausalLM", "MistralForCausalLM"),
+    hf_classes=("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM"),
     config_defaults={
         "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=None, max_position_embeddings=2048,
@@ -140,13 +167,19 @@ ARCH = Arch(
         "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                         num_attention_heads=32, num_key_value_heads=8, head_dim=None,
                         max_position_embeddings=4096 * 32, rms_norm_eps=1e-6, tie_word_embeddings=False),
+        "mixtral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=8, head_dim=None,
+                        max_position_embeddings=4096 * 32, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                        num_experts_per_tok=2, num_local_experts=8, rope_theta=1e6),
     },
-    head_dim_from_heads=True,
+    head_dim_from_heads=("llama", "mistral"),
     permute_qk=True,
     hf_name_drop=("text_model.",),
     set_params=_set_params,
     set_vocab=_set_vocab,
     extra_tensors=_extra_tensors,
+    hf_experts=STACKING,
     tensors=TENSORS,
     rope_neox=False,
+    expert_norm=True,
 )

@@ -25,6 +25,7 @@ from ..files.text import read_text
 from ..runtime import Transformer
 from ..runtime.chunks import NllTotals, run_chunks
 from ..runtime.device import to_host
+from ..runtime.experts import ExpertInput, accumulate_expert_sumsq
 from ..runtime.kernels import accumulate_sumsq, token_nll, token_nll_exact
 from ..runtime.weights import OUTPUT
 from .imatrix_file import Imatrix, ImatrixEntry, accumulate, at_path, load_imatrix, save_imatrix
@@ -86,7 +87,13 @@ class Collector:
 
     def observe(self, name: str, x: Any) -> None:
         """Called with the input of each weight's product. Consecutive calls with the same input
-        array (Q/K/V, gate/up) are collected in one pass over it, at the next call or `flush`."""
+        array (Q/K/V, gate/up) are collected in one pass over it, at the next call or `flush`.
+        A stacked expert tensor's input (an ExpertInput) is collected at once, whatever its
+        rows: llama-imatrix collects every ggml_mul_mat_id."""
+        if isinstance(x, ExpertInput):
+            self.flush()
+            self._collect_experts(name, x)
+            return
         if not self.wants(name, x.shape[0]):
             return
         if self._pending and self._pending_x is not x:
@@ -134,6 +141,29 @@ class Collector:
             for c in e.counts:
                 self._maybe_save(int(c) // self.chunk_size)
 
+    def _collect_experts(self, name: str, inp: ExpertInput) -> None:
+        """llama-imatrix's ggml_mul_mat_id branch: per expert, the squares of the rows routed to
+        it (sums [n_expert, cols]) and their count; an expert no token chose keeps 0."""
+        x = to_host(inp.x).astype(np.float32, copy=False)
+        x = np.ascontiguousarray(x.reshape(x.shape[0], -1 if x.ndim == 3 else 1, x.shape[-1]))
+        n_as = inp.n_expert
+        e = self.im.entries.get(name)
+        cols = x.shape[2]
+        if e is None:
+            e = self.im.entries[name] = ImatrixEntry(np.zeros(cols * n_as, np.float32), np.zeros(n_as, np.int64))
+        elif e.counts.size == 1 and n_as > 1:  # broadcast, when loading an old imatrix
+            e.counts = np.full(n_as, e.counts[0], np.int64)
+        if e.sums.size != cols * n_as or e.counts.size != n_as:
+            raise ModelError(f"inconsistent size for {name} ({e.sums.size} vs {cols * n_as}): the imatrix "
+                             "loaded with --in-file is not for this model")
+        sums = e.sums.reshape(n_as, cols)
+        accumulate_expert_sumsq(sums, e.counts, x, inp.ids)
+        touched = np.bincount(inp.ids.ravel(), minlength=n_as) > 0
+        if not np.isfinite(sums[touched]).all():
+            raise ModelError(f"non-finite values detected in the activations of {name}")
+        for c in e.counts:
+            self._maybe_save(int(c) // self.chunk_size)
+
     def _maybe_save(self, n_chunk: int) -> None:
         if n_chunk <= self.last_chunk:
             return
@@ -174,7 +204,7 @@ def load_in_files(paths: list[str], chunk_size: int) -> Imatrix:
 def check_against_model(im: Imatrix, model: Transformer, process_output: bool) -> None:
     """Every entry of a loaded imatrix must be a matrix of this model with the same row length."""
     # each matrix's row length (the width of its input), by GGUF name
-    widths = {name: getattr(layer, field).shape[1]
+    widths = {name: getattr(layer, field).shape[-1]
               for layer in model.weights.layers for field, name in layer.names.items()}
     if not model.weights.output_tied:
         widths[OUTPUT] = model.config.n_embd
@@ -183,7 +213,7 @@ def check_against_model(im: Imatrix, model: Transformer, process_output: bool) -
         if want is None:
             raise ModelError(f"the --in-file imatrix has an entry {name} that this model does not have")
         n_mat = max(1, e.counts.size)
-        if e.sums.size != want * n_mat:
+        if e.sums.size != want * n_mat or n_mat not in (1, max(1, model.config.n_expert)):
             raise ModelError(f"the --in-file imatrix entry {name} has {e.sums.size // n_mat} columns, "
                              f"this model's has {want}")
 
@@ -266,6 +296,9 @@ def run_imatrix(model_path: str | Path, text_path: str | Path, params: ImatrixPa
     tokens = tokenizer.tokenize(text, add_special=True, parse_special=params.parse_special)
     log(f"tokenized {text_path}: {len(tokens)} tokens in {time.perf_counter() - t0:.2f} s")
     model = Transformer(source, device, progress)
+    if hessian_out and model.config.n_expert:
+        raise ModelError(f"--hessian-out (GPTQ calibration) does not support mixture-of-experts models "
+                         f"({source.arch}, {model.config.n_expert} experts) yet")
     model.exact = params.exact
     im = load_in_files(in_files or [], params.n_ctx)
     check_against_model(im, model, params.process_output)

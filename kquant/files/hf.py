@@ -2,8 +2,9 @@
 
 `load_hf_model(folder, outtype)` reads config.json, the tokenizer files and the safetensors
 headers of a folder of any class in kquant.archs (LlamaForCausalLM, MistralForCausalLM,
-Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM,
-Gemma3ForConditionalGeneration's text model) and returns the metadata pairs and tensors that
+MixtralForCausalLM, Qwen2ForCausalLM, Qwen2MoeForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM,
+Phi3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3ForConditionalGeneration's text
+model) and returns the metadata pairs and tensors that
 `convert_hf_to_gguf.py --outtype OUTTYPE` would write, in the same order, with the same value
 types and the same tensor bytes.  Nothing is loaded at construction: each tensor's `load()`
 memory-maps only its own bytes.
@@ -15,7 +16,8 @@ What lives where:
   metadata (gguf's `Metadata.load`: model card, config.json, generation_config.json; the name
   falls back to the folder's name, the size label comes from the parameter count), the generic
   hyper-parameter keys, and the tensors: names through gguf's tensor name map, Q and K rows
-  permuted back to the GGML rope layout where the architecture asks for it, 1-D tensors, norms
+  permuted back to the GGML rope layout where the architecture asks for it, per-expert tensors
+  stacked into one 3-D tensor per kind (the architecture's `hf_experts`), 1-D tensors, norms
   and biases in F32, the rest in the outtype; f16 is numpy's float32 -> float16 cast (round to
   nearest even), bf16 is gguf.quants' BF16 rounding, q8_0 is gguf.quants' Q8_0 (rows whose
   length is not a multiple of 32 fall back to F16 as in the converter);
@@ -31,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -76,7 +79,7 @@ def _hparams(config: dict[str, Any]) -> dict[str, Any]:
         return arch.hparams(config)
     hp = dict(arch.config_defaults[model_type])
     hp.update(config)
-    if arch.head_dim_from_heads and hp.get("head_dim") is None:
+    if model_type in arch.head_dim_from_heads and hp.get("head_dim") is None:
         hp["head_dim"] = hp["hidden_size"] // hp["num_attention_heads"]
     if hp.get("num_key_value_heads") is None:
         hp["num_key_value_heads"] = hp["num_attention_heads"]
@@ -231,8 +234,7 @@ def _set_params(w: gguf.GGUFWriter, arch: Arch, folder: Path, hp: dict[str, Any]
         w.add_layer_norm_rms_eps(eps)
     if (eps := _find(hp, ["layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"])) is not None:
         w.add_layer_norm_eps(eps)
-    if _find(hp, ["num_local_experts", "num_experts", "n_routed_experts"]) is not None:
-        raise ModelError("mixture-of-experts models are not supported")
+    _set_expert_params(w, hp)
     if (head_dim := hp.get("head_dim")) is not None:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
@@ -240,8 +242,49 @@ def _set_params(w: gguf.GGUFWriter, arch: Arch, folder: Path, hp: dict[str, Any]
     arch.set_params(w, folder, hp)
 
 
-def _general_metadata(w: gguf.GGUFWriter, folder: Path, total_params: int) -> None:
-    """ModelBase.prepare_metadata: general.type and the authorship / sampling keys."""
+# the converter's score functions that this gguf package has a value for
+_GATING_FUNCS = {name.lower(): getattr(gguf.ExpertGatingFuncType, name)
+                 for name in ("SIGMOID", "SOFTMAX", "SQRTSOFTPLUS") if hasattr(gguf.ExpertGatingFuncType, name)}
+
+
+def _set_expert_params(w: gguf.GGUFWriter, hp: dict[str, Any]) -> None:
+    """TextModel.set_gguf_parameters' expert keys (what a checkpoint without experts lacks)."""
+    if (n_experts := _find(hp, ["num_local_experts", "num_experts", "n_routed_experts"])) is not None:
+        w.add_expert_count(n_experts)
+    if (n_used := _find(hp, ["num_experts_per_tok", "num_experts_per_token", "top_k_experts"])) is not None:
+        w.add_expert_used_count(n_used)
+    if (n_groups := hp.get("n_group")) is not None:
+        w.add_expert_group_count(n_groups)
+    if (n_group_used := hp.get("topk_group")) is not None:
+        w.add_expert_group_used_count(n_group_used)
+    if (score_func := _find(hp, ["score_function", "scoring_func", "score_func", "moe_router_activation",
+                                 "moe_router_activation_func", "expert_selection_fn"])) is not None:
+        if score_func not in _GATING_FUNCS:
+            raise ModelError(f"unsupported expert score gating function {score_func!r}")
+        w.add_expert_gating_func(_GATING_FUNCS[score_func])
+
+
+def _parameter_counts(tensors: list[SourceTensor]) -> tuple[int, int, int, int]:
+    """GGUFWriter.get_total_parameter_count: (total, shared, per-expert, expert count), the
+    experts being the 3-D "_exps." tensors."""
+    total = shared = expert = expert_sum = n_expert_tensors = 0
+    for t in tensors:
+        size = t.n_elements
+        if "_exps." in t.name and len(t.shape) >= 3:
+            count = t.shape[1 if ".bias" in t.name else 2]  # numpy's shape[-2 / -3], in ggml order
+            expert += size // count
+            expert_sum += count
+            n_expert_tensors += 1
+        else:
+            shared += size
+        total += size
+    return total, shared, expert, expert_sum // n_expert_tensors if n_expert_tensors else 0
+
+
+def _general_metadata(w: gguf.GGUFWriter, folder: Path, counts: tuple[int, int, int, int]) -> None:
+    """ModelBase.prepare_metadata: general.type and the authorship / sampling keys; `counts`
+    are _parameter_counts' (the size label of a model with experts counts one of them)."""
+    total_params = counts[0]
     meta = gguf.Metadata.load(None, folder, None, total_params)
     gen_config_file = folder / "generation_config.json"
     if gen_config_file.is_file():  # llama.cpp's Metadata also reads repetition_penalty
@@ -255,7 +298,7 @@ def _general_metadata(w: gguf.GGUFWriter, folder: Path, total_params: int) -> No
     if meta.name is None:
         meta.name = folder.name
     if meta.size_label is None and total_params > 0:
-        meta.size_label = gguf.size_label(total_params, total_params, 0, 0)
+        meta.size_label = gguf.size_label(*counts)
     w.add_type(gguf.GGUFType.MODEL)
     meta.set_gguf_meta_model(w)
 
@@ -469,9 +512,22 @@ def _tensors(folder: Path, arch: Arch, hp: dict[str, Any], block_count: int,
             qtype = GGMLQuantizationType.F16
         tensors.append(SourceTensor(new_name, tuple(reversed(np_shape)), qtype, _make_load(raw, permute, qtype, st)))
 
+    seen: set[str] = set()
+
+    def add_mapped(name: str, np_shape: tuple[int, ...], raw: Callable[[], np.ndarray],
+                   permute: tuple[int, int | None] | None, bid: int | None, st: StTensor | None = None) -> None:
+        new_name = tensor_map.get_name(key=name, try_suffixes=(".weight", ".bias"))
+        where = f" ({st.path.name})" if st is not None else ""
+        if new_name is None:
+            raise ModelError(f"tensor {name!r}{where} has no GGUF name for {arch.name}")
+        if new_name in seen:
+            raise ModelError(f"tensor {name!r} maps to {new_name!r} a second time")
+        seen.add(new_name)
+        add(new_name, np_shape, raw, permute, bid, st)
+
     for key, data in arch.extra_tensors(hp):
         add(tensor_name(key), data.shape, lambda d=data: d, None, None)
-    seen: set[str] = set()
+    stacker = _ExpertStacker(arch, hp, block_count)
     for hf_name, st in index_tensors(folder).items():
         name = _hf_tensor_name(hf_name, arch)
         if name is None:
@@ -480,28 +536,78 @@ def _tensors(folder: Path, arch: Arch, hp: dict[str, Any], block_count: int,
         if bid is not None and bid >= block_count and name.startswith(_BLOCK_PREFIXES):
             raise ModelError(f"tensor {name!r} ({st.path.name}) is of block {bid}, but config.json's "
                              f"num_hidden_layers is {block_count}")
-        if "block_sparse_moe.experts" in name:
-            raise ModelError("mixture-of-experts models are not supported")
-        new_name = tensor_map.get_name(key=name, try_suffixes=(".weight", ".bias"))
-        if new_name is None:
-            raise ModelError(f"tensor {name!r} ({st.path.name}) has no GGUF name for {arch.name}")
-        if new_name in seen:
-            raise ModelError(f"tensor {name!r} maps to {new_name!r} a second time")
-        seen.add(new_name)
+        if arch.hf_experts is not None and arch.hf_experts.marker in name:
+            for merged, shape, load in stacker.add(name, bid, st):
+                add_mapped(merged, shape, load, None, bid)
+            continue
+        if "block_sparse_moe.experts" in name or ".mlp.experts." in name:
+            raise ModelError(f"tensor {name!r}: mixture-of-experts {arch.name} models are not supported")
         permute = _qk_permutation(name, st, arch, hp)
         n_vocab = hp.get("vocab_size")
         if arch.trim_embd_to_vocab and "embed_tokens.weight" in name and st.shape and n_vocab \
                 and st.shape[0] > n_vocab:  # the class's modify_tensors: data_torch[:n_vocab_real]
-            add(new_name, (n_vocab, *st.shape[1:]), lambda st=st, n=n_vocab: st.load()[:n], permute, bid)
+            add_mapped(name, (n_vocab, *st.shape[1:]), lambda st=st, n=n_vocab: st.load()[:n], permute, bid)
         elif arch.norm_shift and name.endswith("norm.weight"):  # the class's modify_tensors
-            add(new_name, st.shape, _shifted(st.load, arch.norm_shift), permute, bid)
+            add_mapped(name, st.shape, _shifted(st.load, arch.norm_shift), permute, bid)
         else:
-            add(new_name, st.shape, st.load, permute, bid, st)
+            add_mapped(name, st.shape, st.load, permute, bid, st)
+    stacker.finish()
     return tensors
 
 
+class _ExpertStacker:
+    """The converter's _experts buffer: a block's per-expert tensors held until all
+    n_expert * kinds of them are seen, then one stacked tensor per kind (in the kinds' order),
+    each loading its experts only when written."""
+
+    def __init__(self, arch: Arch, hp: dict[str, Any], block_count: int):
+        self.rule = arch.hf_experts
+        self.n_expert = _find(hp, self.rule.count_keys) if self.rule is not None else None
+        self.blocks: list[dict[str, StTensor]] = [{} for _ in range(block_count)]
+        if self.rule is not None:
+            kinds = "|".join(re.escape(k) for k in self.rule.kinds)
+            self._pattern = re.compile(re.escape(self.rule.per_expert).replace(r"\{bid\}", r"\d+")
+                                       .replace(r"\{xid\}", r"\d+").replace(r"\{kind\}", f"(?:{kinds})"))
+
+    def add(self, name: str, bid: int | None, st: StTensor) -> list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
+        rule = self.rule
+        if bid is None or not isinstance(self.n_expert, int) or self.n_expert < 1:
+            raise ModelError(f"tensor {name!r}: an expert tensor outside the blocks, or no expert count "
+                             f"({' / '.join(rule.count_keys)}) in config.json")
+        if not self._pattern.fullmatch(name):
+            # e.g. transformers 5's fused mlp.experts.gate_up_proj [n_expert, 2 * n_ff, n_embd]
+            raise ModelError(f"tensor {name!r}: expert tensors are converted in the per-expert layout "
+                             f"({rule.per_expert.format(bid='N', xid='X', kind='|'.join(rule.kinds))}); "
+                             "fused or stacked expert tensors are not supported")
+        held = self.blocks[bid]
+        held[name] = st
+        if len(held) < self.n_expert * len(rule.kinds):
+            return []
+        out = []
+        for kind in rule.kinds:
+            names = [rule.per_expert.format(bid=bid, xid=x, kind=kind) for x in range(self.n_expert)]
+            missing = [n for n in names if n not in held]
+            if missing:
+                raise ModelError(f"block {bid}: expert tensor {missing[0]!r} is missing (the folder's expert "
+                                 f"tensors are not the {self.n_expert} x {len(rule.kinds)} the converter stacks)")
+            parts = [held.pop(n) for n in names]
+            shapes = {tuple(p.shape) for p in parts}
+            if len(shapes) != 1 or len(parts[0].shape) != 2:
+                raise ModelError(f"block {bid}: the {kind} experts have different or non-2-D shapes {sorted(shapes)}")
+            out.append((rule.merged.format(bid=bid, kind=kind), (self.n_expert, *parts[0].shape),
+                        lambda parts=parts: np.stack([p.load() for p in parts])))
+        return out
+
+    def finish(self) -> None:
+        """Qwen2MoeModel.prepare_tensors: no expert tensor may be left over."""
+        left = [n for held in self.blocks for n in held]
+        if left:
+            raise ModelError(f"unprocessed expert tensors: {left[0]!r} (and {len(left) - 1} more)"
+                             if len(left) > 1 else f"unprocessed expert tensor: {left[0]!r}")
+
+
 def _metadata(folder: Path, arch: Arch, hp: dict[str, Any], block_count: int, ftype: LlamaFileType,
-              total_params: int) -> list[KV]:
+              counts: tuple[int, int, int, int]) -> list[KV]:
     """The converter's metadata, in its order: general.*, hyper-parameters, tokenizer."""
     w = gguf.GGUFWriter(path=None, arch=arch.name)
     # a key set twice keeps its first place and takes the last value, as in the converter
@@ -511,7 +617,7 @@ def _metadata(folder: Path, arch: Arch, hp: dict[str, Any], block_count: int, ft
     log.setLevel(logging.ERROR)
     try:
         arch.tensor_params(w, hp)
-        _general_metadata(w, folder, total_params)
+        _general_metadata(w, folder, counts)
         _set_params(w, arch, folder, hp, block_count, hp["rope_parameters"], ftype)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         arch.set_vocab(w, folder, hp)
@@ -550,7 +656,7 @@ def load_hf_model(folder: str | Path, outtype: str = "f16") -> ModelSource:
     _refuse_unsupported(folder, arch, hp, hf_class)
     block_count = _block_count(config_file, hp)
     tensors = _tensors(folder, arch, hp, block_count, ftype)
-    kv = _metadata(folder, arch, hp, block_count, ftype, sum(t.n_elements for t in tensors))
+    kv = _metadata(folder, arch, hp, block_count, ftype, _parameter_counts(tensors))
     source = ModelSource(arch=arch.name, kv=kv, tensors=tensors, path=str(folder),
                          not_runnable=_dropped_rope(arch, hp["rope_parameters"]))
     # the converter writes whatever it is given, but llama.cpp would refuse to load a file

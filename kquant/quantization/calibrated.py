@@ -65,6 +65,9 @@ def calibrate(model_path: str | Path, text_path: str | Path, n_ctx: int = 512, n
     source = open_model(model_path, "f32")
     tokens, bos = calibration_tokens(source, text_path, n_ctx)
     model = Transformer(source, "cpu" if hessians else device, progress)
+    if hessians and model.config.n_expert:
+        raise ModelError(f"{model_path}: GPTQ does not support mixture-of-experts models ({source.arch}, "
+                         f"{model.config.n_expert} experts) yet")
     params = ImatrixParams(n_ctx=n_ctx, n_chunks=n_chunks, compute_ppl=False, output_frequency=0,
                            prompt_file=str(text_path))
     if hessians:

@@ -314,7 +314,7 @@ def apply_budget(plan: Plan, opts: QuantizeOptions, model_path: str | Path, n_th
     else:
         _set(plan.kv, KV(KEY_TARGET_SIZE, int(opts.target_size), GGUFValueType.UINT64))
         head = gguf_header_size(ModelSource(plan.source.arch, plan.kv, [
-            SourceTensor(p.name, p.source.shape, p.target, None) for p in plan.tensors]))
+            SourceTensor(p.name, _ggml_dims(p.source.shape), p.target, None) for p in plan.tensors]))
         align = int(plan.source.get("general.alignment") or 32)
         f32 = head + sum(-(-4 * p.source.n_elements // align) * align for p in plan.tensors)
         if opts.target_size > f32:
@@ -501,9 +501,18 @@ def output_source(plan: Plan, n_threads: int | None = None,
     def loader(p: PlannedTensor) -> Callable[[], np.ndarray]:
         return lambda: convert_tensor(p, n_threads, report)
 
-    tensors = [SourceTensor(p.name, p.source.shape, p.target, loader(p), release=p.source.release)
+    tensors = [SourceTensor(p.name, _ggml_dims(p.source.shape), p.target, loader(p), release=p.source.release)
                for p in plan.tensors]
     return ModelSource(plan.source.arch, plan.kv, tensors, plan.source.path)
+
+
+def _ggml_dims(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape llama-quantize writes (gguf_add_tensor: ggml_n_dims), trailing 1s dropped:
+    qwen2moe's ffn_gate_inp_shexp, [n_embd, 1] as converted, is written [n_embd]."""
+    shape = tuple(shape)
+    while len(shape) > 1 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
 
 
 def quantize_model(input_path: str | Path, output_path: str | Path,
@@ -532,6 +541,10 @@ def quantize_model(input_path: str | Path, output_path: str | Path,
             refuse_input_as_output(path, split_paths(inp))
     plan = plan_quantization(source, ftype, opts)  # refuses a bad type or imatrix before calibrating
     report = None
+    if opts.method == "gptq" and (n_expert := source.get(f"{source.arch}.expert_count") or 0):
+        # the sweeps and Hessians are per matrix: stacked experts have neither yet
+        raise ModelError(f"{inp}: --method gptq does not support mixture-of-experts models "
+                         f"({source.arch}, {n_expert} experts) yet")
     if opts.method == "gptq":
         report = GptqReport()
         if opts.hessian:

@@ -283,4 +283,7 @@ def sequential_gptq(model_path: str | Path, text_path: str | Path, planned: dict
         raise ModelError("--chunks must be at least 1 for calibration")
     chunks = chunk_sequences(tokens, 0, n, n_ctx, bos)
     model = Transformer(source, device, progress)
+    if model.config.n_expert:
+        raise ModelError(f"{model_path}: sequential GPTQ does not support mixture-of-experts models "
+                         f"({model.config.arch}, {model.config.n_expert} experts) yet")
     return SequentialGptq(model, planned, convert, report, n_threads).run(chunks, progress)

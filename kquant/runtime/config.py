@@ -53,6 +53,15 @@ class ModelConfig:
     # the SWA layers' rope (base, freq scale) where it differs from the global one (gemma3:
     # rope.freq_base_swa at scale 1); None: every layer ropes with rope_base, rope_freq_scale
     rope_swa: tuple[float, float] | None = None
+    # mixture of experts (0: none): experts, experts used per token, the rows of each expert's
+    # gate/up and of the shared expert's; the top-k weights renormalized (build_moe_ffn's
+    # norm_w, by arch) and scaled by expert_weights_scale (0: not)
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_ff_exp: int = 0
+    n_ff_shexp: int = 0
+    expert_norm: bool = False
+    expert_weights_scale: float = 0.0
 
     @property
     def n_rep(self) -> int:
@@ -81,6 +90,7 @@ def read_config(source: ModelSource) -> ModelConfig:
     rope_freq_scale = _rope_freq_scale(source)
     check_tensors(source, dims, runtime=True)
     a = ARCHS[arch]
+    _check_experts(source, dims.n_expert)
     n_swa, swa_layers = _swa(source, a.swa_pattern, a.swa_window, dims.n_layer)
     return ModelConfig(
         arch=arch,
@@ -112,7 +122,37 @@ def read_config(source: ModelSource) -> ModelConfig:
         swa_layers=swa_layers,
         rope_swa=(meta_float(source, f"{arch}.rope.freq_base_swa", a.swa_rope_base), 1.0)
         if a.swa_rope_base and any(swa_layers) else None,
+        n_expert=dims.n_expert,
+        n_expert_used=meta_int(source, f"{arch}.expert_used_count", 0, minimum=0) if dims.n_expert else 0,
+        n_ff_exp=_expert_rows(a, dims),
+        n_ff_shexp=dims.n_ff_shexp,
+        expert_norm=a.expert_norm,
+        expert_weights_scale=meta_float(source, f"{arch}.expert_weights_scale", 0.0, allow_zero=True),
     )
+
+
+def _expert_rows(arch, dims) -> int:
+    """Each expert's gate/up rows as the arch's loader sizes them (llama: n_ff; qwen*moe:
+    expert_feed_forward_length), read off its ffn_up_exps shape."""
+    from gguf import MODEL_TENSOR
+
+    spec = next((t for t in arch.tensors if t.key == MODEL_TENSOR.FFN_UP_EXP), None)
+    return spec.size(dims)[1] if spec is not None and dims.n_expert else 0
+
+
+def _check_experts(source: ModelSource, n_expert: int) -> None:
+    """The routing the runtime computes: llama.cpp's softmax gating over all experts, k of
+    them per token. Expert groups (DeepSeek-V3's group-limited routing, which build_moe_ffn
+    applies to any arch that has them) are refused."""
+    arch = source.arch
+    if not n_expert:
+        return
+    if meta_int(source, f"{arch}.expert_used_count", 0, minimum=0) == 0:
+        raise ModelError(f"{where(source)}: {arch}.expert_count is {n_expert} but {arch}.expert_used_count "
+                         "is missing or 0")
+    if meta_int(source, f"{arch}.expert_group_count", 0, minimum=0) > 1:
+        raise ModelError(f"{where(source)}: expert groups ({arch}.expert_group_count) are not supported by "
+                         "kquant's runtime")
 
 
 def _swa(source: ModelSource, pattern: int, window: int, n_layer: int) -> tuple[int, tuple[bool, ...]]:

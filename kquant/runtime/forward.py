@@ -18,7 +18,10 @@ gemma2.cpp, gemma3.cpp), in float32, with matrix-matrix products over every toke
         x = x + a @ Wo.T                                      (gemma: rms_norm(a @ Wo.T) * attn_post_norm)
         h = rms_norm(x) * ffn_norm
         x = x + (silu(h @ Wgate.T) * (h @ Wup.T)) @ Wdown.T   (phi3: gate and up one product, split;
-                                                              gemma: gelu, the output post-normed)
+                                                              gemma: gelu, the output post-normed;
+                                                              mixtral, qwen2moe, qwen3moe: the top-k
+                                                              experts' FFNs, weighted, + the shared
+                                                              expert: moe_ffn, runtime/experts.py)
     logits = (rms_norm(x) * output_norm) @ Wout.T             (gemma2, gemma3 where set: cap * tanh(logits / cap))
 
 All of it is written against an array module `xp`: numpy (BLAS) on the CPU, CuPy on a GPU.
@@ -49,6 +52,8 @@ from .kernels import (flash_attention, flash_attention_split_kv, flash_attention
                       rms_sums, rope_inplace, rope_table, rope_theta_scale, round_to_half, softmax_causal, swiglu,
                       geglu, gelu_table, soft_cap, softmax_window,
                       uses_split_kv)
+from .device import to_host
+from .experts import ExpertInput, expert_rows, route, router_softmax
 from .weights import OUTPUT, Layer, Weights, load_weights
 
 Observer = Callable[[str, Any], None]
@@ -372,7 +377,10 @@ class Transformer:
         if out_rows is not None:  # llama.cpp's last block: the FFN on the output rows only
             x = x[out_rows]
         h = self._rms_norm(x, L.ffn_norm)
-        y = self._linear(self.ffn_hidden(L, h, observe), L.w_down, None, n["w_down"], observe)
+        if L.gate_inp is not None:
+            y = self.moe_ffn(L, h, observe)
+        else:
+            y = self._linear(self.ffn_hidden(L, h, observe), L.w_down, None, n["w_down"], observe)
         if L.ffn_post_norm is not None:
             y = self._rms_norm(y, L.ffn_post_norm)
         x += y
@@ -452,6 +460,76 @@ class Transformer:
         else:
             g = g / (F32(1.0) + self.xp.exp(-g)) * u
         return g
+
+    def moe_ffn(self, L: Layer, h: Any, observe: Observer | None = None) -> Any:
+        """The mixture of experts' output (N, n_embd) for the normed input h (build_moe_ffn
+        with softmax gating, kquant.runtime.experts): each expert's SwiGLU FFN over the tokens
+        routed to it, weighted, the k slots added in order; plus the shared expert scaled by
+        sigmoid(h . ffn_gate_inp_shexp) where the block has one (qwen2moe)."""
+        xp, c, n = self.xp, self.config, L.names
+        if self.exact:
+            raise ModelError("exact mode (llama.cpp's CPU float order) does not run mixture-of-experts "
+                             "models yet")
+        logits = self._linear(h, L.gate_inp, None, n["gate_inp"], observe)
+        if xp is np:
+            probs = router_softmax(np.ascontiguousarray(logits, dtype=F32))
+        else:
+            e = xp.exp(logits - logits.max(axis=1, keepdims=True))
+            probs = to_host(e * (F32(1.0) / e.sum(axis=1, dtype=np.float64)).astype(F32)[:, None])
+        ids, weights = route(probs, c.n_expert_used, c.expert_norm, c.expert_weights_scale)
+        N, k = ids.shape
+        if observe is not None:
+            observe(n["up_exps"], ExpertInput(h, ids, c.n_expert))
+            observe(n["gate_exps"], ExpertInput(h, ids, c.n_expert))
+        out = xp.zeros((N, k, c.n_embd), F32)
+        acts = xp.zeros((N, k, c.n_ff_exp), F32) if observe is not None else None
+        for e, (tok, slot) in enumerate(expert_rows(ids, c.n_expert)):
+            if not len(tok):
+                continue
+            tok_d, slot_d = xp.asarray(tok), xp.asarray(slot)
+            x = h[tok_d]
+            g = self._expert_linear(x, L.gate_exps, n["gate_exps"], e)
+            u = self._expert_linear(x, L.up_exps, n["up_exps"], e)
+            a = self._swiglu(g, u)
+            if acts is not None:
+                acts[tok_d, slot_d] = a
+            out[tok_d, slot_d] = self._expert_linear(a, L.down_exps, n["down_exps"], e)
+        if observe is not None:
+            observe(n["down_exps"], ExpertInput(acts, ids, c.n_expert))
+        out *= xp.asarray(weights)[:, :, None]  # ggml_mul(experts, weights)
+        y = out[:, 0]
+        for j in range(1, k):  # the views added in slot order
+            y = y + out[:, j]
+        if L.gate_inp_shexp is not None:
+            gate = self._linear(h, L.gate_inp_shexp, None, n["gate_inp_shexp"], observe)
+            # ggml_div(ggml_silu(g), g): the sigmoid as llama.cpp's graph spells it
+            gate = gate / (F32(1.0) + xp.exp(-gate)) / gate
+            hidden = self._swiglu(self._linear(h, L.w_gate_shexp, None, n["w_gate_shexp"], observe),
+                                  self._linear(h, L.w_up_shexp, None, n["w_up_shexp"], observe))
+            shexp = self._linear(hidden, L.w_down_shexp, None, n["w_down_shexp"], observe)
+            y = y + shexp * gate
+        return y
+
+    def _expert_linear(self, x: Any, w: Any, name: str, e: int) -> Any:
+        """x @ W[e].T for expert e of a stacked tensor, the activations rounded for its type as
+        ggml_mul_mat_id rounds them (as _linear does for a matrix)."""
+        qtype = self.weights.types.get(name, T.F32)
+        src_x = x
+        if qtype != T.F32:
+            x = self._once_per_input(x, ("rounded", vec_dot_type(qtype)),
+                                     lambda: round_activations(x, qtype, self.xp))
+        y = self._matmul_nt(x, w[e])
+        if name in self.weights.mins:
+            y += self._matmul_nt(min_term_correction(src_x, qtype, self.xp), self.weights.mins[name][e])
+        return y
+
+    def _swiglu(self, g: Any, u: Any) -> Any:
+        """silu(g) * u (ggml_swiglu_split), in g's place on the CPU."""
+        if self.xp is np:
+            g = np.ascontiguousarray(g)
+            swiglu(g, np.ascontiguousarray(u))
+            return g
+        return g / (F32(1.0) + self.xp.exp(-g)) * u
 
     # --- the pass ---------------------------------------------------------------------------
 

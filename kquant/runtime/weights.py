@@ -49,6 +49,17 @@ class Layer:
     # Q, K and V as one matrix (attn_qkv, phi3), in place of wq/wk/wv (then None), its bias
     wqkv: Any = None
     bqkv: Any = None
+    # mixture of experts (in place of w_gate/w_up/w_down, then None): the router
+    # (n_expert, n_embd), the stacked experts (n_expert, n_ff_exp, n_embd) and
+    # (n_expert, n_embd, n_ff_exp); the shared expert (qwen2moe) and its gate (1, n_embd)
+    gate_inp: Any = None
+    gate_exps: Any = None
+    up_exps: Any = None
+    down_exps: Any = None
+    gate_inp_shexp: Any = None
+    w_gate_shexp: Any = None
+    w_up_shexp: Any = None
+    w_down_shexp: Any = None
     # the GGUF name of each matrix ("wq" -> "blk.3.attn_q.weight"): what the imatrix and the
     # activation rounding (by the matrix's stored type) know it by
     names: dict[str, str] = field(default_factory=dict)
@@ -101,7 +112,26 @@ ROPE_SHORT = tensor_name(MT.ROPE_FACTORS_SHORT)
 
 # each matrix of a block: its Layer field and its gguf tensor
 MATRICES = {"wq": MT.ATTN_Q, "wk": MT.ATTN_K, "wv": MT.ATTN_V, "wqkv": MT.ATTN_QKV, "wo": MT.ATTN_OUT,
-            "w_gate": MT.FFN_GATE, "w_up": MT.FFN_UP, "w_down": MT.FFN_DOWN}
+            "w_gate": MT.FFN_GATE, "w_up": MT.FFN_UP, "w_down": MT.FFN_DOWN,
+            "gate_inp": MT.FFN_GATE_INP, "gate_exps": MT.FFN_GATE_EXP, "up_exps": MT.FFN_UP_EXP,
+            "down_exps": MT.FFN_DOWN_EXP, "gate_inp_shexp": MT.FFN_GATE_INP_SHEXP,
+            "w_gate_shexp": MT.FFN_GATE_SHEXP, "w_up_shexp": MT.FFN_UP_SHEXP, "w_down_shexp": MT.FFN_DOWN_SHEXP}
+
+
+def _load_experts(w: Callable[..., Any], c: ModelConfig, layer: "Layer", shexp: bool) -> None:
+    """A block's router, stacked experts and (where the model has one) shared expert, as
+    llama.cpp's loader creates them for the MoE archs."""
+    e, ff = c.n_expert, c.n_ff_exp
+    layer.gate_inp = w(MT.FFN_GATE_INP, (e, c.n_embd))
+    layer.gate_exps = w(MT.FFN_GATE_EXP, (e, ff, c.n_embd))
+    layer.up_exps = w(MT.FFN_UP_EXP, (e, ff, c.n_embd))
+    layer.down_exps = w(MT.FFN_DOWN_EXP, (e, c.n_embd, ff))
+    if shexp:
+        gate = w(MT.FFN_GATE_INP_SHEXP, None)
+        layer.gate_inp_shexp = gate.reshape(1, c.n_embd)  # {n_embd}: one row of output
+        layer.w_gate_shexp = w(MT.FFN_GATE_SHEXP, (c.n_ff_shexp, c.n_embd))
+        layer.w_up_shexp = w(MT.FFN_UP_SHEXP, (c.n_ff_shexp, c.n_embd))
+        layer.w_down_shexp = w(MT.FFN_DOWN_SHEXP, (c.n_embd, c.n_ff_shexp))
 
 
 def _load_layer(get: Callable[..., Any], has: Callable[[str], bool], c: ModelConfig, arch: Arch, i: int) -> Layer:
@@ -114,7 +144,8 @@ def _load_layer(get: Callable[..., Any], has: Callable[[str], bool], c: ModelCon
         return get(tensor_name(key, i, suffix), shape, required)
 
     fused_qkv = has(tensor_name(MT.ATTN_QKV, i))
-    fused_ffn = not has(tensor_name(MT.FFN_GATE, i))
+    moe = has(tensor_name(MT.FFN_GATE_INP, i))
+    fused_ffn = not moe and not has(tensor_name(MT.FFN_GATE, i))
     qkv = (q_dim + 2 * kv_dim, c.n_embd)
     layer = Layer(
         attn_norm=w(MT.ATTN_NORM, (c.n_embd,)),
@@ -125,9 +156,9 @@ def _load_layer(get: Callable[..., Any], has: Callable[[str], bool], c: ModelCon
         bqkv=w(MT.ATTN_QKV, qkv[:1], False, "bias") if fused_qkv else None,
         wo=w(MT.ATTN_OUT, (c.n_embd, q_dim)),
         ffn_norm=w(MT.FFN_NORM, (c.n_embd,)),
-        w_gate=None if fused_ffn else w(MT.FFN_GATE, (c.n_ff, c.n_embd)),
-        w_up=w(MT.FFN_UP, ((2 if fused_ffn else 1) * c.n_ff, c.n_embd)),
-        w_down=w(MT.FFN_DOWN, (c.n_embd, c.n_ff)),
+        w_gate=None if fused_ffn or moe else w(MT.FFN_GATE, (c.n_ff, c.n_embd)),
+        w_up=None if moe else w(MT.FFN_UP, ((2 if fused_ffn else 1) * c.n_ff, c.n_embd)),
+        w_down=None if moe else w(MT.FFN_DOWN, (c.n_embd, c.n_ff)),
         bq=w(MT.ATTN_Q, (q_dim,), False, "bias"),
         bk=w(MT.ATTN_K, (kv_dim,), False, "bias"),
         bv=w(MT.ATTN_V, (kv_dim,), False, "bias"),
@@ -144,6 +175,8 @@ def _load_layer(get: Callable[..., Any], has: Callable[[str], bool], c: ModelCon
     if fused_qkv and (layer.bq is not None or layer.bk is not None or layer.bv is not None):
         raise ModelError(f"tensor {tensor_name(MT.ATTN_QKV, i)}: separate Q/K/V biases with a fused "
                          "Q/K/V matrix are not supported by kquant's runtime")
+    if moe:
+        _load_experts(w, c, layer, has(tensor_name(MT.FFN_GATE_INP_SHEXP, i)))
     # the matrices the block has
     layer.names = {f: tensor_name(key, i) for f, key in MATRICES.items() if getattr(layer, f) is not None}
     return layer
@@ -176,16 +209,17 @@ def load_weights(source: ModelSource, config: ModelConfig, xp: Any = np, progres
     if output is None:  # tied embeddings
         output = token_embd if xp is np else xp.asarray(token_embd)
     freqs = by_name.get(ROPE_FREQS)
-    types = {t.name: t.type for t in source.tensors if len(t.shape) == 2}
+    # matrices and stacked experts (3-D: each expert's slab is a matrix of the type)
+    types = {t.name: t.type for t in source.tensors if len(t.shape) in (2, 3)}
     types.setdefault(OUTPUT, embd.type)
     mins, blocks = {}, {}
     for name, qtype in types.items():
-        if qtype not in (T.F32, T.F16, T.BF16):
-            t = by_name[TOKEN_EMBD if name not in by_name else name]
+        t = by_name[TOKEN_EMBD if name not in by_name else name]
+        if qtype not in (T.F32, T.F16, T.BF16) and len(t.shape) == 2:
             blocks[name] = np.asarray(t.load()).view(np.uint8).reshape(t.shape[1], -1)
         if qtype in (T.Q4_1, T.Q5_1):
-            t = by_name[TOKEN_EMBD if name not in by_name else name]
-            m = block_mins(t.load(), qtype, t.shape[1])
+            rows = t.n_elements // t.shape[0]
+            m = block_mins(t.load(), qtype, rows).reshape(*reversed(t.shape[1:]), -1)
             mins[name] = m if xp is np else xp.asarray(m)
     return Weights(
         types=types,
