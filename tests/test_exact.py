@@ -163,7 +163,7 @@ def test_kl_divergence_and_generation_are_the_same_for_any_thread_count(tmp_path
 
 # every architecture's blocks beyond llama's: fused products and LongRoPE (phi3), the GELU
 # table, soft-caps, a sliding window, post-norms (gemma2), two rope bases (gemma3)
-ARCH_FIXTURES = ["tiny-phi3", "tiny-gemma2", "tiny-gemma3"]
+ARCH_FIXTURES = ["tiny-phi3", "tiny-gemma2", "tiny-gemma3", "tiny-qwen2moe", "tiny-mixtral"]
 
 
 @pytest.mark.parametrize("fixture", ARCH_FIXTURES)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import gguf
-from gguf import MODEL_ARCH, MODEL_TENSOR
+from gguf import MODEL_ARCH
 
 from ..errors import ModelError
 from ..files.safetensors import read_json
