@@ -38,6 +38,8 @@ FIXTURES = {
     "tiny-smollm": "LlamaForCausalLM, BF16, SmolLM BPE (digits + byte-level), tied, hidden 64",
     "tiny-phi3": "Phi3ForCausalLM, BF16, fused qkv_proj / gate_up_proj, GQA, partial rotary 0.75, LongRoPE, "
                  "SentencePiece + Phi-3 added tokens, padded vocab",
+    "tiny-phi4": "Phi3ForCausalLM as Phi-4-mini: GPT2Tokenizer (byte-level BPE, GPT-4o pre-tokenizer), padded "
+                 "vocab, tied, partial rotary 0.75, LongRoPE",
     "tiny-qwen3moe": "Qwen3MoeForCausalLM, BF16, 8 experts (top 2, renormalized), q_norm/k_norm, GQA, "
                      "Qwen2 BPE tokenizer.json",
     "tiny-qwen2moe": "Qwen2MoeForCausalLM, BF16, 4 experts (top 2, not renormalized) + a shared expert with its "
@@ -247,6 +249,10 @@ _LLAMA3_RE = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}
 _QWEN2_RE = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
              "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
 
+# Xenova/gpt-4o's (Phi-4-mini's) Split regex
+_GPT4O_RE = ("[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+             "|[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+             "|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
 
 def _split_pre(regex: str) -> dict:
     return {"type": "Sequence", "pretokenizers": [
@@ -505,19 +511,7 @@ def build_phi3(d: Path, spm_model: bytes, n_sp: int) -> None:
            "bos_token_id": 1, "eos_token_id": n_sp, "pad_token_id": n_sp, "hidden_act": "silu",
            "attention_bias": False, "torch_dtype": "bfloat16"}
     _write_json(d / "config.json", cfg)
-    w = _weights(7, cfg)
-    fused = {}
-    for name, a in w.items():
-        if ".k_proj." in name or ".v_proj." in name or ".up_proj." in name:
-            continue
-        if ".q_proj." in name:
-            p = name.replace("q_proj", "{}")
-            fused[name.replace("q_proj", "qkv_proj")] = np.concatenate([w[p.format(x)] for x in ("q_proj", "k_proj", "v_proj")])
-        elif ".gate_proj." in name:
-            fused[name.replace("gate_proj", "gate_up_proj")] = np.concatenate([a, w[name.replace("gate_proj", "up_proj")]])
-        else:
-            fused[name] = a
-    write_safetensors(d / "model.safetensors", fused, "BF16")
+    write_safetensors(d / "model.safetensors", _phi3_weights(7, cfg), "BF16")
     extra = [(n_sp, "<|endoftext|>", True), (n_sp + 1, "<|assistant|>", True), (n_sp + 2, "<|placeholder1|>", True),
              (n_sp + 3, "<|end|>", True), (n_sp + 4, "<|user|>", True), (n_sp + 5, "<tool>", False)]
     _spm_folder(d, spm_model, n_sp, extra, _CHAT_PHI3)
@@ -529,6 +523,61 @@ def build_phi3(d: Path, spm_model: bytes, n_sp: int) -> None:
           "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>", "byte_fallback": True, "vocab": {}, "merges": []}}
     _write_json(d / "tokenizer.json", tj)
     _write_json(d / "generation_config.json", {"bos_token_id": 1, "eos_token_id": [n_sp, n_sp + 3], "pad_token_id": n_sp})
+
+
+def _phi3_weights(seed: int, cfg: dict) -> dict[str, np.ndarray]:
+    """Phi-3's fused matrices: qkv_proj = [q; k; v], gate_up_proj = [gate; up] (rows)."""
+    w = _weights(seed, cfg, tied=cfg["tie_word_embeddings"])
+    fused = {}
+    for name, a in w.items():
+        if ".k_proj." in name or ".v_proj." in name or ".up_proj." in name:
+            continue
+        if ".q_proj." in name:
+            p = name.replace("q_proj", "{}")
+            fused[name.replace("q_proj", "qkv_proj")] = np.concatenate([w[p.format(x)] for x in ("q_proj", "k_proj", "v_proj")])
+        elif ".gate_proj." in name:
+            fused[name.replace("gate_proj", "gate_up_proj")] = np.concatenate([a, w[name.replace("gate_proj", "up_proj")]])
+        else:
+            fused[name] = a
+    return fused
+
+
+def build_phi4(d: Path, text: str) -> None:
+    """Phi-4-mini's layout: Phi3ForCausalLM with a GPT2Tokenizer (byte-level BPE, GPT-4o's
+    pre-tokenizer regex), the vocabulary padded in config.json, tied embeddings, partial rotary
+    0.75 with LongRoPE factors."""
+    vocab, merges = train_bpe(text[:60_000], 350)
+    n = len(vocab)
+    specials = [("<|endoftext|>", True), ("<|system|>", True), ("<|end|>", True), ("<|user|>", True),
+                ("<|assistant|>", True), ("<|tool|>", True)]
+    added = [_added(n + i, s, sp) for i, (s, sp) in enumerate(specials)]
+    for a in added:
+        vocab[a["content"]] = a["id"]
+    post = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    tj = _tokenizer_json(vocab, merges, added, _split_pre(_GPT4O_RE), post, ignore_merges=False,
+                         merges_as_pairs=False)
+    tj["pre_tokenizer"]["pretokenizers"][1]["trim_offsets"] = False
+    _write_json(d / "tokenizer.json", tj)
+    decoder = {str(a["id"]): {k: v for k, v in a.items() if k != "id"} for a in added}
+    _write_json(d / "tokenizer_config.json", {
+        "add_bos_token": False, "add_eos_token": False, "added_tokens_decoder": decoder,
+        "bos_token": "<|endoftext|>", "chat_template": _CHAT_PHI3, "clean_up_tokenization_spaces": False,
+        "eos_token": "<|endoftext|>", "model_max_length": 131072, "pad_token": "<|endoftext|>",
+        "tokenizer_class": "GPT2Tokenizer", "unk_token": "<|endoftext|>"})
+    rot_half = 256 // 4 * 3 // 4 // 2  # head_dim 64 * partial_rotary_factor 0.75 / 2
+    cfg = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_size": 256,
+           "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "max_position_embeddings": 2048, "original_max_position_embeddings": 512,
+           "partial_rotary_factor": 0.75, "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
+           "rope_scaling": {"long_factor": [round(1.0 + 0.5 * i, 4) for i in range(rot_half)],
+                            "short_factor": [round(1.0 + 0.02 * i, 4) for i in range(rot_half)],
+                            "type": "longrope"},
+           "sliding_window": 262144, "tie_word_embeddings": True, "vocab_size": n + len(specials) + 10,
+           "bos_token_id": n, "eos_token_id": n, "pad_token_id": n, "hidden_act": "silu",
+           "attention_bias": False, "full_attn_mod": 1, "lm_head_bias": False, "torch_dtype": "bfloat16"}
+    _write_json(d / "config.json", cfg)
+    write_safetensors(d / "model.safetensors", _phi3_weights(8, cfg), "BF16")
+    _write_json(d / "generation_config.json", {"bos_token_id": n, "eos_token_id": [n, n + 2], "pad_token_id": n})
 
 
 _CHAT_GEMMA = ("{{ bos_token }}{% for message in messages %}{{ '<start_of_turn>' + message['role'] + '\n' + "
@@ -684,6 +733,8 @@ def build(dest: str | Path, names: list[str] | None = None, text_path: str | Pat
             build_smollm(d, text)
         elif name == "tiny-phi3":
             build_phi3(d, spm_model, n_sp)
+        elif name == "tiny-phi4":
+            build_phi4(d, text)
         elif name == "tiny-gemma2":
             build_gemma2(d, spm_model, n_sp)
         elif name == "tiny-gemma3":

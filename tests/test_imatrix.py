@@ -54,6 +54,8 @@ CASES = [
     ("smollm2-2l.c512.gguf", "smollm2", "pg1342.txt", ["--chunks", "4"]),
     # phi3: fused attn_qkv and ffn_up entries, long rope factors
     ("tiny-phi3.c512.gguf", "tiny-phi3", "pg84.txt", ["-c", "512", "--chunks", "3", "--process-output"]),
+    # phi4 (Phi-4-mini's layout): tied output, so no output.weight entry; GPT-4o's pre-tokenizer
+    ("tiny-phi4.c128.gguf", "tiny-phi4", "pg84.txt", ["-c", "128", "--chunks", "4", "--process-output"]),
     # gemma2: sliding window, soft-capping; a tied output, so no output.weight entry
     ("tiny-gemma2.c128.gguf", "tiny-gemma2", "pg84.txt", ["-c", "128", "--chunks", "4", "--process-output"]),
     # gemma3: Q/K norms, two rope bases (-vl: linear scaling on the global layer), tied output

@@ -105,7 +105,7 @@ def model_path(request, tiny_quant, name: str) -> Path:
         return request.getfixturevalue("tiny_llama_f32")
     if name.startswith("tiny-"):
         return tiny_quant(name[5:])
-    if name.startswith(("phi3-", "gemma2-", "gemma3-", "qwen3moe-", "qwen2moe-", "mixtral-")):  # the HF fixtures
+    if name.startswith(("phi3-", "phi4-", "gemma2-", "gemma3-", "qwen3moe-", "qwen2moe-", "mixtral-")):  # the HF fixtures
         arch, _, ftype = name.rpartition("-")
         return request.getfixturevalue("hf_fixture_gguf")(f"tiny-{arch}", ftype)
     return request.getfixturevalue({"smollm2-2l-f32": "smollm2_2l_f32", "smollm2-Q4_K_M": "smollm2_q4_k_m"}[name])
@@ -122,6 +122,8 @@ CASES = [
     # phi3: short rope factors at -c 128, long ones (and the attention factor) at -c 512
     pytest.param("tiny-phi3-Q4_K_M.c128", "phi3-Q4_K_M", ["-c", "128", "--chunks", "8"], id="phi3-Q4_K_M-c128"),
     pytest.param("tiny-phi3-Q4_K_M.c512", "phi3-Q4_K_M", ["-c", "512", "--chunks", "4"], id="phi3-Q4_K_M-c512"),
+    # phi4 (Phi-4-mini's layout): GPT-4o's pre-tokenizer on wiki.test.raw, tied output
+    pytest.param("tiny-phi4-Q4_K_M.c128", "phi4-Q4_K_M", ["-c", "128", "--chunks", "8"], id="phi4-Q4_K_M-c128"),
     # gemma2: 128-token chunks cross its 32-token sliding window
     pytest.param("tiny-gemma2-f32.c128", "gemma2-F32", ["-c", "128", "--chunks", "8"], id="gemma2-f32-c128"),
     pytest.param("tiny-gemma2-Q4_K_M.c128", "gemma2-Q4_K_M", ["-c", "128", "--chunks", "8"], id="gemma2-Q4_K_M-c128"),

@@ -297,7 +297,7 @@ def hf_folders(tmp_path_factory):
 
 # the HF fixtures quantized in one step (MoE ones: 3-D expert tensors quantized per expert)
 ONE_STEP = ["tiny-llama-spm", "tiny-mistral-spm", "tiny-qwen2", "tiny-qwen3", "tiny-phi3", "tiny-gemma2",
-            "tiny-gemma3", "tiny-gemma3-vl", "tiny-qwen3moe", "tiny-qwen2moe", "tiny-mixtral"]
+            "tiny-phi4", "tiny-gemma3", "tiny-gemma3-vl", "tiny-qwen3moe", "tiny-qwen2moe", "tiny-mixtral"]
 
 
 @pytest.mark.parametrize("name", ONE_STEP)

@@ -30,7 +30,7 @@ import numpy as np
 TESTS = Path(__file__).resolve().parent.parent / "tests"
 sys.path.insert(0, str(TESTS))
 
-DEFAULT = ["tiny-phi3", "tiny-gemma2", "tiny-gemma3", "tiny-gemma3-vl", "tiny-qwen3moe", "tiny-qwen2moe",
+DEFAULT = ["tiny-phi3", "tiny-phi4", "tiny-gemma2", "tiny-gemma3", "tiny-gemma3-vl", "tiny-qwen3moe", "tiny-qwen2moe",
            "tiny-mixtral"]
 
 

@@ -46,7 +46,7 @@ LLAMA_CPP = Path(os.environ.get("KQUANT_LLAMA_CPP", "/work/cache/llama_cpp_pytho
 CONVVENV = Path(os.environ.get("KQUANT_CONVVENV", "/work/cache/convvenv"))
 
 # what each fixture's BPE tokenizer was built as (see the module docstring)
-FIXTURE_PRE = {"tiny-llama3-bpe": "llama-bpe", "tiny-qwen2": "qwen2", "tiny-qwen3": "qwen2", "tiny-qwen3moe": "qwen2", "tiny-qwen2moe": "qwen2", "tiny-smollm": "smollm"}
+FIXTURE_PRE = {"tiny-llama3-bpe": "llama-bpe", "tiny-qwen2": "qwen2", "tiny-qwen3": "qwen2", "tiny-qwen3moe": "qwen2", "tiny-qwen2moe": "qwen2", "tiny-smollm": "smollm", "tiny-phi4": "gpt-4o"}
 
 _WRAPPER = r'''
 import os, sys, runpy

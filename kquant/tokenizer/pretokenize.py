@@ -3,7 +3,9 @@
 llama.cpp splits text with a list of regexes, each cutting the pieces the previous one made.  The
 common GPT-2 / Llama-3 / Qwen2 / Qwen3.5 patterns have hand-written splitters in llama.cpp's
 unicode.cpp (unicode_regex_split_custom_*); they are ported here one to one, as Numba kernels over
-the text's code points and their flags (kquant.tokenizer.unicode).  The remaining regexes of the
+the text's code points and their flags (kquant.tokenizer.unicode).  GPT-4o's pattern runs through
+std::regex on the collapsed text (below); its splitter here is that regex's backtracking worked
+out by hand (_step_gpt4o).  The remaining regexes of the
 supported pre-tokenizers go through std::regex in llama.cpp, on a "collapsed" text where each
 code point >= 128 stands for its category; those used here are single character classes
 (`\\p{N}`, `\\p{N}+`, `[0-9][0-9][0-9]`, punctuation runs, the Bloom word class) and are written out
@@ -28,7 +30,7 @@ _M = U.MARK
 _P = U.PUNCTUATION
 
 # custom splitter kinds
-GPT2, LLAMA3, QWEN2, QWEN35 = 0, 1, 2, 3
+GPT2, LLAMA3, QWEN2, QWEN35, GPT4O = 0, 1, 2, 3, 4
 # character-class splitter kinds
 NUMBER_EACH, NUMBER_RUN, PUNCT_RUN, PUNCT_RUN_BACKTICK, NEWLINE_RUN, DIGITS3, BLOOM_WORD = range(7)
 
@@ -64,9 +66,146 @@ def _lower_ascii(c):
     return c + 32 if 65 <= c <= 90 else c
 
 
+# GPT-4o's pattern as llama.cpp runs it (llama-vocab.cpp, LLAMA_VOCAB_PRE_TYPE_GPT4O), through
+# std::regex on the collapsed text, where \p{L} is [A-Za-z] plus the one byte every non-ASCII
+# letter becomes, \p{N} likewise, and \s is ASCII whitespace plus the byte every non-ASCII space
+# becomes:
+#   [^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?
+#  |[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*(?:...)?
+#  |\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+
+# "Upper" letters are those not a-z (A-Z and every non-ASCII letter), "lower" ones those not A-Z
+# (a-z and every non-ASCII letter): a non-ASCII letter is both.
+
+@njit(cache=True)
+def _c_letter(cp, fl, end, p):
+    if p >= end:
+        return False
+    c = cp[p]
+    if c < 128:
+        return (65 <= c <= 90) or (97 <= c <= 122)
+    f = np.int64(fl[p])
+    return not (f & _WS) and (f & U.CATEGORIES) == _L
+
+
+@njit(cache=True)
+def _c_number(cp, fl, end, p):
+    if p >= end:
+        return False
+    c = cp[p]
+    if c < 128:
+        return 48 <= c <= 57
+    f = np.int64(fl[p])
+    return not (f & _WS) and (f & U.CATEGORIES) == _N
+
+
+@njit(cache=True)
+def _c_space(cp, fl, end, p):
+    if p >= end:
+        return False
+    c = cp[p]
+    if c < 128:
+        return (9 <= c <= 13) or c == 32
+    return (np.int64(fl[p]) & _WS) != 0
+
+
+@njit(cache=True)
+def _c_upper(cp, fl, end, p):
+    return _c_letter(cp, fl, end, p) and not (97 <= cp[p] <= 122)
+
+
+@njit(cache=True)
+def _c_lower(cp, fl, end, p):
+    return _c_letter(cp, fl, end, p) and not (65 <= cp[p] <= 90)
+
+
+@njit(cache=True)
+def _contraction_end(cp, end, p):
+    """p past (?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])? at p."""
+    if p + 1 >= end or cp[p] != 39:
+        return p
+    c1 = _lower_ascii(cp[p + 1])
+    if c1 == 115 or c1 == 116 or c1 == 109 or c1 == 100:
+        return p + 2
+    if p + 2 < end:
+        c2 = _lower_ascii(cp[p + 2])
+        if (c1 == 114 and c2 == 101) or (c1 == 118 and c2 == 101) or (c1 == 108 and c2 == 108):
+            return p + 3
+    return p
+
+
+@njit(cache=True)
+def _letters_gpt4o(cp, fl, end, s):
+    """The end of upper* lower+ (greedy, backtracking as std::regex does) from s, or -1."""
+    k = s
+    while _c_upper(cp, fl, end, k):
+        k += 1
+    # upper* gives back letters until lower+ can start: at k itself (a-z), else at the last
+    # non-ASCII letter of the run (both upper and lower)
+    j = k
+    while j >= s and not _c_lower(cp, fl, end, j):
+        j -= 1
+    if j < s:
+        return -1
+    while _c_lower(cp, fl, end, j):
+        j += 1
+    return j
+
+
+@njit(cache=True)
+def _step_gpt4o(cp, fl, ini, end, pos):
+    c = cp[pos]
+    prefix = not (c == 13 or c == 10 or _c_letter(cp, fl, end, pos) or _c_number(cp, fl, end, pos))
+    s = pos + 1 if prefix else pos
+    # [^\r\n\p{L}\p{N}]? upper* lower+ contraction?
+    e = _letters_gpt4o(cp, fl, end, s)
+    if e >= 0:
+        return _contraction_end(cp, end, e)
+    # [^\r\n\p{L}\p{N}]? upper+ lower* contraction?  (upper+ here are A-Z only: had the run
+    # held a lower letter, the first branch would have matched)
+    if _c_upper(cp, fl, end, s):
+        e = s
+        while _c_upper(cp, fl, end, e):
+            e += 1
+        while _c_lower(cp, fl, end, e):
+            e += 1
+        return _contraction_end(cp, end, e)
+    # \p{N}{1,3}
+    if _c_number(cp, fl, end, pos):
+        e = pos + 1
+        while e < pos + 3 and _c_number(cp, fl, end, e):
+            e += 1
+        return e
+    #  ?[^\s\p{L}\p{N}]+[\r\n/]*
+    q = pos + 1 if c == 32 else pos
+    if q < end and not (_c_space(cp, fl, end, q) or _c_letter(cp, fl, end, q) or _c_number(cp, fl, end, q)):
+        e = q + 1
+        while e < end and not (_c_space(cp, fl, end, e) or _c_letter(cp, fl, end, e) or _c_number(cp, fl, end, e)):
+            e += 1
+        while e < end and (cp[e] == 13 or cp[e] == 10 or cp[e] == 47):
+            e += 1
+        return e
+    # the whitespace run from pos
+    e = pos
+    last_r_or_n = -1
+    while _c_space(cp, fl, end, e):
+        if cp[e] == 13 or cp[e] == 10:
+            last_r_or_n = e + 1
+        e += 1
+    # \s*[\r\n]+
+    if last_r_or_n >= 0:
+        return last_r_or_n
+    # \s+(?!\S)
+    if e < end and e - pos > 1:
+        return e - 1
+    # \s+
+    return e
+
+
 @njit(cache=True)
 def _step(cp, fl, ini, end, pos, kind):
     """End of the piece that starts at `pos` (one iteration of llama.cpp's splitter loop)."""
+    if kind == GPT4O:
+        return _step_gpt4o(cp, fl, ini, end, pos)
     cpt = cp[pos]
     flags = np.int64(fl[pos])
 
@@ -264,6 +403,7 @@ PRE_TYPE_STEPS: dict[str, tuple[tuple[str, int], ...]] = {
     "llama3": ((_C, LLAMA3),),
     "qwen2": ((_C, QWEN2),),
     "qwen35": ((_C, QWEN35),),
+    "gpt4o": ((_C, GPT4O),),
     "laguna": ((_K, NEWLINE_RUN), (_C, QWEN2)),
     "bloom": ((_K, BLOOM_WORD),),
     "viking": ((_K, BLOOM_WORD), (_K, NUMBER_EACH)),
