@@ -270,7 +270,7 @@ def _check_pair(p: Pair, texts: list[str], pieces: Iterable[int] = ()):
 # BPE_PRE_TOKENIZERS has been checked the same way (the SmolLM2 vocabulary, these texts)
 PRE_REPRESENTATIVES = ["default", "gpt-2", "trillion", "starcoder", "smollm", "llama-bpe", "dbrx",
                        "chatglm-bpe", "glm4", "qwen2", "stablelm2", "qwen35", "falcon", "laguna",
-                       "bloom", "poro-chat", "viking", "gpt-4o"]
+                       "bloom", "poro-chat", "viking", "gpt-4o", "tekken"]
 
 
 def _setup(name: str):

@@ -75,6 +75,7 @@ BPE_PRE_TOKENIZERS: dict[str, dict] = {
     **_pres("stablelm2 megrez", steps="qwen2"),
     **_pres("qwen35", steps="qwen35", clean_spaces=False),
     **_pres("gpt-4o llama4 kanana2 talkie minimax-m2", steps="gpt4o", clean_spaces=False),
+    **_pres("tekken", steps="tekken", clean_spaces=False, ignore_merges=True, add_bos=True),
     **_pres("dbrx smaug-bpe", steps="llama3"),
     **_pres("chatglm-bpe", steps="llama3", no_bos=True),
     **_pres("glm4 glm5", steps="llama3", no_bos=True, ignore_merges=True),

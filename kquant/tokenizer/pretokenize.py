@@ -30,7 +30,7 @@ _M = U.MARK
 _P = U.PUNCTUATION
 
 # custom splitter kinds
-GPT2, LLAMA3, QWEN2, QWEN35, GPT4O = 0, 1, 2, 3, 4
+GPT2, LLAMA3, QWEN2, QWEN35, GPT4O, TEKKEN = 0, 1, 2, 3, 4, 5
 # character-class splitter kinds
 NUMBER_EACH, NUMBER_RUN, PUNCT_RUN, PUNCT_RUN_BACKTICK, NEWLINE_RUN, DIGITS3, BLOOM_WORD = range(7)
 
@@ -73,6 +73,7 @@ def _lower_ascii(c):
 #   [^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?
 #  |[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*(?:...)?
 #  |\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+
+# Tekken's (Mistral Nemo) is the same without the contractions and with \p{N} for \p{N}{1,3}.
 # "Upper" letters are those not a-z (A-Z and every non-ASCII letter), "lower" ones those not A-Z
 # (a-z and every non-ASCII letter): a non-ASCII letter is both.
 
@@ -152,14 +153,14 @@ def _letters_gpt4o(cp, fl, end, s):
 
 
 @njit(cache=True)
-def _step_gpt4o(cp, fl, ini, end, pos):
+def _step_gpt4o(cp, fl, ini, end, pos, tekken):
     c = cp[pos]
     prefix = not (c == 13 or c == 10 or _c_letter(cp, fl, end, pos) or _c_number(cp, fl, end, pos))
     s = pos + 1 if prefix else pos
     # [^\r\n\p{L}\p{N}]? upper* lower+ contraction?
     e = _letters_gpt4o(cp, fl, end, s)
     if e >= 0:
-        return _contraction_end(cp, end, e)
+        return e if tekken else _contraction_end(cp, end, e)
     # [^\r\n\p{L}\p{N}]? upper+ lower* contraction?  (upper+ here are A-Z only: had the run
     # held a lower letter, the first branch would have matched)
     if _c_upper(cp, fl, end, s):
@@ -168,11 +169,11 @@ def _step_gpt4o(cp, fl, ini, end, pos):
             e += 1
         while _c_lower(cp, fl, end, e):
             e += 1
-        return _contraction_end(cp, end, e)
-    # \p{N}{1,3}
+        return e if tekken else _contraction_end(cp, end, e)
+    # \p{N}{1,3}  (tekken: \p{N})
     if _c_number(cp, fl, end, pos):
         e = pos + 1
-        while e < pos + 3 and _c_number(cp, fl, end, e):
+        while not tekken and e < pos + 3 and _c_number(cp, fl, end, e):
             e += 1
         return e
     #  ?[^\s\p{L}\p{N}]+[\r\n/]*
@@ -204,8 +205,8 @@ def _step_gpt4o(cp, fl, ini, end, pos):
 @njit(cache=True)
 def _step(cp, fl, ini, end, pos, kind):
     """End of the piece that starts at `pos` (one iteration of llama.cpp's splitter loop)."""
-    if kind == GPT4O:
-        return _step_gpt4o(cp, fl, ini, end, pos)
+    if kind == GPT4O or kind == TEKKEN:
+        return _step_gpt4o(cp, fl, ini, end, pos, kind == TEKKEN)
     cpt = cp[pos]
     flags = np.int64(fl[pos])
 
@@ -404,6 +405,7 @@ PRE_TYPE_STEPS: dict[str, tuple[tuple[str, int], ...]] = {
     "qwen2": ((_C, QWEN2),),
     "qwen35": ((_C, QWEN35),),
     "gpt4o": ((_C, GPT4O),),
+    "tekken": ((_C, TEKKEN),),
     "laguna": ((_K, NEWLINE_RUN), (_C, QWEN2)),
     "bloom": ((_K, BLOOM_WORD),),
     "viking": ((_K, BLOOM_WORD), (_K, NUMBER_EACH)),
