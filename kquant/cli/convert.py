@@ -22,8 +22,9 @@ OUTTYPES = ("f32", "f16", "bf16", "q8_0", "auto")
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="kquant-convert",
-        description="Convert a Hugging Face model folder (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2, Gemma 3; safetensors) to a "
-                    "GGUF file, exactly as llama.cpp's convert_hf_to_gguf.py does.")
+        description="Convert a Hugging Face model folder (Llama, Mistral, Mixtral, Qwen2, Qwen2-MoE, Qwen3, "
+                    "Qwen3-MoE, Phi-3, Phi-4-mini, Gemma 2, Gemma 3; safetensors) to a GGUF file, exactly as "
+                    "llama.cpp's convert_hf_to_gguf.py does.")
     ap.add_argument("model", metavar="HF_DIR", help="the model folder (config.json, *.safetensors, tokenizer)")
     ap.add_argument("--outtype", choices=OUTTYPES, default="f16",
                     help="f32, f16 (default), bf16, q8_0, or auto (bf16/f16 after the weights' dtype); "
