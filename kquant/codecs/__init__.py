@@ -15,7 +15,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from ..types import TYPES, QuantType, find_type
-from . import floats, legacy
+from . import floats, iq4, legacy
 
 _NO_WEIGHTS = np.zeros(0, np.float32)
 
@@ -99,6 +99,23 @@ class LegacyCodec(Codec):
             legacy.dequantize_q8_0_rows(q, out)
         else:
             legacy.dequantize_rows(self.kind, q, out)
+
+
+class IQ4Codec(Codec):
+    """IQ4_NL (32-value blocks) and IQ4_XS (256-value super-blocks): kquant/codecs/iq4.py."""
+
+    def __init__(self, record: QuantType):
+        super().__init__(record)
+        suffix = "nl" if record.qtype == GGMLQuantizationType.IQ4_NL else "xs"
+        self._quantize_rows = getattr(iq4, f"quantize_{suffix}_rows")
+        self._dequantize_rows = getattr(iq4, f"dequantize_{suffix}_rows")
+
+    def _quantize(self, x, imatrix, out):
+        use_qw = imatrix is not None and self.uses_imatrix
+        self._quantize_rows(x, imatrix if use_qw else _NO_WEIGHTS, use_qw, out)
+
+    def _dequantize(self, q, out):
+        self._dequantize_rows(q, out)
 
 
 class HalfCodec(Codec):
