@@ -47,6 +47,9 @@ class QuantType:
     #: how kquant.matmul.cuda_blocks slices its blocks across lanes ("2bit", "4bit", "legacy",
     #: "q8_0", "f32", "half"; the decoder is cuda_blocks.deq_<name>); None: no CUDA kernel
     cuda_family: str | None = None
+    #: whether kquant's model pipeline (quantize_model, kquant-compare) takes the type; False:
+    #: a codec of the public quantize/dequantize API only, for now
+    in_files: bool = True
 
     @property
     def name(self) -> str:
@@ -172,8 +175,8 @@ Q8_1 = register(QuantType(T.Q8_1, 32, 36))
 # IQ4_NL (32 values, 18 bytes) and IQ4_XS (256 values, 136 bytes): 4-bit indices into ggml's
 # non-linear table (layouts drawn in kquant/codecs/iq4.py). For now codecs only: no matmul
 # kernel (vec_dot None), and the model pipeline does not write them yet.
-IQ4_NL = register(QuantType(T.IQ4_NL, 32, 18, "IQ4Codec", "iq4", True))
-IQ4_XS = register(QuantType(T.IQ4_XS, 256, 136, "IQ4Codec", "iq4", True))
+IQ4_NL = register(QuantType(T.IQ4_NL, 32, 18, "IQ4Codec", "iq4", True, in_files=False))
+IQ4_XS = register(QuantType(T.IQ4_XS, 256, 136, "IQ4Codec", "iq4", True, in_files=False))
 
 # F16 / BF16: | 2 bytes | a value (IEEE half / the upper half of a float32); F32: | 4 bytes |
 F16 = _float(T.F16, 2, "HalfCodec", 128)

@@ -9,7 +9,7 @@ import kquant
 from cases import CASES, IMATRIX_MODES, make_case, make_imatrix
 
 ALL_TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_K,
-             T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.F16, T.BF16, T.F32]
+             T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.F16, T.BF16, T.F32, T.IQ4_NL, T.IQ4_XS]
 ROW_LENGTHS = (256, 512, 2304)
 ROWS = 24
 
@@ -52,7 +52,8 @@ def test_real_weights(ggml, smollm2_weights, qtype, mode):
         assert_same_as_ggml(ggml, w, qtype, imatrix, f"{qtype.name} {name} {mode}")
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q4_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q4_0, T.IQ4_NL, T.IQ4_XS],
+                         ids=lambda t: t.name)
 def test_shapes_and_threads_do_not_change_bytes(ggml, qtype):
     x = make_case("gauss", 30, 512, seed=3).reshape(3, 10, 512)
     w = make_imatrix("random", 512)
