@@ -21,7 +21,7 @@ another in C; here side by side, one SIMD lane per trial, each lane's sums in C'
 j (as kquant/codecs/search.py does for the K-quants). best_index_int8's binary search becomes
 a count of thresholds: the table is increasing, and C's tie rule `x - val[m-1] < val[m] - x`
 picks the upper value exactly from the midpoint (val[m-1] + val[m]) / 2 on (both differences
-are exact near the midpoints, all half-integers: checked in tests/test_parity.py), so
+are exact near the midpoints, all half-integers: checked in tests/test_iq4.py), so
 index(x) = #{m : not (x < midpoint[m])}, which also sends NaN to 15 as the C does.
 """
 from __future__ import annotations
