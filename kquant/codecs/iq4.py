@@ -26,6 +26,8 @@ index(x) = #{m : not (x < midpoint[m])}, which also sends NaN to 15 as the C doe
 """
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 from numba import njit, prange
 
@@ -41,9 +43,9 @@ _XS_D, _XS_SH, _XS_SL, _XS_QS = 0, 2, 4, 8
 KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 _KV = np.array(KVALUES_IQ4NL, np.float32)
 #: where best_index_int8 steps from index m-1 to m (m = 1..15), and by how much the value grows
-THRESHOLDS = np.array([(a + b) / 2 for a, b in zip(KVALUES_IQ4NL, KVALUES_IQ4NL[1:])],
+THRESHOLDS = np.array([(a + b) / 2 for a, b in pairwise(KVALUES_IQ4NL)],
                       np.float32)
-_STEPS = np.array([b - a for a, b in zip(KVALUES_IQ4NL, KVALUES_IQ4NL[1:])], np.float32)
+_STEPS = np.array([b - a for a, b in pairwise(KVALUES_IQ4NL)], np.float32)
 _V0 = F32(KVALUES_IQ4NL[0])
 
 GROUP_MAX_EPS = F32(1e-15)
