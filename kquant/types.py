@@ -36,7 +36,7 @@ class QuantType:
     block_size: int                  # values per block (1 for the float types)
     type_size: int                   # bytes per block
     #: the kquant.codecs class that drives its kernels ("BlockCodec", "LegacyCodec",
-    #: "HalfCodec", "F32Codec"), and the module of kquant.codecs holding them; None: no codec
+    #: "IQ4Codec", "HalfCodec", "F32Codec"), and the module of kquant.codecs holding them; None: no codec
     #: (an activation-only type)
     codec_class: str | None = None
     codec_module: str | None = None
@@ -47,6 +47,9 @@ class QuantType:
     #: how kquant.matmul.cuda_blocks slices its blocks across lanes ("2bit", "4bit", "legacy",
     #: "q8_0", "f32", "half"; the decoder is cuda_blocks.deq_<name>); None: no CUDA kernel
     cuda_family: str | None = None
+    #: whether kquant's model pipeline (quantize_model, kquant-compare) takes the type; False:
+    #: a codec of the public quantize/dequantize API only, for now
+    in_files: bool = True
 
     @property
     def name(self) -> str:
@@ -118,8 +121,8 @@ def weight_types() -> tuple[GGMLQuantizationType, ...]:
 
 
 # --- the records -----------------------------------------------------------------------------
-# The K-quants' and the 32-value types' byte layouts are drawn in their codec modules
-# (kquant/codecs/q*_k.py, legacy.py); the others are drawn here.
+# The K-quants', the 32-value types' and the IQ4 types' byte layouts are drawn in their codec
+# modules (kquant/codecs/q*_k.py, legacy.py, iq4.py); the others are drawn here.
 
 
 def _kquant(qtype: T, type_size: int, blas_min_tokens: int, cuda_family: str) -> QuantType:
@@ -168,6 +171,12 @@ Q8_0 = _legacy(T.Q8_0, 34, T.Q8_0, 64)
 #   0       2       4                        36
 #   | d f16 | s f16 | qs: 32 x int8          |   s = fp16(d * sum(qs)), d before fp16 rounding
 Q8_1 = register(QuantType(T.Q8_1, 32, 36))
+
+# IQ4_NL (32 values, 18 bytes) and IQ4_XS (256 values, 136 bytes): 4-bit indices into ggml's
+# non-linear table (layouts drawn in kquant/codecs/iq4.py). For now codecs only: no matmul
+# kernel (vec_dot None), and the model pipeline does not write them yet.
+IQ4_NL = register(QuantType(T.IQ4_NL, 32, 18, "IQ4Codec", "iq4", True, in_files=False))
+IQ4_XS = register(QuantType(T.IQ4_XS, 256, 136, "IQ4Codec", "iq4", True, in_files=False))
 
 # F16 / BF16: | 2 bytes | a value (IEEE half / the upper half of a float32); F32: | 4 bytes |
 F16 = _float(T.F16, 2, "HalfCodec", 128)

@@ -12,46 +12,64 @@ from gguf import GGMLQuantizationType as T
 
 import kquant
 
-GOLDEN = Path(__file__).parent / "data" / "golden.npz"
+DATA = Path(__file__).parent / "data"
+#: each golden file (tools/make_golden.py's FILES) and the types it holds
+FILES = {
+    "golden": {T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_K, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1,
+               T.Q8_0, T.F16, T.BF16, T.F32},
+    "golden_iq": {T.IQ4_NL, T.IQ4_XS},
+}
+_LOADED: dict[str, dict[str, np.ndarray]] = {}
 
 
-@pytest.fixture(scope="module")
-def golden():
-    with np.load(GOLDEN) as z:
-        return {k: z[k] for k in z.files}
+def load(name: str) -> dict[str, np.ndarray]:
+    if name not in _LOADED:
+        with np.load(DATA / f"{name}.npz") as z:
+            _LOADED[name] = {k: z[k] for k in z.files}
+    return _LOADED[name]
 
 
 def golden_keys():
-    with np.load(GOLDEN) as z:
-        return sorted(k for k in z.files if "-" in k)
+    return [(name, k) for name in FILES for k in sorted(load(name)) if "-" in k]
 
 
-def test_golden_file_is_complete(golden):
+@pytest.mark.parametrize("name", list(FILES))
+def test_golden_file_is_complete(name):
+    golden = load(name)
     meta = json.loads(str(golden["meta"]))
     assert meta["llama_cpp_python"] == "0.3.36"
     types = {k.split("-")[0] for k in golden if "-" in k}
-    assert types == {t.name for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_K, T.Q4_0,
-                                      T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.F16, T.BF16, T.F32)}
+    assert types == {t.name for t in FILES[name]}
     cases = set(golden["case"])
     assert {"gauss", "outliers", "zero_const", "non_finite", "smollm2_ffn_down"} <= cases
 
 
-@pytest.mark.parametrize("key", golden_keys())
-def test_quantize_matches_golden(golden, key):
-    name, mode = key.split("-")
+def test_golden_files_share_their_inputs():
+    first, *others = FILES
+    for name in others:
+        for k in ("x", "case", "imatrix_random", "imatrix_with_zeros"):
+            assert load(name)[k].tobytes() == load(first)[k].tobytes(), (name, k)
+
+
+@pytest.mark.parametrize("name,key", golden_keys(), ids=lambda v: v)
+def test_quantize_matches_golden(name, key):
+    golden = load(name)
+    qtype, mode = key.split("-")
     imatrix = golden.get(f"imatrix_{mode}")
     x, want = golden["x"], golden[key]
     with np.errstate(all="ignore"):
-        got = kquant.quantize(x, name, imatrix)
+        got = kquant.quantize(x, qtype, imatrix)
     bad = np.nonzero((got != want).any(axis=-1))[0]
     assert bad.size == 0, f"{key}: rows {bad.tolist()} ({set(golden['case'][bad])}) differ"
 
 
-@pytest.mark.parametrize("key", [k for k in golden_keys() if k.endswith("-none")])
-def test_dequantize_matches_golden(golden, key):
+@pytest.mark.parametrize("name,key", [(n, k) for n, k in golden_keys() if k.endswith("-none")],
+                         ids=lambda v: v)
+def test_dequantize_matches_golden(name, key):
     """ggml's decoding of the reference bytes, float bit for float bit (as a digest)."""
-    name = key.split("-")[0]
-    y = kquant.dequantize(golden[key], name)
+    golden = load(name)
+    qtype = key.split("-")[0]
+    y = kquant.dequantize(golden[key], qtype)
     assert y.shape == golden["x"].shape and y.dtype == np.float32
-    want = json.loads(str(golden["meta"]))["dequantize_sha256"][name]
+    want = json.loads(str(golden["meta"]))["dequantize_sha256"][qtype]
     assert hashlib.sha256(y.view(np.uint32).tobytes()).hexdigest() == want

@@ -9,7 +9,7 @@ import kquant
 from cases import CASES, IMATRIX_MODES, make_case, make_imatrix
 
 ALL_TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_K,
-             T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.F16, T.BF16, T.F32]
+             T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.F16, T.BF16, T.F32, T.IQ4_NL, T.IQ4_XS]
 ROW_LENGTHS = (256, 512, 2304)
 ROWS = 24
 
@@ -52,7 +52,8 @@ def test_real_weights(ggml, smollm2_weights, qtype, mode):
         assert_same_as_ggml(ggml, w, qtype, imatrix, f"{qtype.name} {name} {mode}")
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q4_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q4_0, T.IQ4_NL, T.IQ4_XS],
+                         ids=lambda t: t.name)
 def test_shapes_and_threads_do_not_change_bytes(ggml, qtype):
     x = make_case("gauss", 30, 512, seed=3).reshape(3, 10, 512)
     w = make_imatrix("random", 512)
@@ -63,3 +64,49 @@ def test_shapes_and_threads_do_not_change_bytes(ggml, qtype):
         assert np.array_equal(got.reshape(flat.shape), flat)
     one_row = kquant.quantize(x[0, 0], qtype, w)
     assert one_row.shape == (flat.shape[-1],) and np.array_equal(one_row, flat[0])
+
+
+IQ4_STRESS = ["table_points", "near_eps", "overflow", "scattered_non_finite", "row_scales"]
+
+
+def _iq4_stress_rows(rng, kind, n):
+    """Rows aimed at quantize_row_iq4_nl_impl's edges: values on the table's points and
+    midpoints (best_index_int8's ties), sub-blocks around GROUP_MAX_EPS, x^2 overflowing
+    the weights, scattered non-finite values, wildly different row scales."""
+    x = rng.standard_normal((16, n)).astype(np.float32)
+    if kind == "table_points":
+        from kquant.codecs.iq4 import KVALUES_IQ4NL, THRESHOLDS
+        pts = np.concatenate([np.array(KVALUES_IQ4NL, np.float32), THRESHOLDS])
+        x = rng.choice(pts, (16, n)).astype(np.float32) * rng.choice([1, 0.5, 0.25], (16, 1)).astype(np.float32)
+    elif kind == "near_eps":
+        x *= np.float32(10.0) ** rng.uniform(-17, -13, (16, n // 32)).repeat(32, axis=1).astype(np.float32)
+    elif kind == "overflow":
+        x *= np.float32(10.0) ** rng.uniform(18, 38, (16, 1)).astype(np.float32)
+    elif kind == "scattered_non_finite":
+        m = rng.random((16, n)) < 0.03
+        x[m] = rng.choice(np.array([np.inf, -np.inf, np.nan, -0.0], np.float32), m.sum())
+    elif kind == "row_scales":
+        x *= np.exp(rng.uniform(-30, 30, (16, 1))).astype(np.float32)
+    return x
+
+
+@pytest.mark.parametrize("qtype", [T.IQ4_NL, T.IQ4_XS], ids=lambda t: t.name)
+@pytest.mark.parametrize("kind", IQ4_STRESS)
+def test_iq4_edges(ggml, qtype, kind):
+    rng = np.random.default_rng(IQ4_STRESS.index(kind))
+    x = _iq4_stress_rows(rng, kind, 768)
+    base = (rng.random(768) * rng.exponential(1.0, 768)).astype(np.float32)
+    for w in (None, base, base * np.float32(1e30), base * np.float32(1e-30)):
+        with np.errstate(all="ignore"):
+            assert_same_as_ggml(ggml, x, qtype, w, f"{qtype.name} {kind}")
+
+
+@pytest.mark.parametrize("qtype", [T.IQ4_NL, T.IQ4_XS], ids=lambda t: t.name)
+def test_iq4_dequantize_any_bytes(ggml, qtype):
+    """Every block ggml could be handed (random bytes: NaN and inf scales, all 6-bit scales)
+    decodes to the same float bits."""
+    size = kquant.get_codec(qtype).type_size
+    q = np.random.default_rng(5).integers(0, 256, (64, 8 * size), dtype=np.uint8)
+    with np.errstate(all="ignore"):
+        got, want = kquant.dequantize(q, qtype), ggml.dequantize(q, qtype)
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))

@@ -12,7 +12,7 @@ from kquant.matmul.cuda_blocks import FAMILIES
 from kquant.types import TYPES, find_type, get_type
 
 NAMES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-         "Q8_1", "F16", "BF16", "F32"]
+         "Q8_1", "IQ4_NL", "IQ4_XS", "F16", "BF16", "F32"]
 
 
 def test_one_record_per_type_with_gguf_geometry():
@@ -51,6 +51,15 @@ def test_codecs_are_a_view():
     assert TYPES[T.Q8_1].codec is None   # an activation type only: no file codec
     with pytest.raises(ValueError, match="unsupported ggml type"):
         kquant.get_codec("Q8_1")
+
+
+def test_file_codecs_leave_out_the_codec_only_types():
+    """IQ4_NL and IQ4_XS are codecs of the API, not yet types of the model pipeline."""
+    from kquant.codecs import FILE_CODECS
+    assert set(FILE_CODECS) == {t for t, c in kquant.CODECS.items() if TYPES[t].in_files}
+    assert T.IQ4_NL in kquant.CODECS and T.IQ4_NL not in FILE_CODECS
+    assert T.IQ4_XS in kquant.CODECS and T.IQ4_XS not in FILE_CODECS
+    assert T.Q4_K in FILE_CODECS and T.F32 in FILE_CODECS
 
 
 def test_matmul_tables_are_views():

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write tests/data/golden.npz: inputs and the bytes llama.cpp's libggml makes of them.
+"""Write tests/data/golden*.npz: inputs and the bytes llama.cpp's libggml makes of them.
 
 The golden-vector tests (tests/test_golden.py) check kquant against these bytes on machines
 without llama-cpp-python, so exactness is tested everywhere. Each input row set is every
@@ -8,6 +8,11 @@ without an imatrix and, where ggml uses one, with the two imatrix kinds (positiv
 zeros in it).
 
     python tools/make_golden.py            # needs llama-cpp-python==0.3.36 (or KQUANT_LIBGGML)
+    python tools/make_golden.py golden_iq  # one file only (the others stay as committed)
+
+One file per group of types, the same inputs in each: golden.npz (the K-quants, the legacy
+and float types) and golden_iq.npz (the i-quants kquant encodes), so adding a family adds a
+file and leaves the committed bytes of the others alone.
 
 Keys: `x` (rows, 512) float32, `case` (rows,) the case of each row, `imatrix_<mode>`
 float32 (512,), `<TYPE>-<mode>` uint8 (rows, row_bytes), and `meta` (a JSON string: the
@@ -33,9 +38,12 @@ from kquant.reference.libggml import GGML  # noqa: E402
 
 TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_K, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1,
          T.Q8_0, T.F16, T.BF16, T.F32]
+IQ_TYPES = [T.IQ4_NL, T.IQ4_XS]
+#: tests/data/<name>.npz and the types it holds
+FILES = {"golden": TYPES, "golden_iq": IQ_TYPES}
 WIDTH = 512
 ROWS_PER_CASE = 4
-OUT = ROOT / "tests" / "data" / "golden.npz"
+DATA = ROOT / "tests" / "data"
 
 
 def real_rows() -> np.ndarray | None:
@@ -52,26 +60,38 @@ def real_rows() -> np.ndarray | None:
 
 
 def main() -> int:
+    files = sys.argv[1:] or list(FILES)
+    unknown = [f for f in files if f not in FILES]
+    if unknown:
+        print(f"unknown golden file {unknown[0]!r}; choose from {', '.join(FILES)}",
+              file=sys.stderr)
+        return 2
     ggml = GGML()
-    blocks, names = [], []
+    blocks, names_of_rows = [], []
     for i, case in enumerate(CASES):
         rows = make_case(case, ROWS_PER_CASE, WIDTH, seed=9000 + i)
         blocks.append(rows)
-        names += [case] * rows.shape[0]
+        names_of_rows += [case] * rows.shape[0]
     real = real_rows()
     if real is None:
         print("SmolLM2 model not in ~/.cache/kquant: run the parity tests once to fetch it",
               file=sys.stderr)
         return 1
     blocks.append(real)
-    names += ["smollm2_ffn_down"] * real.shape[0]
+    names_of_rows += ["smollm2_ffn_down"] * real.shape[0]
     x = np.concatenate(blocks)
+    for name in files:
+        write(ggml, x, names_of_rows, FILES[name], DATA / f"{name}.npz")
+    return 0
+
+
+def write(ggml: GGML, x: np.ndarray, names: list[str], types: list[T], out: Path) -> None:
     arrays = {"x": x, "case": np.array(names)}
     for mode in IMATRIX_MODES:
         w = make_imatrix(mode, WIDTH, seed=42)
         if w is not None:
             arrays[f"imatrix_{mode}"] = w
-        for qtype in TYPES:
+        for qtype in types:
             if w is not None and not kquant.get_codec(qtype).uses_imatrix:
                 continue  # ggml ignores the imatrix for Q8_0, Q8_K and the float types
             with np.errstate(all="ignore"):
@@ -82,19 +102,18 @@ def main() -> int:
     # ggml's decoding of the no-imatrix bytes, as a digest of the float bits (NaNs included)
     decoded = {qtype.name: hashlib.sha256(ggml.dequantize(arrays[f"{qtype.name}-none"], qtype)
                                           .view(np.uint32).tobytes()).hexdigest()
-               for qtype in TYPES}
+               for qtype in types}
     arrays["meta"] = np.array(json.dumps({
         "llama_cpp_python": md.version("llama-cpp-python"),
         "dequantize_sha256": decoded,
         "library": ggml.path.name,
         "generator": "tools/make_golden.py",
     }))
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(OUT, **arrays)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out, **arrays)
     n_sets = sum("-" in k for k in arrays)
-    print(f"{OUT.relative_to(ROOT)}: {x.shape[0]} rows x {WIDTH}, {n_sets} (type, imatrix) "
-          f"sets, {OUT.stat().st_size / 1024:.0f} KiB")
-    return 0
+    print(f"{out.relative_to(ROOT)}: {x.shape[0]} rows x {WIDTH}, {n_sets} (type, imatrix) "
+          f"sets, {out.stat().st_size / 1024:.0f} KiB")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from ..types import TYPES, QuantType, find_type
-from . import floats, legacy
+from . import floats, iq4, legacy
 
 _NO_WEIGHTS = np.zeros(0, np.float32)
 
@@ -101,6 +101,23 @@ class LegacyCodec(Codec):
             legacy.dequantize_rows(self.kind, q, out)
 
 
+class IQ4Codec(Codec):
+    """IQ4_NL (32-value blocks) and IQ4_XS (256-value super-blocks): kquant/codecs/iq4.py."""
+
+    def __init__(self, record: QuantType):
+        super().__init__(record)
+        suffix = "nl" if record.qtype == GGMLQuantizationType.IQ4_NL else "xs"
+        self._quantize_rows = getattr(iq4, f"quantize_{suffix}_rows")
+        self._dequantize_rows = getattr(iq4, f"dequantize_{suffix}_rows")
+
+    def _quantize(self, x, imatrix, out):
+        use_qw = imatrix is not None and self.uses_imatrix
+        self._quantize_rows(x, imatrix if use_qw else _NO_WEIGHTS, use_qw, out)
+
+    def _dequantize(self, q, out):
+        self._dequantize_rows(q, out)
+
+
 class HalfCodec(Codec):
     """F16 and BF16: 2-byte floats rounded to nearest even (floats' constant of that name)."""
 
@@ -126,6 +143,11 @@ class F32Codec(Codec):
 #: a view of kquant.types: the codec of every registered type that names one
 CODECS: dict[GGMLQuantizationType, Codec] = {
     r.qtype: globals()[r.codec_class](r) for r in TYPES.values() if r.codec_class is not None}
+
+#: the codecs kquant's model pipeline uses (quantize_model's targets and inputs, kquant-compare's
+#: decoding): all but the types whose records say in_files=False (IQ4_NL, IQ4_XS for now)
+FILE_CODECS: dict[GGMLQuantizationType, Codec] = {
+    t: c for t, c in CODECS.items() if TYPES[t].in_files}
 
 
 def get_codec(qtype: GGMLQuantizationType | str | int) -> Codec:

@@ -22,7 +22,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFValueType, LlamaFileType
 
 from . import mixes
-from ..codecs import CODECS
+from ..codecs import FILE_CODECS
 from ..files.gguf_read import SPLIT_KEYS, split_paths
 from ..files.atomic import refuse_input_as_output
 from ..files.gguf_write import gguf_header_size, write_gguf
@@ -415,10 +415,10 @@ def loader_ftype(source: ModelSource) -> int:
 
 
 def _check_convertible(t: SourceTensor, target: T, allow_requantize: bool) -> None:
-    if target not in CODECS:
+    if target not in FILE_CODECS:
         raise ModelError(f"{t.name}: llama.cpp's rules choose {target.name}, which kquant does "
                          "not produce (only K-quants, legacy quants and float types)")
-    if t.type not in CODECS:
+    if t.type not in FILE_CODECS:
         raise ModelError(f"{t.name}: input type {t.type.name} is not supported")
     block = GGML_QUANT_SIZES[target][0]
     if t.shape[0] % block:
