@@ -173,10 +173,13 @@ Q8_0 = _legacy(T.Q8_0, 34, T.Q8_0, 64)
 Q8_1 = register(QuantType(T.Q8_1, 32, 36))
 
 # IQ4_NL (32 values, 18 bytes) and IQ4_XS (256 values, 136 bytes): 4-bit indices into ggml's
-# non-linear table (layouts drawn in kquant/codecs/iq4.py). For now codecs only: no matmul
-# kernel (vec_dot None), and the model pipeline does not write them yet.
-IQ4_NL = register(QuantType(T.IQ4_NL, 32, 18, "IQ4Codec", "iq4", True, in_files=False))
-IQ4_XS = register(QuantType(T.IQ4_XS, 256, 136, "IQ4Codec", "iq4", True, in_files=False))
+# non-linear table (layouts drawn in kquant/codecs/iq4.py). Multiplied like the type of their
+# block size (IQ4_NL against Q8_0, IQ4_XS against Q8_K: kquant/matmul/iq4.py; their BLAS
+# crossovers those of Q4_0 / Q4_K); the model pipeline does not write them yet.
+IQ4_NL = register(QuantType(T.IQ4_NL, 32, 18, "IQ4Codec", "iq4", True, T.Q8_0, "iq4.mm_iq4_nl",
+                            128, "iq4_nl", in_files=False))
+IQ4_XS = register(QuantType(T.IQ4_XS, 256, 136, "IQ4Codec", "iq4", True, T.Q8_K,
+                            "iq4.mm_iq4_xs", 128, "iq4_xs", in_files=False))
 
 # F16 / BF16: | 2 bytes | a value (IEEE half / the upper half of a float32); F32: | 4 bytes |
 F16 = _float(T.F16, 2, "HalfCodec", 128)

@@ -1,4 +1,4 @@
-"""kquant.matmul.repack: llama.cpp's repacked Q4_K / Q4_0 CPU matmul (AVX2), bit for bit.
+"""kquant.matmul.repack: llama.cpp's repacked Q4_K / Q4_0 / IQ4_NL CPU matmul (AVX2), bit for bit.
 
 Against the library (skipped without it: set KQUANT_LIBGGML / KQUANT_LIBGGML_CPU or install
 llama-cpp-python): the activation bytes of ggml_quantize_mat_*_4x8, ggml's gemm / gemv fed with
@@ -21,7 +21,7 @@ from kquant.reference.repack import GGMLRepack
 
 TOKENS = (1, 3, 4, 5, 8, 13, 16, 21)
 SHAPES = [("Q4_K", rows, k) for rows in (8, 24, 64) for k in (256, 768, 2048)] + \
-         [("Q4_0", rows, k) for rows in (8, 24, 64) for k in (32, 96, 2048)]
+         [(t, rows, k) for t in ("Q4_0", "IQ4_NL") for rows in (8, 24, 64) for k in (32, 96, 2048)]
 
 
 @pytest.fixture(scope="module")
@@ -69,19 +69,21 @@ def test_applies():
     assert not repack.applies(T.Q6_K, 8, 256)
     assert not repack.applies(T.Q8_0, 8, 256)
     assert not repack.applies(T.Q4_1, 8, 256)
+    assert repack.applies(T.IQ4_NL, 8, 32) and not repack.applies(T.IQ4_NL, 12, 32)
+    assert not repack.applies(T.IQ4_XS, 8, 256)
 
 
-@pytest.mark.parametrize("name,k", [("Q4_K", 512), ("Q4_0", 96)])
+@pytest.mark.parametrize("name,k", [("Q4_K", 512), ("Q4_0", 96), ("IQ4_NL", 96)])
 def test_repack_layout(name, k):
     """repack_bytes interleaves 8 rows' blocks as make_block_*x8 does (checked by undoing it)."""
     rng = np.random.default_rng(1)
     qtype = T[name]
     wb = kquant.quantize(_heavy(rng, (16, k)), name)
     packed = repack.repack_bytes(wb, qtype)
-    if qtype == T.Q4_0:
+    if qtype in (T.Q4_0, T.IQ4_NL):
         p = packed.reshape(2, k // 32, 144)
         d = p[..., :16].reshape(2, k // 32, 8, 2)
-        qs = (p[..., 16:] ^ 0x88).reshape(2, k // 32, 2, 8, 8).transpose(0, 1, 3, 2, 4)
+        qs = (p[..., 16:] ^ (0x88 if qtype == T.Q4_0 else 0)).reshape(2, k // 32, 2, 8, 8).transpose(0, 1, 3, 2, 4)
         back = np.concatenate([d, qs.reshape(2, k // 32, 8, 16)], -1)
         assert np.array_equal(back.transpose(0, 2, 1, 3).reshape(16, -1), wb)
     else:
@@ -111,12 +113,13 @@ def _model(wb, qtype, x):
     rows = wb.shape[0]
     a = act.qs.astype(np.int64)
     out = np.empty((n, rows), np.float32)
-    if qtype == T.Q4_0:
+    if qtype in (T.Q4_0, T.IQ4_NL):
         nb = k // 32
         blk = wb.reshape(rows, nb, 18)
         d = blk[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
         qs = blk[..., 2:]
-        q = np.concatenate([qs & 15, qs >> 4], -1).astype(np.int64) - 8        # (rows, nb, 32)
+        q = np.concatenate([qs & 15, qs >> 4], -1).astype(np.int64)            # (rows, nb, 32)
+        q = q - 8 if qtype == T.Q4_0 else repack.KVALUES_IQ4NL[q].astype(np.int64)
         dots = np.einsum("cbl,tbl->tcb", q, a.reshape(n, nb, 32))
         acc = np.zeros((n, rows), np.float32)
         for b in range(nb):
@@ -147,7 +150,7 @@ def _model(wb, qtype, x):
     return out
 
 
-@pytest.mark.parametrize("name,k", [("Q4_K", 512), ("Q4_K", 256), ("Q4_0", 96)])
+@pytest.mark.parametrize("name,k", [("Q4_K", 512), ("Q4_K", 256), ("Q4_0", 96), ("IQ4_NL", 96)])
 def test_float_order_model(name, k):
     rng = np.random.default_rng(_seed(name, k))
     qtype = T[name]
@@ -184,7 +187,8 @@ def test_bad_input():
 
 # ---- against llama.cpp ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,k", [("Q4_K", 256), ("Q4_K", 2048), ("Q4_0", 32), ("Q4_0", 2048)])
+@pytest.mark.parametrize("name,k", [("Q4_K", 256), ("Q4_K", 2048), ("Q4_0", 32), ("Q4_0", 2048),
+                                    ("IQ4_NL", 96)])
 def test_activation_bytes(g, name, k):
     """quantize_activations' 4-row groups are ggml_quantize_mat_*_4x8's bytes."""
     rng = np.random.default_rng(_seed("act", name, k))

@@ -14,6 +14,8 @@ kernel's chunk), so both kernels can share these decoders:
     Q6_K        256           16     4 x 4       2 words of ql, 1 of qh, 2 of scales
     Q4_0..Q5_1  32            4      2 x 4       1 word of qs (+1 of qh)
     Q8_0        32            4      2 x 4       2 words of qs
+    IQ4_NL      32            4      2 x 4       1 word of qs (Q4_0's slices, table levels)
+    IQ4_XS      256           16     2 x 8       2 words of qs, 2 of d and scales
     F32/F16/BF16 128          32     4x1 / 2x2   consecutive elements, lane-interleaved
 
 Lanes with consecutive `s` read consecutive bytes of the block, so a warp's loads coalesce.
@@ -25,8 +27,8 @@ GPUs): a level 0 <= q < 2^23 OR-ed into the bits of 2^23 is the float 2^23 + q, 
 2^23 (+ the type's offset) gives q (- offset) exactly.
 
 Words are read through an integer view of the raw block bytes: uint32 for types whose blocks
-are a multiple of 4 bytes (Q2_K, Q4_K, Q5_K, Q4_1, Q5_1), uint16 pairs for the others (Q3_K,
-Q6_K, Q4_0, Q5_0, Q8_0, whose blocks are only 2-byte aligned), and the fp16 scales through a
+are a multiple of 4 bytes (Q2_K, Q4_K, Q5_K, Q4_1, Q5_1, IQ4_XS), uint16 pairs for the others (Q3_K,
+Q6_K, Q4_0, Q5_0, Q8_0, IQ4_NL, whose blocks are only 2-byte aligned), and the fp16 scales through a
 float16 view of the same bytes. Everything is widened to int64 before shifting, so Python's
 numpy scalars (the CUDA simulator) and Numba agree bit for bit; LLVM narrows the arithmetic
 back to 32 bits where it can.
@@ -317,6 +319,58 @@ def deq_q8_0(q, h, row, blk, s, n, vals):
             vals[4 * r + c] = (_lvl(((w >> (8 * c)) & 0xFF) ^ 0x80) - _TWO23_128) * d
 
 
+# --- IQ4: indices into kvalues_iq4nl ----------------------------------------------------------
+# The table's 16 signed bytes (as stored, two's complement) in four 32-bit words, bytes 4j..4j+3
+# in word j: a lane picks its level with shifts, no memory table.
+_KV_WORDS = tuple(int.from_bytes(bytes(v & 0xFF for v in (-127, -104, -83, -65, -49, -35, -22, -10,
+                                                          1, 13, 25, 38, 53, 69, 89, 113)
+                                       [4 * j:4 * j + 4]), "little") for j in range(4))
+_KV0, _KV1, _KV2, _KV3 = (np.int64(w) for w in _KV_WORDS)
+
+
+@_dev
+def _kv(i):
+    """float32(kvalues_iq4nl[i]) for an index 0 <= i < 16, exactly."""
+    j = i >> 2
+    w = _KV0 if j == 0 else _KV1 if j == 1 else _KV2 if j == 2 else _KV3
+    return _lvl(((w >> (8 * (i & 3))) & 0xFF) ^ 0x80) - _TWO23_128
+
+
+@_dev
+def _start_iq4_xs(s, r):
+    """IQ4_XS: lane s holds qs bytes 8s..8s+7, half s & 1 of sub-block s >> 1: values
+    32(s >> 1) + 8(s & 1).. (low nibbles) and 16 more (high nibbles)."""
+    return 32 * (s >> 1) + 16 * r + 8 * (s & 1)
+
+
+@_dev
+def deq_iq4_nl(q, h, row, blk, s, n, vals):
+    # block_iq4_nl: d @0, qs[16] @2; 9 uint16 (lanes sliced as Q4_0's)
+    o = blk * 9
+    d = _f16(h, row, o)
+    w = _w16(q, row, o + 1 + 2 * s)
+    for c in range(4):
+        vals[c] = d * _kv((w >> (8 * c)) & 0xF)
+        vals[4 + c] = d * _kv((w >> (8 * c + 4)) & 0xF)
+
+
+@_dev
+def deq_iq4_xs(q, h, row, blk, s, n, vals):
+    # block_iq4_xs: d @0, scales_h @2, scales_l[4] @4, qs[128] @8; 34 uint32 words
+    o = blk * 34
+    d = _f16(h, row, 2 * o)
+    ib = s >> 1
+    sh = _w32(q, row, o) >> 16
+    sl = _w32(q, row, o + 1)
+    ls = ((sl >> (8 * (ib >> 1) + 4 * (ib & 1))) & 0xF) | (((sh >> (2 * ib)) & 3) << 4)
+    dl = d * (_lvl(ls) - _TWO23_32)
+    for r in range(2):
+        w = _w32(q, row, o + 2 + 2 * s + r)
+        for c in range(4):
+            vals[4 * r + c] = dl * _kv((w >> (8 * c)) & 0xF)
+            vals[8 + 4 * r + c] = dl * _kv((w >> (8 * c + 4)) & 0xF)
+
+
 # --- unquantized rows: virtual blocks of 128 values, 32 lanes ---------------------------------
 # Rows of these types may have any length: values past the row's end decode as 0.
 
@@ -380,7 +434,8 @@ CHUNK = 128
 # kquant.types records' cuda_family.
 _SLICINGS = {"2bit": (4, 4, _start_2bit), "4bit": (2, 8, _start_4bit),
              "legacy": (2, 4, _start_legacy), "q8_0": (2, 4, _start_q8_0),
-             "f32": (4, 1, _start_f32), "half": (2, 2, _start_half)}
+             "f32": (4, 1, _start_f32), "half": (2, 2, _start_half),
+             "iq4_nl": (2, 4, _start_legacy), "iq4_xs": (2, 8, _start_iq4_xs)}
 
 
 def _family(r: QuantType) -> Family:

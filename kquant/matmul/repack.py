@@ -1,11 +1,12 @@
-"""llama.cpp's "repacked" CPU matmul of Q4_K and Q4_0 weights (AVX2 build), bit for bit.
+"""llama.cpp's "repacked" CPU matmul of Q4_K, Q4_0 and IQ4_NL weights (AVX2 build), bit for bit.
 
-On x86 with AVX2, llama.cpp puts every 2-D Q4_K / Q4_0 weight of a MUL_MAT whose row count
-is a multiple of 8 into its CPU_REPACK buffer (ggml-cpu/repack.cpp,
-`ggml_repack_get_optimal_repack_type` -> q4_K_8x8_q8_K, q4_0_8x8_q8_0): 8 rows are
-interleaved into one block_q4_Kx8 (d[8], dmin[8], scales[96], qs[1024]) / block_q4_0x8
-(d[8], qs[128], nibbles xor 0x88) per 256 / 32 columns (`make_block_q4_Kx8`,
-`make_block_q4_0x8`), and `tensor_traits<...>::forward_mul_mat` multiplies them:
+On x86 with AVX2, llama.cpp puts every 2-D Q4_K / Q4_0 / IQ4_NL weight of a MUL_MAT whose row
+count is a multiple of 8 into its CPU_REPACK buffer (ggml-cpu/repack.cpp,
+`ggml_repack_get_optimal_repack_type` -> q4_K_8x8_q8_K, q4_0_8x8_q8_0, iq4_nl_8x8_q8_0): 8
+rows are interleaved into one block_q4_Kx8 (d[8], dmin[8], scales[96], qs[1024]) /
+block_q4_0x8 (d[8], qs[128], nibbles xor 0x88) / block_iq4_nlx8 (d[8], qs[128], nibbles as
+stored) per 256 / 32 columns (`make_block_q4_Kx8`, `make_block_q4_0x8`,
+`make_block_iq4_nlx8`), and `tensor_traits<...>::forward_mul_mat` multiplies them:
 
 - activations: rows in groups of 4 (the first n_tok - n_tok % 4) are quantized by
   `ggml_quantize_mat_q8_K_4x8` / `ggml_quantize_mat_q8_0_4x8` (interleaved 4-row blocks),
@@ -28,11 +29,15 @@ Per output element (token t, weight row c) the float operations of the AVX2 kern
     result acc - accm.
   Q4_K gemv: the same with one fma per super-block (the ints summed over its 8 sub-blocks).
   Q4_0 gemm and gemv: acc = fma(float(sum (q - 8) a), d_c * a.d, acc), one per 32-block.
+  IQ4_NL gemm and gemv: the same with kvalues_iq4nl[q] for q - 8 (ggml's AVX2 kernels are
+      one template, gemm/gemv_q4_b32_8x8_q8_0_lut_avx, with the type's table in vpshufb).
 The lanes and shuffles of ggml's kernels only decide which lane holds which column, so the
 kernels here compute the same ints their own way (per token: 8 weight rows in 8 int32 /
 float lanes, 32-byte nibble loads against 8-byte activation broadcasts, `vpmaddubsw` +
 `vpmaddwd` with the scales, `vphaddd`), and keep that float order per element.
-Q4_0 uses unsigned nibbles q with the -8 taken as -8 * sum(a) (exact).
+Q4_0 uses unsigned nibbles q with the -8 taken as -8 * sum(a) (exact); IQ4_NL its table's
+signed bytes, decoded once by `prepare`, with ggml's sign trick (|w| times sign(a, w)), each
+vpmaddubsw's int16 pairs widened to int32 before they are added (they reach 2 * 127 * 127).
 
 `prepare(wb, qtype)` repacks once (ggml's bytes: `repack_bytes`) and unpacks what the kernels
 read; `matmul_prepared(p, x)` runs the product; `matmul(wb, qtype, x)` does both. The
@@ -70,6 +75,13 @@ Q4_KX8_BYTES = 1152      # block_q4_Kx8: d[8] f16, dmin[8] f16, scales[96], qs[1
 Q4_0X8_BYTES = 144       # block_q4_0x8: d[8] f16, qs[128]
 Q8_KX4_BYTES = 1168      # block_q8_Kx4: d[4] f32, qs[1024], bsums[64] i16
 Q8_0X4_BYTES = 136       # block_q8_0x4: d[4] f16, qs[128]
+IQ4_NL_BYTES = 18
+
+#: the weight types repacked on AVX2
+TYPES = (T.Q4_K, T.Q4_0, T.IQ4_NL)
+#: ggml-common.h's kvalues_iq4nl
+KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89,
+                          113], np.int8)
 
 
 def _qtype(qtype) -> T:
@@ -81,13 +93,14 @@ def _qtype(qtype) -> T:
 
 def applies(qtype, rows: int, k: int) -> bool:
     """Whether llama.cpp's AVX2 CPU backend repacks this weight (a 2-D MUL_MAT weight):
-    Q4_K or Q4_0 with ne[1] = rows a multiple of 8 (`ggml_repack_get_optimal_repack_type`;
-    repack_q4_*_to_*_8_bl also wants ne[0] = k % 8 == 0, which whole blocks always are)."""
+    Q4_K, Q4_0 or IQ4_NL with ne[1] = rows a multiple of 8
+    (`ggml_repack_get_optimal_repack_type`; repack_*_to_*_8_bl also wants ne[0] = k % 8 == 0,
+    which whole blocks always are)."""
     try:
         qtype = _qtype(qtype)
     except (KeyError, ValueError):
         return False
-    if qtype not in (T.Q4_K, T.Q4_0):
+    if qtype not in TYPES:
         return False
     block = QK_K if qtype == T.Q4_K else 32
     return rows > 0 and rows % 8 == 0 and k > 0 and k % block == 0 and k % 8 == 0
@@ -308,6 +321,30 @@ def pairs(typingctx, a):
     return D8(a), codegen
 
 
+def _psign(builder, a, b):
+    """_mm256_sign_epi8(a, b): a where b > 0, -a where b < 0, 0 where b == 0."""
+    if _HAS_AVX2:
+        return _x86(builder, "llvm.x86.avx2.psign.b", B32.llvm, [a, b])
+    zero = ir.Constant(B32.llvm, [0] * 32)
+    neg = builder.select(builder.icmp_signed("<", b, zero), builder.sub(zero, a), a)
+    return builder.select(builder.icmp_signed("==", b, zero), zero, neg)
+
+
+@intrinsic
+def sdp(typingctx, w, x):
+    """Signed bytes w times signed bytes x, summed in 4s to int32 (ggml's
+    mul_sum_i8_pairs_acc_int32x8 without the accumulator: vpsignb x2, vpmaddubsw, vpmaddwd
+    with ones)."""
+    if not (w == B32 and x == B32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a, b = args
+        p = _maddubs(builder, _psign(builder, a, a), _psign(builder, b, a))
+        return _madd(builder, p, ir.Constant(W16.llvm, [1] * 16))
+    return D8(w, x), codegen
+
+
 @intrinsic
 def hadd(typingctx, a, b):
     """vphaddd: [a0+a1, a2+a3, b0+b1, b2+b3, a4+a5, a6+a7, b4+b5, b6+b7]."""
@@ -518,6 +555,38 @@ def _q4_0_mm(qs, d, aq, ad, asum, out):
             _q4_0_row(qg, dg, aq[t], ad[t], asum[t], out[t], 8 * g)
 
 
+# IQ4_NL prepared arrays: lo, hi int8 (groups, nb * 128), the table values of the low and high
+# nibbles of block_iq4_nlx8.qs (laid out as Q4_0's qs above); d float32 (groups, nb * 8) in P
+# order. Activations as Q4_0's (asum unused).
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _iq4_nl_row(lo, hi, d, aq, ad, out, o):
+    acc = zerof()
+    for b in range(ad.shape[0]):
+        wo = 128 * b
+        ao = 32 * b
+        x0 = bc8(aq, ao)
+        x1 = bc8(aq, ao + 8)
+        x2 = bc8(aq, ao + 16)
+        x3 = bc8(aq, ao + 24)
+        p0 = add32(add32(sdp(ld32(lo, wo), x0), sdp(ld32(hi, wo), x2)),
+                   add32(sdp(ld32(lo, wo + 64), x1), sdp(ld32(hi, wo + 64), x3)))
+        p1 = add32(add32(sdp(ld32(lo, wo + 32), x0), sdp(ld32(hi, wo + 32), x2)),
+                   add32(sdp(ld32(lo, wo + 96), x1), sdp(ld32(hi, wo + 96), x3)))
+        acc = fmacc(hadd(p0, p1), mulfs(ldf(d, 8 * b), ad[b]), acc)
+    st_unperm(out, o, acc, zerof())
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def _iq4_nl_mm(lo, hi, d, aq, ad, out):
+    """ggml_gemm/gemv_iq4_nl_8x8_q8_0 (the same float order); weight row groups in parallel."""
+    for g in prange(lo.shape[0]):
+        lg, hg, dg = lo[g], hi[g], d[g]
+        for t in range(aq.shape[0]):
+            _iq4_nl_row(lg, hg, dg, aq[t], ad[t], out[t], 8 * g)
+
+
 # ---- activations -------------------------------------------------------------------------
 
 _F127 = F32(127.0)
@@ -573,7 +642,7 @@ def quantize_activations(x: np.ndarray, qtype) -> QuantizedActivations:
     x = np.ascontiguousarray(x, dtype=np.float32)
     n_tok, k = x.shape
     n_gemm = n_tok - n_tok % 4
-    if qtype == T.Q4_0:
+    if qtype in (T.Q4_0, T.IQ4_NL):
         act = quantize_rows(x, T.Q8_0)   # quantize_mat_q8_0_4x8 computes the same numbers
         asum = act.qs.reshape(n_tok, k // 32, 32).sum(axis=2, dtype=np.int32)
         return QuantizedActivations(T.Q8_0, n_gemm, act.qs, act.d,
@@ -622,8 +691,9 @@ def _check(wb: np.ndarray, qtype) -> tuple[T, int, int]:
     wb = np.asarray(wb)
     if wb.dtype != np.uint8 or wb.ndim != 2:
         raise ValueError("weights must be uint8 (rows, row_bytes) in ggml's block layout")
-    size, block = (Q4_K_BYTES, QK_K) if qtype == T.Q4_K else (Q4_0_BYTES, 32)
-    if qtype not in (T.Q4_K, T.Q4_0):
+    size, block = ((Q4_K_BYTES, QK_K) if qtype == T.Q4_K else
+                   (IQ4_NL_BYTES, 32) if qtype == T.IQ4_NL else (Q4_0_BYTES, 32))
+    if qtype not in TYPES:
         raise ValueError(f"no repacked kernel for {qtype.name}")
     rows, nbytes = wb.shape
     if nbytes % size or rows % 8:
@@ -633,16 +703,18 @@ def _check(wb: np.ndarray, qtype) -> tuple[T, int, int]:
 
 
 def repack_bytes(wb: np.ndarray, qtype) -> np.ndarray:
-    """ggml's repacked tensor data (repack_q4_K_to_q4_K_8_bl / repack_q4_0_to_q4_0_8_bl with
-    interleave 8): uint8 (rows / 8, nb * 1152 or nb * 144)."""
+    """ggml's repacked tensor data (repack_q4_K_to_q4_K_8_bl / repack_q4_0_to_q4_0_8_bl /
+    repack_iq4_nl_to_iq4_nl_8_bl with interleave 8): uint8 (rows / 8, nb * 1152 or nb * 144)."""
     qtype, rows, k = _check(wb, qtype)
     g = rows // 8
-    if qtype == T.Q4_0:
+    if qtype in (T.Q4_0, T.IQ4_NL):
         nb = k // 32
         blk = wb.reshape(g, 8, nb, Q4_0_BYTES).transpose(0, 2, 1, 3)   # (g, nb, row, 18)
         out = np.empty((g, nb, Q4_0X8_BYTES), np.uint8)
         out[..., :16] = blk[..., :2].reshape(g, nb, 16)
-        q = blk[..., 2:].reshape(g, nb, 8, 2, 8).transpose(0, 1, 3, 2, 4) ^ np.uint8(0x88)
+        q = blk[..., 2:].reshape(g, nb, 8, 2, 8).transpose(0, 1, 3, 2, 4)
+        if qtype == T.Q4_0:
+            q = q ^ np.uint8(0x88)
         out[..., 16:] = q.reshape(g, nb, 128)
         return out.reshape(g, nb * Q4_0X8_BYTES)
     nb = k // QK_K
@@ -691,10 +763,12 @@ class Prepared:
     d: np.ndarray
     dmin: np.ndarray | None = None
     sc: np.ndarray | None = None
+    hi: np.ndarray | None = None     # IQ4_NL: the high nibbles' values (qs: the low ones')
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.qs, self.d, self.dmin, self.sc) if a is not None)
+        return sum(a.nbytes for a in (self.qs, self.d, self.dmin, self.sc, self.hi)
+                   if a is not None)
 
 
 def _f16(b: np.ndarray) -> np.ndarray:
@@ -706,6 +780,14 @@ def prepare(wb: np.ndarray, qtype) -> Prepared:
     qtype, rows, k = _check(wb, qtype)
     packed = repack_bytes(wb, qtype)
     g = rows // 8
+    if qtype == T.IQ4_NL:
+        nb = k // 32
+        p = packed.reshape(g, nb, Q4_0X8_BYTES)
+        d = _f16(p[..., :16])[..., P]
+        q = p[..., 16:].reshape(g, nb * 128)
+        return Prepared(qtype, rows, k, np.ascontiguousarray(KVALUES_IQ4NL[q & 15]),
+                        np.ascontiguousarray(d.reshape(g, nb * 8)),
+                        hi=np.ascontiguousarray(KVALUES_IQ4NL[q >> 4]))
     if qtype == T.Q4_0:
         nb = k // 32
         p = packed.reshape(g, nb, Q4_0X8_BYTES)
@@ -745,6 +827,8 @@ def matmul_prepared(p: Prepared, x: np.ndarray,
     out = np.empty((act.qs.shape[0], p.rows), np.float32)
     if p.qtype == T.Q4_K:
         _q4k_mm(p.qs, p.sc, p.d, p.dmin, act.qs, act.d, act.aux, act.n_gemm, out)
+    elif p.qtype == T.IQ4_NL:
+        _iq4_nl_mm(p.qs, p.hi, p.d, act.qs, act.d, out)
     else:
         _q4_0_mm(p.qs, p.d, act.qs, act.d, act.aux, out)
     return out

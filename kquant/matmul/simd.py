@@ -757,3 +757,63 @@ def hsumf(typingctx, v):
         return builder.fadd(builder.extract_element(s, ir.Constant(_i32, 0)),
                             builder.extract_element(s, ir.Constant(_i32, 1)))
     return types.float32(v), codegen
+
+
+# ---- i-quants: a 16-entry table of signed bytes ----------------------------------------------
+
+#: ggml-common.h's kvalues_iq4nl (the IQ4_NL / IQ4_XS levels), as kquant.codecs.iq4 has them
+_KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+def _lut16(builder, idx):
+    """Each byte (0..15) of the 32 bytes idx replaced by kvalues_iq4nl[byte]: ggml's
+    _mm_shuffle_epi8(values128, idx) on each half (`vpshufb` with AVX2; without, a chain of
+    16 compares and selects, the same bytes)."""
+    table = ir.Constant(I8x32.llvm, [v & 0xFF for v in _KVALUES_IQ4NL] * 2)
+    if HAS_AVX2:
+        return _x86(builder, "llvm.x86.avx2.pshuf.b", I8x32.llvm, [table, idx])
+    out = ir.Constant(I8x32.llvm, [0] * 32)
+    for i, v in enumerate(_KVALUES_IQ4NL):
+        hit = builder.icmp_unsigned("==", idx, ir.Constant(I8x32.llvm, [i] * 32))
+        out = builder.select(hit, ir.Constant(I8x32.llvm, [v & 0xFF] * 32), out)
+    return out
+
+
+@intrinsic
+def iq4vals32(typingctx, arr, off):
+    """The 32 IQ4 levels of 16 index bytes at `off` (low nibbles, then high nibbles), as
+    signed bytes: ggml's MM256_SET_M128I(shuffle(values, q >> 4 & 15), shuffle(values, q & 15))."""
+    if not (_is_array(arr, 8) and isinstance(off, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = _vec_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], I8x16.llvm)
+        v = builder.load(p, align=1)
+        hi = builder.lshr(v, ir.Constant(I8x16.llvm, [4] * 16))
+        both = _shuffle(builder, v, hi, range(32))
+        return _lut16(builder, builder.and_(both, ir.Constant(I8x32.llvm, [15] * 32)))
+    return I8x32(arr, off), codegen
+
+
+@intrinsic
+def sdot16(typingctx, a, b):
+    """Signed bytes a times signed bytes b, adjacent pairs summed to int16: ggml's
+    mul_add_epi8, maddubs(sign(a, a), sign(b, a)) (exact while |a|, |b| <= 127)."""
+    if not (a == I8x32 and b == I8x32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        x, y = args
+        return _maddubs(builder, _psign(builder, x, x), _psign(builder, y, x))
+    return I16x16(a, b), codegen
+
+
+@intrinsic
+def splat16(typingctx, x):
+    """An integer in all 16 int16 lanes (_mm256_set1_epi16)."""
+    if not isinstance(x, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _splat(builder, _int(context, builder, args[0], sig.args[0], 16), I16x16.llvm)
+    return I16x16(x), codegen

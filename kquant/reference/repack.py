@@ -1,4 +1,4 @@
-"""llama.cpp's repacked Q4_K / Q4_0 CPU matmul (libggml-cpu through ctypes), to check and time
+"""llama.cpp's repacked Q4_K / Q4_0 / IQ4_NL CPU matmul (libggml-cpu through ctypes), to check and time
 kquant.matmul.repack against (tests/test_matmul_repack.py, tools/bench_repack.py; like the rest of
 kquant.reference, for tests and benchmarks only).
 
@@ -22,12 +22,14 @@ _vp = ctypes.c_void_p
 
 
 class GGMLRepack:
-    """llama.cpp's repacked Q4_K / Q4_0 matmul pieces (FileNotFoundError without the library)."""
+    """llama.cpp's repacked Q4_K / Q4_0 / IQ4_NL matmul pieces (FileNotFoundError without the library)."""
 
     _KERNELS = {T.Q4_K: ("ggml_quantize_mat_q8_K_4x8", "ggml_gemm_q4_K_8x8_q8_K",
                          "ggml_gemv_q4_K_8x8_q8_K"),
                 T.Q4_0: ("ggml_quantize_mat_q8_0_4x8", "ggml_gemm_q4_0_8x8_q8_0",
-                         "ggml_gemv_q4_0_8x8_q8_0")}
+                         "ggml_gemv_q4_0_8x8_q8_0"),
+                T.IQ4_NL: ("ggml_quantize_mat_q8_0_4x8", "ggml_gemm_iq4_nl_8x8_q8_0",
+                           "ggml_gemv_iq4_nl_8x8_q8_0")}
 
     def __init__(self):
         self.base = b = load_library("base")
@@ -77,7 +79,7 @@ class GGMLRepack:
     # ---- the exported kernels ----------------------------------------------------------------
 
     def quantize_mat(self, x4: np.ndarray, qtype) -> np.ndarray:
-        """ggml_quantize_mat_q8_K_4x8 (Q4_K) / _q8_0_4x8 (Q4_0) of 4 rows: the bytes."""
+        """ggml_quantize_mat_q8_K_4x8 (Q4_K) / _q8_0_4x8 (Q4_0, IQ4_NL) of 4 rows: the bytes."""
         x4 = np.ascontiguousarray(x4, dtype=np.float32)
         assert x4.shape[0] == 4
         k = x4.shape[1]
