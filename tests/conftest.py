@@ -186,6 +186,26 @@ def tiny_llama_f32(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_cpp_quant(tmp_path_factory, tiny_llama_f32, llama_cpp):
+    """`tiny_llama_cpp_quant(ftype)`: the tiny model quantized by llama.cpp's own
+    llama_model_quantize (llama-cpp-python, the interop extra), for the types kquant-quantize
+    does not write yet (IQ4_NL, IQ4_XS): the bytes `llama-quantize tiny-llama-f32.gguf OUT
+    FTYPE` writes. Skips without llama-cpp-python."""
+    from gguf import LlamaFileType
+
+    from kquant.reference.libggml import llama_quantize
+
+    folder = tmp_path_factory.mktemp("tiny-llama-cpp-quant")
+
+    def get(ftype: str) -> Path:
+        out = folder / f"tiny-llama-{ftype}.gguf"
+        if not out.is_file():
+            llama_quantize(tiny_llama_f32, out, LlamaFileType[f"MOSTLY_{ftype}"], n_threads=2)
+        return out
+    return get
+
+
+@pytest.fixture(scope="session")
 def hf_fixture(tmp_path_factory):
     """`hf_fixture(name)`: one Hugging Face fixture of tests/make_hf_fixtures.py, built once
     (tiny-phi3: fused QKV and gate/up, LongRoPE factors for contexts above its original 256;

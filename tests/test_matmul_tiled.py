@@ -1,5 +1,5 @@
 """kquant.matmul.tiled against ggml's real CPU MUL_MAT, which for >= 8 activation rows and
-K-quant weights in a plain buffer runs llama.cpp's tiled kernel (ggml-cpu/tiled/).
+K-quant (or IQ4_XS) weights in a plain buffer runs llama.cpp's tiled kernel (ggml-cpu/tiled/).
 
 Against the library (skipped without it: set KQUANT_LIBGGML / KQUANT_LIBGGML_CPU): float32
 results must be bit-identical.
@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType as T
 import kquant
 from kquant.matmul import tiled
 
-TYPES = ["Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K"]
+TYPES = ["Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "IQ4_XS"]
 SHAPES = [(8, 256), (17, 512), (33, 768), (70, 1536)]
 TOKENS = [8, 9, 16, 37]
 
@@ -53,6 +53,7 @@ def test_applies():
     assert not tiled.applies(T.Q4_K, 64, 4096, 32, repacked=True)
     assert not tiled.applies(T.Q4_0, 64, 4096, 32)
     assert not tiled.applies(T.Q8_0, 64, 4096, 32)
+    assert not tiled.applies(T.IQ4_NL, 64, 4096, 32)
     for q in TYPES:
         assert tiled.applies(T[q], 8, 256, 37)
 

@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType as T
 import kquant
 from kquant.matmul import tinyblas
 
-TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0]
+TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.IQ4_NL]
 TOKENS = [2, 3, 4, 5, 7, 16, 37]
 # (rows, k): rows 1..70 with non-multiples of 4 (and of the 4 x 2 / 4 x 3 tiles), k from one
 # block to 2048; the floats' rows % 4 != 0 and k % 8 != 0 shapes are checked to be refused.
@@ -123,11 +123,11 @@ def test_applies():
         assert not tinyblas.applies(t, 1, 64, 8)
         assert not tinyblas.applies(t, 8, 36, 8)          # k % 8
         assert tinyblas.applies(t, 8, 40, 8)
-    for t in (T.Q8_0, T.Q4_0, T.Q5_0):
+    for t in (T.Q8_0, T.Q4_0, T.Q5_0, T.IQ4_NL):
         assert tinyblas.applies(t, 1, 32, 2)              # any rows
         assert tinyblas.applies(t, 67, 96, 3)
         assert not tinyblas.applies(t, 4, 48, 2)          # not whole blocks
-    for t in ("Q4_1", "Q5_1", "Q4_K", "Q6_K", "Q8_K", "nonsense", 999):
+    for t in ("Q4_1", "Q5_1", "Q4_K", "Q6_K", "Q8_K", "IQ4_XS", "nonsense", 999):
         assert not tinyblas.applies(t, 8, 256, 8)
 
 

@@ -1,8 +1,8 @@
 """A weight's product with activations exactly as llama.cpp's CPU backend (x86, AVX2 build)
 computes it, bit for bit: the path ggml_compute_forward_mul_mat takes, then that path's kernel.
 
-    weight Q4_K / Q4_0 with rows % 8 == 0  -> the repacked GEMM/GEMV (kquant.matmul.repack)
-    a K-quant over 8+ tokens               -> the tiled K-quant kernel (kquant.matmul.tiled)
+    weight Q4_K / Q4_0 / IQ4_NL, rows % 8 == 0 -> the repacked GEMM/GEMV (kquant.matmul.repack)
+    a K-quant or IQ4_XS over 8+ tokens     -> the tiled K-quant kernel (kquant.matmul.tiled)
     2+ tokens and a type llamafile takes   -> llamafile's tinyBLAS (kquant.matmul.tinyblas)
     anything else                          -> ggml_vec_dot per (row, token) (kquant.matmul.cpu)
 
@@ -76,6 +76,6 @@ def beats_blas(qtype: T, rows: int, k: int, n_tok: int) -> bool:
     but not on the output matrix, and the tiled K-quant kernel is slower."""
     if n_tok < 2:
         return False
-    if repack.applies(qtype, rows, k):
+    if repack.applies(qtype, rows, k) and qtype in (T.Q4_K, T.Q4_0):   # IQ4_NL's: not measured
         return True
     return qtype in (T.Q8_0, T.Q5_0, T.Q4_0) and tinyblas.applies(qtype, rows, k, n_tok)

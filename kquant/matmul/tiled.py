@@ -2,8 +2,8 @@
 x86 AVX2 + FMA build, no AVX512-VNNI: the AVX2 micro-kernel tiled_run_microtile_avx2),
 bit for bit.
 
-When (ggml_compute_forward_mul_mat_tiled): src0 type Q2_K..Q6_K (also the IQ types, not
-ported here), src0->extra == NULL (a plain buffer, not a CPU_REPACK one), src1 rows
+When (ggml_compute_forward_mul_mat_tiled): src0 type Q2_K..Q6_K or IQ4_XS (also the other
+IQ types, not ported here), src0->extra == NULL (a plain buffer, not a CPU_REPACK one), src1 rows
 n_tok >= 8 (ggml_tiled_min_batch; GGML_CPU_TILED_MM_FORCE=1 takes any batch), the master
 switch GGML_CPU_TILED_MM not 0, no --use-ref; k is a multiple of 256 for K-quants.
 
@@ -13,7 +13,8 @@ Per output element (weight row r, token t) the float order is (blocks b = 0..k/2
 order, the tiling only splits rows/tokens, never K):
   s1 = sum over sub-blocks s of scale_s * sum_e w_e * q8_e      (exact int32; Q6_K/Q3_K
        debias their codes by 32/4 and pre-bias q8 by +128 then subtract the exact
-       correction, which is the same integer)
+       correction, which is the same integer; IQ4_XS: w = kvalues_iq4nl[index], scale
+       ls - 32 per 32 values, the sign trick)
   s2 = sum_s min_s * bsum_s                                     (exact int32; Q2/Q4/Q5_K)
   res = d * float(s1)
   res = fma(-dmin, float(s2), res)                               (_mm256_fnmadd_ps; HAS_MIN)
@@ -33,9 +34,12 @@ from .activations import quantize_rows
 
 T = GGMLQuantizationType
 
-TYPES = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
-_BLOCK_BYTES = {T.Q2_K: 84, T.Q3_K: 110, T.Q4_K: 144, T.Q5_K: 176, T.Q6_K: 210}
-_HAS_MIN = {T.Q2_K: True, T.Q3_K: False, T.Q4_K: True, T.Q5_K: True, T.Q6_K: False}
+TYPES = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS)
+_BLOCK_BYTES = {T.Q2_K: 84, T.Q3_K: 110, T.Q4_K: 144, T.Q5_K: 176, T.Q6_K: 210, T.IQ4_XS: 136}
+_HAS_MIN = {T.Q2_K: True, T.Q3_K: False, T.Q4_K: True, T.Q5_K: True, T.Q6_K: False,
+            T.IQ4_XS: False}
+_KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89,
+                           113], np.int32)
 
 
 def applies(qtype, rows: int, k: int, n_tok: int, repacked: bool = False) -> bool:
@@ -74,7 +78,16 @@ def _decode(wb: np.ndarray, qtype, k: int):
     group, l = el >> 5, el & 31
     dmin = np.zeros((rows, nb), np.float32)
     mins = np.zeros((rows, nb, 16), np.int32)
-    if qtype == T.Q6_K:
+    if qtype == T.IQ4_XS:
+        d = _f16(raw[..., 0:2])
+        sh = b[..., 2] | (b[..., 3] << 8)
+        ib = np.arange(8)
+        ls = ((b[..., 4 + ib // 2] >> (4 * (ib % 2))) & 0xF) | (((sh[..., None] >> (2 * ib)) & 3) << 4)
+        scales = np.repeat(ls - 32, 2, axis=-1)                       # per 16 values
+        sub, j = e >> 5, e & 31                                       # value e of sub-block sub
+        byte = b[..., 8 + 16 * sub + (j & 15)]
+        w = _KVALUES_IQ4NL[np.where(j < 16, byte & 0xF, byte >> 4)]
+    elif qtype == T.Q6_K:
         ql, qh, sc = b[..., 0:128], b[..., 128:192], raw[..., 192:208].view(np.int8)
         d = _f16(raw[..., 208:210])
         qlb = ql[..., 64 * half + l + 32 * (group & 1)]

@@ -16,9 +16,11 @@ llamafile_sgemm refuses n < 2 (n = tokens) and then, with k passed as ne00 / blo
 - F32 / F16 / BF16 (`tinyBLAS<8, __m256, __m256, T, T, float>`, BF16 under `__AVX2__`, F16
   under `__F16C__`): `tinyBLAS::matmul` returns false unless k % 8 == 0 and rows % 4 == 0
   (its three tilings are rows % 16 with rows / 16 >= nth, rows % 8, rows % 4);
-- Q8_0 / Q4_0 / Q5_0 (`tinyBLAS_Q0_AVX`): always (any rows, any number of blocks).
+- Q8_0 / Q4_0 / Q5_0 / IQ4_NL (`tinyBLAS_Q0_AVX`): always (any rows, any number of blocks);
+  IQ4_NL's weights go there only when the CPU_REPACK buffer does not take them (rows % 8 != 0,
+  kquant.matmul.repack).
 The weight type's other conditions come from ggml itself (k a multiple of the block size).
-Other kquant types (Q4_1, Q5_1, the K-quants) never go through tinyBLAS on this build.
+Other kquant types (Q4_1, Q5_1, the K-quants, IQ4_XS) never go through tinyBLAS on this build.
 
 What decides the float order
 ----------------------------
@@ -33,7 +35,8 @@ within one. So every element is:
   one float32 multiply (scalar in `gemm`, 4-wide `_mm_mul_ps` in gemm4xN / gemmMx4: the
   same) and sumi the 8 int32 lanes of `updot(sign(w, w), sign(x, w))` = vpmaddubsw then
   vpmaddwd with ones: lane i = the exact sum of values 4i..4i+3's products (Q4_0 / Q5_0
-  decoded to signed bytes q - 8 / q - 16, as tinyBLAS's `load` does);
+  decoded to signed bytes q - 8 / q - 16, IQ4_NL to kvalues_iq4nl[q] by vpshufb, as
+  tinyBLAS's `load` does);
 then `hsum`: (hi128 + lo128), then (l0 + l2) + (l1 + l3) of that (movehl / movehdup).
 The activations are ggml's from_float bytes (kquant.matmul.activations): F16 / BF16 rounding,
 the AVX2 quantize_row_q8_0.
@@ -98,11 +101,11 @@ from .prims import f16_to_f32, load_f16
 T = GGMLQuantizationType
 
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
-Q0_TYPES = (T.Q8_0, T.Q4_0, T.Q5_0)
-#: the weight types llamafile_sgemm handles on an AVX2 + FMA + F16C build (IQ4_NL aside)
+Q0_TYPES = (T.Q8_0, T.Q4_0, T.Q5_0, T.IQ4_NL)
+#: the weight types llamafile_sgemm handles on an AVX2 + FMA + F16C build
 TYPES = FLOAT_TYPES + Q0_TYPES
 _BLOCK = {T.F32: (1, 4), T.F16: (1, 2), T.BF16: (1, 2),
-          T.Q8_0: (32, 34), T.Q4_0: (32, 18), T.Q5_0: (32, 22)}
+          T.Q8_0: (32, 34), T.Q4_0: (32, 18), T.Q5_0: (32, 22), T.IQ4_NL: (32, 18)}
 
 #: tokens per chunk: all row groups pass over one chunk's activations before the next
 TOKEN_CHUNK = 64
@@ -115,7 +118,7 @@ FUSED_BLOCK_BYTES = 96 << 10
 #: rows by the job that multiplies it; `prepare`: the whole matrix, kept) and multiplied in
 #: the prepared form; below, tinyBLAS's own tiles decode the GGUF blocks as they go (fewer
 #: bytes to read: the better for a few tokens)
-PREDECODE_TOKENS = {T.Q8_0: 6, T.Q4_0: 6, T.Q5_0: 6}
+PREDECODE_TOKENS = {T.Q8_0: 6, T.Q4_0: 6, T.Q5_0: 6, T.IQ4_NL: 6}
 
 
 def _qtype(qtype) -> T | None:
@@ -130,7 +133,7 @@ def applies(qtype, rows: int, k: int, n_tok: int) -> bool:
     """Whether ggml's mul_mat of a contiguous (rows, k) weight of `qtype` by contiguous float32
     activations (n_tok, k) is taken by llamafile_sgemm on the AVX2 build (see the module
     docstring): n_tok >= 2 and, for F32 / F16 / BF16, k % 8 == 0 and rows % 4 == 0; for
-    Q8_0 / Q4_0 / Q5_0, k a whole number of blocks. False for every other type."""
+    Q8_0 / Q4_0 / Q5_0 / IQ4_NL, k a whole number of blocks. False for every other type."""
     t = _qtype(qtype)
     if t is None or n_tok < 2 or rows < 1 or k < 1:
         return False
@@ -189,8 +192,8 @@ def matmul(wb: np.ndarray, qtype, x: np.ndarray) -> np.ndarray:
         elif t == T.BF16:
             _mm_bf16(wb.view(np.uint16), act.values, out, TOKEN_CHUNK)
         else:
-            kernel = (_direct_q8_0 if t == T.Q8_0 else _direct_q4_0 if t == T.Q4_0
-                      else _direct_q5_0)
+            kernel = {T.Q8_0: _direct_q8_0, T.Q4_0: _direct_q4_0, T.Q5_0: _direct_q5_0,
+                      T.IQ4_NL: _direct_iq4_nl}[t]
             kernel(wb, act.qs, act.d, out, TOKEN_CHUNK)
     return out
 
@@ -231,8 +234,8 @@ def prepare(wb: np.ndarray, qtype) -> Prepared:
     vnni = bool(USE_VNNI and _HAS_VNNI)
     P = _empty((groups, nb * 512), np.uint8) if vnni else _empty((groups, nb * 256), np.int16)
     D = _empty((groups, nb * 8), np.float32)
-    kernel = (_prepare_q8_0 if t == T.Q8_0 else _prepare_q4_0 if t == T.Q4_0
-              else _prepare_q5_0)
+    kernel = {T.Q8_0: _prepare_q8_0, T.Q4_0: _prepare_q4_0, T.Q5_0: _prepare_q5_0,
+              T.IQ4_NL: _prepare_iq4_nl}[t]
     with vectorizing():
         kernel(wb, P.view(np.int32), D, vnni)
     return Prepared(t, rows, k, wb, P, D, vnni)
@@ -292,7 +295,8 @@ def _run_fused(wb: np.ndarray, t: T, k: int, x: np.ndarray) -> np.ndarray:
     out = np.empty((x.shape[0], wb.shape[0]), np.float32)
     kernel = {(T.Q8_0, False): _fused16_q8_0, (T.Q8_0, True): _fused_vnni_q8_0,
               (T.Q4_0, False): _fused16_q4_0, (T.Q4_0, True): _fused_vnni_q4_0,
-              (T.Q5_0, False): _fused16_q5_0, (T.Q5_0, True): _fused_vnni_q5_0}[t, vnni]
+              (T.Q5_0, False): _fused16_q5_0, (T.Q5_0, True): _fused_vnni_q5_0,
+              (T.IQ4_NL, False): _fused16_iq4_nl, (T.IQ4_NL, True): _fused_vnni_iq4_nl}[t, vnni]
     with vectorizing():
         xq, xd = _quantize_for(x, k, vnni)
         groups = (wb.shape[0] + 7) // 8
@@ -711,6 +715,29 @@ def dec_q5_0(typingctx, arr, off):
     return B32(arr, off), codegen
 
 
+_KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+@intrinsic
+def dec_iq4_nl(typingctx, arr, off):
+    """The IQ4_NL block at byte off as 32 signed bytes kvalues_iq4nl[q] (tinyBLAS's load0 /
+    load1: vpshufb of the table by the nibbles; without AVX2, compares and selects)."""
+    if not (_arr1(arr, (types.uint8,)) and isinstance(off, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v, _, _ = _nibbles(builder, context, sig, args, 2)
+        table = ir.Constant(B32.llvm, [x & 0xFF for x in _KVALUES_IQ4NL] * 2)
+        if _HAS_AVX2:
+            return _call(builder, "llvm.x86.avx2.pshuf.b", B32.llvm, [table, v])
+        out = ir.Constant(B32.llvm, [0] * 32)
+        for i, x in enumerate(_KVALUES_IQ4NL):
+            hit = builder.icmp_unsigned("==", v, ir.Constant(B32.llvm, [i] * 32))
+            out = builder.select(hit, ir.Constant(B32.llvm, [x & 0xFF] * 32), out)
+        return out
+    return B32(arr, off), codegen
+
+
 # A weight row's block b as (|q|, q) for updot_abs, straight from the GGUF blocks (one fetch
 # per type; the second argument is unused): the direct kernel's, and the decoder's.
 
@@ -729,6 +756,12 @@ def _fetch_q4_0(wr, unused, b):
 @njit(cache=True, error_model="numpy", inline="always")
 def _fetch_q5_0(wr, unused, b):
     w = dec_q5_0(wr, 22 * b)
+    return vabs8(w), w
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _fetch_iq4_nl(wr, unused, b):
+    w = dec_iq4_nl(wr, 18 * b)
     return vabs8(w), w
 
 
@@ -836,6 +869,11 @@ def _direct_q4_0(wb, aq, ad, out, chunk):
 @njit(cache=True, error_model="numpy", parallel=True)
 def _direct_q5_0(wb, aq, ad, out, chunk):
     _q0_direct(wb, aq, ad, out, chunk, 22, _fetch_q5_0)
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def _direct_iq4_nl(wb, aq, ad, out, chunk):
+    _q0_direct(wb, aq, ad, out, chunk, 18, _fetch_iq4_nl)
 
 
 # ---- the prepared form: 8 rows a vector --------------------------------------------------------
@@ -1144,6 +1182,12 @@ def _prepare_q4_0(wb, P32, D, vnni):
 def _prepare_q5_0(wb, P32, D, vnni):
     for g in prange(P32.shape[0]):
         _decode_group(wb, g, 22, _fetch_q5_0, P32[g], D[g], vnni)
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def _prepare_iq4_nl(wb, P32, D, vnni):
+    for g in prange(P32.shape[0]):
+        _decode_group(wb, g, 18, _fetch_iq4_nl, P32[g], D[g], vnni)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -1460,4 +1504,16 @@ def _fused16_q5_0(wb, x16, xd, out, chunk, gblock):
 @njit(cache=True, error_model="numpy", parallel=True)
 def _fused_vnni_q5_0(wb, xu, xd, out, chunk, gblock):
     _fused_rows(wb, 22, _fetch_q5_0, xu, xd, out, chunk, gblock, True, _block_vnni,
+                _view8)
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def _fused16_iq4_nl(wb, x16, xd, out, chunk, gblock):
+    _fused_rows(wb, 18, _fetch_iq4_nl, x16, xd, out, chunk, gblock, False, _block16,
+                _view16)
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def _fused_vnni_iq4_nl(wb, xu, xd, out, chunk, gblock):
+    _fused_rows(wb, 18, _fetch_iq4_nl, xu, xd, out, chunk, gblock, True, _block_vnni,
                 _view8)
