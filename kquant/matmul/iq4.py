@@ -13,7 +13,9 @@ vpmaddubsw; int16 pairs stay below 2 * 127 * 127).
 
 IQ4_NL per row: blocks in pairs, the even block into float lanes acc1 and the odd one into
 acc2, each acc = fma(fp16(a.d) * fp16(w.d), float(sumi lanes), acc) (sumi: vpmaddwd of the
-int16 pairs with ones); then hsum_float_8(acc1 + acc2); an odd last block is added after
+int16 pairs with ones; the scale products of 8 blocks at a time in one vector, each rounded
+once as ggml's scalar product: 1.05-1.09x ggml's vec_dot on 2 threads, 0.81-0.85x with one
+vcvtph2ps and scalar product a block); then hsum_float_8(acc1 + acc2); an odd last block is added after
 the lane sum, sumf = fma(d, float(sumi), sumf) (ggml's scalar tail loop, which gcc fuses
 into vfmadd231ss; tests/test_matmul_cpu.py checks the bits with odd block counts).
 IQ4_XS per super-block: two int32 accumulators (even and odd sub-blocks), each += vpmaddwd of
@@ -27,8 +29,8 @@ import numpy as np
 from numba import njit, prange
 
 from .prims import F32, fma32
-from .simd import (add32, addf, dot8, f16at, fma, hsum32, hsumf, iq4vals32, load32, madd,
-                   sdot16, splat16, zero32, zerof)
+from .simd import (add32, addf, dot8, f16at, f16x8, fma, hsum32, hsumf, iq4vals32, lanef,
+                   load32, loadf, madd, mulf, sdot16, splat16, zero32, zerof)
 
 _NL = 18
 _XS = 136
@@ -36,11 +38,30 @@ _I32 = np.int32
 
 
 @njit(cache=True, error_model="numpy", inline="always")
+def _nl_pair(wr, aq, dd, k, b, acc1, acc2):
+    """Blocks b (even, into acc1) and b + 1 (into acc2), their scale products lanes k, k + 1
+    of dd."""
+    o = b * _NL
+    acc1 = fma(lanef(dd, k), dot8(iq4vals32(wr, o + 2), load32(aq, b * 32)), acc1)
+    acc2 = fma(lanef(dd, k + 1), dot8(iq4vals32(wr, o + _NL + 2), load32(aq, b * 32 + 32)), acc2)
+    return acc1, acc2
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def _nl_row(wr, aq, ad):
     nb = ad.shape[0]
     acc1 = zerof()
     acc2 = zerof()
-    ib = 0
+    # 8 blocks at a time: their 8 scale products fp16(a.d) * fp16(w.d) in one vector (one
+    # vcvtph2ps, one vmulps: the same roundings as ggml's one scalar product a block)
+    g8 = nb - nb % 8
+    for b0 in range(0, g8, 8):
+        dd = mulf(loadf(ad, b0), f16x8(wr, b0 * _NL, _NL))
+        acc1, acc2 = _nl_pair(wr, aq, dd, 0, b0, acc1, acc2)
+        acc1, acc2 = _nl_pair(wr, aq, dd, 2, b0 + 2, acc1, acc2)
+        acc1, acc2 = _nl_pair(wr, aq, dd, 4, b0 + 4, acc1, acc2)
+        acc1, acc2 = _nl_pair(wr, aq, dd, 6, b0 + 6, acc1, acc2)
+    ib = g8
     while ib + 1 < nb:
         o = ib * _NL
         acc1 = fma(ad[ib] * f16at(wr, o), dot8(iq4vals32(wr, o + 2), load32(aq, ib * 32)),
