@@ -47,9 +47,6 @@ class QuantType:
     #: how kquant.matmul.cuda_blocks slices its blocks across lanes ("2bit", "4bit", "legacy",
     #: "q8_0", "f32", "half"; the decoder is cuda_blocks.deq_<name>); None: no CUDA kernel
     cuda_family: str | None = None
-    #: whether kquant's model pipeline (quantize_model, kquant-compare) takes the type; False:
-    #: a codec of the public quantize/dequantize API only, for now
-    in_files: bool = True
 
     @property
     def name(self) -> str:
@@ -177,9 +174,9 @@ Q8_1 = register(QuantType(T.Q8_1, 32, 36))
 # block size (IQ4_NL against Q8_0, IQ4_XS against Q8_K: kquant/matmul/iq4.py; their BLAS
 # crossovers those of Q4_0 / Q4_K); the model pipeline does not write them yet.
 IQ4_NL = register(QuantType(T.IQ4_NL, 32, 18, "IQ4Codec", "iq4", True, T.Q8_0, "iq4.mm_iq4_nl",
-                            128, "iq4_nl", in_files=False))
+                            128, "iq4_nl"))
 IQ4_XS = register(QuantType(T.IQ4_XS, 256, 136, "IQ4Codec", "iq4", True, T.Q8_K,
-                            "iq4.mm_iq4_xs", 128, "iq4_xs", in_files=False))
+                            "iq4.mm_iq4_xs", 128, "iq4_xs"))
 
 # F16 / BF16: | 2 bytes | a value (IEEE half / the upper half of a float32); F32: | 4 bytes |
 F16 = _float(T.F16, 2, "HalfCodec", 128)

@@ -186,21 +186,18 @@ def tiny_llama_f32(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_cpp_quant(tmp_path_factory, tiny_llama_f32, llama_cpp):
-    """`tiny_llama_cpp_quant(ftype)`: the tiny model quantized by llama.cpp's own
-    llama_model_quantize (llama-cpp-python, the interop extra), for the types kquant-quantize
-    does not write yet (IQ4_NL, IQ4_XS): the bytes `llama-quantize tiny-llama-f32.gguf OUT
-    FTYPE` writes. Skips without llama-cpp-python."""
-    from gguf import LlamaFileType
+def tiny_llama_quant(tmp_path_factory, tiny_llama_f32):
+    """`tiny_llama_quant(ftype)`: the tiny model quantized by kquant-quantize (byte-identical to
+    `llama-quantize tiny-llama-f32.gguf OUT FTYPE`, tests/test_quantize_model.py)."""
+    from kquant import QuantizeOptions, quantize_model
+    from kquant.quantization.mixes import parse_ftype
 
-    from kquant.reference.libggml import llama_quantize
-
-    folder = tmp_path_factory.mktemp("tiny-llama-cpp-quant")
+    folder = tmp_path_factory.mktemp("tiny-llama-quant")
 
     def get(ftype: str) -> Path:
         out = folder / f"tiny-llama-{ftype}.gguf"
         if not out.is_file():
-            llama_quantize(tiny_llama_f32, out, LlamaFileType[f"MOSTLY_{ftype}"], n_threads=2)
+            quantize_model(tiny_llama_f32, out, parse_ftype(ftype), QuantizeOptions(), progress=False)
         return out
     return get
 

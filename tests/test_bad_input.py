@@ -223,6 +223,9 @@ CASES = [
     Case("q-target-bpw-zero", Q, lambda m, d: ["--target-bpw", "0", G(m, d), "out.gguf", "Q4_K_M"], "target-bpw"),
     Case("q-gptq-asym", Q, lambda m, d: ["--gptq-asym", "2", G(m, d), "out.gguf", "Q4_K_M"], "gptq-asym"),
     Case("q-gptq-no-text", Q, lambda m, d: ["--method", "gptq", G(m, d), "out.gguf", "Q4_K_M"], "calibrat"),
+    Case("q-gptq-iq4", Q, lambda m, d: ["--method", "gptq", "--calibrate", str(m.text), G(m, d), "out.gguf",
+                                        "IQ4_XS"], "does not support IQ4_XS"),
+    Case("q-iq-without-codec", Q, lambda m, d: [G(m, d), "out.gguf", "IQ3_S"], "IQ3_S"),
     Case("q-requantize", Q, lambda m, d: [str(_quantized(m, d)), "out.gguf", "Q4_K_M"], "requantize"),
     # kquant-quantize: the imatrix
     Case("q-imatrix-missing", Q, lambda m, d: ["--imatrix", "none.dat", G(m, d), "out.gguf", "Q4_K_M"], "none.dat"),

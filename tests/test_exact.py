@@ -311,9 +311,8 @@ EXACT_CASES = [
 
 
 @pytest.mark.parametrize("ftype", ["IQ4_NL", "IQ4_XS"])
-def test_exact_i_quants_print_llama_perplexitys_digits(capsys, tiny_llama_cpp_quant, ftype):
-    """--exact on the tiny model quantized by llama.cpp's llama_model_quantize (kquant does not
-    write i-quants yet) to IQ4_NL (every matrix repacked: ggml's iq4_nl 8x8 GEMM / GEMV) and
+def test_exact_i_quants_print_llama_perplexitys_digits(capsys, tiny_llama_quant, ftype):
+    """--exact on the tiny model quantized (byte-identical to llama-quantize) to IQ4_NL (every matrix repacked: ggml's iq4_nl 8x8 GEMM / GEMV) and
     IQ4_XS (the tiled kernel over 8+ tokens, vec_dot below): every chunk and the final
     estimate to the printed digit."""
     import re
@@ -323,7 +322,7 @@ def test_exact_i_quants_print_llama_perplexitys_digits(capsys, tiny_llama_cpp_qu
     wiki = ROOT.parent / "shared" / "text" / "eval" / "wiki.test.raw"
     if not wiki.is_file():
         pytest.skip("wiki.test.raw not available")
-    model = tiny_llama_cpp_quant(ftype)
+    model = tiny_llama_quant(ftype)
     assert main(["-m", str(model), "-f", str(wiki), "-c", "128", "--chunks", "8", "--exact",
                  "-t", "2", "--no-progress"]) == 0
     out = capsys.readouterr().out

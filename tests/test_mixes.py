@@ -460,7 +460,7 @@ def test_smollm2_q4_k_m_fallbacks() -> None:
 ])
 def test_fallback_of_each_k_type(ftype: str, fallback: T) -> None:
     # attn_q has no rule in these ftypes, so it is the base type and falls back as the
-    # switch in tensor_type_fallback says (IQ4_NL is returned though kquant cannot make it)
+    # switch in tensor_type_fallback says
     chosen = choose_types(SMOL, smollm2_tensors(), ftype)
     assert chosen["blk.10.attn_q.weight"] == fallback
 

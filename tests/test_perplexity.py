@@ -103,8 +103,6 @@ def smollm2_q4_k_m(smollm2_quant):
 def model_path(request, tiny_quant, name: str) -> Path:
     if name == "tiny-f32":
         return request.getfixturevalue("tiny_llama_f32")
-    if name.startswith("tiny-IQ"):  # kquant-quantize does not write i-quants yet: llama.cpp's
-        return request.getfixturevalue("tiny_llama_cpp_quant")(name[5:])
     if name.startswith("tiny-"):
         return tiny_quant(name[5:])
     if name.startswith(("phi3-", "phi4-", "gemma2-", "gemma3-", "qwen3moe-", "qwen2moe-", "mixtral-")):  # the HF fixtures
@@ -121,7 +119,7 @@ CASES = [
     pytest.param("tiny-llama-f32.c256b128", "tiny-f32", ["-c", "256", "-b", "128", "--chunks", "3"],
                  id="tiny-f32-c256-b128"),
     pytest.param("smollm2-2l-f32.c512", "smollm2-2l-f32", ["--chunks", "4"], id="smollm2-2l-f32-c512"),
-    # i-quants (files from llama.cpp's llama_model_quantize): IQ4_NL against Q8_0 activations,
+    # i-quants: IQ4_NL against Q8_0 activations,
     # IQ4_XS against Q8_K (measured: final estimates 1.6e-4 and 8.6e-4 from llama-perplexity's)
     pytest.param("tiny-llama-IQ4_NL.c128", "tiny-IQ4_NL", ["-c", "128", "--chunks", "8"], id="tiny-IQ4_NL-c128"),
     pytest.param("tiny-llama-IQ4_XS.c128", "tiny-IQ4_XS", ["-c", "128", "--chunks", "8"], id="tiny-IQ4_XS-c128"),

@@ -16,7 +16,7 @@ from kquant.calibration.imatrix_file import Imatrix, ImatrixEntry, save_imatrix_
 from kquant.quantization.pipeline import QuantizeOptions, quantize_model
 
 FTYPES = ["Q4_K_M", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q5_K_S", "Q5_K_M", "Q6_K",
-          "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "BF16"]
+          "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS", "F16", "BF16"]
 
 
 def reference(inp: Path, out: Path, ftype: str, **kw) -> bytes:
@@ -53,7 +53,7 @@ def random_imatrix(model: Path, seed: int = 0) -> Imatrix:
     return im
 
 
-@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q2_K", "Q3_K_S", "Q5_K_M", "Q6_K", "Q4_0"])
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q2_K", "Q3_K_S", "Q5_K_M", "Q6_K", "Q4_0", "IQ4_NL", "IQ4_XS"])
 def test_same_file_with_imatrix(llama_cpp, smollm2_f16, tmp_path, ftype):
     im = random_imatrix(smollm2_f16)
     path = tmp_path / "imatrix.gguf"

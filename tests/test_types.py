@@ -53,15 +53,6 @@ def test_codecs_are_a_view():
         kquant.get_codec("Q8_1")
 
 
-def test_file_codecs_leave_out_the_codec_only_types():
-    """IQ4_NL and IQ4_XS are codecs of the API, not yet types of the model pipeline."""
-    from kquant.codecs import FILE_CODECS
-    assert set(FILE_CODECS) == {t for t, c in kquant.CODECS.items() if TYPES[t].in_files}
-    assert T.IQ4_NL in kquant.CODECS and T.IQ4_NL not in FILE_CODECS
-    assert T.IQ4_XS in kquant.CODECS and T.IQ4_XS not in FILE_CODECS
-    assert T.Q4_K in FILE_CODECS and T.F32 in FILE_CODECS
-
-
 def test_matmul_tables_are_views():
     weights = [r for r in TYPES.values() if r.vec_dot is not None]
     assert cpu.WEIGHT_TYPES == tuple(r.qtype for r in weights)

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..codecs import CODECS
 from ..quantization import mixes
 from ..models import open_model
 from ..quantization.pipeline import (QuantizeOptions, apply_budget, default_output_name,
@@ -20,7 +21,15 @@ from ..errors import ModelError
 from ..quantization.gptq import ASYM, DAMP, HOLDOUT, SINK_WEIGHT, GptqSettings
 from . import run_command
 
-TYPES_HELP = ", ".join(sorted(k for k in mixes.FTYPES if not k.startswith(("IQ", "TQ", "MX", "Q1"))))
+def _writable(name: str) -> bool:
+    try:
+        return mixes.default_type(name) in CODECS
+    except (KeyError, ValueError):
+        return False
+
+
+# the ftypes whose tensors kquant has codecs for (the i-quants beyond IQ4_NL / IQ4_XS not yet)
+TYPES_HELP = ", ".join(sorted(k for k in mixes.FTYPES if _writable(k)))
 
 
 class _InOrder(argparse.Action):

@@ -144,11 +144,6 @@ class F32Codec(Codec):
 CODECS: dict[GGMLQuantizationType, Codec] = {
     r.qtype: globals()[r.codec_class](r) for r in TYPES.values() if r.codec_class is not None}
 
-#: the codecs kquant's model pipeline uses (quantize_model's targets and inputs, kquant-compare's
-#: decoding): all but the types whose records say in_files=False (IQ4_NL, IQ4_XS for now)
-FILE_CODECS: dict[GGMLQuantizationType, Codec] = {
-    t: c for t, c in CODECS.items() if TYPES[t].in_files}
-
 
 def get_codec(qtype: GGMLQuantizationType | str | int) -> Codec:
     """The codec of a type given as a GGMLQuantizationType, its name ("q4_k") or its id."""

@@ -22,7 +22,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFValueType, LlamaFileType
 
 from . import mixes
-from ..codecs import FILE_CODECS
+from ..codecs import CODECS
 from ..files.gguf_read import SPLIT_KEYS, split_paths
 from ..files.atomic import refuse_input_as_output
 from ..files.gguf_write import gguf_header_size, write_gguf
@@ -415,10 +415,10 @@ def loader_ftype(source: ModelSource) -> int:
 
 
 def _check_convertible(t: SourceTensor, target: T, allow_requantize: bool) -> None:
-    if target not in FILE_CODECS:
+    if target not in CODECS:
         raise ModelError(f"{t.name}: llama.cpp's rules choose {target.name}, which kquant does "
-                         "not produce (only K-quants, legacy quants and float types)")
-    if t.type not in FILE_CODECS:
+                         "not produce (K-quants, legacy quants, IQ4_NL, IQ4_XS and float types)")
+    if t.type not in CODECS:
         raise ModelError(f"{t.name}: input type {t.type.name} is not supported")
     block = GGML_QUANT_SIZES[target][0]
     if t.shape[0] % block:
@@ -533,6 +533,11 @@ def quantize_model(input_path: str | Path, output_path: str | Path,
         if not opts.calibrate and not opts.hessian:
             raise ModelError("--method gptq needs calibration text (--calibrate TEXT) or saved "
                              "Hessians (--hessian F)")
+        base = mixes.default_type(ftype)
+        if base not in gptq_types() and base not in _UNQUANTIZED:
+            # the sweeps know the K-quant and legacy blocks; an i-quant file would be plain
+            raise ModelError(f"--method gptq does not support {base.name} files yet (K-quant and "
+                             "legacy types only)")
         refuse_input_as_output(out, [opts.calibrate, opts.hessian])
     source = open_model(inp, opts.hf_outtype)
     n_split = 1 + max((t.split for t in source.tensors), default=0)

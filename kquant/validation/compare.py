@@ -159,10 +159,10 @@ def check_compatible(base: ModelSource, quant: ModelSource) -> None:
 
 def check_decodable(source: ModelSource) -> None:
     """Every 2-D tensor in a type kquant dequantizes (the weight error needs them all)."""
-    from ..codecs import FILE_CODECS
+    from ..codecs import CODECS
 
     for t in source.tensors:
-        if len(t.shape) == 2 and t.type not in FILE_CODECS:
+        if len(t.shape) == 2 and t.type not in CODECS:
             raise ModelError(f"{source.path or 'the model'}: tensor {t.name} is {t.type.name}, which kquant cannot "
                              "dequantize")
 
