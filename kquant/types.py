@@ -36,7 +36,7 @@ class QuantType:
     block_size: int                  # values per block (1 for the float types)
     type_size: int                   # bytes per block
     #: the kquant.codecs class that drives its kernels ("BlockCodec", "LegacyCodec",
-    #: "IQ4Codec", "HalfCodec", "F32Codec"), and the module of kquant.codecs holding them; None: no codec
+    #: "IQ4Codec", "IQ3Codec", "HalfCodec", "F32Codec"), and the module of kquant.codecs holding them; None: no codec
     #: (an activation-only type)
     codec_class: str | None = None
     codec_module: str | None = None
@@ -177,6 +177,12 @@ IQ4_NL = register(QuantType(T.IQ4_NL, 32, 18, "IQ4Codec", "iq4", True, T.Q8_0, "
                             128, "iq4_nl"))
 IQ4_XS = register(QuantType(T.IQ4_XS, 256, 136, "IQ4Codec", "iq4", True, T.Q8_K,
                             "iq4.mm_iq4_xs", 128, "iq4_xs"))
+
+# IQ3_XXS (256 values, 98 bytes) and IQ3_S (256 values, 110 bytes): groups of 4 values as
+# points of a 3-bit grid, with signs (layouts drawn in kquant/codecs/iq3.py). Codecs only: no
+# matmul kernel, and the model pipeline does not write them (file_codec=False).
+IQ3_XXS = register(QuantType(T.IQ3_XXS, 256, 98, "IQ3Codec", "iq3", True))
+IQ3_S = register(QuantType(T.IQ3_S, 256, 110, "IQ3Codec", "iq3", True))
 
 # F16 / BF16: | 2 bytes | a value (IEEE half / the upper half of a float32); F32: | 4 bytes |
 F16 = _float(T.F16, 2, "HalfCodec", 128)

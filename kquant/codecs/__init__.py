@@ -15,7 +15,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from ..types import TYPES, QuantType, find_type
-from . import floats, iq4, legacy
+from . import floats, iq3, iq4, legacy
 
 _NO_WEIGHTS = np.zeros(0, np.float32)
 
@@ -113,6 +113,28 @@ class IQ4Codec(Codec):
     def _quantize(self, x, imatrix, out):
         use_qw = imatrix is not None and self.uses_imatrix
         self._quantize_rows(x, imatrix if use_qw else _NO_WEIGHTS, use_qw, out)
+
+    def _dequantize(self, q, out):
+        self._dequantize_rows(q, out)
+
+
+class IQ3Codec(Codec):
+    """IQ3_XXS and IQ3_S (256-value super-blocks, 3-bit grids): kquant/codecs/iq3.py."""
+
+    def __init__(self, record: QuantType):
+        super().__init__(record)
+        suffix = "xxs" if record.qtype == GGMLQuantizationType.IQ3_XXS else "s"
+        self._quantize_rows = getattr(iq3, f"quantize_{suffix}_rows")
+        self._dequantize_rows = getattr(iq3, f"dequantize_{suffix}_rows")
+
+    def _quantize(self, x, imatrix, out):
+        failed = np.zeros(out.shape[0], np.int64)
+        self._quantize_rows(x, _NO_WEIGHTS if imatrix is None else imatrix, imatrix is not None,
+                            out, failed)
+        if failed.any():
+            raise ValueError(
+                f"{self.name}: row {int(np.argmax(failed))} cannot be quantized (inf/NaN values "
+                f"or an overflowing x^2: ggml's IQ3 search finds no grid point and aborts)")
 
     def _dequantize(self, q, out):
         self._dequantize_rows(q, out)
