@@ -225,7 +225,14 @@ CASES = [
     Case("q-gptq-no-text", Q, lambda m, d: ["--method", "gptq", G(m, d), "out.gguf", "Q4_K_M"], "calibrat"),
     Case("q-gptq-iq4", Q, lambda m, d: ["--method", "gptq", "--calibrate", str(m.text), G(m, d), "out.gguf",
                                         "IQ4_XS"], "does not support IQ4_XS"),
-    Case("q-iq-without-codec", Q, lambda m, d: [G(m, d), "out.gguf", "IQ3_S"], "IQ3_S"),
+    Case("q-iq-without-codec", Q, lambda m, d: ["--imatrix", str(m.imatrix), G(m, d), "out.gguf", "IQ2_XS"],
+         "rules choose IQ2_XS, which kquant does not produce"),
+    # IQ3_XXS puts attn_q / attn_k in IQ2_S (llama_tensor_get_type): without an imatrix llama-quantize
+    # refuses (tensor_requires_imatrix) before anything else, and so does kquant; with one, IQ2_S has no codec
+    Case("q-iq3-xxs-without-imatrix", Q, lambda m, d: [G(m, d), "out.gguf", "IQ3_XXS"],
+         "blk.0.attn_k.weight: type IQ2_S needs an importance matrix"),
+    Case("q-iq3-xxs-iq2-s", Q, lambda m, d: ["--imatrix", str(m.imatrix), G(m, d), "out.gguf", "IQ3_XXS"],
+         "rules choose IQ2_S, which kquant does not produce"),
     Case("q-requantize", Q, lambda m, d: [str(_quantized(m, d)), "out.gguf", "Q4_K_M"], "requantize"),
     # kquant-quantize: the imatrix
     Case("q-imatrix-missing", Q, lambda m, d: ["--imatrix", "none.dat", G(m, d), "out.gguf", "Q4_K_M"], "none.dat"),
@@ -350,7 +357,10 @@ CASES = [
     Case("ppl-base-out-is-model", PPL, lambda m, d: ["-m", G(m, d), "-f", str(m.text), "--kl-divergence-base",
                                                      G(m, d)], "also an input"),
     Case("ppl-iq-tensor", PPL, lambda m, d: ["-m", str(_iq_model(m, d)), "-f", str(m.text), "-c", "64"],
-         "IQ3_S"),
+         "IQ2_XS"),
+    # an i-quant kquant writes but does not run yet: refused all the same
+    Case("ppl-iq3-tensor", PPL, lambda m, d: ["-m", str(_iq3_model(m, d)), "-f", str(m.text), "-c", "64"],
+         "tensor blk.0.ffn_up.weight is IQ3_S: kquant's runtime does not run i-quants yet"),
     Case("ppl-wrong-shape", PPL, lambda m, d: ["-m", str(patch_tensor_info(
         m.gguf, d / "w.gguf", "blk.0.attn_q.weight", shape=(128, 32))), "-f", str(m.text), "-c", "64"],
         "blk.0"),
@@ -366,7 +376,7 @@ CASES = [
          "context|-c"),
     Case("gen-bad-utf8-prompt", GEN, lambda m, d: ["-m", G(m, d), "-p", "caf\udce9"], "UTF-8"),
     Case("gen-no-model", GEN, lambda m, d: ["-m", "none.gguf", "-p", "Hi"], "none.gguf"),
-    Case("gen-iq-tensor", GEN, lambda m, d: ["-m", str(_iq_model(m, d)), "-p", "Hi"], "IQ3_S"),
+    Case("gen-iq-tensor", GEN, lambda m, d: ["-m", str(_iq_model(m, d)), "-p", "Hi"], "IQ2_XS"),
     # kquant-compare
     Case("cmp-no-quants", CMP, lambda m, d: [G(m, d), "-f", str(m.text)], "QUANT|quant"),
     Case("cmp-quant-missing", CMP, lambda m, d: [G(m, d), "none.gguf", "-f", str(m.text)], "none.gguf"),
@@ -437,20 +447,32 @@ def _quantized(m: Materials, d: Path) -> Path:
 
 
 def _iq_model(m: Materials, d: Path) -> Path:
-    """The tiny model with one matrix declared IQ3_S, an i-quant the runtime does not run (the
-    same block size and bytes as Q3_K; IQ4_NL, which it once was, now runs)."""
-    return _one_matrix_as(m, d / "iq.gguf", "Q3_K", T.IQ3_S)
+    """The tiny model with one matrix declared IQ2_XS (zero bytes), an i-quant kquant neither
+    writes nor runs (IQ4_NL and then IQ3_S, which it once was, are now written; IQ4_NL runs)."""
+    return _one_matrix_as(m, d / "iq.gguf", None, T.IQ2_XS)
 
 
-def _one_matrix_as(m: Materials, out: Path, codec: str, declared: T) -> Path:
-    """The tiny model with blk.0.ffn_up.weight quantized by `codec`, declared `declared`."""
+def _iq3_model(m: Materials, d: Path) -> Path:
+    """The tiny model with one matrix quantized to IQ3_S by kquant: written, not run."""
+    return _one_matrix_as(m, d / "iq3.gguf", "IQ3_S", T.IQ3_S)
+
+
+def _one_matrix_as(m: Materials, out: Path, codec: str | None, declared: T) -> Path:
+    """The tiny model with blk.0.ffn_up.weight quantized by `codec` (None: zero bytes of
+    `declared`'s size), declared `declared`."""
+    from gguf import GGML_QUANT_SIZES
+
     from kquant.codecs.api import quantize
     from kquant.files.gguf_read import load_gguf
     from kquant.files.gguf_write import write_gguf
 
     s = load_gguf(m.gguf)
     t = next(t for t in s.tensors if t.name == "blk.0.ffn_up.weight")
-    data = quantize(np.asarray(t.load()).view(np.float32).reshape(t.shape[1], t.shape[0]), codec)
+    if codec is None:
+        block, size = GGML_QUANT_SIZES[declared]
+        data = np.zeros(t.shape[0] * t.shape[1] // block * size, np.uint8)
+    else:
+        data = quantize(np.asarray(t.load()).view(np.float32).reshape(t.shape[1], t.shape[0]), codec)
     t.type, t.load = declared, (lambda data=data: data.reshape(-1))
     s.path = ""
     return write_gguf(s, out, progress=False)

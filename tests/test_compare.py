@@ -174,7 +174,7 @@ def run_error(args: list[str]) -> str:
 
 
 def _variant(tiny_llama_f32, path: Path, arch: str | None = None, token: str | None = None,
-             n_layers: int | None = None, iq3_s: str | None = None) -> Path:
+             n_layers: int | None = None, iq_no_codec: str | None = None) -> Path:
     """The tiny model with another architecture name, one token renamed, fewer blocks, or one
     tensor (zeros) in a type kquant does not decode."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -195,11 +195,11 @@ def _variant(tiny_llama_f32, path: Path, arch: str | None = None, token: str | N
         kv.append(k)
     tensors = [t for t in src.tensors
                if n_layers is None or not t.name.startswith("blk.") or int(t.name.split(".")[1]) < n_layers]
-    if iq3_s:  # a type kquant has no codec for
-        block, size = GGML_QUANT_SIZES[GGMLQuantizationType.IQ3_S]
-        tensors = [SourceTensor(t.name, t.shape, GGMLQuantizationType.IQ3_S,
+    if iq_no_codec:  # a type kquant has no codec for
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType.IQ2_XS]
+        tensors = [SourceTensor(t.name, t.shape, GGMLQuantizationType.IQ2_XS,
                                 lambda t=t: np.zeros(t.n_elements // block * size, np.uint8))
-                   if t.name == iq3_s else t for t in tensors]
+                   if t.name == iq_no_codec else t for t in tensors]
     return write_gguf(ModelSource(arch or src.arch, kv, tensors), path, progress=False)
 
 
@@ -220,8 +220,8 @@ def test_bad_inputs(tmp_path, tiny_llama_f32, quants):
     assert "architecture qwen2 differs from the base model's (llama)" in run_error([base, str(other), *f])
     other = _variant(tiny_llama_f32, tmp_path / "layers.gguf", n_layers=3)
     assert "another architecture" in run_error([base, str(other), *f])
-    other = _variant(tiny_llama_f32, tmp_path / "iq3_s.gguf", iq3_s="blk.0.attn_k.weight")
-    assert "blk.0.attn_k.weight is IQ3_S, which kquant cannot dequantize" in run_error([base, str(other), *f])
+    other = _variant(tiny_llama_f32, tmp_path / "iq2_xs.gguf", iq_no_codec="blk.0.attn_k.weight")
+    assert "blk.0.attn_k.weight is IQ2_XS, which kquant cannot dequantize" in run_error([base, str(other), *f])
     assert "does not exist" in run_error([base, q8, *f, "--plot", str(tmp_path / "no" / "kld.png")])
     assert "is also an input" in run_error([base, q8, *f, "--plot", q8])
     not_im = tmp_path / "bad.imatrix"

@@ -16,7 +16,8 @@ from kquant.calibration.imatrix_file import Imatrix, ImatrixEntry, save_imatrix_
 from kquant.quantization.pipeline import QuantizeOptions, quantize_model
 
 FTYPES = ["Q4_K_M", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q5_K_S", "Q5_K_M", "Q6_K",
-          "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS", "F16", "BF16"]
+          "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS", "IQ3_XXS", "IQ3_S",
+          "IQ3_XS", "IQ3_M", "F16", "BF16"]
 
 
 def reference(inp: Path, out: Path, ftype: str, **kw) -> bytes:
@@ -53,7 +54,8 @@ def random_imatrix(model: Path, seed: int = 0) -> Imatrix:
     return im
 
 
-@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q2_K", "Q3_K_S", "Q5_K_M", "Q6_K", "Q4_0", "IQ4_NL", "IQ4_XS"])
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q2_K", "Q3_K_S", "Q5_K_M", "Q6_K", "Q4_0", "IQ4_NL", "IQ4_XS",
+                                   "IQ3_XXS", "IQ3_S", "IQ3_XS", "IQ3_M"])
 def test_same_file_with_imatrix(llama_cpp, smollm2_f16, tmp_path, ftype):
     im = random_imatrix(smollm2_f16)
     path = tmp_path / "imatrix.gguf"
@@ -69,6 +71,48 @@ def test_same_file_with_imatrix(llama_cpp, smollm2_f16, tmp_path, ftype):
     rc = quantize_main(["--imatrix", str(path), str(smollm2_f16), str(tmp_path / "kq.gguf"),
                         ftype, "2"])
     assert rc == 0
+    assert_same_file(tmp_path / "kq.gguf", want)
+
+
+def test_iq3_xxs_refuses_without_imatrix_as_llama_quantize(llama_cpp, tiny_llama_f32, tmp_path):
+    """IQ3_XXS puts the tiny model's attn_k / attn_q in IQ2_S, which needs an imatrix: both
+    refuse, naming the same tensor and type (on SmolLM2 no tensor needs one: FTYPES)."""
+    from kquant.errors import ModelError
+
+    with pytest.raises(RuntimeError, match="llama_model_quantize failed"):
+        reference(tiny_llama_f32, tmp_path / "ref.gguf", "IQ3_XXS")
+    with pytest.raises(ModelError, match="blk.0.attn_k.weight: type IQ2_S needs an importance matrix"):
+        quantize_model(tiny_llama_f32, tmp_path / "kq.gguf", "IQ3_XXS", progress=False)
+    assert not (tmp_path / "kq.gguf").exists()
+
+
+@pytest.mark.parametrize("ftype", ["IQ3_S", "IQ3_XS", "IQ3_M"])
+@pytest.mark.parametrize("with_imatrix", [False, True], ids=["no-imatrix", "imatrix"])
+def test_tiny_model_iq3_files(llama_cpp, tiny_llama_f32, tmp_path, ftype, with_imatrix):
+    """The tiny model's rows are multiples of 256, so IQ3_S / IQ3_XXS reach every matrix
+    (SmolLM2's 576-wide ones fall back to IQ4_NL): the same file as llama-quantize, or the same
+    refusal (IQ3_XS's attn_k is IQ3_XXS, which needs an imatrix)."""
+    args, kw = [], {}
+    if with_imatrix:
+        im = random_imatrix(tiny_llama_f32)
+        path = tmp_path / "imatrix.gguf"
+        save_imatrix_gguf(im, path)
+        weights = weights_for_quantize(im)
+        kw = dict(imatrix=weights, kv_overrides=[
+            ("quantize.imatrix.file", "str", str(path)),
+            ("quantize.imatrix.dataset", "str", "calibration.txt"),
+            ("quantize.imatrix.entries_count", "int", len(weights)),
+            ("quantize.imatrix.chunks_count", "int", 4)])
+        args = ["--imatrix", str(path)]
+    argv = [*args, str(tiny_llama_f32), str(tmp_path / "kq.gguf"), ftype, "2"]
+    if ftype == "IQ3_XS" and not with_imatrix:
+        with pytest.raises(RuntimeError, match="llama_model_quantize failed"):
+            reference(tiny_llama_f32, tmp_path / "ref.gguf", ftype, **kw)
+        assert_fails_cleanly(argv, tmp_path / "kq.gguf",
+                             "blk.0.attn_k.weight: type IQ3_XXS needs an importance matrix")
+        return
+    want = reference(tiny_llama_f32, tmp_path / "ref.gguf", ftype, **kw)
+    assert quantize_main(argv) == 0
     assert_same_file(tmp_path / "kq.gguf", want)
 
 

@@ -28,7 +28,8 @@ def _writable(name: str) -> bool:
         return False
 
 
-# the ftypes whose tensors kquant has codecs for (the i-quants beyond IQ4_NL / IQ4_XS not yet)
+# the ftypes whose tensors kquant has codecs for (of the i-quants: IQ4_NL, IQ4_XS, IQ3_XXS, IQ3_S
+# and the mixes of them, IQ3_XS and IQ3_M; the IQ2 / IQ1 ones not yet)
 TYPES_HELP = ", ".join(sorted(k for k in mixes.FTYPES if _writable(k)))
 
 

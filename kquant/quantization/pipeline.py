@@ -277,16 +277,21 @@ def plan_quantization(source: ModelSource, ftype: str | int | LlamaFileType,
         output_tensor_type=opts.output_tensor_type,
         token_embedding_type=opts.token_embedding_type, tensor_types=opts.tensor_types,
         has_imatrix=bool(weights))
-    planned = []
-    for new_name, t in kept:
+    tensor_weights = {}
+    for new_name, t in kept:  # llama-quantize refuses a missing imatrix before anything else
         target = types[new_name]
-        if target != t.type:
-            _check_convertible(t, target, opts.allow_requantize)
         w = weights.get(t.name)
         if w is not None and w.size != t.shape[0] * (t.shape[2] if len(t.shape) > 2 else 1):
             w = None  # token_embd's mismatch is only a warning in llama.cpp
         if (target != t.type and w is None and mixes.requires_imatrix(t.name, target, ftype)):
             raise ModelError(f"{t.name}: type {target.name} needs an importance matrix (--imatrix)")
+        tensor_weights[new_name] = w
+    planned = []
+    for new_name, t in kept:
+        target = types[new_name]
+        if target != t.type:
+            _check_convertible(t, target, opts.allow_requantize)
+        w = tensor_weights[new_name]
         h = None
         if calibration is not None and target in gptq_types() and len(t.shape) == 2:
             h = calibration.hessians.of(t.name)
@@ -417,7 +422,8 @@ def loader_ftype(source: ModelSource) -> int:
 def _check_convertible(t: SourceTensor, target: T, allow_requantize: bool) -> None:
     if target not in CODECS:
         raise ModelError(f"{t.name}: llama.cpp's rules choose {target.name}, which kquant does "
-                         "not produce (K-quants, legacy quants, IQ4_NL, IQ4_XS and float types)")
+                         "not produce (K-quants, legacy quants, IQ4_NL, IQ4_XS, IQ3_XXS, IQ3_S and float "
+                         "types)")
     if t.type not in CODECS:
         raise ModelError(f"{t.name}: input type {t.type.name} is not supported")
     block = GGML_QUANT_SIZES[target][0]
