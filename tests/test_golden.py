@@ -18,6 +18,7 @@ FILES = {
     "golden": {T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_K, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1,
                T.Q8_0, T.F16, T.BF16, T.F32},
     "golden_iq": {T.IQ4_NL, T.IQ4_XS},
+    "golden_iq3": {T.IQ3_XXS, T.IQ3_S},
 }
 _LOADED: dict[str, dict[str, np.ndarray]] = {}
 
@@ -57,9 +58,15 @@ def test_quantize_matches_golden(name, key):
     qtype, mode = key.split("-")
     imatrix = golden.get(f"imatrix_{mode}")
     x, want = golden["x"], golden[key]
+    # the rows ggml aborted on (IQ3: inf / NaN values): kquant refuses each of them
+    aborted = json.loads(str(golden["meta"])).get("aborted_rows", {}).get(key, [])
+    for r in aborted:
+        with np.errstate(all="ignore"), pytest.raises(ValueError, match="cannot be quantized"):
+            kquant.quantize(x[r:r + 1], qtype, imatrix)
+    rows = np.setdiff1d(np.arange(x.shape[0]), aborted)
     with np.errstate(all="ignore"):
-        got = kquant.quantize(x, qtype, imatrix)
-    bad = np.nonzero((got != want).any(axis=-1))[0]
+        got = kquant.quantize(x[rows], qtype, imatrix)
+    bad = rows[np.nonzero((got != want[rows]).any(axis=-1))[0]]
     assert bad.size == 0, f"{key}: rows {bad.tolist()} ({set(golden['case'][bad])}) differ"
 
 

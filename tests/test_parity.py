@@ -9,7 +9,11 @@ import kquant
 from cases import CASES, IMATRIX_MODES, make_case, make_imatrix
 
 ALL_TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_K,
-             T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.F16, T.BF16, T.F32, T.IQ4_NL, T.IQ4_XS]
+             T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.F16, T.BF16, T.F32, T.IQ4_NL, T.IQ4_XS,
+             T.IQ3_XXS, T.IQ3_S]
+#: ggml aborts (GGML_ASSERT) on these cases' rows for the IQ3 types: kquant raises instead,
+#: checked in test_iq3.py against ggml in a subprocess
+ABORTS = {T.IQ3_XXS: {"non_finite"}, T.IQ3_S: {"non_finite"}}
 ROW_LENGTHS = (256, 512, 2304)
 ROWS = 24
 
@@ -39,6 +43,8 @@ PARAMS = [pytest.param(t, n, mode, id=f"{t.name}-{n}-{mode}")
 def test_synthetic_rows(ggml, qtype, n, mode):
     imatrix = make_imatrix(mode, n, seed=n)
     for i, case in enumerate(CASES):
+        if case in ABORTS.get(qtype, ()):
+            continue
         x = make_case(case, ROWS, n, seed=1000 * n + i)
         with np.errstate(all="ignore"):
             assert_same_as_ggml(ggml, x, qtype, imatrix, f"{qtype.name} {case} n={n} {mode}")
@@ -52,7 +58,7 @@ def test_real_weights(ggml, smollm2_weights, qtype, mode):
         assert_same_as_ggml(ggml, w, qtype, imatrix, f"{qtype.name} {name} {mode}")
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q4_0, T.IQ4_NL, T.IQ4_XS],
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q4_0, T.IQ4_NL, T.IQ4_XS, T.IQ3_XXS, T.IQ3_S],
                          ids=lambda t: t.name)
 def test_shapes_and_threads_do_not_change_bytes(ggml, qtype):
     x = make_case("gauss", 30, 512, seed=3).reshape(3, 10, 512)

@@ -11,8 +11,12 @@ zeros in it).
     python tools/make_golden.py golden_iq  # one file only (the others stay as committed)
 
 One file per group of types, the same inputs in each: golden.npz (the K-quants, the legacy
-and float types) and golden_iq.npz (the i-quants kquant encodes), so adding a family adds a
-file and leaves the committed bytes of the others alone.
+and float types), golden_iq.npz (IQ4_NL, IQ4_XS) and golden_iq3.npz (IQ3_XXS, IQ3_S), so
+adding a family adds a file and leaves the committed bytes of the others alone.
+
+ggml aborts (GGML_ASSERT) on some rows of the IQ3 types (inf / NaN values): their rows are
+quantized one at a time in forked children, and the rows whose child died are listed in
+meta's `aborted_rows` (by key) and left as zero bytes.
 
 Keys: `x` (rows, 512) float32, `case` (rows,) the case of each row, `imatrix_<mode>`
 float32 (512,), `<TYPE>-<mode>` uint8 (rows, row_bytes), and `meta` (a JSON string: the
@@ -39,8 +43,11 @@ from kquant.reference.libggml import GGML  # noqa: E402
 TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_K, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1,
          T.Q8_0, T.F16, T.BF16, T.F32]
 IQ_TYPES = [T.IQ4_NL, T.IQ4_XS]
+IQ3_TYPES = [T.IQ3_XXS, T.IQ3_S]
 #: tests/data/<name>.npz and the types it holds
-FILES = {"golden": TYPES, "golden_iq": IQ_TYPES}
+FILES = {"golden": TYPES, "golden_iq": IQ_TYPES, "golden_iq3": IQ3_TYPES}
+#: the types ggml_quantize_chunk may abort on (quantized row by row in forked children)
+ABORTING = set(IQ3_TYPES)
 WIDTH = 512
 ROWS_PER_CASE = 4
 DATA = ROOT / "tests" / "data"
@@ -85,8 +92,38 @@ def main() -> int:
     return 0
 
 
+def quantize_rows_apart(ggml: GGML, x: np.ndarray, qtype: T, w) -> tuple[np.ndarray, list[int]]:
+    """ggml's bytes of each row, each in a forked child (a GGML_ASSERT kills only the
+    child); the rows whose child died stay zero and are returned."""
+    import os
+
+    row_bytes = ggml.quantize(np.zeros((1, x.shape[1]), np.float32), qtype, w).shape[1]
+    out = np.zeros((x.shape[0], row_bytes), np.uint8)
+    aborted = []
+    for r in range(x.shape[0]):
+        rd, wr = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: quantize, send the bytes, leave without cleanup
+            os.close(rd)
+            try:
+                with np.errstate(all="ignore"):
+                    os.write(wr, ggml.quantize(x[r:r + 1], qtype, w).tobytes())
+            finally:
+                os._exit(0)
+        os.close(wr)
+        with os.fdopen(rd, "rb") as f:
+            data = f.read()
+        _, status = os.waitpid(pid, 0)
+        if os.waitstatus_to_exitcode(status) == 0 and len(data) == row_bytes:
+            out[r] = np.frombuffer(data, np.uint8)
+        else:
+            aborted.append(r)
+    return out, aborted
+
+
 def write(ggml: GGML, x: np.ndarray, names: list[str], types: list[T], out: Path) -> None:
     arrays = {"x": x, "case": np.array(names)}
+    aborted_rows = {}
     for mode in IMATRIX_MODES:
         w = make_imatrix(mode, WIDTH, seed=42)
         if w is not None:
@@ -94,8 +131,14 @@ def write(ggml: GGML, x: np.ndarray, names: list[str], types: list[T], out: Path
         for qtype in types:
             if w is not None and not kquant.get_codec(qtype).uses_imatrix:
                 continue  # ggml ignores the imatrix for Q8_0, Q8_K and the float types
+            key = f"{qtype.name}-{mode}"
+            if qtype in ABORTING:
+                arrays[key], aborted = quantize_rows_apart(ggml, x, qtype, w)
+                if aborted:
+                    aborted_rows[key] = aborted
+                continue
             with np.errstate(all="ignore"):
-                arrays[f"{qtype.name}-{mode}"] = ggml.quantize(x, qtype, w)
+                arrays[key] = ggml.quantize(x, qtype, w)
     import hashlib
     import importlib.metadata as md
 
@@ -106,6 +149,7 @@ def write(ggml: GGML, x: np.ndarray, names: list[str], types: list[T], out: Path
     arrays["meta"] = np.array(json.dumps({
         "llama_cpp_python": md.version("llama-cpp-python"),
         "dequantize_sha256": decoded,
+        **({"aborted_rows": aborted_rows} if aborted_rows else {}),
         "library": ggml.path.name,
         "generator": "tools/make_golden.py",
     }))
