@@ -8,13 +8,14 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 import kquant
 
 TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-         "IQ4_NL", "IQ4_XS", "F16", "BF16", "F32"]
+         "IQ4_NL", "IQ4_XS", "IQ3_XXS", "IQ3_S", "F16", "BF16", "F32"]
 
 # relative RMS error of a Gaussian matrix after a round trip, without imatrix: about 1.2x
 # what each type gives (Q4_K: 0.071), so a wrong scale or level layout fails
 RMSE_LIMIT = {"Q2_K": 0.35, "Q3_K": 0.18, "Q4_K": 0.085, "Q5_K": 0.045, "Q6_K": 0.021,
               "Q8_K": 0.0085, "Q4_0": 0.105, "Q4_1": 0.095, "Q5_0": 0.052, "Q5_1": 0.046,
-              "Q8_0": 0.0065, "IQ4_NL": 0.093, "IQ4_XS": 0.093, "F16": 2.5e-4, "BF16": 2e-3,
+              "Q8_0": 0.0065, "IQ4_NL": 0.093, "IQ4_XS": 0.093, "IQ3_XXS": 0.26,
+              "IQ3_S": 0.2, "F16": 2.5e-4, "BF16": 2e-3,
               "F32": 0.0}
 
 
@@ -35,7 +36,7 @@ def test_round_trip_shape_size_and_error(name):
 
 
 @pytest.mark.parametrize("name", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q5_1", "IQ4_NL",
-                                  "IQ4_XS"])
+                                  "IQ4_XS", "IQ3_XXS", "IQ3_S"])
 def test_imatrix_lowers_weighted_error(name):
     """The imatrix is used: error weighted by it is lower with it than without."""
     x = gauss(16, 1024, seed=1)
