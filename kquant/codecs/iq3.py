@@ -54,25 +54,32 @@ def build_tables(kgrid, nwant):
     kmap[u] is the grid index of the point u (4 levels, 3 bits each), or -(offset + 1):
     kneighbors[offset] = n, then the n grid indices nearest to u (by squared distance of
     2l+1, ties by index; every point within the nwant smallest distances)."""
-    kgrid = np.asarray(kgrid, np.int64)
-    shifts = 3 * np.arange(4)
+    kgrid = np.asarray(kgrid, np.int32)
+    shifts = 3 * np.arange(4, dtype=np.int32)
     levels = (kgrid[:, None] >> shifts) & 7
-    kmap = np.full(_KMAP_SIZE, -1, np.int64)
-    kmap[kgrid] = np.arange(kgrid.size)
-    pos = 2 * ((np.arange(_KMAP_SIZE)[:, None] >> shifts) & 7) + 1
     gpos = 2 * levels + 1
-    d2 = ((pos[:, None, :] - gpos[None, :, :]) ** 2).sum(-1)
-    order = np.argsort(d2, axis=1, kind="stable")  # (d2, index), as iq3_compare_func
-    neighbours = []
-    for i in np.nonzero(kmap < 0)[0]:
-        ds = d2[i, order[i]]
-        cut = np.unique(ds)[nwant - 1]
-        idx = order[i, ds <= cut]
-        kmap[i] = -(len(neighbours) + 1)
-        neighbours.append(len(idx))
-        neighbours.extend(idx.tolist())
-    return (levels.astype(np.int32), gpos.astype(np.float32), kmap.astype(np.int32),
-            np.array(neighbours, np.int32))
+    kmap = np.full(_KMAP_SIZE, -1, np.int32)
+    kmap[kgrid] = np.arange(kgrid.size, dtype=np.int32)
+    off = np.nonzero(kmap < 0)[0].astype(np.int32)  # the points off the grid, in order
+    pos = 2 * ((off[:, None] >> shifts) & 7) + 1
+    d2 = np.zeros((off.size, kgrid.size), np.int32)
+    for k in range(4):
+        d2 += (pos[:, k:k + 1] - gpos[None, :, k]) ** 2
+    order = np.argsort(d2, axis=1, kind="stable")  # by (d2, index), as iq3_compare_func
+    ds = np.take_along_axis(d2, order, axis=1)
+    # the rank of each distance among the row's distinct ones; keep the nwant smallest
+    rank = np.concatenate([np.zeros((off.size, 1), np.int32),
+                           np.cumsum(np.diff(ds, axis=1) > 0, axis=1, dtype=np.int32)], axis=1)
+    keep = rank < nwant
+    n = keep.sum(axis=1)
+    starts = np.concatenate([[0], np.cumsum(n + 1)[:-1]])
+    kmap[off] = -(starts + 1)
+    neighbours = np.empty(int((n + 1).sum()), np.int32)
+    neighbours[starts] = n
+    slots = np.ones(neighbours.size, bool)
+    slots[starts] = False
+    neighbours[slots] = order[keep]  # row by row, nearest first
+    return levels, gpos.astype(np.float32), kmap, neighbours
 
 
 XXS_LEVELS, XXS_GPOS, XXS_KMAP, XXS_NEIGHBOURS = build_tables(KGRID_256, 2)
@@ -87,7 +94,7 @@ _ONE = F32(1.0)
 _HALF = F32(0.5)
 _TWO = F32(2.0)
 _FIFTEEN = F32(15.0)
-_TENTH2 = F32(0.2)
+_FIFTH = F32(0.2)
 _F31 = F32(31.0)
 _QK = F32(QK_K)
 _FLT_MAX = F32(np.finfo(np.float32).max)
@@ -195,7 +202,7 @@ def _sub_block(xb, qwb, use_qw, sigma2, xxs, levels, gpos, kmap, nb, s):
         on[k] = xxs
     ntry = 15 if xxs else 9
     for is_ in range(-ntry, ntry + 1):
-        id_ = (_FIFTEEN + F32(is_) * _TENTH2) / mx
+        id_ = (_FIFTEEN + F32(is_) * _FIFTH) / mx
         this_scale = _ONE / id_
         for k in range(8):
             u = _round_group(id_, xval, 4 * k, Laux)
