@@ -36,8 +36,8 @@ class QuantType:
     block_size: int                  # values per block (1 for the float types)
     type_size: int                   # bytes per block
     #: the kquant.codecs class that drives its kernels ("BlockCodec", "LegacyCodec",
-    #: "IQ4Codec", "IQ3Codec", "HalfCodec", "F32Codec"), and the module of kquant.codecs holding them; None: no codec
-    #: (an activation-only type)
+    #: "IQ4Codec", "IQ3Codec", "HalfCodec", "F32Codec"), and the module of kquant.codecs
+    #: holding them; None: no codec (an activation-only type)
     codec_class: str | None = None
     codec_module: str | None = None
     uses_imatrix: bool = False       # whether an importance matrix changes the result
@@ -118,8 +118,8 @@ def weight_types() -> tuple[GGMLQuantizationType, ...]:
 
 
 # --- the records -----------------------------------------------------------------------------
-# The K-quants', the 32-value types' and the IQ4 types' byte layouts are drawn in their codec
-# modules (kquant/codecs/q*_k.py, legacy.py, iq4.py); the others are drawn here.
+# The K-quants', the 32-value types' and the IQ4 / IQ3 types' byte layouts are drawn in their
+# codec modules (kquant/codecs/q*_k.py, legacy.py, iq4.py, iq3.py); the others are drawn here.
 
 
 def _kquant(qtype: T, type_size: int, blas_min_tokens: int, cuda_family: str) -> QuantType:
@@ -179,8 +179,8 @@ IQ4_XS = register(QuantType(T.IQ4_XS, 256, 136, "IQ4Codec", "iq4", True, T.Q8_K,
                             "iq4.mm_iq4_xs", 128, "iq4_xs"))
 
 # IQ3_XXS (256 values, 98 bytes) and IQ3_S (256 values, 110 bytes): groups of 4 values as
-# points of a 3-bit grid, with signs (layouts drawn in kquant/codecs/iq3.py). Codecs only: no
-# matmul kernel, and the model pipeline does not write them (file_codec=False).
+# points of a 3-bit grid, with signs (layouts drawn in kquant/codecs/iq3.py). Written by the
+# model pipeline like every codec; no matmul kernel yet, so the runtime refuses their files.
 IQ3_XXS = register(QuantType(T.IQ3_XXS, 256, 98, "IQ3Codec", "iq3", True))
 IQ3_S = register(QuantType(T.IQ3_S, 256, 110, "IQ3Codec", "iq3", True))
 
