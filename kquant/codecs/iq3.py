@@ -20,7 +20,7 @@ quantize_iq3_s (quantize_row_iq3_s_impl(32, ...)), with and without quant_weight
 the weights are x^2: ggml_quantize_chunk quantizes both types without an imatrix), and
 dequantize_row_iq3_xxs / dequantize_row_iq3_s, float32 in C's order. The quantizer's tables
 (kmap: a 3-bit point's grid index, or where its nearest grid points are listed; kneighbors)
-are iq3xs_init_impl's, built here from the grid at import (checksums in tests/test_iq3.py).
+are iq3xs_init_impl's, built from the grid at import by lattice.py (checksums in tests/test_iq3.py).
 
 Two quirks of the C kept on purpose: IQ3_S skips an all-zero sub-block without advancing its
 qs / signs pointers, so the next sub-block's indices and signs land in the skipped one's
@@ -38,6 +38,7 @@ from numba import njit, prange
 
 from .bits import F32, bits_f32, f32_bits, get_f16, nearest_int, put_f16
 from .iq3_grids import IQ3S_GRID, IQ3XXS_GRID, KGRID_256, KGRID_512
+from .lattice import build_tables
 from .layout import QK_K
 
 XXS_BYTES = 98
@@ -45,45 +46,10 @@ S_BYTES = 110
 _XXS_QS, _XXS_SS = 2, 66
 _S_QS, _S_QH, _S_SIGNS, _S_SCALES = 2, 66, 74, 106
 
-_KMAP_SIZE = 4096
+_KMAP_SIZE = 4096  # every code of 4 levels of 3 bits
 
-
-def build_tables(kgrid, nwant):
-    """iq3xs_init_impl: the grid points' 3-bit levels (G, 4), kmap (4096,) and kneighbors.
-
-    kmap[u] is the grid index of the point u (4 levels, 3 bits each), or -(offset + 1):
-    kneighbors[offset] = n, then the n grid indices nearest to u (by squared distance of
-    2l+1, ties by index; every point within the nwant smallest distances)."""
-    kgrid = np.asarray(kgrid, np.int32)
-    shifts = 3 * np.arange(4, dtype=np.int32)
-    levels = (kgrid[:, None] >> shifts) & 7
-    gpos = 2 * levels + 1
-    kmap = np.full(_KMAP_SIZE, -1, np.int32)
-    kmap[kgrid] = np.arange(kgrid.size, dtype=np.int32)
-    off = np.nonzero(kmap < 0)[0].astype(np.int32)  # the points off the grid, in order
-    pos = 2 * ((off[:, None] >> shifts) & 7) + 1
-    d2 = np.zeros((off.size, kgrid.size), np.int32)
-    for k in range(4):
-        d2 += (pos[:, k:k + 1] - gpos[None, :, k]) ** 2
-    order = np.argsort(d2, axis=1, kind="stable")  # by (d2, index), as iq3_compare_func
-    ds = np.take_along_axis(d2, order, axis=1)
-    # the rank of each distance among the row's distinct ones; keep the nwant smallest
-    rank = np.concatenate([np.zeros((off.size, 1), np.int32),
-                           np.cumsum(np.diff(ds, axis=1) > 0, axis=1, dtype=np.int32)], axis=1)
-    keep = rank < nwant
-    n = keep.sum(axis=1)
-    starts = np.concatenate([[0], np.cumsum(n + 1)[:-1]])
-    kmap[off] = -(starts + 1)
-    neighbours = np.empty(int((n + 1).sum()), np.int32)
-    neighbours[starts] = n
-    slots = np.ones(neighbours.size, bool)
-    slots[starts] = False
-    neighbours[slots] = order[keep]  # row by row, nearest first
-    return levels, gpos.astype(np.float32), kmap, neighbours
-
-
-XXS_LEVELS, XXS_GPOS, XXS_KMAP, XXS_NEIGHBOURS = build_tables(KGRID_256, 2)
-S_LEVELS, S_GPOS, S_KMAP, S_NEIGHBOURS = build_tables(KGRID_512, 3)
+XXS_LEVELS, XXS_GPOS, XXS_KMAP, XXS_NEIGHBOURS = build_tables(KGRID_256, 2, 4, 3, _KMAP_SIZE)
+S_LEVELS, S_GPOS, S_KMAP, S_NEIGHBOURS = build_tables(KGRID_512, 3, 4, 3, _KMAP_SIZE)
 _XXS_DGRID = np.array(IQ3XXS_GRID, np.uint32).view(np.uint8).reshape(256, 4).astype(np.float32)
 _S_DGRID = np.array(IQ3S_GRID, np.uint32).view(np.uint8).reshape(512, 4).astype(np.float32)
 #: ggml-common.h's ksigns_iq2xs: 7 sign bits and their parity as the 8th

@@ -1,0 +1,104 @@
+"""The lattice tables of the i-quants' grid searches: ggml's iq3xs_init_impl (IQ3, 4 values of
+3 bits a point) and iq2xs_init_impl (IQ2 / IQ1, 8 values of 2 bits a point), built from a grid.
+
+A grid point is a code u: `dims` levels of `bits` bits, level l at bits [bits*k, bits*k+bits),
+standing for the position 2l+1. For every code u below kmap_size:
+  kmap[u] = the grid index of u when u is on the grid, else -(offset + 1) with
+  neighbours[offset] = n and neighbours[offset+1 : offset+1+n] the grid indices nearest to u:
+  all points within the nwant smallest distinct squared distances (of positions), ordered by
+  (distance, index) as ggml's qsort with iq2_compare_func / iq3_compare_func leaves them.
+The quantizers round a group to its nearest code, then search only that code's list.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+
+@njit(cache=True, inline="always")
+def _positions(code, dims, bits, pos):
+    mask = (1 << bits) - 1
+    for k in range(dims):
+        pos[k] = 2 * ((code >> (bits * k)) & mask) + 1
+
+
+@njit(cache=True, inline="always")
+def _distances(code, gpos, dims, bits, pos, d2):
+    _positions(code, dims, bits, pos)
+    for j in range(gpos.shape[0]):
+        s = 0
+        for k in range(dims):
+            t = gpos[j, k] - pos[k]
+            s += t * t
+        d2[j] = s
+
+
+@njit(cache=True, inline="always")
+def _cutoff(d2, nwant, present):
+    """The largest distance kept: the nwant-th smallest distinct one (or the largest there is)."""
+    present[:] = 0
+    for j in range(d2.size):
+        present[d2[j]] = 1
+    have = 0
+    cut = 0
+    for v in range(present.size):
+        if present[v]:
+            cut = v
+            have += 1
+            if have == nwant:
+                break
+    return cut
+
+
+@njit(cache=True, parallel=True)
+def _neighbour_lists(gpos, kmap, dims, bits, nwant):
+    maxd = dims * (2 * ((1 << bits) - 1)) ** 2
+    size = kmap.size
+    count = np.zeros(size, np.int64)
+    for i in prange(size):  # pass 1: how many neighbours each off-grid code keeps
+        if kmap[i] >= 0:
+            continue
+        pos = np.empty(dims, np.int32)
+        d2 = np.empty(gpos.shape[0], np.int32)
+        present = np.empty(maxd + 1, np.int8)
+        _distances(i, gpos, dims, bits, pos, d2)
+        cut = _cutoff(d2, nwant, present)
+        n = 0
+        for j in range(d2.size):
+            n += d2[j] <= cut
+        count[i] = n + 1
+    offsets = np.cumsum(count) - count
+    neighbours = np.empty(count.sum(), np.int32)
+    for i in prange(size):  # pass 2: the lists, by (distance, index)
+        if kmap[i] >= 0:
+            continue
+        pos = np.empty(dims, np.int32)
+        d2 = np.empty(gpos.shape[0], np.int32)
+        present = np.empty(maxd + 1, np.int8)
+        _distances(i, gpos, dims, bits, pos, d2)
+        cut = _cutoff(d2, nwant, present)
+        o = offsets[i]
+        neighbours[o] = count[i] - 1
+        o += 1
+        for v in range(cut + 1):
+            if present[v]:
+                for j in range(d2.size):
+                    if d2[j] == v:
+                        neighbours[o] = j
+                        o += 1
+    for i in range(size):
+        if kmap[i] < 0:
+            kmap[i] = -(offsets[i] + 1)
+    return neighbours
+
+
+def build_tables(kgrid, nwant: int, dims: int, bits: int, kmap_size: int):
+    """(levels (G, dims) int32, positions 2l+1 as float32, kmap (kmap_size,) int32, neighbours int32)."""
+    kgrid = np.asarray(kgrid, np.int32)
+    shifts = bits * np.arange(dims, dtype=np.int32)
+    levels = (kgrid[:, None] >> shifts) & ((1 << bits) - 1)
+    gpos = (2 * levels + 1).astype(np.int32)
+    kmap = np.full(kmap_size, -1, np.int32)
+    kmap[kgrid] = np.arange(kgrid.size, dtype=np.int32)
+    neighbours = _neighbour_lists(gpos, kmap, dims, bits, nwant)
+    return levels, gpos.astype(np.float32), kmap, neighbours
