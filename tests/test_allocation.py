@@ -11,7 +11,9 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 import kquant
-from kquant.quantization.allocation import Options, allocate, sample_rows, weighted_errors
+from kquant.quantization import allocation
+from kquant.quantization.allocation import Options, allocate, candidate_types, sample_rows, weighted_errors
+from kquant.types import find_type
 
 ROOT = Path(__file__).resolve().parent.parent
 CALIB = ROOT / "data" / "calibration.txt"
@@ -68,6 +70,25 @@ def test_a_larger_type_that_errs_no_less_is_never_chosen():
     o = Options("t", (T.Q2_K, T.Q3_K, T.Q4_K), np.array([10, 20, 30]), np.array([5.0, 5.0, 1.0]))
     assert o.hull() == [0, 2]
     assert allocate([o], 25) == [0] and allocate([o], 30) == [2]
+
+
+def test_the_i_quants_kquant_runs_are_candidates():
+    """Every type kquant writes and runs competes, by bytes per value; the i-quants llama-quantize
+    makes only with an imatrix need one; --method gptq keeps to the blocks its sweeps know."""
+    full = candidate_types(2048, "blk.0.ffn_up.weight", has_imatrix=True)
+    assert {T.IQ4_XS, T.Q2_K, T.Q3_K, T.Q4_K, T.Q6_K, T.Q8_0} <= set(full)
+    bpv = [find_type(q).type_size / find_type(q).block_size for q in full]
+    assert bpv == sorted(bpv)
+    for q in full:
+        record = find_type(q)
+        assert record.codec is not None and record.cpu_kernel is not None  # the runtime runs it
+    if T.IQ3_XXS in full:  # once the runtime runs IQ3_XXS: only with an imatrix (or for token_embd)
+        assert T.IQ3_XXS not in candidate_types(2048, "blk.0.ffn_up.weight", has_imatrix=False)
+        assert T.IQ3_XXS in candidate_types(2048, "token_embd.weight", has_imatrix=False)
+    assert T.IQ4_NL in candidate_types(576) and T.IQ4_XS not in candidate_types(576)
+    assert candidate_types(2048, iquants=False) == (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)
+    assert candidate_types(576, iquants=False) == (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)
+    assert candidate_types(100) == ()
 
 
 def test_weighted_errors_are_the_imatrix_weighted_squared_errors():
@@ -297,16 +318,22 @@ def test_allocation_does_not_depend_on_the_thread_count(capsys, tiny_llama_f32, 
                for line in shown[0])
 
 
-def test_allocation_with_gptq_sweeps_at_the_chosen_types(tmp_path, capsys, tiny_llama_f32, tiny_imatrix):
-    """--method gptq with a budget: the same types as the plain allocation (the same imatrix,
-    the same measured sensitivities), GPTQ's bytes in the block matrices."""
+def test_allocation_with_gptq_sweeps_at_the_chosen_types(tmp_path, capsys, monkeypatch, tiny_llama_f32,
+                                                        tiny_imatrix):
+    """--method gptq with a budget: the types a plain allocation over the same candidates
+    (K-quant and legacy: the sweeps' blocks) chooses, from the same imatrix and measured
+    sensitivities; GPTQ's bytes in the block matrices. (A plain run's own candidates include
+    the i-quants: here they are taken out to compare like with like.)"""
     from kquant.cli.quantize import main
     from kquant.models import open_model
 
     common = ["--imatrix", str(tiny_imatrix), "--calibrate", str(CALIB), "-c", "128", "--chunks", "4",
               "--target-bpw", "3.8"]
     plain, gptq = tmp_path / "plain.gguf", tmp_path / "gptq.gguf"
-    assert main([*common, str(tiny_llama_f32), str(plain), "Q4_K_M"]) == 0
+    with monkeypatch.context() as m:
+        m.setattr(allocation, "IQ_CANDIDATES", ())
+        m.setattr(allocation, "IQ_LEGACY_CANDIDATES", ())
+        assert main([*common, str(tiny_llama_f32), str(plain), "Q4_K_M"]) == 0
     assert main(["--method", "gptq", *common, str(tiny_llama_f32), str(gptq), "Q4_K_M"]) == 0
     err = capsys.readouterr().err
     assert "allocation: 30 tensors chosen" in err and "rows from GPTQ" in err

@@ -35,23 +35,45 @@ from tqdm import tqdm
 
 from ..codecs.api import dequantize, quantize
 from ..errors import ModelError
+from ..types import TYPES
+from . import mixes
 
 #: candidates for rows that are a multiple of 256 values, and the legacy ones for other rows
-#: (what llama.cpp's mixes fall back to); smallest first
+#: (what llama.cpp's mixes fall back to); smallest first. These are what the GPTQ sweep knows.
 K_CANDIDATES = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)
 LEGACY_CANDIDATES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)
+#: the i-quants beside them, by the block they need (256-value super-blocks, or 32 for IQ4_NL);
+#: a candidate only once kquant both writes and runs it (a codec and a CPU kernel), so every
+#: allocated file can be validated with kquant-perplexity
+IQ_CANDIDATES = (T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ4_XS)
+IQ_LEGACY_CANDIDATES = (T.IQ4_NL,)
 
 #: rows quantized per tensor and candidate to estimate its error (evenly spaced, all if fewer)
 SAMPLE_ROWS = 256
 
 
-def candidate_types(n_per_row: int) -> tuple[T, ...]:
-    """The types a tensor with rows of n_per_row values can take, smallest first."""
+def _runnable(qtype: T) -> bool:
+    record = TYPES.get(qtype)
+    return record is not None and record.codec is not None and record.cpu_kernel is not None
+
+
+def candidate_types(n_per_row: int, name: str = "", has_imatrix: bool = True,
+                    iquants: bool = True) -> tuple[T, ...]:
+    """The types a tensor with rows of n_per_row values can take, smallest first (bytes per
+    value; at equal size the K-quant or legacy type first). The i-quants with `iquants` (not
+    for --method gptq: its sweeps know the K-quant and legacy blocks), and those llama-quantize
+    makes only with an imatrix only when there is one."""
     if n_per_row % 256 == 0:
-        return K_CANDIDATES
-    if n_per_row % 32 == 0:
-        return LEGACY_CANDIDATES
-    return ()
+        base, extra = K_CANDIDATES, IQ_CANDIDATES
+    elif n_per_row % 32 == 0:
+        base, extra = LEGACY_CANDIDATES, IQ_LEGACY_CANDIDATES
+    else:
+        return ()
+    if iquants:
+        extra = tuple(q for q in extra if _runnable(q)
+                      and (has_imatrix or not mixes.requires_imatrix(name, q, "Q4_K_M")))
+        base = base + extra
+    return tuple(sorted(base, key=lambda q: GGML_QUANT_SIZES[q][1] / GGML_QUANT_SIZES[q][0]))
 
 
 def type_nbytes(qtype: T, n_elements: int) -> int:
@@ -182,7 +204,7 @@ def allocatable(p: Any, fixed: Callable[[str], bool]) -> bool:
             and not fixed(p.name) and bool(candidate_types(p.source.shape[0])))
 
 
-def estimate(p: Any, n_threads: int | None = None) -> Options:
+def estimate(p: Any, n_threads: int | None = None, iquants: bool = True) -> Options:
     """A planned tensor's candidates with their bytes and error estimates (weighted_errors on
     a row sample; the losses before any sensitivity)."""
     from .pipeline import _float_rows
@@ -194,8 +216,8 @@ def estimate(p: Any, n_threads: int | None = None) -> Options:
     x = _float_rows(raw[sample_rows(n_rows)], t, 0, n_threads)
     if t.release is not None:
         t.release()
-    types = candidate_types(n_per_row)
     imatrix = p.imatrix
+    types = candidate_types(n_per_row, p.name, imatrix is not None, iquants)
     if imatrix is not None and imatrix.size != n_per_row:
         imatrix = None  # per-expert imatrices: the estimate goes unweighted
     lookup = tensor_kind(p.name) == "token_embd"
@@ -212,10 +234,11 @@ Measure = Callable[[list[Any], list[Options]], Any]  # -> sensitivity.Sensitivit
 
 def allocate_plan(tensors: list[Any], budget: int, fixed: Callable[[str], bool],
                   measure: Measure | None = None, n_threads: int | None = None,
-                  progress: bool = False) -> Allocation:
+                  progress: bool = False, iquants: bool = True) -> Allocation:
     """Choose the types of the allocatable planned tensors (in place: their `target`) so that
     all tensors' data is at most `budget` bytes; the others keep the mix's types. `measure`
-    gives the tensors' sensitivities from the error estimates (sensitivity.py), else 1."""
+    gives the tensors' sensitivities from the error estimates (sensitivity.py), else 1.
+    `iquants`: whether the i-quants are candidates (not for --method gptq)."""
     chosen = [p for p in tensors if allocatable(p, fixed)]
     rest = sum(p.new_nbytes for p in tensors if not allocatable(p, fixed))
     if not chosen:
@@ -223,7 +246,7 @@ def allocate_plan(tensors: list[Any], budget: int, fixed: Callable[[str], bool],
     if budget - rest < 0:
         raise ModelError(f"the budget of {budget} bytes is below the {rest} bytes of the tensors "
                          f"the allocator does not choose")
-    options = [estimate(p, n_threads)
+    options = [estimate(p, n_threads, iquants)
                for p in tqdm(chosen, desc="estimate", unit="tensor", disable=not progress, file=sys.stderr)]
     sensitivity = measure(chosen, options) if measure is not None else None
     if sensitivity is not None:

@@ -342,7 +342,8 @@ def apply_budget(plan: Plan, opts: QuantizeOptions, model_path: str | Path, n_th
         def measure(planned, options):
             return _sensitivities(opts, model_path, planned, options, n_threads, progress)
     with numba_threads(n_threads):
-        return allocate_plan(plan.tensors, budget, fixed, measure, n_threads, progress)
+        return allocate_plan(plan.tensors, budget, fixed, measure, n_threads, progress,
+                             iquants=opts.method != "gptq")
 
 
 def _sensitivities(opts: QuantizeOptions, model_path: str | Path, planned: list, options: list,

@@ -37,15 +37,16 @@ from tqdm import tqdm
 
 from ..codecs.api import dequantize, quantize
 from ..errors import ModelError
-from .allocation import K_CANDIDATES, Options, tensor_kind
+from .allocation import Options, tensor_kind
 
 #: chunks of the calibration text the KL divergences are measured on
 SENSITIVITY_CHUNKS = 2
 
 
 def probe_type(types: tuple[T, ...]) -> T:
-    """The type a tensor is probed at: Q3_K where the K-quants fit, else the smallest legacy type."""
-    return T.Q3_K if types == K_CANDIDATES else types[0]
+    """The type a tensor is probed at: Q3_K where the K-quants fit, else Q4_0 (the smallest
+    legacy type), whatever the other candidates."""
+    return T.Q3_K if T.Q3_K in types else T.Q4_0
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
