@@ -13,6 +13,7 @@ from gguf import GGMLQuantizationType as T
 import kquant
 from kquant.quantization import allocation
 from kquant.quantization.allocation import Options, allocate, candidate_types, sample_rows, weighted_errors
+from kquant.quantization.calibrated import gptq_types
 from kquant.types import find_type
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,7 +75,7 @@ def test_a_larger_type_that_errs_no_less_is_never_chosen():
 
 def test_the_i_quants_kquant_runs_are_candidates():
     """Every type kquant writes and runs competes, by bytes per value; the i-quants llama-quantize
-    makes only with an imatrix need one; --method gptq keeps to the blocks its sweeps know."""
+    makes only with an imatrix need one; --method gptq keeps to the types its sweeps know."""
     full = candidate_types(2048, "blk.0.ffn_up.weight", has_imatrix=True)
     assert {T.IQ4_XS, T.Q2_K, T.Q3_K, T.Q4_K, T.Q6_K, T.Q8_0} <= set(full)
     bpv = [find_type(q).type_size / find_type(q).block_size for q in full]
@@ -86,8 +87,10 @@ def test_the_i_quants_kquant_runs_are_candidates():
         assert T.IQ3_XXS not in candidate_types(2048, "blk.0.ffn_up.weight", has_imatrix=False)
         assert T.IQ3_XXS in candidate_types(2048, "token_embd.weight", has_imatrix=False)
     assert T.IQ4_NL in candidate_types(576) and T.IQ4_XS not in candidate_types(576)
-    assert candidate_types(2048, iquants=False) == (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)
-    assert candidate_types(576, iquants=False) == (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)
+    assert candidate_types(2048, allowed=()) == (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)
+    assert candidate_types(576, allowed=()) == (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)
+    gptq = candidate_types(2048, allowed=gptq_types())  # the sweeps know IQ4's grid, not the lattices
+    assert T.IQ4_XS in gptq and not {T.IQ3_S, T.IQ3_XXS, T.IQ2_XS} & set(gptq)
     assert candidate_types(100) == ()
 
 
@@ -321,9 +324,10 @@ def test_allocation_does_not_depend_on_the_thread_count(capsys, tiny_llama_f32, 
 def test_allocation_with_gptq_sweeps_at_the_chosen_types(tmp_path, capsys, monkeypatch, tiny_llama_f32,
                                                         tiny_imatrix):
     """--method gptq with a budget: the types a plain allocation over the same candidates
-    (K-quant and legacy: the sweeps' blocks) chooses, from the same imatrix and measured
+    (K-quant, legacy and IQ4: the sweeps' grids) chooses, from the same imatrix and measured
     sensitivities; GPTQ's bytes in the block matrices. (A plain run's own candidates include
-    the i-quants: here they are taken out to compare like with like.)"""
+    the lattice i-quants once kquant runs them: here they are left out to compare like with
+    like.)"""
     from kquant.cli.quantize import main
     from kquant.models import open_model
 
@@ -331,8 +335,7 @@ def test_allocation_with_gptq_sweeps_at_the_chosen_types(tmp_path, capsys, monke
               "--target-bpw", "3.8"]
     plain, gptq = tmp_path / "plain.gguf", tmp_path / "gptq.gguf"
     with monkeypatch.context() as m:
-        m.setattr(allocation, "IQ_CANDIDATES", ())
-        m.setattr(allocation, "IQ_LEGACY_CANDIDATES", ())
+        m.setattr(allocation, "IQ_CANDIDATES", (T.IQ4_XS,))
         assert main([*common, str(tiny_llama_f32), str(plain), "Q4_K_M"]) == 0
     assert main(["--method", "gptq", *common, str(tiny_llama_f32), str(gptq), "Q4_K_M"]) == 0
     err = capsys.readouterr().err

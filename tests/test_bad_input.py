@@ -223,8 +223,8 @@ CASES = [
     Case("q-target-bpw-zero", Q, lambda m, d: ["--target-bpw", "0", G(m, d), "out.gguf", "Q4_K_M"], "target-bpw"),
     Case("q-gptq-asym", Q, lambda m, d: ["--gptq-asym", "2", G(m, d), "out.gguf", "Q4_K_M"], "gptq-asym"),
     Case("q-gptq-no-text", Q, lambda m, d: ["--method", "gptq", G(m, d), "out.gguf", "Q4_K_M"], "calibrat"),
-    Case("q-gptq-iq4", Q, lambda m, d: ["--method", "gptq", "--calibrate", str(m.text), G(m, d), "out.gguf",
-                                        "IQ4_XS"], "does not support IQ4_XS"),
+    Case("q-gptq-iq3", Q, lambda m, d: ["--method", "gptq", "--calibrate", str(m.text), G(m, d), "out.gguf",
+                                        "IQ3_S"], "does not support IQ3_S"),
     Case("q-iq-without-codec", Q, lambda m, d: ["--imatrix", str(m.imatrix), G(m, d), "out.gguf", "IQ2_XS"],
          "rules choose IQ2_XS, which kquant does not produce"),
     # IQ3_XXS puts attn_q / attn_k in IQ2_S (llama_tensor_get_type): without an imatrix llama-quantize

@@ -9,7 +9,7 @@ import pytest
 import kquant
 from kquant.quantization.gptq import gptq_quantize, hessian_error, inverse_cholesky
 
-TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "IQ4_XS"]
 
 
 def correlated_inputs(rng: np.random.Generator, k: int, n: int) -> np.ndarray:
@@ -36,9 +36,10 @@ def test_inverse_cholesky_factors_the_damped_inverse():
 def test_without_correlations_gptq_is_plain_quantization(qtype):
     """A diagonal Hessian gives no error anything to move to: every value goes to its nearest
     level under the scales of kquant.quantize's (llama.cpp's) fit with the same imatrix. The
-    K-quants' codecs end with that rounding, so the bytes are theirs; the legacy searches keep
-    the levels of their best trial scale, not the nearest under the stored one, so there GPTQ's
-    values are each at least as close."""
+    K-quants' codecs end with that rounding, so the bytes are theirs; the legacy searches (and
+    IQ4_NL's) keep the levels of their best trial scale, not the nearest under the stored one,
+    and IQ4_XS rounds under its float32 scale rather than the stored float16 one, so there
+    GPTQ's values are each at least as close."""
     rng = np.random.default_rng(2)
     k = 512
     w = (rng.standard_normal((48, k)) * 0.02).astype(np.float32)
@@ -50,7 +51,8 @@ def test_without_correlations_gptq_is_plain_quantization(qtype):
         assert np.array_equal(result.data, plain)
         assert result.error == pytest.approx(result.plain_error, rel=1e-12)
         return
-    assert np.array_equal(result.data[:, :2], plain[:, :2])  # the first block's scale
+    head = 8 if qtype == "IQ4_XS" else 2  # the first block's scales
+    assert np.array_equal(result.data[:, :head], plain[:, :head])
     ours = np.abs(kquant.dequantize(result.data, qtype) - w)
     theirs = np.abs(kquant.dequantize(plain, qtype) - w)
     assert (ours <= theirs * (1 + 1e-6) + 1e-12).all()
@@ -386,13 +388,14 @@ def _llama_cpp_log_probs(llama_cpp, path: Path, tokens: list[int]) -> np.ndarray
     return _log_softmax(np.array(llm.scores[:len(tokens)], np.float32))
 
 
+@pytest.mark.parametrize("ftype", ["Q3_K_M", "IQ4_XS"])
 def test_gptq_file_has_llama_quantizes_types_and_is_closer_in_llama_cpp(tmp_path, capsys, llama_cpp,
-                                                                       tiny_llama_f32):
-    """kquant-quantize --method gptq on the tiny model (every matrix a K-quant): the same tensor
-    types and bytes per tensor as llama-quantize's Q3_K_M with the same imatrix (kquant's
-    --method llama is byte-identical to it), llama.cpp loads and runs it, and its logits on
-    text apart from the calibration text are closer to the F32 model's (mean KL divergence
-    and same top token, computed from llama.cpp's own logits)."""
+                                                                       tiny_llama_f32, ftype):
+    """kquant-quantize --method gptq on the tiny model (every matrix a K-quant, or IQ4_XS's
+    non-uniform grid): the same tensor types and bytes per tensor as llama-quantize's file
+    with the same imatrix (kquant's --method llama is byte-identical to it), llama.cpp loads
+    and runs it, and its logits on text apart from the calibration text are closer to the F32
+    model's (mean KL divergence and same top token, computed from llama.cpp's own logits)."""
     from kquant.cli.imatrix import main as imatrix_main
     from kquant.cli.quantize import main as quantize_main
     from kquant.models import open_model
@@ -405,9 +408,9 @@ def test_gptq_file_has_llama_quantizes_types_and_is_closer_in_llama_cpp(tmp_path
     assert imatrix_main(["-m", str(tiny_llama_f32), "-f", str(calib), "-o", str(im), "-c", "128",
                          "--no-ppl", "--device", "cpu"]) == 0
     plain, gptq = tmp_path / "plain.gguf", tmp_path / "gptq.gguf"
-    assert quantize_main(["--imatrix", str(im), str(tiny_llama_f32), str(plain), "Q3_K_M"]) == 0
+    assert quantize_main(["--imatrix", str(im), str(tiny_llama_f32), str(plain), ftype]) == 0
     assert quantize_main(["--method", "gptq", "--calibrate", str(calib), "-c", "128", "--imatrix", str(im),
-                          str(tiny_llama_f32), str(gptq), "Q3_K_M"]) == 0
+                          str(tiny_llama_f32), str(gptq), ftype]) == 0
     err = capsys.readouterr().err
     assert "gptq: " in err and "rows from GPTQ" in err
 

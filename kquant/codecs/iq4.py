@@ -240,3 +240,28 @@ def dequantize_xs_rows(q, out):
                     b = qr[p + j]
                     y[v + j] = dl * _KV[b & 0xF]
                     y[v + j + 16] = dl * _KV[b >> 4]
+
+
+# GPTQ (kquant.quantization.gptq) keeps a block's scales and re-chooses its indices: one block
+# a row (a block column of the matrix), 16 nibbles a 32-value group at qs, index j in the low
+# nibble of qs[j] and index j + 16 in its high nibble.
+@njit(cache=True, error_model="numpy", parallel=True)
+def set_levels_rows(data, levels, qs0, stride):
+    """Indices (rows, values) 0..15 into the block of each row, the scales kept: the groups of
+    32 values at qs0, qs0 + stride, ... (IQ4_NL: 2, one group; IQ4_XS: 8, 8 groups of 16 bytes)."""
+    for r in prange(data.shape[0]):
+        for g in range(levels.shape[1] // 32):
+            p = qs0 + g * stride
+            for j in range(16):
+                data[r, p + j] = levels[r, 32 * g + j] | (levels[r, 32 * g + j + 16] << 4)
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def levels_rows(data, levels, qs0, stride):
+    """set_levels_rows' inverse: the indices the blocks hold."""
+    for r in prange(data.shape[0]):
+        for g in range(levels.shape[1] // 32):
+            p = qs0 + g * stride
+            for j in range(16):
+                levels[r, 32 * g + j] = data[r, p + j] & 0xF
+                levels[r, 32 * g + j + 16] = data[r, p + j] >> 4

@@ -26,7 +26,7 @@ import hashlib
 import re
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
@@ -58,22 +58,20 @@ def _runnable(qtype: T) -> bool:
 
 
 def candidate_types(n_per_row: int, name: str = "", has_imatrix: bool = True,
-                    iquants: bool = True) -> tuple[T, ...]:
+                    allowed: Collection[T] | None = None) -> tuple[T, ...]:
     """The types a tensor with rows of n_per_row values can take, smallest first (bytes per
-    value; at equal size the K-quant or legacy type first). The i-quants with `iquants` (not
-    for --method gptq: its sweeps know the K-quant and legacy blocks), and those llama-quantize
-    makes only with an imatrix only when there is one."""
+    value; at equal size the K-quant or legacy type first). The i-quants among them only where
+    `allowed` (None: all; --method gptq allows the types its sweeps know), and those
+    llama-quantize makes only with an imatrix only when there is one."""
     if n_per_row % 256 == 0:
         base, extra = K_CANDIDATES, IQ_CANDIDATES
     elif n_per_row % 32 == 0:
         base, extra = LEGACY_CANDIDATES, IQ_LEGACY_CANDIDATES
     else:
         return ()
-    if iquants:
-        extra = tuple(q for q in extra if _runnable(q)
-                      and (has_imatrix or not mixes.requires_imatrix(name, q, "Q4_K_M")))
-        base = base + extra
-    return tuple(sorted(base, key=lambda q: GGML_QUANT_SIZES[q][1] / GGML_QUANT_SIZES[q][0]))
+    extra = tuple(q for q in extra if _runnable(q) and (allowed is None or q in allowed)
+                  and (has_imatrix or not mixes.requires_imatrix(name, q, "Q4_K_M")))
+    return tuple(sorted(base + extra, key=lambda q: GGML_QUANT_SIZES[q][1] / GGML_QUANT_SIZES[q][0]))
 
 
 def type_nbytes(qtype: T, n_elements: int) -> int:
@@ -204,7 +202,7 @@ def allocatable(p: Any, fixed: Callable[[str], bool]) -> bool:
             and not fixed(p.name) and bool(candidate_types(p.source.shape[0])))
 
 
-def estimate(p: Any, n_threads: int | None = None, iquants: bool = True) -> Options:
+def estimate(p: Any, n_threads: int | None = None, allowed: Collection[T] | None = None) -> Options:
     """A planned tensor's candidates with their bytes and error estimates (weighted_errors on
     a row sample; the losses before any sensitivity)."""
     from .pipeline import _float_rows
@@ -217,7 +215,7 @@ def estimate(p: Any, n_threads: int | None = None, iquants: bool = True) -> Opti
     if t.release is not None:
         t.release()
     imatrix = p.imatrix
-    types = candidate_types(n_per_row, p.name, imatrix is not None, iquants)
+    types = candidate_types(n_per_row, p.name, imatrix is not None, allowed)
     if imatrix is not None and imatrix.size != n_per_row:
         imatrix = None  # per-expert imatrices: the estimate goes unweighted
     lookup = tensor_kind(p.name) == "token_embd"
@@ -234,11 +232,11 @@ Measure = Callable[[list[Any], list[Options]], Any]  # -> sensitivity.Sensitivit
 
 def allocate_plan(tensors: list[Any], budget: int, fixed: Callable[[str], bool],
                   measure: Measure | None = None, n_threads: int | None = None,
-                  progress: bool = False, iquants: bool = True) -> Allocation:
+                  progress: bool = False, allowed: Collection[T] | None = None) -> Allocation:
     """Choose the types of the allocatable planned tensors (in place: their `target`) so that
     all tensors' data is at most `budget` bytes; the others keep the mix's types. `measure`
     gives the tensors' sensitivities from the error estimates (sensitivity.py), else 1.
-    `iquants`: whether the i-quants are candidates (not for --method gptq)."""
+    `allowed`: the i-quants that may be candidates (None: all kquant runs)."""
     chosen = [p for p in tensors if allocatable(p, fixed)]
     rest = sum(p.new_nbytes for p in tensors if not allocatable(p, fixed))
     if not chosen:
@@ -246,7 +244,7 @@ def allocate_plan(tensors: list[Any], budget: int, fixed: Callable[[str], bool],
     if budget - rest < 0:
         raise ModelError(f"the budget of {budget} bytes is below the {rest} bytes of the tensors "
                          f"the allocator does not choose")
-    options = [estimate(p, n_threads, iquants)
+    options = [estimate(p, n_threads, allowed)
                for p in tqdm(chosen, desc="estimate", unit="tensor", disable=not progress, file=sys.stderr)]
     sensitivity = measure(chosen, options) if measure is not None else None
     if sensitivity is not None:

@@ -84,9 +84,11 @@ def calibrate(model_path: str | Path, text_path: str | Path, n_ctx: int = 512, n
 
 
 def gptq_types() -> set:
-    """The block types the sweep handles: every quantized type with a codec and a block size."""
+    """The block types the sweep handles: every type whose values sit on a grid of levels
+    under per-block scales (K-quants, legacy, IQ4_NL / IQ4_XS; not the lattice i-quants, whose
+    groups of 4 or 8 values are one grid point)."""
     return {r.qtype for r in TYPES.values()
-            if r.codec_class in ("BlockCodec", "LegacyCodec") and r.name not in ("Q8_K",)}
+            if r.codec_class in ("BlockCodec", "LegacyCodec", "IQ4Codec") and r.name not in ("Q8_K",)}
 
 
 _KIND = re.compile(r"^blk\.\d+\.")

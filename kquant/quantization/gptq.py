@@ -31,12 +31,17 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from numba import njit, prange
 
-from ..codecs import LegacyCodec, get_codec, legacy, q2_k, q3_k, q4_k, q5_k, q6_k, vectorizing
+from ..codecs import LegacyCodec, get_codec, iq4, legacy, q2_k, q3_k, q4_k, q5_k, q6_k, vectorizing
 from ..types import QType
 
 #: the K-quants' level writers and their number of levels (the legacy types' are in legacy.py)
 _K_LEVELS = {T.Q2_K: (q2_k, 4), T.Q3_K: (q3_k, 8), T.Q4_K: (q4_k, 16), T.Q5_K: (q5_k, 32),
              T.Q6_K: (q6_k, 64)}
+
+#: IQ4_NL / IQ4_XS: 4-bit indices into kvalues_iq4nl under the block's scales, where the indices
+#: of each 32-value group start in the block and how far apart the groups are (iq4.py)
+_IQ4_LEVELS = {T.IQ4_NL: (2, 16), T.IQ4_XS: (8, 16)}
+_IQ4_VALUES = np.array(iq4.KVALUES_IQ4NL, np.float64)
 
 #: GPTQ's dampening: this fraction of H's mean diagonal is added to the diagonal, so the
 #: inverse exists where the calibration text leaves directions unseen. GPTQ's paper uses 0.01;
@@ -218,12 +223,15 @@ def quantize_block_column(w: np.ndarray, original: np.ndarray, qtype: QType,
     return codec.quantize_rows(np.ascontiguousarray(w[:, c0:c0 + B]), qw)
 
 
-def n_levels(qtype: QType) -> int:
-    """How many stored levels a value of the type has (its grid: scale * L + offset)."""
+def level_values(qtype: QType) -> np.ndarray:
+    """The values v(L) of the type's stored levels, increasing, float64: its grid is
+    scale * v(L) + offset. L itself for the linear types; the IQ4 table for IQ4_NL / IQ4_XS."""
     codec = get_codec(qtype)
+    if codec.qtype in _IQ4_LEVELS:
+        return _IQ4_VALUES
     if isinstance(codec, LegacyCodec):
-        return legacy.n_levels(codec.kind)
-    return _K_LEVELS[codec.qtype][1]
+        return np.arange(legacy.n_levels(codec.kind), dtype=np.float64)
+    return np.arange(_K_LEVELS[codec.qtype][1], dtype=np.float64)
 
 
 def set_levels(data: np.ndarray, levels: np.ndarray, qtype: QType) -> np.ndarray:
@@ -234,37 +242,68 @@ def set_levels(data: np.ndarray, levels: np.ndarray, qtype: QType) -> np.ndarray
     levels = np.ascontiguousarray(levels, np.int32)
     if isinstance(codec, LegacyCodec):
         legacy.set_levels_rows(codec.kind, out, levels)
+    elif codec.qtype in _IQ4_LEVELS:
+        iq4.set_levels_rows(out, levels, *_IQ4_LEVELS[codec.qtype])
     else:
         _K_LEVELS[codec.qtype][0].set_levels_rows(out, levels)
     return out
 
 
+def block_levels(data: np.ndarray, qtype: QType) -> np.ndarray:
+    """The stored levels (rows, block size) of one block column where the sweep keeps them (a
+    value whose scale is 0: any level decodes alike, so the codec's choice stays): the IQ4
+    indices; the other types' sweeps write level 0 there."""
+    codec = get_codec(qtype)
+    levels = np.zeros((len(data), codec.block_size), np.int32)
+    if codec.qtype in _IQ4_LEVELS:
+        iq4.levels_rows(data, levels, *_IQ4_LEVELS[codec.qtype])
+    return levels
+
+
 def block_grid(data: np.ndarray, qtype: QType) -> tuple[np.ndarray, np.ndarray]:
-    """scale and offset (rows, block size) of one block column's grids, value = scale * L +
-    offset, read by decoding the block with every level 0 and then 1 (so no type needs its
-    scale arithmetic written twice; float64 differences, used only to pick levels)."""
+    """scale and offset (rows, block size) of one block column's grids, value = scale * v(L) +
+    offset (v: level_values), read by decoding the block with every level 0 and then 1 (so no
+    type needs its scale arithmetic written twice; float64 differences, used only to pick
+    levels)."""
     codec = get_codec(qtype)
     B = codec.block_size
+    v = level_values(qtype)
     zero = codec.dequantize_rows(set_levels(data, np.zeros((len(data), B), np.int32), qtype), B)
     one = codec.dequantize_rows(set_levels(data, np.ones((len(data), B), np.int32), qtype), B)
-    return one.astype(np.float64) - zero, zero.astype(np.float64)
+    scale = (one.astype(np.float64) - zero) / (v[1] - v[0])
+    return scale, zero - scale * v[0]
+
+
+@njit(cache=True, inline="always")
+def _nearest_level(t, values, linear):
+    """The level whose value is nearest t: rint on a linear grid (values 0..n-1), else the
+    count of midpoints at or below t (the upper level on a tie, as best_index_int8)."""
+    n = values.size
+    if linear:
+        return min(n - 1, max(0, int(np.rint(t))))
+    level = 0
+    for m in range(1, n):
+        if t >= 0.5 * (values[m - 1] + values[m]):
+            level = m
+    return level
 
 
 @njit(cache=True, parallel=True)
-def round_columns(w, scale, offset, n_lev, u, levels, err):
+def round_columns(w, scale, offset, values, linear, u, levels, err):
     """GPTQ's inner loop on one block column, in place: per row, column j's value goes to its
-    nearest level of the grid, and its error, scaled by 1 / U[j, j], moves onto the columns
-    after j through row j of U. levels gets the stored levels, err the scaled errors that the
-    caller moves on to the later blocks."""
+    nearest level of the grid scale * values[L] + offset, and its error, scaled by 1 / U[j, j],
+    moves onto the columns after j through row j of U. levels holds on entry the levels to keep
+    where the scale is 0 and gets the stored levels, err the scaled errors that the caller
+    moves on to the later blocks."""
     rows, B = w.shape
     for r in prange(rows):
         for j in range(B):
-            s = scale[r, j]  # may be negative (Q3_K's, Q6_K's signed scales) or 0
-            level = 0
+            s = scale[r, j]  # may be negative (Q3_K's, Q6_K's, IQ4's signed scales) or 0
+            level = levels[r, j]
             if s != 0:
-                level = min(n_lev - 1, max(0, int(np.rint((w[r, j] - offset[r, j]) / s))))
+                level = _nearest_level((w[r, j] - offset[r, j]) / s, values, linear)
             levels[r, j] = level
-            e = (w[r, j] - (s * level + offset[r, j])) / u[j, j]
+            e = (w[r, j] - (s * values[level] + offset[r, j])) / u[j, j]
             err[r, j] = e
             for t in range(j + 1, B):
                 w[r, t] -= e * u[j, t]
@@ -308,10 +347,12 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray, qtype: QType, imatrix: np.ndarra
         now[:, c0:c1] = now[:, c0:c1][:, back]
         block = quantize_block_column(now, w32, qtype, imatrix, c0)
         scale, offset = block_grid(block, qtype)
-        levels = np.empty((rows, B), np.int32)
+        levels = np.ascontiguousarray(block_levels(block, qtype)[:, local])
         scaled = np.empty((rows, B), np.float64)
+        values = level_values(qtype)
         round_columns(cur[:, c0:c1], np.ascontiguousarray(scale[:, local]),
-                      np.ascontiguousarray(offset[:, local]), n_levels(qtype), u[c0:c1, c0:c1],
+                      np.ascontiguousarray(offset[:, local]), values,
+                      bool(np.array_equal(values, np.arange(values.size))), u[c0:c1, c0:c1],
                       levels, scaled)
         block = set_levels(block, levels[:, back], qtype)
         data[:, c0 // B * codec.type_size:c1 // B * codec.type_size] = block

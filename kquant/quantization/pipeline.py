@@ -343,7 +343,7 @@ def apply_budget(plan: Plan, opts: QuantizeOptions, model_path: str | Path, n_th
             return _sensitivities(opts, model_path, planned, options, n_threads, progress)
     with numba_threads(n_threads):
         return allocate_plan(plan.tensors, budget, fixed, measure, n_threads, progress,
-                             iquants=opts.method != "gptq")
+                             allowed=gptq_types() if opts.method == "gptq" else None)
 
 
 def _sensitivities(opts: QuantizeOptions, model_path: str | Path, planned: list, options: list,
@@ -542,9 +542,9 @@ def quantize_model(input_path: str | Path, output_path: str | Path,
                              "Hessians (--hessian F)")
         base = mixes.default_type(ftype)
         if base not in gptq_types() and base not in _UNQUANTIZED:
-            # the sweeps know the K-quant and legacy blocks; an i-quant file would be plain
-            raise ModelError(f"--method gptq does not support {base.name} files yet (K-quant and "
-                             "legacy types only)")
+            # the sweeps know grids of levels under block scales; a lattice file would be plain
+            raise ModelError(f"--method gptq does not support {base.name} files yet (K-quant, "
+                             "legacy, IQ4_NL and IQ4_XS types only)")
         refuse_input_as_output(out, [opts.calibrate, opts.hessian])
     source = open_model(inp, opts.hf_outtype)
     n_split = 1 + max((t.split for t in source.tensors), default=0)
