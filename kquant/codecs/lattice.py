@@ -50,6 +50,16 @@ def _cutoff(d2, nwant, present):
     return cut
 
 
+@njit(cache=True)
+def _near(code, gpos, dims, bits, nwant, maxd):
+    """The code's distances to every grid point, which distances occur, and the cutoff."""
+    pos = np.empty(dims, np.int32)
+    d2 = np.empty(gpos.shape[0], np.int32)
+    present = np.empty(maxd + 1, np.int8)
+    _distances(code, gpos, dims, bits, pos, d2)
+    return d2, present, _cutoff(d2, nwant, present)
+
+
 @njit(cache=True, parallel=True)
 def _neighbour_lists(gpos, kmap, dims, bits, nwant):
     maxd = dims * (2 * ((1 << bits) - 1)) ** 2
@@ -58,11 +68,7 @@ def _neighbour_lists(gpos, kmap, dims, bits, nwant):
     for i in prange(size):  # pass 1: how many neighbours each off-grid code keeps
         if kmap[i] >= 0:
             continue
-        pos = np.empty(dims, np.int32)
-        d2 = np.empty(gpos.shape[0], np.int32)
-        present = np.empty(maxd + 1, np.int8)
-        _distances(i, gpos, dims, bits, pos, d2)
-        cut = _cutoff(d2, nwant, present)
+        d2, present, cut = _near(i, gpos, dims, bits, nwant, maxd)
         n = 0
         for j in range(d2.size):
             n += d2[j] <= cut
@@ -72,11 +78,7 @@ def _neighbour_lists(gpos, kmap, dims, bits, nwant):
     for i in prange(size):  # pass 2: the lists, by (distance, index)
         if kmap[i] >= 0:
             continue
-        pos = np.empty(dims, np.int32)
-        d2 = np.empty(gpos.shape[0], np.int32)
-        present = np.empty(maxd + 1, np.int8)
-        _distances(i, gpos, dims, bits, pos, d2)
-        cut = _cutoff(d2, nwant, present)
+        d2, present, cut = _near(i, gpos, dims, bits, nwant, maxd)
         o = offsets[i]
         neighbours[o] = count[i] - 1
         o += 1
