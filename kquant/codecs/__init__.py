@@ -46,6 +46,8 @@ class Codec:
         self.block_size, self.type_size = record.block_size, record.type_size
         #: whether an importance matrix changes the result (ggml ignores it for some types)
         self.uses_imatrix = record.uses_imatrix
+        #: whether ggml refuses to quantize without one (ggml_quantize_requires_imatrix)
+        self.requires_imatrix = False
 
     def row_bytes(self, n_per_row: int) -> int:
         return n_per_row // self.block_size * self.type_size
@@ -146,7 +148,7 @@ class IQ1Codec(Codec):
 
     def __init__(self, record: QuantType):
         super().__init__(record)
-        self.small = record.qtype == GGMLQuantizationType.IQ1_S
+        self.small = self.requires_imatrix = record.qtype == GGMLQuantizationType.IQ1_S
 
     def _quantize(self, x, imatrix, out):
         if imatrix is None and self.small:
