@@ -43,6 +43,7 @@ from numba import njit, prange
 
 from .bits import F32, fp16_to_fp32, fp32_to_fp16, get_f16, nearest_int, put_f16
 from .iq1_grids import KGRID_2048
+from .iq3 import _sigma2  # 2 * sum(x^2) / QK_K in C's order, as both quantizers take it
 from .lattice import build_tables
 from .layout import QK_K
 
@@ -69,9 +70,7 @@ def grid_values() -> np.ndarray:
 _ZERO = F32(0.0)
 _ONE = F32(1.0)
 _HALF = F32(0.5)
-_TWO = F32(2.0)
 _F15 = F32(15.0)
-_QK = F32(QK_K)
 _DELTA = F32(0.125)
 _FLT_MAX = F32(np.finfo(np.float32).max)
 _EPS_S = F32(1e-12)
@@ -170,11 +169,13 @@ def _assign(idx, n, i1, i2, flip, L):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _sigma2(x):
-    s = _ZERO
-    for i in range(QK_K):
-        s += x[i] * x[i]
-    return _TWO * s / _QK
+def _checked(scale, failed):
+    """The sub-block's final scale; a NaN one (ggml's GGML_ASSERT(scale >= 0) aborts) flags
+    the row."""
+    if not scale >= _ZERO:
+        failed[0] = 1
+        return _ZERO
+    return scale
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -248,10 +249,7 @@ def _s_sub_block(xb, qwb, sigma2, s, levels, kmap, nb):
         sumqx, sumq2 = _refit(xb, weight, index, 0, 4, levels, xx, _ZERO, _ZERO)
         if sumqx > _ZERO and sumq2 > _ZERO:
             scale = sumqx / sumq2
-    if not scale >= _ZERO:  # NaN: ggml's GGML_ASSERT(scale >= 0) aborts
-        failed[0] = 1
-        scale = _ZERO
-    return scale, shift
+    return _checked(scale, failed), shift
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -403,10 +401,7 @@ def _m_sub_block(xb, qwb, use_qw, sigma2, s, levels, kmap, nb):
         sumqx, sumq2 = _refit(xb, weight, index, 1, 2, levels, _m_values(bk, 1), sumqx, sumq2)
         if sumqx > _ZERO and sumq2 > _ZERO:
             scale = sumqx / sumq2
-    if not scale >= _ZERO:  # NaN: ggml's GGML_ASSERT(scale >= 0) aborts
-        failed[0] = 1
-        scale = _ZERO
-    return scale, bk
+    return _checked(scale, failed), bk
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -487,6 +482,11 @@ def _shifted(dl, g, delta):
     return dl * (F32(g) + delta)
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _u16(b, p):
+    return np.int64(b[p]) | (np.int64(b[p + 1]) << 8)
+
+
 @njit(cache=True, error_model="numpy", parallel=True)
 def dequantize_s_rows(q, out, grid):
     """dequantize_row_iq1_s (grid: grid_values())."""
@@ -498,7 +498,7 @@ def dequantize_s_rows(q, out, grid):
             o = ibl * S_BYTES
             d = get_f16(qr, o)
             for ib in range(8):
-                qh = np.int64(qr[o + _S_QH + 2 * ib]) | (np.int64(qr[o + _S_QH + 2 * ib + 1]) << 8)
+                qh = _u16(qr, o + _S_QH + 2 * ib)
                 dl = d * F32(2 * ((qh >> 12) & 7) + 1)
                 delta = -_DELTA if qh & 0x8000 else _DELTA
                 for l in range(4):
@@ -517,9 +517,8 @@ def dequantize_m_rows(q, out, grid):
         y = out[r]
         for ibl in range(n // QK_K):
             o = ibl * M_BYTES
-            sc = np.empty(4, np.int64)
-            for w in range(4):
-                sc[w] = np.int64(qr[o + _M_SCALES + 2 * w]) | (np.int64(qr[o + _M_SCALES + 2 * w + 1]) << 8)
+            sc = (_u16(qr, o + _M_SCALES), _u16(qr, o + _M_SCALES + 2), _u16(qr, o + _M_SCALES + 4),
+                  _u16(qr, o + _M_SCALES + 6))
             h = (sc[0] >> 12) | ((sc[1] >> 8) & 0x00F0) | ((sc[2] >> 4) & 0x0F00) | (sc[3] & 0xF000)
             d = fp16_to_fp32(np.uint16(h))
             for ib in range(8):
