@@ -179,39 +179,49 @@ def _checked(scale, failed):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _s_search(sumx, sumw):
-    """The boundaries (i1, i2) and shift of the best split of a sorted IQ1_S sub-block."""
+def _s_scores(sumx, sumw, i1, buf):
+    """sumqx^2, sumq2, sumqx with x_p (rows 0-2) and x_m (rows 3-5) of the splits (i1, i1+t):
+    the same float operations as C's, elementwise, so that LLVM vectorizes them."""
+    ax = sumx[i1] - sumx[0]
+    aw = sumw[i1] - sumw[0]
+    tx = sumx[32]
+    tw = sumw[32]
+    for t in range(33 - i1):
+        i2 = i1 + t
+        bx = sumx[i2] - sumx[i1]
+        bw = sumw[i2] - sumw[i1]
+        cx = tx - sumx[i2]
+        cw = tw - sumw[i2]
+        qx = ax * _XP0 + bx * _XP1 + cx * _XP2
+        buf[0, t] = qx * qx
+        buf[1, t] = aw * _XP0 * _XP0 + bw * _XP1 * _XP1 + cw * _XP2 * _XP2
+        buf[2, t] = qx
+        qx = ax * _XM0 + bx * _XM1 + cx * _XM2
+        buf[3, t] = qx * qx
+        buf[4, t] = aw * _XM0 * _XM0 + bw * _XM1 * _XM1 + cw * _XM2 * _XM2
+        buf[5, t] = qx
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _s_search(sumx, sumw, buf):
+    """The boundaries (i1, i2) and shift of the best split of a sorted IQ1_S sub-block: the
+    scores of a row of splits at once, then C's comparisons in C's order."""
     best = -_FLT_MAX
     scale = _ZERO
     b1 = -1
     b2 = -1
     shift = 0
-    tx = sumx[32]
-    tw = sumw[32]
     for i1 in range(33):
-        ax = sumx[i1] - sumx[0]
-        aw = sumw[i1] - sumw[0]
-        for i2 in range(i1, 33):
-            bx = sumx[i2] - sumx[i1]
-            bw = sumw[i2] - sumw[i1]
-            cx = tx - sumx[i2]
-            cw = tw - sumw[i2]
-            sumqx = ax * _XP0 + bx * _XP1 + cx * _XP2
-            sumq2 = aw * _XP0 * _XP0 + bw * _XP1 * _XP1 + cw * _XP2 * _XP2
-            if sumq2 > _ZERO and sumqx * sumqx > best * sumq2:
-                scale = sumqx / sumq2
-                best = scale * sumqx
-                b1 = i1
-                b2 = i2
-                shift = 1
-            sumqx = ax * _XM0 + bx * _XM1 + cx * _XM2
-            sumq2 = aw * _XM0 * _XM0 + bw * _XM1 * _XM1 + cw * _XM2 * _XM2
-            if sumq2 > _ZERO and sumqx * sumqx > best * sumq2:
-                scale = sumqx / sumq2
-                best = scale * sumqx
-                b1 = i1
-                b2 = i2
-                shift = -1
+        _s_scores(sumx, sumw, i1, buf)
+        for t in range(33 - i1):
+            for k in range(2):
+                sumq2 = buf[3 * k + 1, t]
+                if sumq2 > _ZERO and buf[3 * k, t] > best * sumq2:
+                    scale = buf[3 * k + 2, t] / sumq2
+                    best = scale * buf[3 * k + 2, t]
+                    b1 = i1
+                    b2 = i1 + t
+                    shift = 1 - 2 * k
     return scale, b1, b2, shift
 
 
@@ -232,7 +242,7 @@ def _s_sub_block(xb, qwb, sigma2, s, levels, kmap, nb):
         i = idx[j]
         sumx[j + 1] = sumx[j] + weight[i] * xb[i]
         sumw[j + 1] = sumw[j] + weight[i]
-    scale, b1, b2, shift = _s_search(sumx, sumw)
+    scale, b1, b2, shift = _s_search(sumx, sumw, s[9])
     if b1 < 0:
         return _ZERO, 0
     flip = scale < _ZERO
@@ -256,7 +266,8 @@ def _s_sub_block(xb, qwb, sigma2, s, levels, kmap, nb):
 def _scratch():
     return (np.empty(32, np.float32), np.empty(32, np.int64), np.empty(33, np.float32),
             np.empty(33, np.float32), np.empty(32, np.int64), np.empty(4, np.int64),
-            np.zeros(1, np.int64), np.empty((2, 17), np.float32), np.empty((2, 17), np.float32))
+            np.zeros(1, np.int64), np.empty((2, 17), np.float32), np.empty((2, 17), np.float32),
+            np.empty((12, 33), np.float32))
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -318,41 +329,55 @@ def _m_weights(xb, qwb, use_qw, sigma2, weight):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _m_search(px, pw):
+def _m_scores(px, pw, i1, buf):
+    """sumqx^2, sumq2, sumqx of the four shift pairs k (rows 3k..3k+2) of the splits
+    (i1, i1+t): C's float operations elementwise, so that LLVM vectorizes them."""
+    tx0, tx1, tw0, tw1 = px[0, 16], px[1, 16], pw[0, 16], pw[1, 16]
+    for t in range(17 - i1):
+        i2 = i1 + t
+        sx0 = px[0, i1] + px[0, i2]
+        sx1 = px[1, i1] + px[1, i2]
+        qxp0 = tx0 * _XP2 - sx0
+        qxm0 = tx0 * _XM2 - sx0
+        qxp1 = tx1 * _XP2 - sx1
+        qxm1 = tx1 * _XM2 - sx1
+        q2p0 = tw0 * _XP2 * _XP2 + pw[0, i1] * _CP1 + pw[0, i2] * _CP2
+        q2m0 = tw0 * _XM2 * _XM2 + pw[0, i1] * _CM1 + pw[0, i2] * _CM2
+        q2p1 = tw1 * _XP2 * _XP2 + pw[1, i1] * _CP1 + pw[1, i2] * _CP2
+        q2m1 = tw1 * _XM2 * _XM2 + pw[1, i1] * _CM1 + pw[1, i2] * _CM2
+        _m_put(buf, 0, t, qxp0 + qxp1, q2p0 + q2p1)
+        _m_put(buf, 1, t, qxp0 + qxm1, q2p0 + q2m1)
+        _m_put(buf, 2, t, qxm0 + qxp1, q2m0 + q2p1)
+        _m_put(buf, 3, t, qxm0 + qxm1, q2m0 + q2m1)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _m_put(buf, k, t, sumqx, sumq2):
+    buf[3 * k, t] = sumqx * sumqx
+    buf[3 * k + 1, t] = sumq2
+    buf[3 * k + 2, t] = sumqx
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _m_search(px, pw, buf):
     """The boundaries (i1, i2) and the halves' shifts k of the best split of a sorted IQ1_M
-    sub-block (k: 0 ++, 1 +-, 2 -+, 3 --), sums by half as the C keeps them."""
+    sub-block (k: 0 ++, 1 +-, 2 -+, 3 --), sums by half as the C keeps them: the scores of a
+    row of splits at once, then C's comparisons in C's order."""
     best = -_FLT_MAX
     scale = _ZERO
     b1 = -1
     b2 = -1
     bk = -1
-    tx0, tx1, tw0, tw1 = px[0, 16], px[1, 16], pw[0, 16], pw[1, 16]
     for i1 in range(17):
-        for i2 in range(i1, 17):
-            sx0 = px[0, i1] + px[0, i2]
-            sx1 = px[1, i1] + px[1, i2]
-            qxp0 = tx0 * _XP2 - sx0
-            qxm0 = tx0 * _XM2 - sx0
-            qxp1 = tx1 * _XP2 - sx1
-            qxm1 = tx1 * _XM2 - sx1
-            q2p0 = tw0 * _XP2 * _XP2 + pw[0, i1] * _CP1 + pw[0, i2] * _CP2
-            q2m0 = tw0 * _XM2 * _XM2 + pw[0, i1] * _CM1 + pw[0, i2] * _CM2
-            q2p1 = tw1 * _XP2 * _XP2 + pw[1, i1] * _CP1 + pw[1, i2] * _CP2
-            q2m1 = tw1 * _XM2 * _XM2 + pw[1, i1] * _CM1 + pw[1, i2] * _CM2
+        _m_scores(px, pw, i1, buf)
+        for t in range(17 - i1):
             for k in range(4):
-                if k == 0:
-                    sumqx, sumq2 = qxp0 + qxp1, q2p0 + q2p1
-                elif k == 1:
-                    sumqx, sumq2 = qxp0 + qxm1, q2p0 + q2m1
-                elif k == 2:
-                    sumqx, sumq2 = qxm0 + qxp1, q2m0 + q2p1
-                else:
-                    sumqx, sumq2 = qxm0 + qxm1, q2m0 + q2m1
-                if sumq2 > _ZERO and sumqx * sumqx > best * sumq2:
-                    scale = sumqx / sumq2
-                    best = scale * sumqx
+                sumq2 = buf[3 * k + 1, t]
+                if sumq2 > _ZERO and buf[3 * k, t] > best * sumq2:
+                    scale = buf[3 * k + 2, t] / sumq2
+                    best = scale * buf[3 * k + 2, t]
                     b1 = i1
-                    b2 = i2
+                    b2 = i1 + t
                     bk = k
     return scale, b1, b2, bk
 
@@ -369,7 +394,7 @@ def _m_values(k, g):
 def _m_sub_block(xb, qwb, use_qw, sigma2, s, levels, kmap, nb):
     """One 16-value sub-block of quantize_row_iq1_m_impl: (scale, k), its 2 grid indices in
     index; k = -1 where C skips it (scale 0, shifts 0, nothing written)."""
-    weight, idx, _, _, L, index, failed, px, pw = s
+    weight, idx, _, _, L, index, failed, px, pw, buf = s
     _m_weights(xb, qwb, use_qw, sigma2, weight)
     mx = _block_max(xb, 16)
     if mx < _EPS_M:
@@ -383,7 +408,7 @@ def _m_sub_block(xb, qwb, use_qw, sigma2, s, levels, kmap, nb):
         px[1 - h, j + 1] = px[1 - h, j]
         pw[h, j + 1] = pw[h, j] + weight[i]
         pw[1 - h, j + 1] = pw[1 - h, j]
-    scale, b1, b2, bk = _m_search(px, pw)
+    scale, b1, b2, bk = _m_search(px, pw, buf)
     if b1 < 0:
         return _ZERO, -1
     flip = scale < _ZERO
