@@ -203,26 +203,30 @@ def _s_scores(sumx, sumw, i1, buf):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
+def _scan(buf, i1, m, nk, best, scale, b1, b2, bk):
+    """C's comparisons over the scored splits (i1, i1+t), t < m, each with shifts k < nk, in
+    C's order: (best score, scale, i1, i2, k) updated."""
+    for t in range(m):
+        for k in range(nk):
+            sumq2 = buf[3 * k + 1, t]
+            if sumq2 > _ZERO and buf[3 * k, t] > best * sumq2:
+                scale = buf[3 * k + 2, t] / sumq2
+                best = scale * buf[3 * k + 2, t]
+                b1 = i1
+                b2 = i1 + t
+                bk = k
+    return best, scale, b1, b2, bk
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def _s_search(sumx, sumw, buf):
     """The boundaries (i1, i2) and shift of the best split of a sorted IQ1_S sub-block: the
     scores of a row of splits at once, then C's comparisons in C's order."""
-    best = -_FLT_MAX
-    scale = _ZERO
-    b1 = -1
-    b2 = -1
-    shift = 0
+    best, scale, b1, b2, k = -_FLT_MAX, _ZERO, -1, -1, -1
     for i1 in range(33):
         _s_scores(sumx, sumw, i1, buf)
-        for t in range(33 - i1):
-            for k in range(2):
-                sumq2 = buf[3 * k + 1, t]
-                if sumq2 > _ZERO and buf[3 * k, t] > best * sumq2:
-                    scale = buf[3 * k + 2, t] / sumq2
-                    best = scale * buf[3 * k + 2, t]
-                    b1 = i1
-                    b2 = i1 + t
-                    shift = 1 - 2 * k
-    return scale, b1, b2, shift
+        best, scale, b1, b2, k = _scan(buf, i1, 33 - i1, 2, best, scale, b1, b2, k)
+    return scale, b1, b2, 0 if k < 0 else 1 - 2 * k
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -363,22 +367,10 @@ def _m_search(px, pw, buf):
     """The boundaries (i1, i2) and the halves' shifts k of the best split of a sorted IQ1_M
     sub-block (k: 0 ++, 1 +-, 2 -+, 3 --), sums by half as the C keeps them: the scores of a
     row of splits at once, then C's comparisons in C's order."""
-    best = -_FLT_MAX
-    scale = _ZERO
-    b1 = -1
-    b2 = -1
-    bk = -1
+    best, scale, b1, b2, bk = -_FLT_MAX, _ZERO, -1, -1, -1
     for i1 in range(17):
         _m_scores(px, pw, i1, buf)
-        for t in range(17 - i1):
-            for k in range(4):
-                sumq2 = buf[3 * k + 1, t]
-                if sumq2 > _ZERO and buf[3 * k, t] > best * sumq2:
-                    scale = buf[3 * k + 2, t] / sumq2
-                    best = scale * buf[3 * k + 2, t]
-                    b1 = i1
-                    b2 = i1 + t
-                    bk = k
+        best, scale, b1, b2, bk = _scan(buf, i1, 17 - i1, 4, best, scale, b1, b2, bk)
     return scale, b1, b2, bk
 
 
