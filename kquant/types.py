@@ -36,7 +36,7 @@ class QuantType:
     block_size: int                  # values per block (1 for the float types)
     type_size: int                   # bytes per block
     #: the kquant.codecs class that drives its kernels ("BlockCodec", "LegacyCodec",
-    #: "IQ4Codec", "IQ3Codec", "HalfCodec", "F32Codec"), and the module of kquant.codecs
+    #: "IQ4Codec", "IQ3Codec", "IQ1Codec", "HalfCodec", "F32Codec"), and the module of kquant.codecs
     #: holding them; None: no codec (an activation-only type)
     codec_class: str | None = None
     codec_module: str | None = None
@@ -118,8 +118,9 @@ def weight_types() -> tuple[GGMLQuantizationType, ...]:
 
 
 # --- the records -----------------------------------------------------------------------------
-# The K-quants', the 32-value types' and the IQ4 / IQ3 types' byte layouts are drawn in their
-# codec modules (kquant/codecs/q*_k.py, legacy.py, iq4.py, iq3.py); the others are drawn here.
+# The K-quants', the 32-value types' and the IQ4 / IQ3 / IQ1 types' byte layouts are drawn in
+# their codec modules (kquant/codecs/q*_k.py, legacy.py, iq4.py, iq3.py, iq1.py); the others
+# are drawn here.
 
 
 def _kquant(qtype: T, type_size: int, blas_min_tokens: int, cuda_family: str) -> QuantType:
@@ -183,6 +184,12 @@ IQ4_XS = register(QuantType(T.IQ4_XS, 256, 136, "IQ4Codec", "iq4", True, T.Q8_K,
 # model pipeline like every codec; no matmul kernel yet, so the runtime refuses their files.
 IQ3_XXS = register(QuantType(T.IQ3_XXS, 256, 98, "IQ3Codec", "iq3", True))
 IQ3_S = register(QuantType(T.IQ3_S, 256, 110, "IQ3Codec", "iq3", True))
+
+# IQ1_S (256 values, 50 bytes) and IQ1_M (256 values, 56 bytes): groups of 8 values as points
+# of a ternary grid, shifted by +-1/8 (layouts drawn in kquant/codecs/iq1.py). IQ1_S needs an
+# importance matrix (as ggml asserts); no matmul kernel yet, so the runtime refuses their files.
+IQ1_S = register(QuantType(T.IQ1_S, 256, 50, "IQ1Codec", "iq1", True))
+IQ1_M = register(QuantType(T.IQ1_M, 256, 56, "IQ1Codec", "iq1", True))
 
 # F16 / BF16: | 2 bytes | a value (IEEE half / the upper half of a float32); F32: | 4 bytes |
 F16 = _float(T.F16, 2, "HalfCodec", 128)

@@ -361,6 +361,8 @@ CASES = [
     # an i-quant kquant writes but does not run yet: refused all the same
     Case("ppl-iq3-tensor", PPL, lambda m, d: ["-m", str(_iq3_model(m, d)), "-f", str(m.text), "-c", "64"],
          "tensor blk.0.ffn_up.weight is IQ3_S: kquant's runtime does not run i-quants yet"),
+    Case("ppl-iq1-tensor", PPL, lambda m, d: ["-m", str(_iq1_model(m, d)), "-f", str(m.text), "-c", "64"],
+         "tensor blk.0.ffn_up.weight is IQ1_M: kquant's runtime does not run i-quants yet"),
     Case("ppl-wrong-shape", PPL, lambda m, d: ["-m", str(patch_tensor_info(
         m.gguf, d / "w.gguf", "blk.0.attn_q.weight", shape=(128, 32))), "-f", str(m.text), "-c", "64"],
         "blk.0"),
@@ -455,6 +457,12 @@ def _iq_model(m: Materials, d: Path) -> Path:
 def _iq3_model(m: Materials, d: Path) -> Path:
     """The tiny model with one matrix quantized to IQ3_S by kquant: written, not run."""
     return _one_matrix_as(m, d / "iq3.gguf", "IQ3_S", T.IQ3_S)
+
+
+def _iq1_model(m: Materials, d: Path) -> Path:
+    """The tiny model with one matrix quantized to IQ1_M by kquant (x^2 weights): written, not
+    run."""
+    return _one_matrix_as(m, d / "iq1.gguf", "IQ1_M", T.IQ1_M)
 
 
 def _one_matrix_as(m: Materials, out: Path, codec: str | None, declared: T) -> Path:

@@ -19,6 +19,7 @@ FILES = {
                T.Q8_0, T.F16, T.BF16, T.F32},
     "golden_iq": {T.IQ4_NL, T.IQ4_XS},
     "golden_iq3": {T.IQ3_XXS, T.IQ3_S},
+    "golden_iq1": {T.IQ1_S, T.IQ1_M},
 }
 _LOADED: dict[str, dict[str, np.ndarray]] = {}
 
@@ -58,7 +59,8 @@ def test_quantize_matches_golden(name, key):
     qtype, mode = key.split("-")
     imatrix = golden.get(f"imatrix_{mode}")
     x, want = golden["x"], golden[key]
-    # the rows ggml aborted on (IQ3: inf / NaN values): kquant refuses each of them
+    # the rows ggml aborted on (IQ3, IQ1_M without an imatrix: inf / NaN values): kquant
+    # refuses each of them
     aborted = json.loads(str(golden["meta"])).get("aborted_rows", {}).get(key, [])
     for r in aborted:
         with np.errstate(all="ignore"), pytest.raises(ValueError, match="cannot be quantized"):
@@ -70,8 +72,15 @@ def test_quantize_matches_golden(name, key):
     assert bad.size == 0, f"{key}: rows {bad.tolist()} ({set(golden['case'][bad])}) differ"
 
 
-@pytest.mark.parametrize("name,key", [(n, k) for n, k in golden_keys() if k.endswith("-none")],
-                         ids=lambda v: v)
+def decoded_keys():
+    """Each type's set whose decoding meta digests: `-none`, or `-random` where there is no
+    `-none` (IQ1_S: ggml requires an imatrix)."""
+    keys = golden_keys()
+    return [(n, k) for n, k in keys if k.endswith("-none") or (
+        k.endswith("-random") and (n, k.replace("-random", "-none")) not in keys)]
+
+
+@pytest.mark.parametrize("name,key", decoded_keys(), ids=lambda v: v)
 def test_dequantize_matches_golden(name, key):
     """ggml's decoding of the reference bytes, float bit for float bit (as a digest)."""
     golden = load(name)

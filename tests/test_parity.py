@@ -10,10 +10,14 @@ from cases import CASES, IMATRIX_MODES, make_case, make_imatrix
 
 ALL_TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_K,
              T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.F16, T.BF16, T.F32, T.IQ4_NL, T.IQ4_XS,
-             T.IQ3_XXS, T.IQ3_S]
-#: ggml aborts (GGML_ASSERT) on these cases' rows for the IQ3 types: kquant raises instead,
-#: checked in test_iq3.py against ggml in a subprocess
+             T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M]
+#: ggml aborts (GGML_ASSERT) on these cases' rows for the IQ3 types, and for IQ1_M without an
+#: imatrix: kquant raises instead, checked in test_iq3.py / test_iq1.py against ggml in a
+#: subprocess
 ABORTS = {T.IQ3_XXS: {"non_finite"}, T.IQ3_S: {"non_finite"}}
+ABORTS_WITHOUT_IMATRIX = {T.IQ1_M: {"non_finite"}}
+#: ggml asserts an imatrix for these (kquant refuses: test_iq1.py)
+NEEDS_IMATRIX = {T.IQ1_S}
 ROW_LENGTHS = (256, 512, 2304)
 ROWS = 24
 
@@ -35,31 +39,41 @@ def lengths_for(qtype):
     return [n for n in ROW_LENGTHS + extra if n % block == 0]
 
 
+def modes_for(qtype):
+    return [m for m in IMATRIX_MODES if m != "none" or qtype not in NEEDS_IMATRIX]
+
+
+def aborts(qtype, case, imatrix):
+    return case in ABORTS.get(qtype, ()) or (
+        imatrix is None and case in ABORTS_WITHOUT_IMATRIX.get(qtype, ()))
+
+
 PARAMS = [pytest.param(t, n, mode, id=f"{t.name}-{n}-{mode}")
-          for t in ALL_TYPES for n in lengths_for(t) for mode in IMATRIX_MODES]
+          for t in ALL_TYPES for n in lengths_for(t) for mode in modes_for(t)]
 
 
 @pytest.mark.parametrize("qtype,n,mode", PARAMS)
 def test_synthetic_rows(ggml, qtype, n, mode):
     imatrix = make_imatrix(mode, n, seed=n)
     for i, case in enumerate(CASES):
-        if case in ABORTS.get(qtype, ()):
+        if aborts(qtype, case, imatrix):
             continue
         x = make_case(case, ROWS, n, seed=1000 * n + i)
         with np.errstate(all="ignore"):
             assert_same_as_ggml(ggml, x, qtype, imatrix, f"{qtype.name} {case} n={n} {mode}")
 
 
-@pytest.mark.parametrize("mode", IMATRIX_MODES)
-@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype,mode", [pytest.param(t, m, id=f"{t.name}-{m}")
+                                        for m in IMATRIX_MODES for t in ALL_TYPES
+                                        if m in modes_for(t)])
 def test_real_weights(ggml, smollm2_weights, qtype, mode):
     for name, w in smollm2_weights.items():
         imatrix = make_imatrix(mode, w.shape[1], seed=7)
         assert_same_as_ggml(ggml, w, qtype, imatrix, f"{qtype.name} {name} {mode}")
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q4_0, T.IQ4_NL, T.IQ4_XS, T.IQ3_XXS, T.IQ3_S],
-                         ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q4_0, T.IQ4_NL, T.IQ4_XS, T.IQ3_XXS, T.IQ3_S,
+                                   T.IQ1_S, T.IQ1_M], ids=lambda t: t.name)
 def test_shapes_and_threads_do_not_change_bytes(ggml, qtype):
     x = make_case("gauss", 30, 512, seed=3).reshape(3, 10, 512)
     w = make_imatrix("random", 512)

@@ -55,7 +55,7 @@ def random_imatrix(model: Path, seed: int = 0) -> Imatrix:
 
 
 @pytest.mark.parametrize("ftype", ["Q4_K_M", "Q2_K", "Q3_K_S", "Q5_K_M", "Q6_K", "Q4_0", "IQ4_NL", "IQ4_XS",
-                                   "IQ3_XXS", "IQ3_S", "IQ3_XS", "IQ3_M"])
+                                   "IQ3_XXS", "IQ3_S", "IQ3_XS", "IQ3_M", "IQ1_S", "IQ1_M"])
 def test_same_file_with_imatrix(llama_cpp, smollm2_f16, tmp_path, ftype):
     im = random_imatrix(smollm2_f16)
     path = tmp_path / "imatrix.gguf"
@@ -113,6 +113,74 @@ def test_tiny_model_iq3_files(llama_cpp, tiny_llama_f32, tmp_path, ftype, with_i
         return
     want = reference(tiny_llama_f32, tmp_path / "ref.gguf", ftype, **kw)
     assert quantize_main(argv) == 0
+    assert_same_file(tmp_path / "kq.gguf", want)
+
+
+def _imatrix_args(model: Path, tmp_path: Path) -> tuple[list[str], dict]:
+    """kquant-quantize's --imatrix and llama_model_quantize's weights and metadata for one
+    random imatrix of the model."""
+    im = random_imatrix(model)
+    path = tmp_path / "imatrix.gguf"
+    save_imatrix_gguf(im, path)
+    weights = weights_for_quantize(im)
+    return ["--imatrix", str(path)], dict(imatrix=weights, kv_overrides=[
+        ("quantize.imatrix.file", "str", str(path)),
+        ("quantize.imatrix.dataset", "str", "calibration.txt"),
+        ("quantize.imatrix.entries_count", "int", len(weights)),
+        ("quantize.imatrix.chunks_count", "int", 4)])
+
+
+@pytest.mark.parametrize("ftype", ["IQ1_S", "IQ1_M"])
+def test_iq1_refuses_without_imatrix_as_llama_quantize(llama_cpp, smollm2_f16, tmp_path, ftype):
+    """Both refuse before writing, naming SmolLM2's first IQ1 tensor (ffn_down: its 1536-value
+    rows are the only ones that do not fall back to IQ4_NL)."""
+    with pytest.raises(RuntimeError, match="llama_model_quantize failed"):
+        reference(smollm2_f16, tmp_path / "ref.gguf", ftype)
+    assert_fails_cleanly([str(smollm2_f16), str(tmp_path / "kq.gguf"), ftype], tmp_path / "kq.gguf",
+                         f"blk.0.ffn_down.weight: type {ftype} needs an importance matrix")
+
+
+def test_tiny_model_iq1_type_overrides(llama_cpp, tiny_llama_f32, tmp_path):
+    """IQ1_S and IQ1_M in every matrix of the tiny model (rows of multiples of 256) through
+    --tensor-type, --token-embedding-type and --output-tensor-type, with an imatrix: the same
+    file as llama-quantize. token_embd and output have no imatrix entry, so IQ1_M quantizes
+    them with x^2 weights (IQ1_S would abort ggml there: llama-quantize does not check)."""
+    from gguf import GGMLQuantizationType as T
+
+    args, kw = _imatrix_args(tiny_llama_f32, tmp_path)
+    want = reference(tiny_llama_f32, tmp_path / "ref.gguf", "Q4_K_M",
+                     token_embedding_type=int(T.IQ1_M), output_tensor_type=int(T.IQ1_M),
+                     tensor_types=[("ffn_down", int(T.IQ1_S)), ("attn_[qk]", int(T.IQ1_S)),
+                                   ("attn|ffn", int(T.IQ1_M))], **kw)
+    argv = [*args, "--token-embedding-type", "iq1_m", "--output-tensor-type", "iq1_m",
+            "--tensor-type", "ffn_down=iq1_s", "--tensor-type", "attn_[qk]=iq1_s",
+            "--tensor-type", "attn|ffn=iq1_m", str(tiny_llama_f32), str(tmp_path / "kq.gguf"),
+            "Q4_K_M", "2"]
+    assert quantize_main(argv) == 0
+    types = {t.name: t.type for t in load_gguf(tmp_path / "kq.gguf").tensors}
+    assert types["blk.0.ffn_down.weight"] == T.IQ1_S and types["blk.0.attn_v.weight"] == T.IQ1_M
+    assert types["token_embd.weight"] == T.IQ1_M
+    assert_same_file(tmp_path / "kq.gguf", want)
+
+
+def test_iq1_s_without_weights_is_refused(tiny_llama_f32, tmp_path):
+    """token_embd in IQ1_S: llama-quantize skips the imatrix check for it, finds no entry and
+    passes no weights, and ggml aborts (GGML_ASSERT in ggml_quantize_chunk); kquant refuses
+    before writing."""
+    args, _ = _imatrix_args(tiny_llama_f32, tmp_path)
+    assert_fails_cleanly([*args, "--token-embedding-type", "iq1_s", str(tiny_llama_f32),
+                          str(tmp_path / "kq.gguf"), "Q4_K_M"], tmp_path / "kq.gguf",
+                         "token_embd.weight: type IQ1_S needs importance weights")
+
+
+@pytest.mark.parametrize("ftype", ["IQ1_S", "IQ1_M"])
+def test_tiny_model_iq1_files(llama_cpp, tiny_llama_f32, tmp_path, ftype):
+    """The whole IQ1_S / IQ1_M mixes on the tiny model, with an imatrix: they also pick IQ2_XXS
+    (attn_output) and Q2_K, so this waits for the IQ2 codecs."""
+    pytest.importorskip("kquant.codecs.iq2")
+    args, kw = _imatrix_args(tiny_llama_f32, tmp_path)
+    want = reference(tiny_llama_f32, tmp_path / "ref.gguf", ftype, **kw)
+    assert quantize_main([*args, str(tiny_llama_f32), str(tmp_path / "kq.gguf"), ftype, "2"]) == 0
     assert_same_file(tmp_path / "kq.gguf", want)
 
 

@@ -12,7 +12,8 @@ from kquant.matmul.cuda_blocks import FAMILIES
 from kquant.types import TYPES, find_type, get_type
 
 NAMES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-         "Q8_1", "IQ4_NL", "IQ4_XS", "IQ3_XXS", "IQ3_S", "F16", "BF16", "F32"]
+         "Q8_1", "IQ4_NL", "IQ4_XS", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "F16",
+         "BF16", "F32"]
 
 
 def test_one_record_per_type_with_gguf_geometry():

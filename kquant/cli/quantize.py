@@ -28,8 +28,10 @@ def _writable(name: str) -> bool:
         return False
 
 
-# the ftypes whose tensors kquant has codecs for (of the i-quants: IQ4_NL, IQ4_XS, IQ3_XXS, IQ3_S
-# and the mixes of them, IQ3_XS and IQ3_M; the IQ2 / IQ1 ones not yet)
+# the ftypes whose default type kquant has a codec for (of the i-quants: IQ4_NL, IQ4_XS, IQ3_XXS,
+# IQ3_S, IQ1_S, IQ1_M and the mixes IQ3_XS and IQ3_M; the IQ2 ones not yet). The IQ1 mixes also
+# pick IQ2_XXS for some tensors (attn_output, where rows are multiples of 256): such files are
+# refused by name until the IQ2 codecs exist (SmolLM2's fall back to IQ4_NL and are written)
 TYPES_HELP = ", ".join(sorted(k for k in mixes.FTYPES if _writable(k)))
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from ..types import TYPES, QuantType, find_type
-from . import floats, iq3, iq4, legacy
+from . import floats, iq1, iq3, iq4, legacy
 
 _NO_WEIGHTS = np.zeros(0, np.float32)
 
@@ -46,6 +46,8 @@ class Codec:
         self.block_size, self.type_size = record.block_size, record.type_size
         #: whether an importance matrix changes the result (ggml ignores it for some types)
         self.uses_imatrix = record.uses_imatrix
+        #: whether ggml refuses to quantize without one (ggml_quantize_requires_imatrix)
+        self.requires_imatrix = False
 
     def row_bytes(self, n_per_row: int) -> int:
         return n_per_row // self.block_size * self.type_size
@@ -138,6 +140,34 @@ class IQ3Codec(Codec):
 
     def _dequantize(self, q, out):
         self._dequantize_rows(q, out)
+
+
+class IQ1Codec(Codec):
+    """IQ1_S and IQ1_M (256-value super-blocks, a ternary grid of 8-value points):
+    kquant/codecs/iq1.py, its tables built on the first quantization."""
+
+    def __init__(self, record: QuantType):
+        super().__init__(record)
+        self.small = self.requires_imatrix = record.qtype == GGMLQuantizationType.IQ1_S
+
+    def _quantize(self, x, imatrix, out):
+        if imatrix is None and self.small:
+            raise ValueError(f"{self.name} needs an importance matrix (ggml asserts "
+                             "quant_weights for it): pass imatrix=")
+        failed = np.zeros(out.shape[0], np.int64)
+        qw = _NO_WEIGHTS if imatrix is None else imatrix
+        if self.small:
+            iq1.quantize_s_rows(x, qw, out, failed, *iq1.tables())
+        else:
+            iq1.quantize_m_rows(x, qw, imatrix is not None, out, failed, *iq1.tables())
+        if failed.any():
+            raise ValueError(
+                f"{self.name}: row {int(np.argmax(failed))} cannot be quantized (inf values or "
+                f"overflowing weights: ggml's IQ1 search finds no grid point and aborts)")
+
+    def _dequantize(self, q, out):
+        deq = iq1.dequantize_s_rows if self.small else iq1.dequantize_m_rows
+        deq(q, out, iq1.grid_values())
 
 
 class HalfCodec(Codec):

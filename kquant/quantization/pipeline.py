@@ -285,6 +285,11 @@ def plan_quantization(source: ModelSource, ftype: str | int | LlamaFileType,
             w = None  # token_embd's mismatch is only a warning in llama.cpp
         if (target != t.type and w is None and mixes.requires_imatrix(t.name, target, ftype)):
             raise ModelError(f"{t.name}: type {target.name} needs an importance matrix (--imatrix)")
+        if target != t.type and w is None and target in CODECS and CODECS[target].requires_imatrix:
+            # token_embd / output (exempt above) in IQ1_S: llama-quantize passes no weights and
+            # ggml aborts; kquant refuses before writing
+            raise ModelError(f"{t.name}: type {target.name} needs importance weights and the "
+                             "imatrix has none for this tensor (ggml aborts without them)")
         tensor_weights[new_name] = w
     planned = []
     for new_name, t in kept:
@@ -423,8 +428,8 @@ def loader_ftype(source: ModelSource) -> int:
 def _check_convertible(t: SourceTensor, target: T, allow_requantize: bool) -> None:
     if target not in CODECS:
         raise ModelError(f"{t.name}: llama.cpp's rules choose {target.name}, which kquant does "
-                         "not produce (K-quants, legacy quants, IQ4_NL, IQ4_XS, IQ3_XXS, IQ3_S and float "
-                         "types)")
+                         "not produce (K-quants, legacy quants, IQ4_NL, IQ4_XS, IQ3_XXS, IQ3_S, IQ1_S, "
+                         "IQ1_M and float types)")
     if t.type not in CODECS:
         raise ModelError(f"{t.name}: input type {t.type.name} is not supported")
     block = GGML_QUANT_SIZES[target][0]
