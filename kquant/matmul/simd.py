@@ -817,3 +817,49 @@ def splat16(typingctx, x):
     def codegen(context, builder, sig, args):
         return _splat(builder, _int(context, builder, args[0], sig.args[0], 16), I16x16.llvm)
     return I16x16(x), codegen
+
+
+# ---- i-quants: vectors built from grid points and sign patterns --------------------------------
+
+@intrinsic
+def from_u32x8(typingctx, a0, a1, a2, a3, a4, a5, a6, a7):
+    """32 bytes from eight little-endian 32-bit words, a0 first (ggml's
+    _mm256_set_epi32(a7, ..., a0): eight IQ3 grid points)."""
+    if not all(isinstance(t, types.Integer) for t in (a0, a1, a2, a3, a4, a5, a6, a7)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = ir.Constant(I32x8.llvm, ir.Undefined)
+        for i, (x, t) in enumerate(zip(args, sig.args)):
+            v = builder.insert_element(v, _int(context, builder, x, t, 32), ir.Constant(_i32, i))
+        return builder.bitcast(v, I8x32.llvm)
+    return I8x32(a0, a1, a2, a3, a4, a5, a6, a7), codegen
+
+
+@intrinsic
+def from_u64x4(typingctx, a, b, c, d):
+    """32 bytes from four little-endian 64-bit words, a first (ggml's
+    _mm256_set_epi64x(d, c, b, a): four 8-byte sign patterns)."""
+    if not all(isinstance(t, types.Integer) for t in (a, b, c, d)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = ir.Constant(ir.VectorType(_i64, 4), ir.Undefined)
+        for i, (x, t) in enumerate(zip(args, sig.args)):
+            v = builder.insert_element(v, _int(context, builder, x, t, 64), ir.Constant(_i32, i))
+        return builder.bitcast(v, I8x32.llvm)
+    return I8x32(a, b, c, d), codegen
+
+
+@intrinsic
+def sign8(typingctx, a, b):
+    """_mm256_sign_epi8(a, b): each byte of a, negated where b's is negative, 0 where it is 0."""
+    if not (a == I8x32 and b == I8x32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _psign(builder, args[0], args[1])
+    return I8x32(a, b), codegen
+
+
+xor8 = _binop8("xor")
