@@ -55,25 +55,37 @@ def _signs_xxs(a):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _xxs_row(wr, aq, ad):
+def _super_blocks(wr, aq, ad, size, pairs):
+    """ggml's frame of both kernels: per super-block of `size` bytes the int32 lanes of its
+    even and odd sub-blocks (pairs(wr, aq, o, x, ib): sub-blocks ib and ib + 1) summed apart,
+    then acc = fma(fp16(w.d) * a.d, float(sumi1 + sumi2), acc); hsum_float_8(acc)."""
     acc = zerof()
     for i in range(ad.shape[0]):
-        o = i * _XXS
-        x = i * 256
-        d = f16at(wr, o) * ad[i]
+        o = i * size
         sumi1 = zero32()
         sumi2 = zero32()
         for ib in range(0, 8, 2):
-            a1 = load_u32(wr, o + 66 + 4 * ib)
-            a2 = load_u32(wr, o + 70 + 4 * ib)
-            dot1 = maddubs(_grid8(_GRID_XXS, wr, o + 2 + 8 * ib),
-                           sign8(load32(aq, x + 32 * ib), _signs_xxs(a1)))
-            dot2 = maddubs(_grid8(_GRID_XXS, wr, o + 10 + 8 * ib),
-                           sign8(load32(aq, x + 32 * ib + 32), _signs_xxs(a2)))
-            sumi1 = add32(sumi1, madd(dot1, splat16(2 * _I32(a1 >> 28) + 1)))
-            sumi2 = add32(sumi2, madd(dot2, splat16(2 * _I32(a2 >> 28) + 1)))
-        acc = fma(d, add32(sumi1, sumi2), acc)
-    return _QUARTER * hsumf(acc)
+            p1, p2 = pairs(wr, aq, o, i * 256 + 32 * ib, ib)
+            sumi1 = add32(sumi1, p1)
+            sumi2 = add32(sumi2, p2)
+        acc = fma(f16at(wr, o) * ad[i], add32(sumi1, sumi2), acc)
+    return hsumf(acc)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _xxs_pairs(wr, aq, o, x, ib):
+    a1 = load_u32(wr, o + 66 + 4 * ib)
+    a2 = load_u32(wr, o + 70 + 4 * ib)
+    dot1 = maddubs(_grid8(_GRID_XXS, wr, o + 2 + 8 * ib), sign8(load32(aq, x), _signs_xxs(a1)))
+    dot2 = maddubs(_grid8(_GRID_XXS, wr, o + 10 + 8 * ib),
+                   sign8(load32(aq, x + 32), _signs_xxs(a2)))
+    return (madd(dot1, splat16(2 * _I32(a1 >> 28) + 1)),
+            madd(dot2, splat16(2 * _I32(a2 >> 28) + 1)))
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _xxs_row(wr, aq, ad):
+    return _QUARTER * _super_blocks(wr, aq, ad, _XXS, _xxs_pairs)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -96,24 +108,18 @@ def _signed_s(aq, x, wr, o):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
+def _s_pairs(wr, aq, o, x, ib):
+    q2_1 = _grid8_s(wr, o + 2 + 8 * ib, _I32(wr[o + 66 + ib]))
+    q2_2 = _grid8_s(wr, o + 10 + 8 * ib, _I32(wr[o + 67 + ib]))
+    dot1 = maddubs(q2_1, _signed_s(aq, x, wr, o + 74 + 4 * ib))
+    dot2 = maddubs(q2_2, _signed_s(aq, x + 32, wr, o + 78 + 4 * ib))
+    sc = _I32(wr[o + 106 + ib // 2])
+    return madd(dot1, splat16(2 * (sc & 0xF) + 1)), madd(dot2, splat16(2 * (sc >> 4) + 1))
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def _s_row(wr, aq, ad):
-    acc = zerof()
-    for i in range(ad.shape[0]):
-        o = i * _S
-        x = i * 256
-        d = f16at(wr, o) * ad[i]
-        sumi1 = zero32()
-        sumi2 = zero32()
-        for ib in range(0, 8, 2):
-            q2_1 = _grid8_s(wr, o + 2 + 8 * ib, _I32(wr[o + 66 + ib]))
-            q2_2 = _grid8_s(wr, o + 10 + 8 * ib, _I32(wr[o + 67 + ib]))
-            dot1 = maddubs(q2_1, _signed_s(aq, x + 32 * ib, wr, o + 74 + 4 * ib))
-            dot2 = maddubs(q2_2, _signed_s(aq, x + 32 * ib + 32, wr, o + 78 + 4 * ib))
-            sc = _I32(wr[o + 106 + ib // 2])
-            sumi1 = add32(sumi1, madd(dot1, splat16(2 * (sc & 0xF) + 1)))
-            sumi2 = add32(sumi2, madd(dot2, splat16(2 * (sc >> 4) + 1)))
-        acc = fma(d, add32(sumi1, sumi2), acc)
-    return hsumf(acc)
+    return _super_blocks(wr, aq, ad, _S, _s_pairs)
 
 
 # One kernel per type, kquant.matmul.cpu's signature: w uint8 (rows, row_bytes); aq int8

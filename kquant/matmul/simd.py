@@ -149,18 +149,25 @@ def load_i16(typingctx, arr, off):
     return I16x16(arr, off), codegen
 
 
-@intrinsic
-def from_u32x4(typingctx, a, b, c, d):
-    """16 bytes from four little-endian 32-bit words (ggml's _mm_set_epi32(d, c, b, a))."""
-    if not all(isinstance(t, types.Integer) for t in (a, b, c, d)):
+def _from_words(words, bits: int, out: Vec):
+    """The intrinsic's result: the integer arguments `words` as little-endian `bits`-bit
+    words, the first lowest, reinterpreted as the byte vector `out` (ggml's _mm*_set_epi*
+    with the arguments reversed); None (no match) unless all are integers."""
+    if not all(isinstance(t, types.Integer) for t in words):
         return None
 
     def codegen(context, builder, sig, args):
-        v = ir.Constant(ir.VectorType(_i32, 4), ir.Undefined)
+        v = ir.Constant(ir.VectorType(ir.IntType(bits), len(args)), ir.Undefined)
         for i, (x, t) in enumerate(zip(args, sig.args)):
-            v = builder.insert_element(v, _int(context, builder, x, t, 32), ir.Constant(_i32, i))
-        return builder.bitcast(v, I8x16.llvm)
-    return I8x16(a, b, c, d), codegen
+            v = builder.insert_element(v, _int(context, builder, x, t, bits), ir.Constant(_i32, i))
+        return builder.bitcast(v, out.llvm)
+    return out(*words), codegen
+
+
+@intrinsic
+def from_u32x4(typingctx, a, b, c, d):
+    """16 bytes from four little-endian 32-bit words (ggml's _mm_set_epi32(d, c, b, a))."""
+    return _from_words((a, b, c, d), 32, I8x16)
 
 
 @intrinsic
@@ -825,30 +832,14 @@ def splat16(typingctx, x):
 def from_u32x8(typingctx, a0, a1, a2, a3, a4, a5, a6, a7):
     """32 bytes from eight little-endian 32-bit words, a0 first (ggml's
     _mm256_set_epi32(a7, ..., a0): eight IQ3 grid points)."""
-    if not all(isinstance(t, types.Integer) for t in (a0, a1, a2, a3, a4, a5, a6, a7)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        v = ir.Constant(I32x8.llvm, ir.Undefined)
-        for i, (x, t) in enumerate(zip(args, sig.args)):
-            v = builder.insert_element(v, _int(context, builder, x, t, 32), ir.Constant(_i32, i))
-        return builder.bitcast(v, I8x32.llvm)
-    return I8x32(a0, a1, a2, a3, a4, a5, a6, a7), codegen
+    return _from_words((a0, a1, a2, a3, a4, a5, a6, a7), 32, I8x32)
 
 
 @intrinsic
 def from_u64x4(typingctx, a, b, c, d):
     """32 bytes from four little-endian 64-bit words, a first (ggml's
     _mm256_set_epi64x(d, c, b, a): four 8-byte sign patterns)."""
-    if not all(isinstance(t, types.Integer) for t in (a, b, c, d)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        v = ir.Constant(ir.VectorType(_i64, 4), ir.Undefined)
-        for i, (x, t) in enumerate(zip(args, sig.args)):
-            v = builder.insert_element(v, _int(context, builder, x, t, 64), ir.Constant(_i32, i))
-        return builder.bitcast(v, I8x32.llvm)
-    return I8x32(a, b, c, d), codegen
+    return _from_words((a, b, c, d), 64, I8x32)
 
 
 @intrinsic
