@@ -23,9 +23,9 @@ from numba import njit, prange
 
 from ..codecs.iq3 import KSIGNS
 from ..codecs.iq3_grids import IQ3S_GRID, IQ3XXS_GRID
-from .prims import F32, load_u32
+from .prims import F32
 from .simd import (add32, bitmask32, f16at, fma, from_u32x8, from_u64x4, hsumf, load32, madd,
-                   maddubs, sign8, splat16, sub8, xor8, zero32, zerof)
+                   maddubs, sign8, splat16, sub8, u32at, xor8, zero32, zerof)
 
 _XXS = 98
 _S = 110
@@ -49,33 +49,51 @@ def _grid8(g, wr, o):
 
 @njit(cache=True, error_model="numpy", inline="always")
 def _signs_xxs(a):
-    """The 32 sign bytes of one IQ3_XXS sub-block from its scale-and-signs word."""
+    """The 32 sign bytes of one IQ3_XXS sub-block from its scale-and-signs word. The 7-bit
+    fields are shifted out one after the other: four parallel shifts of `a` are what LLVM's
+    SLP vectorizer turns into vector shifts and lane extracts, slower than ggml's scalar ones."""
     s = _EVEN_SIGNS
-    return from_u64x4(s[a & 127], s[(a >> 7) & 127], s[(a >> 14) & 127], s[(a >> 21) & 127])
+    b = a >> 7
+    c = b >> 7
+    return from_u64x4(s[a & 127], s[b & 127], s[c & 127], s[(c >> 7) & 127])
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _super_blocks(wr, aq, ad, size, pairs):
+def _super_blocks(wr, aq, ad, size, pairs, unrolled):
     """ggml's frame of both kernels: per super-block of `size` bytes the int32 lanes of its
     even and odd sub-blocks (pairs(wr, aq, o, x, ib): sub-blocks ib and ib + 1) summed apart,
-    then acc = fma(fp16(w.d) * a.d, float(sumi1 + sumi2), acc); hsum_float_8(acc)."""
+    then acc = fma(fp16(w.d) * a.d, float(sumi1 + sumi2), acc); hsum_float_8(acc).
+
+    `unrolled` (a constant, for LLVM to drop the other branch): the four pairs written out.
+    IQ3_S wants it: as a loop, LLVM kept its byte offsets of four strides (qs, qh, signs,
+    scales) in a vector of induction variables and extracted them every pass (0.96x ggml,
+    1.01x written out); IQ3_XXS's loop is faster as a loop (1.1x against 1.0x)."""
     acc = zerof()
     for i in range(ad.shape[0]):
         o = i * size
-        sumi1 = zero32()
-        sumi2 = zero32()
-        for ib in range(0, 8, 2):
-            p1, p2 = pairs(wr, aq, o, i * 256 + 32 * ib, ib)
-            sumi1 = add32(sumi1, p1)
-            sumi2 = add32(sumi2, p2)
+        x = i * 256
+        if unrolled:
+            a1, a2 = pairs(wr, aq, o, x, 0)
+            b1, b2 = pairs(wr, aq, o, x + 64, 2)
+            c1, c2 = pairs(wr, aq, o, x + 128, 4)
+            e1, e2 = pairs(wr, aq, o, x + 192, 6)
+            sumi1 = add32(add32(add32(a1, b1), c1), e1)
+            sumi2 = add32(add32(add32(a2, b2), c2), e2)
+        else:
+            sumi1 = zero32()
+            sumi2 = zero32()
+            for ib in range(0, 8, 2):
+                p1, p2 = pairs(wr, aq, o, x + 32 * ib, ib)
+                sumi1 = add32(sumi1, p1)
+                sumi2 = add32(sumi2, p2)
         acc = fma(f16at(wr, o) * ad[i], add32(sumi1, sumi2), acc)
     return hsumf(acc)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
 def _xxs_pairs(wr, aq, o, x, ib):
-    a1 = load_u32(wr, o + 66 + 4 * ib)
-    a2 = load_u32(wr, o + 70 + 4 * ib)
+    a1 = u32at(wr, o + 66 + 4 * ib)
+    a2 = u32at(wr, o + 70 + 4 * ib)
     dot1 = maddubs(_grid8(_GRID_XXS, wr, o + 2 + 8 * ib), sign8(load32(aq, x), _signs_xxs(a1)))
     dot2 = maddubs(_grid8(_GRID_XXS, wr, o + 10 + 8 * ib),
                    sign8(load32(aq, x + 32), _signs_xxs(a2)))
@@ -85,7 +103,7 @@ def _xxs_pairs(wr, aq, o, x, ib):
 
 @njit(cache=True, error_model="numpy", inline="always")
 def _xxs_row(wr, aq, ad):
-    return _QUARTER * _super_blocks(wr, aq, ad, _XXS, _xxs_pairs)
+    return _QUARTER * _super_blocks(wr, aq, ad, _XXS, _xxs_pairs, False)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -103,14 +121,15 @@ def _grid8_s(wr, o, qh):
 def _signed_s(aq, x, wr, o):
     """32 activations with IQ3_S's 32 sign bits at o applied: (s ^ q8) - s, s = 0xFF per set
     bit (ggml's shuffle / and / cmpeq expansion, then xor and sub)."""
-    s = bitmask32(load_u32(wr, o))
+    s = bitmask32(u32at(wr, o))
     return sub8(xor8(s, load32(aq, x)), s)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
 def _s_pairs(wr, aq, o, x, ib):
-    q2_1 = _grid8_s(wr, o + 2 + 8 * ib, _I32(wr[o + 66 + ib]))
-    q2_2 = _grid8_s(wr, o + 10 + 8 * ib, _I32(wr[o + 67 + ib]))
+    qh = _I32(u32at(wr, o + 66 + ib) & 0xFFFF)     # the two sub-blocks' qh bytes
+    q2_1 = _grid8_s(wr, o + 2 + 8 * ib, qh & 0xFF)
+    q2_2 = _grid8_s(wr, o + 10 + 8 * ib, qh >> 8)
     dot1 = maddubs(q2_1, _signed_s(aq, x, wr, o + 74 + 4 * ib))
     dot2 = maddubs(q2_2, _signed_s(aq, x + 32, wr, o + 78 + 4 * ib))
     sc = _I32(wr[o + 106 + ib // 2])
@@ -119,7 +138,7 @@ def _s_pairs(wr, aq, o, x, ib):
 
 @njit(cache=True, error_model="numpy", inline="always")
 def _s_row(wr, aq, ad):
-    return _super_blocks(wr, aq, ad, _S, _s_pairs)
+    return _super_blocks(wr, aq, ad, _S, _s_pairs, True)
 
 
 # One kernel per type, kquant.matmul.cpu's signature: w uint8 (rows, row_bytes); aq int8

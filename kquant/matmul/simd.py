@@ -171,6 +171,21 @@ def from_u32x4(typingctx, a, b, c, d):
 
 
 @intrinsic
+def u32at(typingctx, arr, off):
+    """The little-endian uint32 at byte `off` of a uint8 array, one unaligned load (four byte
+    loads OR-ed together are not always merged: LLVM's SLP vectorizer may widen them into
+    vector shifts instead)."""
+    if not (_is_array(arr, 8) and isinstance(off, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = _vec_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1],
+                     ir.VectorType(_i32, 1))
+        return builder.extract_element(builder.load(p, align=1), ir.Constant(_i32, 0))
+    return types.uint32(arr, off), codegen
+
+
+@intrinsic
 def zero32(typingctx):
     def codegen(context, builder, sig, args):
         return ir.Constant(I32x8.llvm, [0] * 8)
