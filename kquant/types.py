@@ -45,7 +45,8 @@ class QuantType:
     cpu_kernel: str | None = None    # "module.function" under kquant.matmul
     blas_min_tokens: int | None = None  # kquant.matmul.dot's crossover (see matmul/cpu.py)
     #: how kquant.matmul.cuda_blocks slices its blocks across lanes ("2bit", "4bit", "legacy",
-    #: "q8_0", "f32", "half"; the decoder is cuda_blocks.deq_<name>); None: no CUDA kernel
+    #: "q8_0", "iq4_nl", "iq4_xs", "iq3_xxs", "iq3_s", "f32", "half"; the decoder is
+    #: cuda_blocks.deq_<name>); None: no CUDA kernel
     cuda_family: str | None = None
 
     @property
@@ -180,10 +181,13 @@ IQ4_XS = register(QuantType(T.IQ4_XS, 256, 136, "IQ4Codec", "iq4", True, T.Q8_K,
                             "iq4.mm_iq4_xs", 128, "iq4_xs"))
 
 # IQ3_XXS (256 values, 98 bytes) and IQ3_S (256 values, 110 bytes): groups of 4 values as
-# points of a 3-bit grid, with signs (layouts drawn in kquant/codecs/iq3.py). Written by the
-# model pipeline like every codec; no matmul kernel yet, so the runtime refuses their files.
-IQ3_XXS = register(QuantType(T.IQ3_XXS, 256, 98, "IQ3Codec", "iq3", True))
-IQ3_S = register(QuantType(T.IQ3_S, 256, 110, "IQ3Codec", "iq3", True))
+# points of a 3-bit grid, with signs (layouts drawn in kquant/codecs/iq3.py). Multiplied
+# against Q8_K like the K-quants (kquant/matmul/iq3.py; the BLAS crossover of Q3_K, their
+# size); their CUDA decoders give each of 16 lanes 16 consecutive values (cuda_blocks.py).
+IQ3_XXS = register(QuantType(T.IQ3_XXS, 256, 98, "IQ3Codec", "iq3", True, T.Q8_K,
+                             "iq3.mm_iq3_xxs", 128, "iq3_xxs"))
+IQ3_S = register(QuantType(T.IQ3_S, 256, 110, "IQ3Codec", "iq3", True, T.Q8_K,
+                           "iq3.mm_iq3_s", 128, "iq3_s"))
 
 # IQ1_S (256 values, 50 bytes) and IQ1_M (256 values, 56 bytes): groups of 8 values as points
 # of a ternary grid, shifted by +-1/8 (layouts drawn in kquant/codecs/iq1.py). IQ1_S needs an

@@ -185,11 +185,27 @@ def tiny_llama_f32(tmp_path_factory) -> Path:
     return path
 
 
+def tiny_quantize_options(ftype: str):
+    """kquant-quantize's options for the tiny model's `ftype` file: none, but for IQ3_XXS,
+    whose mix needs an imatrix (llama-imatrix's, tests/data/imatrix_ref/tiny-llama.c128.gguf)
+    and would put IQ2_S, which the runtime does not run, on attn_q / attn_k: those are IQ3_XXS
+    (`llama-quantize --imatrix IM --tensor-type attn_q=iq3_xxs --tensor-type attn_k=iq3_xxs`,
+    tests/data/perplexity_ref/README.md)."""
+    from kquant import QuantizeOptions
+    from kquant.quantization.mixes import parse_tensor_type_option
+
+    if ftype != "IQ3_XXS":
+        return QuantizeOptions()
+    return QuantizeOptions(imatrix=str(Path(__file__).parent / "data" / "imatrix_ref" / "tiny-llama.c128.gguf"),
+                           tensor_types=[parse_tensor_type_option(f"{t}=iq3_xxs") for t in ("attn_q", "attn_k")])
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_quant(tmp_path_factory, tiny_llama_f32):
     """`tiny_llama_quant(ftype)`: the tiny model quantized by kquant-quantize (byte-identical to
-    `llama-quantize tiny-llama-f32.gguf OUT FTYPE`, tests/test_quantize_model.py)."""
-    from kquant import QuantizeOptions, quantize_model
+    `llama-quantize tiny-llama-f32.gguf OUT FTYPE`, tests/test_quantize_model.py; IQ3_XXS with
+    tiny_quantize_options')."""
+    from kquant import quantize_model
     from kquant.quantization.mixes import parse_ftype
 
     folder = tmp_path_factory.mktemp("tiny-llama-quant")
@@ -197,7 +213,8 @@ def tiny_llama_quant(tmp_path_factory, tiny_llama_f32):
     def get(ftype: str) -> Path:
         out = folder / f"tiny-llama-{ftype}.gguf"
         if not out.is_file():
-            quantize_model(tiny_llama_f32, out, parse_ftype(ftype), QuantizeOptions(), progress=False)
+            quantize_model(tiny_llama_f32, out, parse_ftype(ftype), tiny_quantize_options(ftype),
+                           progress=False)
         return out
     return get
 

@@ -359,8 +359,6 @@ CASES = [
     Case("ppl-iq-tensor", PPL, lambda m, d: ["-m", str(_iq_model(m, d)), "-f", str(m.text), "-c", "64"],
          "IQ2_XS"),
     # an i-quant kquant writes but does not run yet: refused all the same
-    Case("ppl-iq3-tensor", PPL, lambda m, d: ["-m", str(_iq3_model(m, d)), "-f", str(m.text), "-c", "64"],
-         "tensor blk.0.ffn_up.weight is IQ3_S: kquant's runtime does not run i-quants yet"),
     Case("ppl-iq1-tensor", PPL, lambda m, d: ["-m", str(_iq1_model(m, d)), "-f", str(m.text), "-c", "64"],
          "tensor blk.0.ffn_up.weight is IQ1_M: kquant's runtime does not run i-quants yet"),
     Case("ppl-wrong-shape", PPL, lambda m, d: ["-m", str(patch_tensor_info(
@@ -450,13 +448,8 @@ def _quantized(m: Materials, d: Path) -> Path:
 
 def _iq_model(m: Materials, d: Path) -> Path:
     """The tiny model with one matrix declared IQ2_XS (zero bytes), an i-quant kquant neither
-    writes nor runs (IQ4_NL and then IQ3_S, which it once was, are now written; IQ4_NL runs)."""
+    writes nor runs (IQ4_NL and then IQ3_S, which it once was, are now written and run)."""
     return _one_matrix_as(m, d / "iq.gguf", None, T.IQ2_XS)
-
-
-def _iq3_model(m: Materials, d: Path) -> Path:
-    """The tiny model with one matrix quantized to IQ3_S by kquant: written, not run."""
-    return _one_matrix_as(m, d / "iq3.gguf", "IQ3_S", T.IQ3_S)
 
 
 def _iq1_model(m: Materials, d: Path) -> Path:

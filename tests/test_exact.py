@@ -310,11 +310,12 @@ EXACT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("ftype", ["IQ4_NL", "IQ4_XS"])
+@pytest.mark.parametrize("ftype", ["IQ4_NL", "IQ4_XS", "IQ3_XXS", "IQ3_S", "IQ3_M"])
 def test_exact_i_quants_print_llama_perplexitys_digits(capsys, tiny_llama_quant, ftype):
-    """--exact on the tiny model quantized (byte-identical to llama-quantize) to IQ4_NL (every matrix repacked: ggml's iq4_nl 8x8 GEMM / GEMV) and
-    IQ4_XS (the tiled kernel over 8+ tokens, vec_dot below): every chunk and the final
-    estimate to the printed digit."""
+    """--exact on the tiny model quantized (byte-identical to llama-quantize) to IQ4_NL (every
+    matrix repacked: ggml's iq4_nl 8x8 GEMM / GEMV), IQ4_XS and the IQ3 mixes (IQ3_XXS with
+    IQ3_S and Q5_K tensors, IQ3_S, IQ3_M with Q4_K ones: the tiled kernel over 8+ tokens,
+    vec_dot below): every chunk and the final estimate to the printed digit."""
     import re
 
     from kquant.cli.perplexity import main

@@ -42,7 +42,7 @@ from kquant.matmul import cpu
 T = cpu.T
 U = 2.0 ** -24
 TYPES = [t.name for t in WEIGHT_TYPES]
-K_TYPES = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"}   # 256-value blocks
+K_TYPES = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ3_XXS", "IQ3_S"}  # 256-value blocks
 Q8_1_TYPES = {"Q4_1", "Q5_1"}
 MIN_OFFSET = {"Q4_1": 20, "Q5_1": 24}   # block bytes; the min m is the fp16 at offset 2
 
@@ -361,8 +361,8 @@ def test_generic_vector_ir(monkeypatch):
     monkeypatch.setattr(simd, "HAS_F16C", False)
     rng = np.random.default_rng(6)
     # between them every path that depends on the flags (Q4_1: f16at, F16: loadh, the IQ4
-    # types: vpshufb's table lookup)
-    for name in ("Q4_K", "Q8_0", "Q4_1", "F16", "IQ4_NL", "IQ4_XS"):
+    # types: vpshufb's table lookup, IQ3_XXS: vpsignb on the activations)
+    for name in ("Q4_K", "Q8_0", "Q4_1", "F16", "IQ4_NL", "IQ4_XS", "IQ3_XXS", "IQ3_S"):
         args = cpu.kernel_args(name, rng)
         kernel = cpu.kernel(name)
         want = args[-1].copy()

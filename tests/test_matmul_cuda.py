@@ -49,7 +49,7 @@ def _env(**extra):
 
 def _cols(name: str, big: bool = False) -> int:
     """A row length for the type: whole 256-blocks, three 32-blocks, or a ragged float row."""
-    if name.endswith("_K") or name == "IQ4_XS":
+    if name.endswith("_K") or name in ("IQ4_XS", "IQ3_XXS", "IQ3_S"):
         return 4096 if big else 512
     if name.startswith(("Q", "IQ")):
         return 4096 if big else 96

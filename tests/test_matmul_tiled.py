@@ -1,5 +1,6 @@
 """kquant.matmul.tiled against ggml's real CPU MUL_MAT, which for >= 8 activation rows and
-K-quant (or IQ4_XS) weights in a plain buffer runs llama.cpp's tiled kernel (ggml-cpu/tiled/).
+K-quant (or IQ4_XS, IQ3_XXS, IQ3_S) weights in a plain buffer runs llama.cpp's tiled kernel
+(ggml-cpu/tiled/); and the IQ3 types' whole exact product (vec_dot below 8 rows) against it.
 
 Against the library (skipped without it: set KQUANT_LIBGGML / KQUANT_LIBGGML_CPU): float32
 results must be bit-identical.
@@ -11,7 +12,7 @@ from gguf import GGMLQuantizationType as T
 import kquant
 from kquant.matmul import tiled
 
-TYPES = ["Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "IQ4_XS"]
+TYPES = ["Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "IQ4_XS", "IQ3_XXS", "IQ3_S"]
 SHAPES = [(8, 256), (17, 512), (33, 768), (70, 1536)]
 TOKENS = [8, 9, 16, 37]
 
@@ -64,3 +65,43 @@ def test_applies_env(monkeypatch):
     monkeypatch.delenv("GGML_CPU_TILED_MM")
     monkeypatch.setenv("GGML_CPU_TILED_MM_FORCE", "1")
     assert tiled.applies(T.Q6_K, 64, 4096, 2)
+
+
+def _edge_rows(rng, rows: int, k: int) -> np.ndarray:
+    """Weights over 6 decades of scale with heavy tails, an all-zero row, zero super-blocks, an
+    outlier, a constant row and one of alternating signs."""
+    w = (rng.standard_t(2, size=(rows, k)) * 10.0 ** rng.uniform(-4, 2, size=(rows, 1)))
+    w = w.astype(np.float32)
+    w[1] = 0.0
+    w[2, :256] = 0.0
+    w[3, -256:] = 0.0
+    w[4, k // 3] = 1e4
+    w[5] = 0.5
+    w[6] = np.where(np.arange(k) % 2, 1.0, -1.0)
+    return w
+
+
+@pytest.mark.parametrize("qtype", ["IQ3_XXS", "IQ3_S"])
+def test_iq3_exact_products_are_ggml_mul_mat(ggml, qtype):
+    """kquant.matmul.exact's product for IQ3 weights (ggml's vec_dot per row and token below 8
+    tokens, the tiled kernel from 8) equals ggml's whole MUL_MAT on 1 and 2 threads, bit for
+    bit: 67 rows of edge data (tests/test_matmul_cpu.py checks the vec_dot kernels alone)."""
+    from kquant.matmul.exact import ExactMatrix
+
+    rng = np.random.default_rng(16 + len(qtype))
+    k = 768
+    wb = np.asarray(kquant.quantize(_edge_rows(rng, 67, k), qtype))
+    m = ExactMatrix(wb, T[qtype])
+    checked = 0
+    for n_tok in (1, 2, 3, 7, 8, 9, 33):
+        x = (rng.standard_t(3, size=(n_tok, k)) * 10.0 ** rng.uniform(-3, 3)).astype(np.float32)
+        x[0, :256] = 0.0                                      # an all-zero activation block
+        if n_tok > 2:
+            x[2] = 0.0
+        ours = m(x)
+        for threads in (1, 2):
+            ref = ggml.mul_mat(wb, T[qtype], k, x, threads)
+            np.testing.assert_array_equal(ours.view(np.uint32), ref.view(np.uint32),
+                                          err_msg=f"{n_tok} tokens, {threads} threads")
+            checked += ref.size
+    assert checked == 2 * 67 * 63

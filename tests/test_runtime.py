@@ -273,7 +273,7 @@ def ggml_cpu():
 
 
 @pytest.mark.parametrize("wtype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0",
-                                   "Q5_1", "Q8_0", "F16", "BF16"])
+                                   "Q5_1", "Q8_0", "F16", "BF16", "IQ3_XXS", "IQ3_S"])
 def test_products_match_ggml_mul_mat(ggml_cpu, wtype):
     """Rounded activations times dequantized weights (+ the Q8_1 block-sum term) is ggml's
     quantized product up to float32 summation order, for 1 token (vec_dot), 8 (the tiled K-quant
@@ -285,7 +285,7 @@ def test_products_match_ggml_mul_mat(ggml_cpu, wtype):
 
     t = T[wtype]
     rng = np.random.default_rng(7)
-    rows, k = 128, 576 if t not in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K) else 512
+    rows, k = 128, 576 if t not in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ3_XXS, T.IQ3_S) else 512
     w = rng.standard_normal((rows, k)).astype(np.float32)
     wq = kquant.quantize(w, t)
     wd = kquant.dequantize(wq, t).reshape(rows, k)

@@ -1,6 +1,6 @@
 """CPU products of ggml weight blocks with activation vectors, the way ggml's CPU backend
 takes them: each activation row quantized to the weight type's vec_dot_type, then integer
-dot products per block scaled by the blocks' scales (kquant.matmul.kquants, .legacy, .iq4), or
+dot products per block scaled by the blocks' scales (kquant.matmul.kquants, .legacy, .iq4, .iq3), or
 float dot products for F32/F16/BF16 (.floats). For many tokens, tiles of weight rows are
 dequantized to float32 and multiplied with numpy's BLAS instead (`dot` picks).
 

@@ -16,6 +16,8 @@ kernel's chunk), so both kernels can share these decoders:
     Q8_0        32            4      2 x 4       2 words of qs
     IQ4_NL      32            4      2 x 4       1 word of qs (Q4_0's slices, table levels)
     IQ4_XS      256           16     2 x 8       2 words of qs, 2 of d and scales
+    IQ3_XXS     256           16     2 x 8       1 word of qs (4 grid indices), 1 of signs
+    IQ3_S       256           16     2 x 8       1 word of qs, 1 of qh, signs, scales each
     F32/F16/BF16 128          32     4x1 / 2x2   consecutive elements, lane-interleaved
 
 Lanes with consecutive `s` read consecutive bytes of the block, so a warp's loads coalesce.
@@ -27,9 +29,9 @@ GPUs): a level 0 <= q < 2^23 OR-ed into the bits of 2^23 is the float 2^23 + q, 
 2^23 (+ the type's offset) gives q (- offset) exactly.
 
 Words are read through an integer view of the raw block bytes: uint32 for types whose blocks
-are a multiple of 4 bytes (Q2_K, Q4_K, Q5_K, Q4_1, Q5_1, IQ4_XS), uint16 pairs for the others (Q3_K,
-Q6_K, Q4_0, Q5_0, Q8_0, IQ4_NL, whose blocks are only 2-byte aligned), and the fp16 scales through a
-float16 view of the same bytes. Everything is widened to int64 before shifting, so Python's
+are a multiple of 4 bytes (Q2_K, Q4_K, Q5_K, Q4_1, Q5_1, IQ4_XS), uint16 pairs for the others
+(Q3_K, Q6_K, Q4_0, Q5_0, Q8_0, IQ4_NL, IQ3_XXS, IQ3_S, whose blocks are only 2-byte aligned),
+and the fp16 scales through a float16 view of the same bytes. Everything is widened to int64 before shifting, so Python's
 numpy scalars (the CUDA simulator) and Numba agree bit for bit; LLVM narrows the arithmetic
 back to 32 bits where it can.
 
@@ -45,6 +47,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from numba.extending import register_jitable
 
+from ..codecs.iq3_grids import IQ3S_GRID, IQ3XXS_GRID
 from ..types import TYPES, QuantType
 
 
@@ -371,6 +374,63 @@ def deq_iq4_xs(q, h, row, blk, s, n, vals):
             vals[8 + 4 * r + c] = dl * _kv((w >> (8 * c + 4)) & 0xF)
 
 
+# --- IQ3: grid points of 4 unsigned bytes, signs per value -----------------------------------
+# The grids as int64 (a lane shifts its bytes out; in a CUDA kernel, global arrays become
+# constant memory); KSIGNS: 7 sign bits with their parity as the 8th (ksigns_iq2xs).
+_GRID_XXS = np.array(IQ3XXS_GRID, np.int64)
+_GRID_S = np.array(IQ3S_GRID, np.int64)
+_KSIGNS = np.array([i | (bin(i).count("1") % 2) << 7 for i in range(128)], np.int64)
+_HALF = _F(0.5)
+
+
+@_dev
+def _start_iq3(s, r):
+    """IQ3_XXS / IQ3_S: lane s holds values 16s..16s+15 (half s & 1 of sub-block s >> 1):
+    4 grid points, 2 groups of 8 signs."""
+    return 16 * s + 8 * r
+
+
+@_dev
+def _iq3_put(vals, r, p, db, gw, sg):
+    """Grid point p (4 values) of the lane's run r: db * level, negated where sign bit
+    4p + c of sg is set (C's x * (bit ? -1.f : 1.f), a sign flip)."""
+    for c in range(4):
+        v = db * _u((gw >> (8 * c)) & 0xFF)
+        vals[8 * r + 4 * p + c] = -v if (sg >> (4 * p + c)) & 1 else v
+
+
+@_dev
+def deq_iq3_xxs(q, h, row, blk, s, n, vals):
+    # block_iq3_xxs: d @0, qs[64] @2, scales_and_signs[8] (u32) @66; 49 uint16
+    o = blk * 49
+    d = _f16(h, row, o)
+    aux = _w16(q, row, o + 33 + 2 * (s >> 1))
+    db = d * (_HALF + _u(aux >> 28)) * _HALF
+    pts = _w16(q, row, o + 1 + 2 * s)            # qs bytes 4s..4s+3: the lane's 4 indices
+    for r in range(2):
+        sg = _KSIGNS[np.uint64((aux >> (7 * (2 * (s & 1) + r))) & 127)]
+        for p in range(2):
+            _iq3_put(vals, r, p, db, _GRID_XXS[np.uint64((pts >> (16 * r + 8 * p)) & 0xFF)], sg)
+
+
+@_dev
+def deq_iq3_s(q, h, row, blk, s, n, vals):
+    # block_iq3_s: d @0, qs[64] @2, qh[8] @66, signs[32] @74, scales[4] @106; 55 uint16
+    o = blk * 55
+    d = _f16(h, row, o)
+    ib = s >> 1
+    db = d * _u(1 + 2 * ((_w16(q, row, o + 53) >> (4 * ib)) & 0xF))
+    qh = (_w16(q, row, o + 33 + 2 * (ib >> 2)) >> (8 * (ib & 3))) & 0xFF
+    sgw = _w16(q, row, o + 37 + 2 * ib)           # signs bytes 4ib..4ib+3
+    pts = _w16(q, row, o + 1 + 2 * s)
+    for r in range(2):
+        l = 2 * (s & 1) + r                       # sign byte l, grid points 2l, 2l + 1
+        sg = (sgw >> (8 * l)) & 0xFF
+        for p in range(2):
+            idx = ((pts >> (16 * r + 8 * p)) & 0xFF) | (((qh >> (2 * l + p)) & 1) << 8)
+            _iq3_put(vals, r, p, db, _GRID_S[np.uint64(idx)], sg)
+
+
 # --- unquantized rows: virtual blocks of 128 values, 32 lanes ---------------------------------
 # Rows of these types may have any length: values past the row's end decode as 0.
 
@@ -435,7 +495,8 @@ CHUNK = 128
 _SLICINGS = {"2bit": (4, 4, _start_2bit), "4bit": (2, 8, _start_4bit),
              "legacy": (2, 4, _start_legacy), "q8_0": (2, 4, _start_q8_0),
              "f32": (4, 1, _start_f32), "half": (2, 2, _start_half),
-             "iq4_nl": (2, 4, _start_legacy), "iq4_xs": (2, 8, _start_iq4_xs)}
+             "iq4_nl": (2, 4, _start_legacy), "iq4_xs": (2, 8, _start_iq4_xs),
+             "iq3_xxs": (2, 8, _start_iq3), "iq3_s": (2, 8, _start_iq3)}
 
 
 def _family(r: QuantType) -> Family:

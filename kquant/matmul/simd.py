@@ -149,18 +149,40 @@ def load_i16(typingctx, arr, off):
     return I16x16(arr, off), codegen
 
 
-@intrinsic
-def from_u32x4(typingctx, a, b, c, d):
-    """16 bytes from four little-endian 32-bit words (ggml's _mm_set_epi32(d, c, b, a))."""
-    if not all(isinstance(t, types.Integer) for t in (a, b, c, d)):
+def _from_words(words, bits: int, out: Vec):
+    """The intrinsic's result: the integer arguments `words` as little-endian `bits`-bit
+    words, the first lowest, reinterpreted as the byte vector `out` (ggml's _mm*_set_epi*
+    with the arguments reversed); None (no match) unless all are integers."""
+    if not all(isinstance(t, types.Integer) for t in words):
         return None
 
     def codegen(context, builder, sig, args):
-        v = ir.Constant(ir.VectorType(_i32, 4), ir.Undefined)
+        v = ir.Constant(ir.VectorType(ir.IntType(bits), len(args)), ir.Undefined)
         for i, (x, t) in enumerate(zip(args, sig.args)):
-            v = builder.insert_element(v, _int(context, builder, x, t, 32), ir.Constant(_i32, i))
-        return builder.bitcast(v, I8x16.llvm)
-    return I8x16(a, b, c, d), codegen
+            v = builder.insert_element(v, _int(context, builder, x, t, bits), ir.Constant(_i32, i))
+        return builder.bitcast(v, out.llvm)
+    return out(*words), codegen
+
+
+@intrinsic
+def from_u32x4(typingctx, a, b, c, d):
+    """16 bytes from four little-endian 32-bit words (ggml's _mm_set_epi32(d, c, b, a))."""
+    return _from_words((a, b, c, d), 32, I8x16)
+
+
+@intrinsic
+def u32at(typingctx, arr, off):
+    """The little-endian uint32 at byte `off` of a uint8 array, one unaligned load (four byte
+    loads OR-ed together are not always merged: LLVM's SLP vectorizer may widen them into
+    vector shifts instead)."""
+    if not (_is_array(arr, 8) and isinstance(off, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = _vec_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1],
+                     ir.VectorType(_i32, 1))
+        return builder.extract_element(builder.load(p, align=1), ir.Constant(_i32, 0))
+    return types.uint32(arr, off), codegen
 
 
 @intrinsic
@@ -817,3 +839,33 @@ def splat16(typingctx, x):
     def codegen(context, builder, sig, args):
         return _splat(builder, _int(context, builder, args[0], sig.args[0], 16), I16x16.llvm)
     return I16x16(x), codegen
+
+
+# ---- i-quants: vectors built from grid points and sign patterns --------------------------------
+
+@intrinsic
+def from_u32x8(typingctx, a0, a1, a2, a3, a4, a5, a6, a7):
+    """32 bytes from eight little-endian 32-bit words, a0 first (ggml's
+    _mm256_set_epi32(a7, ..., a0): eight IQ3 grid points)."""
+    return _from_words((a0, a1, a2, a3, a4, a5, a6, a7), 32, I8x32)
+
+
+@intrinsic
+def from_u64x4(typingctx, a, b, c, d):
+    """32 bytes from four little-endian 64-bit words, a first (ggml's
+    _mm256_set_epi64x(d, c, b, a): four 8-byte sign patterns)."""
+    return _from_words((a, b, c, d), 64, I8x32)
+
+
+@intrinsic
+def sign8(typingctx, a, b):
+    """_mm256_sign_epi8(a, b): each byte of a, negated where b's is negative, 0 where it is 0."""
+    if not (a == I8x32 and b == I8x32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _psign(builder, args[0], args[1])
+    return I8x32(a, b), codegen
+
+
+xor8 = _binop8("xor")

@@ -2,9 +2,9 @@
 x86 AVX2 + FMA build, no AVX512-VNNI: the AVX2 micro-kernel tiled_run_microtile_avx2),
 bit for bit.
 
-When (ggml_compute_forward_mul_mat_tiled): src0 type Q2_K..Q6_K or IQ4_XS (also the other
-IQ types, not ported here), src0->extra == NULL (a plain buffer, not a CPU_REPACK one), src1 rows
-n_tok >= 8 (ggml_tiled_min_batch; GGML_CPU_TILED_MM_FORCE=1 takes any batch), the master
+When (ggml_compute_forward_mul_mat_tiled): src0 type Q2_K..Q6_K, IQ4_XS, IQ3_XXS or IQ3_S
+(also IQ2_* and IQ1_*, not ported here), src0->extra == NULL (a plain buffer, not a
+CPU_REPACK one), src1 rows n_tok >= 8 (ggml_tiled_min_batch; GGML_CPU_TILED_MM_FORCE=1 takes any batch), the master
 switch GGML_CPU_TILED_MM not 0, no --use-ref; k is a multiple of 256 for K-quants.
 
 src1 is quantized to Q8_K with the type's from_float (quantize_row_q8_K), as for vec_dot.
@@ -14,7 +14,9 @@ order, the tiling only splits rows/tokens, never K):
   s1 = sum over sub-blocks s of scale_s * sum_e w_e * q8_e      (exact int32; Q6_K/Q3_K
        debias their codes by 32/4 and pre-bias q8 by +128 then subtract the exact
        correction, which is the same integer; IQ4_XS: w = kvalues_iq4nl[index], scale
-       ls - 32 per 32 values, the sign trick)
+       ls - 32 per 32 values, the sign trick; IQ3_XXS / IQ3_S: w = +-grid level, scale
+       2 ls + 1 per 32 values, and IQ3_XXS's d is fp16(d) * 0.25f, so unlike its vec_dot the
+       quarter is applied per block, before the sums)
   s2 = sum_s min_s * bsum_s                                     (exact int32; Q2/Q4/Q5_K)
   res = d * float(s1)
   res = fma(-dmin, float(s2), res)                               (_mm256_fnmadd_ps; HAS_MIN)
@@ -30,16 +32,22 @@ from numba import njit
 
 from ..runtime.gemm import TILE_N, run_all
 from ..runtime.kernels import fmaf
+from ..codecs.iq3 import KSIGNS
+from ..codecs.iq3_grids import IQ3S_GRID, IQ3XXS_GRID
 from .activations import quantize_rows
 
 T = GGMLQuantizationType
 
-TYPES = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS)
-_BLOCK_BYTES = {T.Q2_K: 84, T.Q3_K: 110, T.Q4_K: 144, T.Q5_K: 176, T.Q6_K: 210, T.IQ4_XS: 136}
+TYPES = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS, T.IQ3_XXS, T.IQ3_S)
+_BLOCK_BYTES = {T.Q2_K: 84, T.Q3_K: 110, T.Q4_K: 144, T.Q5_K: 176, T.Q6_K: 210, T.IQ4_XS: 136,
+                T.IQ3_XXS: 98, T.IQ3_S: 110}
 _HAS_MIN = {T.Q2_K: True, T.Q3_K: False, T.Q4_K: True, T.Q5_K: True, T.Q6_K: False,
-            T.IQ4_XS: False}
+            T.IQ4_XS: False, T.IQ3_XXS: False, T.IQ3_S: False}
 _KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89,
                            113], np.int32)
+# the IQ3 grids' points as 4 levels each (bytes of the little-endian words)
+_GRID_XXS = np.array(IQ3XXS_GRID, np.uint32).view(np.uint8).reshape(-1, 4).astype(np.int32)
+_GRID_S = np.array(IQ3S_GRID, np.uint32).view(np.uint8).reshape(-1, 4).astype(np.int32)
 
 
 def applies(qtype, rows: int, k: int, n_tok: int, repacked: bool = False) -> bool:
@@ -78,7 +86,27 @@ def _decode(wb: np.ndarray, qtype, k: int):
     group, l = el >> 5, el & 31
     dmin = np.zeros((rows, nb), np.float32)
     mins = np.zeros((rows, nb, 16), np.int32)
-    if qtype == T.IQ4_XS:
+    if qtype in (T.IQ3_XXS, T.IQ3_S):
+        sub, j = e >> 5, e & 31                                       # value e of sub-block sub
+        point, bit = 8 * sub + (j >> 2), j & 7                        # its grid point, sign bit
+        ib = np.arange(8)
+        if qtype == T.IQ3_XXS:
+            # tiled_unpack_src0(block_iq3_xxs): d * 0.25f (the grid counts quarter steps)
+            d = _f16(raw[..., 0:2]) * np.float32(0.25)
+            aux = (b[..., 66::4] | (b[..., 67::4] << 8) | (b[..., 68::4] << 16)
+                   | (b[..., 69::4].astype(np.int64) << 24))          # (rows, nb, 8)
+            ls = (aux >> 28).astype(np.int32)
+            sg = KSIGNS[(aux[..., sub] >> (7 * (j >> 3))) & 127]
+            level = _GRID_XXS[b[..., 2 + point], j & 3]
+        else:
+            d = _f16(raw[..., 0:2])
+            ls = (b[..., 106 + ib // 2] >> (4 * (ib % 2))) & 0xF
+            sg = b[..., 74 + 4 * sub + (j >> 3)]
+            index = b[..., 2 + point] | (((b[..., 66 + sub] >> (j >> 2)) & 1) << 8)
+            level = _GRID_S[index, j & 3]
+        w = np.where((sg >> bit) & 1, -level, level)
+        scales = np.repeat(2 * ls + 1, 2, axis=-1)                    # per 16 values
+    elif qtype == T.IQ4_XS:
         d = _f16(raw[..., 0:2])
         sh = b[..., 2] | (b[..., 3] << 8)
         ib = np.arange(8)

@@ -190,11 +190,13 @@ class GGMLCompute:
         finally:
             b.ggml_free(ctx)
 
-    def mul_mat(self, w: np.ndarray, wtype: GGMLQuantizationType, k: int, x: np.ndarray) -> np.ndarray:
+    def mul_mat(self, w: np.ndarray, wtype: GGMLQuantizationType, k: int, x: np.ndarray,
+                threads: int = 2) -> np.ndarray:
         """x (n, k) float32 times W (rows, k) stored as ggml blocks of `wtype`: (n, rows)."""
         rows, n = w.shape[0], x.shape[0]
         return self._run(lambda ctx, t: self.base.ggml_mul_mat(ctx, t[0], t[1]),
-                         [(int(wtype), (k, rows), w), (0, (k, n), x.astype(np.float32))], (n, rows))
+                         [(int(wtype), (k, rows), w), (0, (k, n), x.astype(np.float32))], (n, rows),
+                         threads)
 
     def flash_attn(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, *,
                    n0: int = 0, n_kv: int | None = None, n_threads: int = 2) -> np.ndarray:
