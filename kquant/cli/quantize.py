@@ -28,8 +28,8 @@ def _writable(name: str) -> bool:
         return False
 
 
-# the ftypes whose tensors kquant has codecs for (of the i-quants: IQ4_NL, IQ4_XS, IQ3_XXS, IQ3_S
-# and the mixes of them, IQ3_XS and IQ3_M; the IQ2 / IQ1 ones not yet)
+# the ftypes whose tensors kquant has codecs for (of the i-quants: IQ4_NL, IQ4_XS, IQ3_XXS, IQ3_S,
+# IQ2_XXS, IQ2_XS, IQ2_S and the mixes of them, IQ3_XS, IQ3_M and IQ2_M; the IQ1 ones not yet)
 TYPES_HELP = ", ".join(sorted(k for k in mixes.FTYPES if _writable(k)))
 
 

@@ -422,8 +422,8 @@ def loader_ftype(source: ModelSource) -> int:
 def _check_convertible(t: SourceTensor, target: T, allow_requantize: bool) -> None:
     if target not in CODECS:
         raise ModelError(f"{t.name}: llama.cpp's rules choose {target.name}, which kquant does "
-                         "not produce (K-quants, legacy quants, IQ4_NL, IQ4_XS, IQ3_XXS, IQ3_S and float "
-                         "types)")
+                         "not produce (K-quants, legacy quants, IQ4_NL, IQ4_XS, IQ3_XXS, IQ3_S, IQ2_XXS, "
+                         "IQ2_XS, IQ2_S and float types)")
     if t.type not in CODECS:
         raise ModelError(f"{t.name}: input type {t.type.name} is not supported")
     block = GGML_QUANT_SIZES[target][0]
