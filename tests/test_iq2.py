@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from gguf import GGMLQuantizationType as T
 import kquant
 from kquant.codecs import iq2, iq2_grids
 from cases import make_case, make_imatrix
-from test_iq3 import _stress_rows, sha
+from test_iq3 import _ggml_aborts, _stress_rows, sha
 
 IQ2 = [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S]
 KIND = {T.IQ2_XXS: "xxs", T.IQ2_XS: "xs", T.IQ2_S: "s"}
@@ -114,20 +113,6 @@ def _flagged(x, qtype, w):
     else:
         iq2.quantize_x16_rows(x, qw, w is not None, qtype == T.IQ2_S, out, failed, *t)
     return out, failed.astype(bool)
-
-
-def _ggml_aborts(x: np.ndarray, qtype: T, w) -> bool:
-    code = textwrap.dedent(f"""
-        import numpy as np, sys
-        from gguf import GGMLQuantizationType as T
-        from kquant.reference.libggml import GGML
-        x = np.frombuffer(bytes.fromhex("{x.tobytes().hex()}"), np.float32).reshape(1, -1)
-        w = {None if w is None else f'np.frombuffer(bytes.fromhex("{w.tobytes().hex()}"), np.float32)'}
-        GGML().quantize(x, T.{qtype.name}, w)
-        print("done")
-        """)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    return r.returncode != 0 and "done" not in r.stdout and "GGML_ASSERT" in r.stderr
 
 
 def _modes(qtype):

@@ -46,6 +46,9 @@ class Codec:
         self.block_size, self.type_size = record.block_size, record.type_size
         #: whether an importance matrix changes the result (ggml ignores it for some types)
         self.uses_imatrix = record.uses_imatrix
+        #: whether the type is quantized only with one (ggml_quantize_requires_imatrix)
+        self.requires_imatrix = record.qtype in (GGMLQuantizationType.IQ2_XXS,
+                                                 GGMLQuantizationType.IQ2_XS)
 
     def row_bytes(self, n_per_row: int) -> int:
         return n_per_row // self.block_size * self.type_size
@@ -151,7 +154,7 @@ class IQ2Codec(Codec):
 
     def _quantize(self, x, imatrix, out):
         from . import iq2
-        if imatrix is None and self.kind != "s":  # ggml asserts quant_weights for these two
+        if imatrix is None and self.requires_imatrix:  # ggml asserts quant_weights
             raise ValueError(f"{self.name} needs an importance matrix (ggml quantizes it only "
                              f"with quant_weights)")
         failed = np.zeros(out.shape[0], np.int64)

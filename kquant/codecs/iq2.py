@@ -23,8 +23,8 @@ Ports ggml-quants.c's quantize_iq2_xxs / quantize_iq2_xs (quant_weights required
 asserts them, the codec refuses without an imatrix) and quantize_iq2_s (with or without
 quant_weights), and dequantize_row_iq2_*, float32 in C's order. The quantizer's tables
 (kmap: a point's grid index, or where its nearest grid points are listed; kneighbors) are
-iq2xs_init_impl's, built by lattice.py on first use (`tables`), not at import: about a
-second each (checksums in tests/test_iq2.py).
+iq2xs_init_impl's, built by lattice.py on first use (`tables`), not at import: 0.1 to 0.3 s
+each, 43,692 codes against up to 1,024 points (checksums in tests/test_iq2.py).
 
 A C quirk kept on purpose: IQ2_S keeps the indices and signs it wrote when a super-block's
 scales all come out 0 (d = 0); IQ2_XXS / IQ2_XS zero them.
