@@ -44,7 +44,7 @@ from numba import njit, prange
 from .bits import F32, get_f16, nearest_int, put_f16
 from .iq2_grids import KGRID_256, KGRID_512, KGRID_1024
 from .iq3 import KSIGNS, _signed
-from .lattice import build_tables
+from .lattice import best_neighbour, build_tables
 from .layout import QK_K
 from .search import WS_SIZE, make_qp_quants
 
@@ -85,34 +85,9 @@ _TWO = F32(2.0)
 _FIVE = F32(5.0)  # 2*kMaxQ - 1
 _F31 = F32(31.0)
 _QK = F32(QK_K)
-_FLT_MAX = F32(np.finfo(np.float32).max)
 _EPS = F32(1e-15)  # GROUP_MAX_EPS
 _EPS_S = F32(1e-8)  # GROUP_MAX_EPS_IQ2_S
 _FUDGE_S = F32(0.9875)
-
-
-@njit(cache=True, error_model="numpy", inline="always")
-def _best_neighbour(nb, start, gpos, levels, xval, waux, o, scale, L, failed):
-    """iq2_find_best_neighbour: the listed grid point nearest (weighted) to xval[o:o+8] at
-    this scale; its levels into L[o:o+8]. Where C would abort, failed[0] = 1."""
-    n = nb[start]
-    best_d2 = _FLT_MAX
-    gi = -1
-    for j in range(start + 1, start + 1 + n):
-        g = nb[j]
-        d2 = _ZERO
-        for i in range(8):
-            diff = scale * gpos[g, i] - xval[o + i]
-            d2 += waux[o + i] * diff * diff
-        if d2 < best_d2:
-            best_d2 = d2
-            gi = g
-    if gi < 0:  # every distance NaN or inf: ggml's GGML_ASSERT(grid_index >= 0) aborts
-        gi = nb[start + 1]
-        failed[0] = 1
-    for i in range(8):
-        L[o + i] = levels[gi, i]
-    return gi
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -133,7 +108,7 @@ def _place(id_, xval, o, L, kmap, nb, gpos, levels, waux, scale, failed):
     u = _round_group(id_, xval, o, L)
     if kmap[u] >= 0:
         return True
-    _best_neighbour(nb, -kmap[u] - 1, gpos, levels, xval, waux, o, scale, L, failed)
+    best_neighbour(nb, -kmap[u] - 1, gpos, levels, xval, waux, o, scale, L, failed, 8)
     return False
 
 

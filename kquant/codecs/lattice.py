@@ -7,12 +7,44 @@ standing for the position 2l+1. For every code u below kmap_size:
   neighbours[offset] = n and neighbours[offset+1 : offset+1+n] the grid indices nearest to u:
   all points within the nwant smallest distinct squared distances (of positions), ordered by
   (distance, index) as ggml's qsort with iq2_compare_func / iq3_compare_func leaves them.
-The quantizers round a group to its nearest code, then search only that code's list.
+The quantizers round a group to its nearest code, then search only that code's list
+(best_neighbour).
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
+
+
+_ZERO = np.float32(0.0)
+_FLT_MAX = np.float32(np.finfo(np.float32).max)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def best_neighbour(nb, start, gpos, levels, xval, waux, o, scale, L, failed, dims):
+    """iq3_find_best_neighbour / iq2_find_best_neighbour: of the grid points listed at
+    nb[start] (a count, then indices), the one nearest (weighted by waux) to
+    xval[o:o+dims] at this scale; its levels into L[o:o+dims]. Where C's
+    GGML_ASSERT(grid_index >= 0) would abort (every distance NaN or inf), failed[0] = 1.
+    `dims` is a literal at each call, so the loops compile as the C's fixed ones."""
+    n = nb[start]
+    best_d2 = _FLT_MAX
+    gi = -1
+    for j in range(start + 1, start + 1 + n):
+        g = nb[j]
+        d2 = _ZERO
+        for i in range(dims):
+            diff = scale * gpos[g, i] - xval[o + i]
+            d2 += waux[o + i] * diff * diff
+        if d2 < best_d2:
+            best_d2 = d2
+            gi = g
+    if gi < 0:
+        gi = nb[start + 1]
+        failed[0] = 1
+    for i in range(dims):
+        L[o + i] = levels[gi, i]
+    return gi
 
 
 @njit(cache=True, inline="always")
