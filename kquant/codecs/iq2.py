@@ -44,7 +44,7 @@ from numba import njit, prange
 from .bits import F32, get_f16, nearest_int, put_f16
 from .iq2_grids import KGRID_256, KGRID_512, KGRID_1024
 from .iq3 import KSIGNS, _signed
-from .lattice import best_neighbour, build_tables
+from .lattice import best_neighbour, build_tables, fold_signs
 from .layout import QK_K
 from .search import WS_SIZE, make_qp_quants
 
@@ -152,32 +152,7 @@ def _weights_and_signs(xb, qwb, use_qw, sigma2, n, parity, s):
             weight[i] = _QUARTER * sigma2 + xb[i] * xb[i]
     for i in range(n):
         waux[i] = np.sqrt(weight[i])
-    for k in range(n // 8):
-        nflip = 0
-        sg = 0
-        for i in range(8):
-            v = xb[8 * k + i]
-            if v >= _ZERO:
-                xval[8 * k + i] = v
-            else:
-                xval[8 * k + i] = -v
-                nflip += 1
-                sg |= 1 << i
-        if parity and nflip % 2:
-            imin = 0
-            mn = weight[8 * k] * xb[8 * k] * xb[8 * k]
-            for i in range(1, 8):
-                ax = weight[8 * k + i] * xb[8 * k + i] * xb[8 * k + i]
-                if ax < mn:
-                    mn = ax
-                    imin = i
-            xval[8 * k + imin] = -xval[8 * k + imin]
-            sg ^= 1 << imin
-        signs[k] = sg & 127 if parity else sg
-    mx = xval[0]
-    for i in range(1, n):
-        mx = mx if mx > xval[i] else xval[i]
-    return mx
+    return fold_signs(xb, weight, xval, signs, n // 8, parity)
 
 
 @njit(cache=True, error_model="numpy", inline="always")

@@ -38,7 +38,7 @@ from numba import njit, prange
 
 from .bits import F32, bits_f32, f32_bits, get_f16, nearest_int, put_f16
 from .iq3_grids import IQ3S_GRID, IQ3XXS_GRID, KGRID_256, KGRID_512
-from .lattice import best_neighbour, build_tables
+from .lattice import best_neighbour, build_tables, fold_signs
 from .layout import QK_K
 
 XXS_BYTES = 98
@@ -105,31 +105,7 @@ def _sub_block(xb, qwb, use_qw, sigma2, xxs, levels, gpos, kmap, nb, s):
             weight[i] = xb[i] * xb[i]
     for i in range(32):
         waux[i] = np.sqrt(weight[i])
-    for k in range(4):
-        nflip = 0
-        sg = 0
-        for i in range(8):
-            v = xb[8 * k + i]
-            if v >= _ZERO:
-                xval[8 * k + i] = v
-            else:
-                xval[8 * k + i] = -v
-                nflip += 1
-                sg |= 1 << i
-        if xxs and nflip % 2:
-            imin = 0
-            mn = weight[8 * k] * xb[8 * k] * xb[8 * k]
-            for i in range(1, 8):
-                ax = weight[8 * k + i] * xb[8 * k + i] * xb[8 * k + i]
-                if ax < mn:
-                    mn = ax
-                    imin = i
-            xval[8 * k + imin] = -xval[8 * k + imin]
-            sg ^= 1 << imin
-        signs[k] = sg & 127 if xxs else sg
-    mx = xval[0]
-    for i in range(1, 32):
-        mx = mx if mx > xval[i] else xval[i]
+    mx = fold_signs(xb, weight, xval, signs, 4, xxs)
     for i in range(32):
         L[i] = 0
     if xxs:

@@ -8,7 +8,7 @@ standing for the position 2l+1. For every code u below kmap_size:
   all points within the nwant smallest distinct squared distances (of positions), ordered by
   (distance, index) as ggml's qsort with iq2_compare_func / iq3_compare_func leaves them.
 The quantizers round a group to its nearest code, then search only that code's list
-(best_neighbour).
+(best_neighbour); fold_signs is their shared sign step.
 """
 from __future__ import annotations
 
@@ -45,6 +45,40 @@ def best_neighbour(nb, start, gpos, levels, xval, waux, o, scale, L, failed, dim
     for i in range(dims):
         L[o + i] = levels[gi, i]
     return gi
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def fold_signs(xb, weight, xval, signs, ngroups, parity):
+    """The sign step of quantize_row_iq3_* / iq2_*: xval = |xb| and each group of 8's sign
+    bits; with `parity` (the types storing 7 signs, ksigns_iq2xs) an odd count of negatives
+    is made even by flipping the value of least weight*x^2, and 7 bits are kept. Returns the
+    largest xval (C's MAX from xval[0])."""
+    for k in range(ngroups):
+        nflip = 0
+        sg = 0
+        for i in range(8):
+            v = xb[8 * k + i]
+            if v >= _ZERO:
+                xval[8 * k + i] = v
+            else:
+                xval[8 * k + i] = -v
+                nflip += 1
+                sg |= 1 << i
+        if parity and nflip % 2:
+            imin = 0
+            mn = weight[8 * k] * xb[8 * k] * xb[8 * k]
+            for i in range(1, 8):
+                ax = weight[8 * k + i] * xb[8 * k + i] * xb[8 * k + i]
+                if ax < mn:
+                    mn = ax
+                    imin = i
+            xval[8 * k + imin] = -xval[8 * k + imin]
+            sg ^= 1 << imin
+        signs[k] = sg & 127 if parity else sg
+    mx = xval[0]
+    for i in range(1, 8 * ngroups):
+        mx = mx if mx > xval[i] else xval[i]
+    return mx
 
 
 @njit(cache=True, inline="always")
