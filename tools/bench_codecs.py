@@ -34,7 +34,7 @@ import kquant  # noqa: E402
 from kquant.reference.libggml import GGML  # noqa: E402
 
 TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-         "IQ4_NL", "IQ4_XS", "IQ3_XXS", "IQ3_S", "F16", "BF16"]
+         "IQ4_NL", "IQ4_XS", "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "F16", "BF16"]
 
 
 def ggml_quantize_mt(ggml: GGML, x: np.ndarray, qtype, imatrix, pool: ThreadPoolExecutor | None,
@@ -103,7 +103,8 @@ def main() -> int:
     for name in args.types:
         qtype = GGMLQuantizationType[name]
         codec = kquant.get_codec(qtype)
-        for weights in (None, imatrix) if codec.uses_imatrix else (None,):
+        modes = (None, imatrix) if codec.uses_imatrix else (None,)
+        for weights in modes[1:] if codec.requires_imatrix else modes:
             rows = rows_for(qtype, weights, args.width, args.seconds, args.max_rows, rng)
             rows = max(n, rows - rows % n)
             x = rng.standard_normal((rows, args.width)).astype(np.float32)
