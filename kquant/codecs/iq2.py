@@ -44,7 +44,7 @@ from numba import njit, prange
 from .bits import F32, get_f16, nearest_int, put_f16
 from .iq2_grids import KGRID_256, KGRID_512, KGRID_1024
 from .iq3 import KSIGNS, _signed
-from .lattice import best_neighbour, build_tables, fold_signs
+from .lattice import best_neighbour, build_tables, fold_signs, level_sums
 from .layout import QK_K
 from .search import WS_SIZE, make_qp_quants
 
@@ -113,18 +113,6 @@ def _place(id_, xval, o, L, kmap, nb, gpos, levels, waux, scale, failed):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _sums(n, weight, xval, L):
-    sumqx = _ZERO
-    sumq2 = _ZERO
-    for i in range(n):
-        w = weight[i]
-        q = F32(2 * L[i] + 1)
-        sumqx += w * xval[i] * q
-        sumq2 += w * q * q
-    return sumqx, sumq2
-
-
-@njit(cache=True, error_model="numpy", inline="always")
 def _grid_index(kmap, L, o, failed):
     """The final check of quantize_row_iq2_*_impl: the group's levels must be a grid point
     ("Oops: found point not on grid" aborts); C's u is a uint16."""
@@ -176,7 +164,7 @@ def _xxs_sub_block(xb, qwb, sigma2, t, s):
         this_scale = _ONE / id_
         for k in range(4):
             _place(id_, xval, 8 * k, Laux, kmap, nb, gpos, levels, waux, this_scale, failed)
-        sumqx, sumq2 = _sums(32, weight, xval, Laux)
+        sumqx, sumq2 = level_sums(32, weight, xval, Laux)
         if sumq2 > _ZERO and sumqx * sumqx > best * sumq2:
             scale = sumqx / sumq2
             best = scale * sumqx
@@ -186,7 +174,7 @@ def _xxs_sub_block(xb, qwb, sigma2, t, s):
         id_ = _ONE / scale
         for k in range(4):  # every group again at the chosen scale
             _place(id_, xval, 8 * k, L, kmap, nb, gpos, levels, waux, scale, failed)
-        sumqx, sumq2 = _sums(32, weight, xval, L)
+        sumqx, sumq2 = level_sums(32, weight, xval, L)
         if sumq2 > _ZERO:
             scale = sumqx / sumq2
     return _positive(scale, 4, True, signs, failed)
@@ -225,7 +213,7 @@ def _x16_sub_block(xb, qwb, use_qw, sigma2, parity, eps, t, s):
         this_scale = _ONE / id_
         on0 = _place(id_, xval, 0, Laux, kmap, nb, gpos, levels, waux, this_scale, failed)
         on1 = _place(id_, xval, 8, Laux, kmap, nb, gpos, levels, waux, this_scale, failed)
-        sumqx, sumq2 = _sums(16, weight, xval, Laux)
+        sumqx, sumq2 = level_sums(16, weight, xval, Laux)
         if sumq2 > _ZERO and sumqx * sumqx > best * sumq2:
             scale = sumqx / sumq2
             best = scale * sumqx
@@ -238,7 +226,7 @@ def _x16_sub_block(xb, qwb, use_qw, sigma2, parity, eps, t, s):
         for k in range(2):  # only the groups that were off the grid
             if not on[k]:
                 _place(id_, xval, 8 * k, L, kmap, nb, gpos, levels, waux, scale, failed)
-        sumqx, sumq2 = _sums(16, weight, xval, L)
+        sumqx, sumq2 = level_sums(16, weight, xval, L)
         if sumq2 > _ZERO:
             scale = sumqx / sumq2
     return _positive(scale, 2, parity, signs, failed)

@@ -38,7 +38,7 @@ from numba import njit, prange
 
 from .bits import F32, bits_f32, f32_bits, get_f16, nearest_int, put_f16
 from .iq3_grids import IQ3S_GRID, IQ3XXS_GRID, KGRID_256, KGRID_512
-from .lattice import best_neighbour, build_tables, fold_signs
+from .lattice import best_neighbour, build_tables, fold_signs, level_sums
 from .layout import QK_K
 
 XXS_BYTES = 98
@@ -81,18 +81,6 @@ def _round_group(id_, xval, o, L):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _sums(weight, xval, L):
-    sumqx = _ZERO
-    sumq2 = _ZERO
-    for i in range(32):
-        w = weight[i]
-        q = F32(2 * L[i] + 1)
-        sumqx += w * xval[i] * q
-        sumq2 += w * q * q
-    return sumqx, sumq2
-
-
-@njit(cache=True, error_model="numpy", inline="always")
 def _sub_block(xb, qwb, use_qw, sigma2, xxs, levels, gpos, kmap, nb, s):
     """One 32-value sub-block of quantize_row_iq3_*_impl: its scale (or -1 when C skips it),
     with L (levels), signs (4 bytes) set in the scratch."""
@@ -128,7 +116,7 @@ def _sub_block(xb, qwb, use_qw, sigma2, xxs, levels, gpos, kmap, nb, s):
                 on_aux[k] = False
                 best_neighbour(nb, -kmap[u] - 1, gpos, levels, xval, waux, 4 * k, this_scale,
                                Laux, failed, 4)
-        sumqx, sumq2 = _sums(weight, xval, Laux)
+        sumqx, sumq2 = level_sums(32, weight, xval, Laux)
         if sumq2 > _ZERO and sumqx * sumqx > best * sumq2:
             scale = sumqx / sumq2
             best = scale * sumqx
@@ -149,7 +137,7 @@ def _sub_block(xb, qwb, use_qw, sigma2, xxs, levels, gpos, kmap, nb, s):
             gi = kmap[u]
             if gi < 0:
                 best_neighbour(nb, -gi - 1, gpos, levels, xval, waux, 4 * k, scale, L, failed, 4)
-        sumqx, sumq2 = _sums(weight, xval, L)
+        sumqx, sumq2 = level_sums(32, weight, xval, L)
         if sumq2 > _ZERO:
             scale = sumqx / sumq2
     if scale < _ZERO:

@@ -8,7 +8,7 @@ standing for the position 2l+1. For every code u below kmap_size:
   all points within the nwant smallest distinct squared distances (of positions), ordered by
   (distance, index) as ggml's qsort with iq2_compare_func / iq3_compare_func leaves them.
 The quantizers round a group to its nearest code, then search only that code's list
-(best_neighbour); fold_signs is their shared sign step.
+(best_neighbour); fold_signs and level_sums are the other steps they share.
 """
 from __future__ import annotations
 
@@ -79,6 +79,20 @@ def fold_signs(xb, weight, xval, signs, ngroups, parity):
     for i in range(1, 8 * ngroups):
         mx = mx if mx > xval[i] else xval[i]
     return mx
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def level_sums(n, weight, xval, L):
+    """The fit of levels L (positions 2l+1) to xval: sum w*x*q and sum w*q^2, in C's order
+    (`n` a literal at each call)."""
+    sumqx = _ZERO
+    sumq2 = _ZERO
+    for i in range(n):
+        w = weight[i]
+        q = np.float32(2 * L[i] + 1)
+        sumqx += w * xval[i] * q
+        sumq2 += w * q * q
+    return sumqx, sumq2
 
 
 @njit(cache=True, inline="always")
