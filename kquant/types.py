@@ -36,8 +36,8 @@ class QuantType:
     block_size: int                  # values per block (1 for the float types)
     type_size: int                   # bytes per block
     #: the kquant.codecs class that drives its kernels ("BlockCodec", "LegacyCodec",
-    #: "IQ4Codec", "IQ3Codec", "IQ1Codec", "HalfCodec", "F32Codec"), and the module of kquant.codecs
-    #: holding them; None: no codec (an activation-only type)
+    #: "IQ4Codec", "IQ3Codec", "IQ2Codec", "IQ1Codec", "HalfCodec", "F32Codec"), and the module
+    #: of kquant.codecs holding them; None: no codec (an activation-only type)
     codec_class: str | None = None
     codec_module: str | None = None
     uses_imatrix: bool = False       # whether an importance matrix changes the result
@@ -119,8 +119,8 @@ def weight_types() -> tuple[GGMLQuantizationType, ...]:
 
 
 # --- the records -----------------------------------------------------------------------------
-# The K-quants', the 32-value types' and the IQ4 / IQ3 / IQ1 types' byte layouts are drawn in
-# their codec modules (kquant/codecs/q*_k.py, legacy.py, iq4.py, iq3.py, iq1.py); the others
+# The K-quants', the 32-value types' and the i-quants' byte layouts are drawn in their codec
+# modules (kquant/codecs/q*_k.py, legacy.py, iq4.py, iq3.py, iq2.py, iq1.py); the others
 # are drawn here.
 
 
@@ -194,6 +194,14 @@ IQ3_S = register(QuantType(T.IQ3_S, 256, 110, "IQ3Codec", "iq3", True, T.Q8_K,
 # importance matrix (as ggml asserts); no matmul kernel yet, so the runtime refuses their files.
 IQ1_S = register(QuantType(T.IQ1_S, 256, 50, "IQ1Codec", "iq1", True))
 IQ1_M = register(QuantType(T.IQ1_M, 256, 56, "IQ1Codec", "iq1", True))
+
+# IQ2_XXS (256 values, 66 bytes), IQ2_XS (74) and IQ2_S (82): groups of 8 values as points of
+# a 2-bit grid, with signs (layouts drawn in kquant/codecs/iq2.py). IQ2_XXS / IQ2_XS need an
+# imatrix (as in ggml). Written by the model pipeline; no matmul kernel yet, so the runtime
+# refuses their files.
+IQ2_XXS = register(QuantType(T.IQ2_XXS, 256, 66, "IQ2Codec", "iq2", True))
+IQ2_XS = register(QuantType(T.IQ2_XS, 256, 74, "IQ2Codec", "iq2", True))
+IQ2_S = register(QuantType(T.IQ2_S, 256, 82, "IQ2Codec", "iq2", True))
 
 # F16 / BF16: | 2 bytes | a value (IEEE half / the upper half of a float32); F32: | 4 bytes |
 F16 = _float(T.F16, 2, "HalfCodec", 128)

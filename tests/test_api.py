@@ -8,9 +8,10 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 import kquant
 
 TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-         "IQ4_NL", "IQ4_XS", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "F16", "BF16", "F32"]
-#: ggml asserts an imatrix for these: "without" means a uniform one
-NEEDS_IMATRIX = {"IQ1_S"}
+         "IQ4_NL", "IQ4_XS", "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M",
+         "F16", "BF16", "F32"]
+#: ggml quantizes these only with an imatrix: their round trip uses a flat one
+NEEDS_IMATRIX = {"IQ2_XXS", "IQ2_XS", "IQ1_S"}
 
 # relative RMS error of a Gaussian matrix after a round trip, without imatrix: about 1.2x
 # what each type gives (Q4_K: 0.071; IQ1_S with a uniform imatrix 0.48, IQ1_M 0.60), so a
@@ -18,7 +19,8 @@ NEEDS_IMATRIX = {"IQ1_S"}
 RMSE_LIMIT = {"Q2_K": 0.35, "Q3_K": 0.18, "Q4_K": 0.085, "Q5_K": 0.045, "Q6_K": 0.021,
               "Q8_K": 0.0085, "Q4_0": 0.105, "Q4_1": 0.095, "Q5_0": 0.052, "Q5_1": 0.046,
               "Q8_0": 0.0065, "IQ4_NL": 0.093, "IQ4_XS": 0.093, "IQ3_XXS": 0.26,
-              "IQ3_S": 0.2, "IQ1_S": 0.58, "IQ1_M": 0.72, "F16": 2.5e-4, "BF16": 2e-3,
+              "IQ3_S": 0.2, "IQ2_XXS": 0.41, "IQ2_XS": 0.36, "IQ2_S": 0.32, "IQ1_S": 0.58,
+              "IQ1_M": 0.72, "F16": 2.5e-4, "BF16": 2e-3,
               "F32": 0.0}
 
 
@@ -39,7 +41,7 @@ def test_round_trip_shape_size_and_error(name):
 
 
 @pytest.mark.parametrize("name", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q5_1", "IQ4_NL",
-                                  "IQ4_XS", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M"])
+                                  "IQ4_XS", "IQ3_XXS", "IQ3_S", "IQ2_S", "IQ1_S", "IQ1_M"])
 def test_imatrix_lowers_weighted_error(name):
     """The imatrix is used: error weighted by it is lower with it than without."""
     x = gauss(16, 1024, seed=1)
@@ -92,7 +94,7 @@ def test_codec_registry():
     assert (c.block_size, c.type_size, c.row_bytes(512)) == (256, 110, 220)
 
 
-@pytest.mark.parametrize("bad_type", ["Q4_K_M", "IQ2_XS", "nonsense", 99, 3.5, None])
+@pytest.mark.parametrize("bad_type", ["Q4_K_M", "TQ1_0", "nonsense", 99, 3.5, None])
 def test_unknown_type(bad_type):
     with pytest.raises(ValueError, match="type"):
         kquant.quantize(gauss(1, 256), bad_type)

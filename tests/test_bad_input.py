@@ -225,14 +225,13 @@ CASES = [
     Case("q-gptq-no-text", Q, lambda m, d: ["--method", "gptq", G(m, d), "out.gguf", "Q4_K_M"], "calibrat"),
     Case("q-gptq-iq3", Q, lambda m, d: ["--method", "gptq", "--calibrate", str(m.text), G(m, d), "out.gguf",
                                         "IQ3_S"], "does not support IQ3_S"),
-    Case("q-iq-without-codec", Q, lambda m, d: ["--imatrix", str(m.imatrix), G(m, d), "out.gguf", "IQ2_XS"],
-         "rules choose IQ2_XS, which kquant does not produce"),
+    Case("q-iq-without-codec", Q, lambda m, d: ["--imatrix", str(m.imatrix), G(m, d), "out.gguf", "TQ1_0"],
+         "rules choose TQ1_0, which kquant does not produce"),
     # IQ3_XXS puts attn_q / attn_k in IQ2_S (llama_tensor_get_type): without an imatrix llama-quantize
-    # refuses (tensor_requires_imatrix) before anything else, and so does kquant; with one, IQ2_S has no codec
+    # refuses (tensor_requires_imatrix) before anything else, and so does kquant (with one, both write the
+    # file: test_quantize_model.py)
     Case("q-iq3-xxs-without-imatrix", Q, lambda m, d: [G(m, d), "out.gguf", "IQ3_XXS"],
          "blk.0.attn_k.weight: type IQ2_S needs an importance matrix"),
-    Case("q-iq3-xxs-iq2-s", Q, lambda m, d: ["--imatrix", str(m.imatrix), G(m, d), "out.gguf", "IQ3_XXS"],
-         "rules choose IQ2_S, which kquant does not produce"),
     Case("q-requantize", Q, lambda m, d: [str(_quantized(m, d)), "out.gguf", "Q4_K_M"], "requantize"),
     # kquant-quantize: the imatrix
     Case("q-imatrix-missing", Q, lambda m, d: ["--imatrix", "none.dat", G(m, d), "out.gguf", "Q4_K_M"], "none.dat"),
@@ -357,8 +356,10 @@ CASES = [
     Case("ppl-base-out-is-model", PPL, lambda m, d: ["-m", G(m, d), "-f", str(m.text), "--kl-divergence-base",
                                                      G(m, d)], "also an input"),
     Case("ppl-iq-tensor", PPL, lambda m, d: ["-m", str(_iq_model(m, d)), "-f", str(m.text), "-c", "64"],
-         "IQ2_XS"),
-    # an i-quant kquant writes but does not run yet: refused all the same
+         "TQ1_0"),
+    # i-quants kquant writes but does not run yet: refused all the same
+    Case("ppl-iq2-tensor", PPL, lambda m, d: ["-m", str(_iq2_model(m, d)), "-f", str(m.text), "-c", "64"],
+         "tensor blk.0.ffn_up.weight is IQ2_S: kquant's runtime does not run i-quants yet"),
     Case("ppl-iq1-tensor", PPL, lambda m, d: ["-m", str(_iq1_model(m, d)), "-f", str(m.text), "-c", "64"],
          "tensor blk.0.ffn_up.weight is IQ1_M: kquant's runtime does not run i-quants yet"),
     Case("ppl-wrong-shape", PPL, lambda m, d: ["-m", str(patch_tensor_info(
@@ -376,7 +377,7 @@ CASES = [
          "context|-c"),
     Case("gen-bad-utf8-prompt", GEN, lambda m, d: ["-m", G(m, d), "-p", "caf\udce9"], "UTF-8"),
     Case("gen-no-model", GEN, lambda m, d: ["-m", "none.gguf", "-p", "Hi"], "none.gguf"),
-    Case("gen-iq-tensor", GEN, lambda m, d: ["-m", str(_iq_model(m, d)), "-p", "Hi"], "IQ2_XS"),
+    Case("gen-iq-tensor", GEN, lambda m, d: ["-m", str(_iq_model(m, d)), "-p", "Hi"], "TQ1_0"),
     # kquant-compare
     Case("cmp-no-quants", CMP, lambda m, d: [G(m, d), "-f", str(m.text)], "QUANT|quant"),
     Case("cmp-quant-missing", CMP, lambda m, d: [G(m, d), "none.gguf", "-f", str(m.text)], "none.gguf"),
@@ -447,9 +448,14 @@ def _quantized(m: Materials, d: Path) -> Path:
 
 
 def _iq_model(m: Materials, d: Path) -> Path:
-    """The tiny model with one matrix declared IQ2_XS (zero bytes), an i-quant kquant neither
-    writes nor runs (IQ4_NL and then IQ3_S, which it once was, are now written and run)."""
-    return _one_matrix_as(m, d / "iq.gguf", None, T.IQ2_XS)
+    """The tiny model with one matrix declared TQ1_0 (zero bytes), a type kquant neither writes
+    nor runs (IQ4_NL, IQ3_S and IQ2_XS, which it once was, are now written; IQ4_NL runs)."""
+    return _one_matrix_as(m, d / "iq.gguf", None, T.TQ1_0)
+
+
+def _iq2_model(m: Materials, d: Path) -> Path:
+    """The tiny model with one matrix quantized to IQ2_S by kquant: written, not run."""
+    return _one_matrix_as(m, d / "iq2.gguf", "IQ2_S", T.IQ2_S)
 
 
 def _iq1_model(m: Materials, d: Path) -> Path:

@@ -19,6 +19,7 @@ FILES = {
                T.Q8_0, T.F16, T.BF16, T.F32},
     "golden_iq": {T.IQ4_NL, T.IQ4_XS},
     "golden_iq3": {T.IQ3_XXS, T.IQ3_S},
+    "golden_iq2": {T.IQ2_XXS, T.IQ2_XS, T.IQ2_S},
     "golden_iq1": {T.IQ1_S, T.IQ1_M},
 }
 _LOADED: dict[str, dict[str, np.ndarray]] = {}
@@ -59,7 +60,7 @@ def test_quantize_matches_golden(name, key):
     qtype, mode = key.split("-")
     imatrix = golden.get(f"imatrix_{mode}")
     x, want = golden["x"], golden[key]
-    # the rows ggml aborted on (IQ3, IQ1_M without an imatrix: inf / NaN values): kquant
+    # the rows ggml aborted on (IQ3 / IQ2, IQ1_M without an imatrix: inf / NaN values): kquant
     # refuses each of them
     aborted = json.loads(str(golden["meta"])).get("aborted_rows", {}).get(key, [])
     for r in aborted:
@@ -74,7 +75,7 @@ def test_quantize_matches_golden(name, key):
 
 def decoded_keys():
     """Each type's set whose decoding meta digests: `-none`, or `-random` where there is no
-    `-none` (IQ1_S: ggml requires an imatrix)."""
+    `-none` (IQ2_XXS, IQ2_XS, IQ1_S: ggml requires an imatrix)."""
     keys = golden_keys()
     return [(n, k) for n, k in keys if k.endswith("-none") or (
         k.endswith("-random") and (n, k.replace("-random", "-none")) not in keys)]

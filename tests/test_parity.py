@@ -10,14 +10,16 @@ from cases import CASES, IMATRIX_MODES, make_case, make_imatrix
 
 ALL_TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_K,
              T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.F16, T.BF16, T.F32, T.IQ4_NL, T.IQ4_XS,
-             T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M]
-#: ggml aborts (GGML_ASSERT) on these cases' rows for the IQ3 types, and for IQ1_M without an
-#: imatrix: kquant raises instead, checked in test_iq3.py / test_iq1.py against ggml in a
-#: subprocess
-ABORTS = {T.IQ3_XXS: {"non_finite"}, T.IQ3_S: {"non_finite"}}
+             T.IQ3_XXS, T.IQ3_S, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_S, T.IQ1_M]
+#: ggml aborts (GGML_ASSERT) on these cases' rows for the IQ3 / IQ2 types, and for IQ1_M
+#: without an imatrix: kquant raises instead, checked in test_iq3.py / test_iq2.py /
+#: test_iq1.py against ggml in a subprocess
+ABORTS = {T.IQ3_XXS: {"non_finite"}, T.IQ3_S: {"non_finite"}, T.IQ2_XS: {"non_finite"},
+          T.IQ2_S: {"non_finite"}}
 ABORTS_WITHOUT_IMATRIX = {T.IQ1_M: {"non_finite"}}
-#: ggml asserts an imatrix for these (kquant refuses: test_iq1.py)
-NEEDS_IMATRIX = {T.IQ1_S}
+#: ggml requires an imatrix for these (ggml_quantize_requires_imatrix; kquant refuses:
+#: test_iq2.py, test_iq1.py)
+NEEDS_IMATRIX = {T.IQ2_XXS, T.IQ2_XS, T.IQ1_S}
 ROW_LENGTHS = (256, 512, 2304)
 ROWS = 24
 
@@ -67,13 +69,15 @@ def test_synthetic_rows(ggml, qtype, n, mode):
                                         for m in IMATRIX_MODES for t in ALL_TYPES
                                         if m in modes_for(t)])
 def test_real_weights(ggml, smollm2_weights, qtype, mode):
+    if mode not in modes_for(qtype):
+        pytest.skip("ggml requires an imatrix")
     for name, w in smollm2_weights.items():
         imatrix = make_imatrix(mode, w.shape[1], seed=7)
         assert_same_as_ggml(ggml, w, qtype, imatrix, f"{qtype.name} {name} {mode}")
 
 
 @pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q4_0, T.IQ4_NL, T.IQ4_XS, T.IQ3_XXS, T.IQ3_S,
-                                   T.IQ1_S, T.IQ1_M], ids=lambda t: t.name)
+                                   T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_S, T.IQ1_M], ids=lambda t: t.name)
 def test_shapes_and_threads_do_not_change_bytes(ggml, qtype):
     x = make_case("gauss", 30, 512, seed=3).reshape(3, 10, 512)
     w = make_imatrix("random", 512)

@@ -55,7 +55,8 @@ def random_imatrix(model: Path, seed: int = 0) -> Imatrix:
 
 
 @pytest.mark.parametrize("ftype", ["Q4_K_M", "Q2_K", "Q3_K_S", "Q5_K_M", "Q6_K", "Q4_0", "IQ4_NL", "IQ4_XS",
-                                   "IQ3_XXS", "IQ3_S", "IQ3_XS", "IQ3_M", "IQ1_S", "IQ1_M"])
+                                   "IQ3_XXS", "IQ3_S", "IQ3_XS", "IQ3_M", "IQ2_XXS", "IQ2_XS", "IQ2_S",
+                                   "IQ2_M", "IQ1_S", "IQ1_M"])
 def test_same_file_with_imatrix(llama_cpp, smollm2_f16, tmp_path, ftype):
     im = random_imatrix(smollm2_f16)
     path = tmp_path / "imatrix.gguf"
@@ -86,12 +87,21 @@ def test_iq3_xxs_refuses_without_imatrix_as_llama_quantize(llama_cpp, tiny_llama
     assert not (tmp_path / "kq.gguf").exists()
 
 
-@pytest.mark.parametrize("ftype", ["IQ3_S", "IQ3_XS", "IQ3_M"])
-@pytest.mark.parametrize("with_imatrix", [False, True], ids=["no-imatrix", "imatrix"])
-def test_tiny_model_iq3_files(llama_cpp, tiny_llama_f32, tmp_path, ftype, with_imatrix):
-    """The tiny model's rows are multiples of 256, so IQ3_S / IQ3_XXS reach every matrix
+TINY_IQ = [("IQ3_S", False), ("IQ3_S", True), ("IQ3_XS", False), ("IQ3_XS", True), ("IQ3_M", False),
+           ("IQ3_M", True), ("IQ3_XXS", True), ("IQ2_XXS", False), ("IQ2_XXS", True), ("IQ2_XS", True),
+           ("IQ2_S", False), ("IQ2_S", True), ("IQ2_M", True)]
+#: the first tensor whose type llama-quantize wants an imatrix for (tensor_type_requires_imatrix)
+NEEDS_IMATRIX = {"IQ3_XS": "blk.0.attn_k.weight: type IQ3_XXS",
+                 "IQ2_XXS": "blk.0.attn_k.weight: type IQ2_XXS",
+                 "IQ2_S": "blk.0.attn_k.weight: type IQ2_XS"}
+
+
+@pytest.mark.parametrize("ftype, with_imatrix", TINY_IQ,
+                         ids=[f"{f}-{'imatrix' if i else 'no-imatrix'}" for f, i in TINY_IQ])
+def test_tiny_model_iq_files(llama_cpp, tiny_llama_f32, tmp_path, ftype, with_imatrix):
+    """The tiny model's rows are multiples of 256, so the IQ3 / IQ2 types reach every matrix
     (SmolLM2's 576-wide ones fall back to IQ4_NL): the same file as llama-quantize, or the same
-    refusal (IQ3_XS's attn_k is IQ3_XXS, which needs an imatrix)."""
+    refusal (the types that need an imatrix: IQ3_XXS, IQ2_XXS, IQ2_XS, IQ2_S)."""
     args, kw = [], {}
     if with_imatrix:
         im = random_imatrix(tiny_llama_f32)
@@ -105,11 +115,10 @@ def test_tiny_model_iq3_files(llama_cpp, tiny_llama_f32, tmp_path, ftype, with_i
             ("quantize.imatrix.chunks_count", "int", 4)])
         args = ["--imatrix", str(path)]
     argv = [*args, str(tiny_llama_f32), str(tmp_path / "kq.gguf"), ftype, "2"]
-    if ftype == "IQ3_XS" and not with_imatrix:
+    if ftype in NEEDS_IMATRIX and not with_imatrix:
         with pytest.raises(RuntimeError, match="llama_model_quantize failed"):
             reference(tiny_llama_f32, tmp_path / "ref.gguf", ftype, **kw)
-        assert_fails_cleanly(argv, tmp_path / "kq.gguf",
-                             "blk.0.attn_k.weight: type IQ3_XXS needs an importance matrix")
+        assert_fails_cleanly(argv, tmp_path / "kq.gguf", f"{NEEDS_IMATRIX[ftype]} needs an importance matrix")
         return
     want = reference(tiny_llama_f32, tmp_path / "ref.gguf", ftype, **kw)
     assert quantize_main(argv) == 0

@@ -34,8 +34,8 @@ import kquant  # noqa: E402
 from kquant.reference.libggml import GGML  # noqa: E402
 
 TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-         "IQ4_NL", "IQ4_XS", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "F16",
-         "BF16"]
+         "IQ4_NL", "IQ4_XS", "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M",
+         "F16", "BF16"]
 
 
 def ggml_quantize_mt(ggml: GGML, x: np.ndarray, qtype, imatrix, pool: ThreadPoolExecutor | None,

@@ -11,19 +11,20 @@ zeros in it).
     python tools/make_golden.py golden_iq  # one file only (the others stay as committed)
 
 One file per group of types, the same inputs in each: golden.npz (the K-quants, the legacy
-and float types), golden_iq.npz (IQ4_NL, IQ4_XS), golden_iq3.npz (IQ3_XXS, IQ3_S) and golden_iq1.npz (IQ1_S,
-IQ1_M), so
-adding a family adds a file and leaves the committed bytes of the others alone.
+and float types), golden_iq.npz (IQ4_NL, IQ4_XS), golden_iq3.npz (IQ3_XXS, IQ3_S),
+golden_iq2.npz (IQ2_XXS, IQ2_XS, IQ2_S) and golden_iq1.npz (IQ1_S, IQ1_M), so adding a family
+adds a file and leaves the committed bytes of the others alone.
 
-ggml aborts (GGML_ASSERT) on some rows of the IQ3 types (inf / NaN values) and of IQ1_M
+ggml aborts (GGML_ASSERT) on some rows of the IQ3 / IQ2 types (inf / NaN values) and of IQ1_M
 without an imatrix: their rows are quantized one at a time in forked children, and the rows
-whose child died are listed in meta's `aborted_rows` (by key) and left as zero bytes. IQ1_S
-has no `-none` set (ggml requires an imatrix for it); its decoding digest is of `-random`.
+whose child died are listed in meta's `aborted_rows` (by key) and left as zero bytes. IQ2_XXS,
+IQ2_XS and IQ1_S have no `-none` set (ggml requires an imatrix for them); their decoding
+digests are of `-random`.
 
 Keys: `x` (rows, 512) float32, `case` (rows,) the case of each row, `imatrix_<mode>`
 float32 (512,), `<TYPE>-<mode>` uint8 (rows, row_bytes), and `meta` (a JSON string: the
 llama.cpp build the bytes came from, and the sha256 of ggml's dequantization of each
-`<TYPE>-none`).
+`<TYPE>-none`, or `<TYPE>-random` for the types without one).
 """
 from __future__ import annotations
 
@@ -46,12 +47,13 @@ TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_K, T.Q4_0, T.Q4_1, T.Q5_0,
          T.Q8_0, T.F16, T.BF16, T.F32]
 IQ_TYPES = [T.IQ4_NL, T.IQ4_XS]
 IQ3_TYPES = [T.IQ3_XXS, T.IQ3_S]
+IQ2_TYPES = [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S]
 IQ1_TYPES = [T.IQ1_S, T.IQ1_M]
 #: tests/data/<name>.npz and the types it holds
 FILES = {"golden": TYPES, "golden_iq": IQ_TYPES, "golden_iq3": IQ3_TYPES,
-         "golden_iq1": IQ1_TYPES}
+         "golden_iq2": IQ2_TYPES, "golden_iq1": IQ1_TYPES}
 #: the types ggml_quantize_chunk may abort on (quantized row by row in forked children)
-ABORTING = set(IQ3_TYPES) | set(IQ1_TYPES)
+ABORTING = set(IQ3_TYPES) | set(IQ2_TYPES) | set(IQ1_TYPES)
 WIDTH = 512
 ROWS_PER_CASE = 4
 DATA = ROOT / "tests" / "data"
@@ -143,7 +145,7 @@ def write(ggml: GGML, x: np.ndarray, names: list[str], types: list[T], out: Path
             if w is not None and not kquant.get_codec(qtype).uses_imatrix:
                 continue  # ggml ignores the imatrix for Q8_0, Q8_K and the float types
             if w is None and kquant.get_codec(qtype).requires_imatrix:
-                continue  # ggml asserts one (IQ1_S)
+                continue  # ggml asserts one (IQ2_XXS, IQ2_XS, IQ1_S)
             key = f"{qtype.name}-{mode}"
             if qtype in ABORTING:
                 arrays[key], aborted = quantize_rows_apart(ggml, x, qtype, w)
@@ -155,7 +157,7 @@ def write(ggml: GGML, x: np.ndarray, names: list[str], types: list[T], out: Path
     import hashlib
     import importlib.metadata as md
 
-    # ggml's decoding of the no-imatrix bytes (IQ1_S: the random imatrix's), as a digest of
+    # ggml's decoding of the no-imatrix bytes (where ggml needs one: the random imatrix's), as a digest of
     # the float bits (NaNs included)
     decoded = {qtype.name: hashlib.sha256(ggml.dequantize(arrays[decoded_key(arrays, qtype)],
                                                           qtype)

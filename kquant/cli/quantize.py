@@ -28,10 +28,9 @@ def _writable(name: str) -> bool:
         return False
 
 
-# the ftypes whose default type kquant has a codec for (of the i-quants: IQ4_NL, IQ4_XS, IQ3_XXS,
-# IQ3_S, IQ1_S, IQ1_M and the mixes IQ3_XS and IQ3_M; the IQ2 ones not yet). The IQ1 mixes also
-# pick IQ2_XXS for some tensors (attn_output, where rows are multiples of 256): such files are
-# refused by name until the IQ2 codecs exist (SmolLM2's fall back to IQ4_NL and are written)
+# the ftypes whose tensors kquant has codecs for: all of llama-quantize's but the ternary ones
+# (of the i-quants: IQ4_NL, IQ4_XS, IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M and the
+# mixes of them, IQ3_XS, IQ3_M and IQ2_M)
 TYPES_HELP = ", ".join(sorted(k for k in mixes.FTYPES if _writable(k)))
 
 

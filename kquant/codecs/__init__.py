@@ -46,8 +46,10 @@ class Codec:
         self.block_size, self.type_size = record.block_size, record.type_size
         #: whether an importance matrix changes the result (ggml ignores it for some types)
         self.uses_imatrix = record.uses_imatrix
-        #: whether ggml refuses to quantize without one (ggml_quantize_requires_imatrix)
-        self.requires_imatrix = False
+        #: whether the type is quantized only with one (ggml_quantize_requires_imatrix)
+        self.requires_imatrix = record.qtype in (GGMLQuantizationType.IQ2_XXS,
+                                                 GGMLQuantizationType.IQ2_XS,
+                                                 GGMLQuantizationType.IQ1_S)
 
     def row_bytes(self, n_per_row: int) -> int:
         return n_per_row // self.block_size * self.type_size
@@ -168,6 +170,40 @@ class IQ1Codec(Codec):
     def _dequantize(self, q, out):
         deq = iq1.dequantize_s_rows if self.small else iq1.dequantize_m_rows
         deq(q, out, iq1.grid_values())
+
+
+class IQ2Codec(Codec):
+    """IQ2_XXS, IQ2_XS and IQ2_S (256-value super-blocks, 2-bit grids of 8 values):
+    kquant/codecs/iq2.py, imported and its tables built on first use."""
+
+    def __init__(self, record: QuantType):
+        super().__init__(record)
+        self.kind = {GGMLQuantizationType.IQ2_XXS: "xxs", GGMLQuantizationType.IQ2_XS: "xs",
+                     GGMLQuantizationType.IQ2_S: "s"}[record.qtype]
+
+    def _quantize(self, x, imatrix, out):
+        from . import iq2
+        if imatrix is None and self.requires_imatrix:  # ggml asserts quant_weights
+            raise ValueError(f"{self.name} needs an importance matrix (ggml quantizes it only "
+                             f"with quant_weights)")
+        failed = np.zeros(out.shape[0], np.int64)
+        qw = _NO_WEIGHTS if imatrix is None else imatrix
+        t = iq2.tables(self.kind)
+        if self.kind == "xxs":
+            iq2.quantize_xxs_rows(x, qw, out, failed, *t)
+        else:
+            iq2.quantize_x16_rows(x, qw, imatrix is not None, self.kind == "s", out, failed, *t)
+        if failed.any():
+            raise ValueError(
+                f"{self.name}: row {int(np.argmax(failed))} cannot be quantized (inf/NaN values "
+                f"or an overflowing x^2: ggml's IQ2 search finds no grid point and aborts)")
+
+    def _dequantize(self, q, out):
+        from . import iq2
+        if self.kind == "xxs":
+            iq2.dequantize_xxs_rows(q, out, iq2.DGRIDS["xxs"])
+        else:
+            iq2.dequantize_x16_rows(q, out, self.kind == "s", iq2.DGRIDS[self.kind])
 
 
 class HalfCodec(Codec):

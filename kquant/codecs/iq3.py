@@ -38,7 +38,7 @@ from numba import njit, prange
 
 from .bits import F32, bits_f32, f32_bits, get_f16, nearest_int, put_f16
 from .iq3_grids import IQ3S_GRID, IQ3XXS_GRID, KGRID_256, KGRID_512
-from .lattice import build_tables
+from .lattice import best_neighbour, build_tables, fold_signs, level_sums
 from .layout import QK_K
 
 XXS_BYTES = 98
@@ -63,34 +63,9 @@ _FIFTEEN = F32(15.0)
 _FIFTH = F32(0.2)
 _F31 = F32(31.0)
 _QK = F32(QK_K)
-_FLT_MAX = F32(np.finfo(np.float32).max)
 _EPS_XXS = F32(1e-8)
 _FUDGE_XXS = F32(1.0125)
 _FUDGE_S = F32(1.033)
-
-
-@njit(cache=True, error_model="numpy", inline="always")
-def _best_neighbour(nb, start, gpos, levels, xval, waux, o, scale, L, failed):
-    """iq3_find_best_neighbour: the listed grid point nearest (weighted) to xval[o:o+4] at
-    this scale; its levels into L[o:o+4]. Where C would abort, failed[0] = 1."""
-    n = nb[start]
-    best_d2 = _FLT_MAX
-    gi = -1
-    for j in range(start + 1, start + 1 + n):
-        g = nb[j]
-        d2 = _ZERO
-        for i in range(4):
-            diff = scale * gpos[g, i] - xval[o + i]
-            d2 += waux[o + i] * diff * diff
-        if d2 < best_d2:
-            best_d2 = d2
-            gi = g
-    if gi < 0:  # every distance NaN or inf: ggml's GGML_ASSERT(grid_index >= 0) aborts
-        gi = nb[start + 1]
-        failed[0] = 1
-    for i in range(4):
-        L[o + i] = levels[gi, i]
-    return gi
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -106,18 +81,6 @@ def _round_group(id_, xval, o, L):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _sums(weight, xval, L):
-    sumqx = _ZERO
-    sumq2 = _ZERO
-    for i in range(32):
-        w = weight[i]
-        q = F32(2 * L[i] + 1)
-        sumqx += w * xval[i] * q
-        sumq2 += w * q * q
-    return sumqx, sumq2
-
-
-@njit(cache=True, error_model="numpy", inline="always")
 def _sub_block(xb, qwb, use_qw, sigma2, xxs, levels, gpos, kmap, nb, s):
     """One 32-value sub-block of quantize_row_iq3_*_impl: its scale (or -1 when C skips it),
     with L (levels), signs (4 bytes) set in the scratch."""
@@ -130,31 +93,7 @@ def _sub_block(xb, qwb, use_qw, sigma2, xxs, levels, gpos, kmap, nb, s):
             weight[i] = xb[i] * xb[i]
     for i in range(32):
         waux[i] = np.sqrt(weight[i])
-    for k in range(4):
-        nflip = 0
-        sg = 0
-        for i in range(8):
-            v = xb[8 * k + i]
-            if v >= _ZERO:
-                xval[8 * k + i] = v
-            else:
-                xval[8 * k + i] = -v
-                nflip += 1
-                sg |= 1 << i
-        if xxs and nflip % 2:
-            imin = 0
-            mn = weight[8 * k] * xb[8 * k] * xb[8 * k]
-            for i in range(1, 8):
-                ax = weight[8 * k + i] * xb[8 * k + i] * xb[8 * k + i]
-                if ax < mn:
-                    mn = ax
-                    imin = i
-            xval[8 * k + imin] = -xval[8 * k + imin]
-            sg ^= 1 << imin
-        signs[k] = sg & 127 if xxs else sg
-    mx = xval[0]
-    for i in range(1, 32):
-        mx = mx if mx > xval[i] else xval[i]
+    mx = fold_signs(xb, weight, xval, signs, 4, xxs)
     for i in range(32):
         L[i] = 0
     if xxs:
@@ -175,9 +114,9 @@ def _sub_block(xb, qwb, use_qw, sigma2, xxs, levels, gpos, kmap, nb, s):
             on_aux[k] = True
             if kmap[u] < 0:
                 on_aux[k] = False
-                _best_neighbour(nb, -kmap[u] - 1, gpos, levels, xval, waux, 4 * k, this_scale,
-                                Laux, failed)
-        sumqx, sumq2 = _sums(weight, xval, Laux)
+                best_neighbour(nb, -kmap[u] - 1, gpos, levels, xval, waux, 4 * k, this_scale,
+                               Laux, failed, 4)
+        sumqx, sumq2 = level_sums(32, weight, xval, Laux)
         if sumq2 > _ZERO and sumqx * sumqx > best * sumq2:
             scale = sumqx / sumq2
             best = scale * sumqx
@@ -197,8 +136,8 @@ def _sub_block(xb, qwb, use_qw, sigma2, xxs, levels, gpos, kmap, nb, s):
             u = _round_group(id_, xval, 4 * k, L)
             gi = kmap[u]
             if gi < 0:
-                _best_neighbour(nb, -gi - 1, gpos, levels, xval, waux, 4 * k, scale, L, failed)
-        sumqx, sumq2 = _sums(weight, xval, L)
+                best_neighbour(nb, -gi - 1, gpos, levels, xval, waux, 4 * k, scale, L, failed, 4)
+        sumqx, sumq2 = level_sums(32, weight, xval, L)
         if sumq2 > _ZERO:
             scale = sumqx / sumq2
     if scale < _ZERO:

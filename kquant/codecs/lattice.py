@@ -7,12 +7,92 @@ standing for the position 2l+1. For every code u below kmap_size:
   neighbours[offset] = n and neighbours[offset+1 : offset+1+n] the grid indices nearest to u:
   all points within the nwant smallest distinct squared distances (of positions), ordered by
   (distance, index) as ggml's qsort with iq2_compare_func / iq3_compare_func leaves them.
-The quantizers round a group to its nearest code, then search only that code's list.
+The quantizers round a group to its nearest code, then search only that code's list
+(best_neighbour); fold_signs and level_sums are the other steps they share.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
+
+
+_ZERO = np.float32(0.0)
+_FLT_MAX = np.float32(np.finfo(np.float32).max)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def best_neighbour(nb, start, gpos, levels, xval, waux, o, scale, L, failed, dims):
+    """iq3_find_best_neighbour / iq2_find_best_neighbour: of the grid points listed at
+    nb[start] (a count, then indices), the one nearest (weighted by waux) to
+    xval[o:o+dims] at this scale; its levels into L[o:o+dims]. Where C's
+    GGML_ASSERT(grid_index >= 0) would abort (every distance NaN or inf), failed[0] = 1.
+    `dims` is a literal at each call, so the loops compile as the C's fixed ones."""
+    n = nb[start]
+    best_d2 = _FLT_MAX
+    gi = -1
+    for j in range(start + 1, start + 1 + n):
+        g = nb[j]
+        d2 = _ZERO
+        for i in range(dims):
+            diff = scale * gpos[g, i] - xval[o + i]
+            d2 += waux[o + i] * diff * diff
+        if d2 < best_d2:
+            best_d2 = d2
+            gi = g
+    if gi < 0:
+        gi = nb[start + 1]
+        failed[0] = 1
+    for i in range(dims):
+        L[o + i] = levels[gi, i]
+    return gi
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def fold_signs(xb, weight, xval, signs, ngroups, parity):
+    """The sign step of quantize_row_iq3_* / iq2_*: xval = |xb| and each group of 8's sign
+    bits; with `parity` (the types storing 7 signs, ksigns_iq2xs) an odd count of negatives
+    is made even by flipping the value of least weight*x^2, and 7 bits are kept. Returns the
+    largest xval (C's MAX from xval[0])."""
+    for k in range(ngroups):
+        nflip = 0
+        sg = 0
+        for i in range(8):
+            v = xb[8 * k + i]
+            if v >= _ZERO:
+                xval[8 * k + i] = v
+            else:
+                xval[8 * k + i] = -v
+                nflip += 1
+                sg |= 1 << i
+        if parity and nflip % 2:
+            imin = 0
+            mn = weight[8 * k] * xb[8 * k] * xb[8 * k]
+            for i in range(1, 8):
+                ax = weight[8 * k + i] * xb[8 * k + i] * xb[8 * k + i]
+                if ax < mn:
+                    mn = ax
+                    imin = i
+            xval[8 * k + imin] = -xval[8 * k + imin]
+            sg ^= 1 << imin
+        signs[k] = sg & 127 if parity else sg
+    mx = xval[0]
+    for i in range(1, 8 * ngroups):
+        mx = mx if mx > xval[i] else xval[i]
+    return mx
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def level_sums(n, weight, xval, L):
+    """The fit of levels L (positions 2l+1) to xval: sum w*x*q and sum w*q^2, in C's order
+    (`n` a literal at each call)."""
+    sumqx = _ZERO
+    sumq2 = _ZERO
+    for i in range(n):
+        w = weight[i]
+        q = np.float32(2 * L[i] + 1)
+        sumqx += w * xval[i] * q
+        sumq2 += w * q * q
+    return sumqx, sumq2
 
 
 @njit(cache=True, inline="always")

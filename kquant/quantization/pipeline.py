@@ -428,8 +428,7 @@ def loader_ftype(source: ModelSource) -> int:
 def _check_convertible(t: SourceTensor, target: T, allow_requantize: bool) -> None:
     if target not in CODECS:
         raise ModelError(f"{t.name}: llama.cpp's rules choose {target.name}, which kquant does "
-                         "not produce (K-quants, legacy quants, IQ4_NL, IQ4_XS, IQ3_XXS, IQ3_S, IQ1_S, "
-                         "IQ1_M and float types)")
+                         "not produce (K-quants, legacy quants, the i-quants and float types)")
     if t.type not in CODECS:
         raise ModelError(f"{t.name}: input type {t.type.name} is not supported")
     block = GGML_QUANT_SIZES[target][0]
