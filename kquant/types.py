@@ -184,6 +184,23 @@ IQ4_XS = register(QuantType(T.IQ4_XS, 256, 136, "IQ4Codec", "iq4", True, T.Q8_K,
 IQ3_XXS = register(QuantType(T.IQ3_XXS, 256, 98, "IQ3Codec", "iq3", True))
 IQ3_S = register(QuantType(T.IQ3_S, 256, 110, "IQ3Codec", "iq3", True))
 
+# IQ2_XXS (66 bytes), IQ2_XS (74), IQ2_S (82), IQ1_S (50), IQ1_M (56): 256 values, groups of 8
+# as points of a lattice grid (layouts drawn in kquant/matmul/iq2.py and iq1.py). Multiplied
+# against Q8_K (kquant/matmul/iq2.py, iq1.py; BLAS crossover that of the K-quants); their codecs
+# are not on this branch (codec_class None: quantizing and dequantizing them come with
+# kquant.codecs.iq2 / iq1).
+def _iq_grid(qtype: T, type_size: int, module: str) -> QuantType:
+    name = qtype.name.lower()
+    return register(QuantType(qtype, 256, type_size, None, None, True, T.Q8_K,
+                              f"{module}.mm_{name}", 128, None))
+
+
+IQ2_XXS = _iq_grid(T.IQ2_XXS, 66, "iq2")
+IQ2_XS = _iq_grid(T.IQ2_XS, 74, "iq2")
+IQ2_S = _iq_grid(T.IQ2_S, 82, "iq2")
+IQ1_S = _iq_grid(T.IQ1_S, 50, "iq1")
+IQ1_M = _iq_grid(T.IQ1_M, 56, "iq1")
+
 # F16 / BF16: | 2 bytes | a value (IEEE half / the upper half of a float32); F32: | 4 bytes |
 F16 = _float(T.F16, 2, "HalfCodec", 128)
 BF16 = _float(T.BF16, 2, "HalfCodec", 64)

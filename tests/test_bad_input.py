@@ -357,7 +357,7 @@ CASES = [
     Case("ppl-base-out-is-model", PPL, lambda m, d: ["-m", G(m, d), "-f", str(m.text), "--kl-divergence-base",
                                                      G(m, d)], "also an input"),
     Case("ppl-iq-tensor", PPL, lambda m, d: ["-m", str(_iq_model(m, d)), "-f", str(m.text), "-c", "64"],
-         "IQ2_XS"),
+         "TQ2_0"),
     # an i-quant kquant writes but does not run yet: refused all the same
     Case("ppl-iq3-tensor", PPL, lambda m, d: ["-m", str(_iq3_model(m, d)), "-f", str(m.text), "-c", "64"],
          "tensor blk.0.ffn_up.weight is IQ3_S: kquant's runtime does not run i-quants yet"),
@@ -376,7 +376,7 @@ CASES = [
          "context|-c"),
     Case("gen-bad-utf8-prompt", GEN, lambda m, d: ["-m", G(m, d), "-p", "caf\udce9"], "UTF-8"),
     Case("gen-no-model", GEN, lambda m, d: ["-m", "none.gguf", "-p", "Hi"], "none.gguf"),
-    Case("gen-iq-tensor", GEN, lambda m, d: ["-m", str(_iq_model(m, d)), "-p", "Hi"], "IQ2_XS"),
+    Case("gen-iq-tensor", GEN, lambda m, d: ["-m", str(_iq_model(m, d)), "-p", "Hi"], "TQ2_0"),
     # kquant-compare
     Case("cmp-no-quants", CMP, lambda m, d: [G(m, d), "-f", str(m.text)], "QUANT|quant"),
     Case("cmp-quant-missing", CMP, lambda m, d: [G(m, d), "none.gguf", "-f", str(m.text)], "none.gguf"),
@@ -447,9 +447,10 @@ def _quantized(m: Materials, d: Path) -> Path:
 
 
 def _iq_model(m: Materials, d: Path) -> Path:
-    """The tiny model with one matrix declared IQ2_XS (zero bytes), an i-quant kquant neither
-    writes nor runs (IQ4_NL and then IQ3_S, which it once was, are now written; IQ4_NL runs)."""
-    return _one_matrix_as(m, d / "iq.gguf", None, T.IQ2_XS)
+    """The tiny model with one matrix declared TQ2_0 (zero bytes), a type kquant neither
+    writes nor runs (IQ4_NL, then IQ3_S, then IQ2_XS, which it once was, are now written or
+    run)."""
+    return _one_matrix_as(m, d / "iq.gguf", None, T.TQ2_0)
 
 
 def _iq3_model(m: Materials, d: Path) -> Path:

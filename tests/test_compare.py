@@ -196,8 +196,8 @@ def _variant(tiny_llama_f32, path: Path, arch: str | None = None, token: str | N
     tensors = [t for t in src.tensors
                if n_layers is None or not t.name.startswith("blk.") or int(t.name.split(".")[1]) < n_layers]
     if iq_no_codec:  # a type kquant has no codec for
-        block, size = GGML_QUANT_SIZES[GGMLQuantizationType.IQ2_XS]
-        tensors = [SourceTensor(t.name, t.shape, GGMLQuantizationType.IQ2_XS,
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType.TQ2_0]
+        tensors = [SourceTensor(t.name, t.shape, GGMLQuantizationType.TQ2_0,
                                 lambda t=t: np.zeros(t.n_elements // block * size, np.uint8))
                    if t.name == iq_no_codec else t for t in tensors]
     return write_gguf(ModelSource(arch or src.arch, kv, tensors), path, progress=False)
@@ -220,8 +220,8 @@ def test_bad_inputs(tmp_path, tiny_llama_f32, quants):
     assert "architecture qwen2 differs from the base model's (llama)" in run_error([base, str(other), *f])
     other = _variant(tiny_llama_f32, tmp_path / "layers.gguf", n_layers=3)
     assert "another architecture" in run_error([base, str(other), *f])
-    other = _variant(tiny_llama_f32, tmp_path / "iq2_xs.gguf", iq_no_codec="blk.0.attn_k.weight")
-    assert "blk.0.attn_k.weight is IQ2_XS, which kquant cannot dequantize" in run_error([base, str(other), *f])
+    other = _variant(tiny_llama_f32, tmp_path / "tq2_0.gguf", iq_no_codec="blk.0.attn_k.weight")
+    assert "blk.0.attn_k.weight is TQ2_0, which kquant cannot dequantize" in run_error([base, str(other), *f])
     assert "does not exist" in run_error([base, q8, *f, "--plot", str(tmp_path / "no" / "kld.png")])
     assert "is also an input" in run_error([base, q8, *f, "--plot", q8])
     not_im = tmp_path / "bad.imatrix"

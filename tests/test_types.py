@@ -12,7 +12,8 @@ from kquant.matmul.cuda_blocks import FAMILIES
 from kquant.types import TYPES, find_type, get_type
 
 NAMES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-         "Q8_1", "IQ4_NL", "IQ4_XS", "IQ3_XXS", "IQ3_S", "F16", "BF16", "F32"]
+         "Q8_1", "IQ4_NL", "IQ4_XS", "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S",
+         "IQ1_M", "F16", "BF16", "F32"]
 
 
 def test_one_record_per_type_with_gguf_geometry():
@@ -33,7 +34,7 @@ def test_names_any_case_numbers_and_the_enum(spelling):
     assert cpu.qtype_of(spelling) == T.Q5_1
 
 
-@pytest.mark.parametrize("bad", ["Q4_K_M", "IQ2_XS", 99, 3.5, None])
+@pytest.mark.parametrize("bad", ["Q4_K_M", "TQ2_0", 99, 3.5, None])
 def test_unknown_types(bad):
     assert find_type(bad) is None
     with pytest.raises(ValueError, match="unsupported ggml type"):
