@@ -202,6 +202,59 @@ def tiny_llama_quant(tmp_path_factory, tiny_llama_f32):
     return get
 
 
+#: how the grid i-quant reference file was made (tests/data/perplexity_ref/README.md): llama-quantize's
+#: IQ2_M mix with the tiny model's imatrix, its IQ3_S tensors (attn_v, attn_output, token_embd) put in
+#: types kquant runs (IQ2_XS, IQ2_XXS, Q4_K)
+TINY_IQ2_M_OVERRIDES = {"token_embedding_type": "Q4_K", "tensor_types": [("attn_v", "IQ2_XS"),
+                                                                          ("attn_output", "IQ2_XXS")]}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_cpp_iq2_m(tmp_path_factory, tiny_llama_f32, llama_cpp):
+    """The tiny model as `llama-quantize --imatrix tests/data/imatrix_ref/tiny-llama.c128.gguf
+    --token-embedding-type q4_K --tensor-type attn_v=iq2_xs --tensor-type attn_output=iq2_xxs
+    tiny-llama-f32.gguf OUT IQ2_M` writes its tensors, by llama.cpp's own llama_model_quantize
+    (llama-cpp-python): IQ2_S, IQ2_XS, IQ2_XXS, Q5_K and Q4_K matrices. Skips without
+    llama-cpp-python."""
+    from gguf import GGMLQuantizationType as Q, LlamaFileType
+
+    from kquant.calibration.imatrix_file import load_imatrix, weights_for_quantize
+    from kquant.reference.libggml import llama_quantize
+
+    imatrix = weights_for_quantize(load_imatrix(Path(__file__).parent / "data" / "imatrix_ref"
+                                                / "tiny-llama.c128.gguf"))
+    out = tmp_path_factory.mktemp("tiny-llama-iq2") / "tiny-llama-IQ2_M.gguf"
+    o = TINY_IQ2_M_OVERRIDES
+    llama_quantize(tiny_llama_f32, out, LlamaFileType.MOSTLY_IQ2_M, n_threads=2, imatrix=imatrix,
+                   token_embedding_type=Q[o["token_embedding_type"]],
+                   tensor_types=[(p, Q[t]) for p, t in o["tensor_types"]])
+    return out
+
+
+@pytest.fixture
+def grid_iq_dequant(monkeypatch):
+    """The runtime's dequantization of the grid i-quants (IQ2_*, IQ1_*) borrowed from ggml's
+    dequantize_row_* (libggml-base) where kquant has no codec for them (kquant.codecs.iq2 /
+    iq1, not on every branch): the matrices' float copies are then ggml's values, as the
+    codecs' are. Skips without libggml."""
+    from gguf import GGMLQuantizationType as Q
+
+    import kquant.runtime.weights as weights
+    from kquant.types import TYPES
+
+    if find_libggml() is None:
+        pytest.skip("llama.cpp's libggml-base not found")
+    ref = GGML()
+    own = weights.dequantize
+
+    def dequantize(data, qtype, *args, **kwargs):
+        t = Q(qtype)
+        if t in TYPES and TYPES[t].codec_class is None and TYPES[t].vec_dot is not None:
+            return ref.dequantize(np.ascontiguousarray(data), t)
+        return own(data, qtype, *args, **kwargs)
+    monkeypatch.setattr(weights, "dequantize", dequantize)
+
+
 @pytest.fixture(scope="session")
 def hf_fixture(tmp_path_factory):
     """`hf_fixture(name)`: one Hugging Face fixture of tests/make_hf_fixtures.py, built once
