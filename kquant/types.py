@@ -186,13 +186,14 @@ IQ3_S = register(QuantType(T.IQ3_S, 256, 110, "IQ3Codec", "iq3", True))
 
 # IQ2_XXS (66 bytes), IQ2_XS (74), IQ2_S (82), IQ1_S (50), IQ1_M (56): 256 values, groups of 8
 # as points of a lattice grid (layouts drawn in kquant/matmul/iq2.py and iq1.py). Multiplied
-# against Q8_K (kquant/matmul/iq2.py, iq1.py; BLAS crossover that of the K-quants); their codecs
+# against Q8_K (kquant/matmul/iq2.py, iq1.py; BLAS crossover that of the K-quants; CUDA: the
+# "grid" slicing of kquant.matmul.cuda_blocks); their codecs
 # are not on this branch (codec_class None: quantizing and dequantizing them come with
 # kquant.codecs.iq2 / iq1).
 def _iq_grid(qtype: T, type_size: int, module: str) -> QuantType:
     name = qtype.name.lower()
     return register(QuantType(qtype, 256, type_size, None, None, True, T.Q8_K,
-                              f"{module}.mm_{name}", 128, None))
+                              f"{module}.mm_{name}", 128, "grid"))
 
 
 IQ2_XXS = _iq_grid(T.IQ2_XXS, 66, "iq2")
