@@ -33,14 +33,30 @@ from .simd import (add32, f16at, fma, hsumf, load32, madd, maddubs, sdot16, spla
 
 _S = 50
 _M = 56
-#: the delta's 8 bytes: +1, or -1 where its sign bit is set (ggml's 0x0101.. / 0xffff.. words)
-_DELTA = np.array([0x0101010101010101, 0xFFFFFFFFFFFFFFFF], np.uint64)
+#: IQ1_M's deltas of 32 values, for the 4 sign bits m of its groups: 32 bytes, group l's 8 +1,
+#: or -1 where bit l of m is set (ggml's 0x0101.. / 0xffff.. words, one load instead of four)
+_DELTA32 = np.where((np.arange(16)[:, None] >> (np.arange(32)[None, :] // 8)) & 1, -1, 1).astype(
+    np.int8).reshape(-1)
 _ONES = np.full(32, 1, np.int8)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
 def _u16(b, o):
     return np.int64(b[o]) | (np.int64(b[o + 1]) << 8)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _s_chunk(wr, o, ib, aq, x, bs, i, grid):
+    """Chunk ib (32 values) of the IQ1_S block at o: its grid lanes, and its delta term (the
+    chunk's two bsums, signed, times its scale)."""
+    h = _u16(wr, o + 34 + 2 * ib)
+    q = o + 2 + 4 * ib
+    q1 = grid4(grid, np.int64(wr[q]) | ((h << 8) & 0x700), np.int64(wr[q + 1]) | ((h << 5) & 0x700),
+               np.int64(wr[q + 2]) | ((h << 2) & 0x700), np.int64(wr[q + 3]) | ((h >> 1) & 0x700))
+    ls = 2 * ((h >> 12) & 7) + 1
+    p = madd(sdot16(q1, load32(aq, x + 32 * ib)), splat16(ls))
+    b2 = (np.int64(bs[16 * i + 2 * ib]) + np.int64(bs[16 * i + 2 * ib + 1])) * ls
+    return p, b2 if h < 0x8000 else -b2
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -53,15 +69,11 @@ def _s_row(wr, aq, ad, bs):
         x = i * 256
         sumi = zero32()
         sumi1 = np.int64(0)
-        for ib in range(8):
-            h = _u16(wr, o + 34 + 2 * ib)
-            q = o + 2 + 4 * ib
-            q1 = grid4(grid, np.int64(wr[q]) | ((h << 8) & 0x700), np.int64(wr[q + 1]) | ((h << 5) & 0x700),
-                       np.int64(wr[q + 2]) | ((h << 2) & 0x700), np.int64(wr[q + 3]) | ((h >> 1) & 0x700))
-            ls = 2 * ((h >> 12) & 7) + 1
-            sumi = add32(sumi, madd(sdot16(q1, load32(aq, x + 32 * ib)), splat16(ls)))
-            b2 = np.int64(bs[16 * i + 2 * ib]) + np.int64(bs[16 * i + 2 * ib + 1])
-            sumi1 += b2 * ls if h < 0x8000 else -b2 * ls
+        for ib in range(0, 8, 2):       # in pairs, as ggml
+            p1, s1 = _s_chunk(wr, o, ib, aq, x, bs, i, grid)
+            p2, s2 = _s_chunk(wr, o, ib + 1, aq, x, bs, i, grid)
+            sumi = add32(sumi, add32(p1, p2))
+            sumi1 += s1 + s2
         d = ad[i] * f16at(wr, o)
         acc = fma(d, sumi, acc)
         accum1 = fma32(d, F32(np.int32(sumi1)), accum1)
@@ -69,9 +81,25 @@ def _s_row(wr, aq, ad, bs):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
+def _m_chunk(wr, o, ib, sc, aq, x, grid, delta, ones):
+    """Chunk ib (32 values) of the IQ1_M block at o, its halves' scales in bits 0-2 and 3-5 of
+    sc: the grid part and the delta part of its lanes."""
+    q = o + 4 * ib
+    h0 = np.int64(wr[o + 32 + 2 * ib])
+    h1 = np.int64(wr[o + 33 + 2 * ib])
+    q1 = grid4(grid, np.int64(wr[q]) | ((h0 << 8) & 0x700), np.int64(wr[q + 1]) | ((h0 << 4) & 0x700),
+               np.int64(wr[q + 2]) | ((h1 << 8) & 0x700), np.int64(wr[q + 3]) | ((h1 << 4) & 0x700))
+    m = ((h0 >> 3) & 1) | ((h0 >> 6) & 2) | ((h1 >> 1) & 4) | ((h1 >> 4) & 8)
+    dl = load32(delta, 32 * m)
+    scl = splat16x2(2 * (sc & 7) + 1, 2 * ((sc >> 3) & 7) + 1)
+    q8 = load32(aq, x + 32 * ib)
+    return madd(sdot16(q1, q8), scl), madd(maddubs(ones, sign8(q8, dl)), scl)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def _m_row(wr, aq, ad):
     grid = IQ1S_GRID
-    delta = _DELTA
+    delta = _DELTA32
     ones = load32(_ONES, 0)
     acc1 = zerof()
     acc2 = zerof()
@@ -85,19 +113,16 @@ def _m_row(wr, aq, ad):
         scale = (s0 >> 12) | ((s1 >> 8) & 0x00F0) | ((s2 >> 4) & 0x0F00) | (s3 & 0xF000)
         sumi1 = zero32()
         sumi2 = zero32()
-        for ib in range(8):
-            q = o + 4 * ib
-            h0 = np.int64(wr[o + 32 + 2 * ib])
-            h1 = np.int64(wr[o + 33 + 2 * ib])
-            q1 = grid4(grid, np.int64(wr[q]) | ((h0 << 8) & 0x700), np.int64(wr[q + 1]) | ((h0 << 4) & 0x700),
-                       np.int64(wr[q + 2]) | ((h1 << 8) & 0x700), np.int64(wr[q + 3]) | ((h1 << 4) & 0x700))
-            dl = grid4(delta, (h0 >> 3) & 1, (h0 >> 7) & 1, (h1 >> 3) & 1, (h1 >> 7) & 1)
-            # scales of the two 16-value halves: sc[ib / 2] >> 0, 3 (even ib) or 6, 9 (odd)
-            sc = _u16(wr, o + 48 + 2 * (ib >> 1)) >> (6 * (ib & 1))
-            scl = splat16x2(2 * (sc & 7) + 1, 2 * ((sc >> 3) & 7) + 1)
-            q8 = load32(aq, x + 32 * ib)
-            sumi1 = add32(sumi1, madd(sdot16(q1, q8), scl))
-            sumi2 = add32(sumi2, madd(maddubs(ones, sign8(q8, dl)), scl))
+        # chunks in pairs, as ggml: both take their scales from one word sc[ib / 2] (the even
+        # chunk's halves at bits 0 and 3, the odd one's at 6 and 9: constant shifts)
+        for ib in range(0, 8, 2):
+            sc = _u16(wr, o + 48 + ib)
+            p1, p2 = _m_chunk(wr, o, ib, sc, aq, x, grid, delta, ones)
+            sumi1 = add32(sumi1, p1)
+            sumi2 = add32(sumi2, p2)
+            p1, p2 = _m_chunk(wr, o, ib + 1, sc >> 6, aq, x, grid, delta, ones)
+            sumi1 = add32(sumi1, p1)
+            sumi2 = add32(sumi2, p2)
         d = ad[i] * f16_to_f32(scale)
         acc1 = fma(d, sumi1, acc1)
         acc2 = fma(d, sumi2, acc2)
