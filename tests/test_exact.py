@@ -331,10 +331,12 @@ def test_exact_i_quants_print_llama_perplexitys_digits(capsys, tiny_llama_quant,
     assert re.findall(pattern, out) == re.findall(pattern, text)
 
 
-def test_exact_grid_i_quants_print_llama_perplexitys_digits(capsys, tiny_llama_cpp_iq2_m, grid_iq_dequant):
-    """--exact on the tiny model's llama-quantize IQ2_M file (IQ2_S, IQ2_XS, IQ2_XXS through
-    ggml's tiled kernel over 8+ tokens, vec_dot below; Q5_K / Q4_K): every chunk and the final
-    estimate to the printed digit."""
+@pytest.mark.parametrize("ftype", ["IQ2_M", "IQ1_S", "IQ1_M"])
+def test_exact_grid_i_quants_print_llama_perplexitys_digits(capsys, tiny_llama_cpp_grid_quant, grid_iq_dequant,
+                                                            ftype):
+    """--exact on the tiny model's llama-quantize IQ2_M (IQ2_S, IQ2_XS, IQ2_XXS), IQ1_S and
+    IQ1_M files (with IQ2_XXS, Q2_K, Q5_K, Q4_K matrices: ggml's tiled kernel over 8+ tokens,
+    vec_dot below): every chunk and the final estimate to the printed digit."""
     import re
 
     from kquant.cli.perplexity import main
@@ -342,10 +344,10 @@ def test_exact_grid_i_quants_print_llama_perplexitys_digits(capsys, tiny_llama_c
     wiki = ROOT.parent / "shared" / "text" / "eval" / "wiki.test.raw"
     if not wiki.is_file():
         pytest.skip("wiki.test.raw not available")
-    assert main(["-m", str(tiny_llama_cpp_iq2_m), "-f", str(wiki), "-c", "128", "--chunks", "8", "--exact",
+    assert main(["-m", str(tiny_llama_cpp_grid_quant(ftype)), "-f", str(wiki), "-c", "128", "--chunks", "8", "--exact",
                  "-t", "2", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    text = (Path(__file__).parent / "data" / "perplexity_ref" / "tiny-llama-IQ2_M.c128.out").read_text()
+    text = (Path(__file__).parent / "data" / "perplexity_ref" / f"tiny-llama-{ftype}.c128.out").read_text()
     pattern = r"\[\d+\][\d.]+,|Final estimate: PPL = [\d.]+ \+/- [\d.]+"
     assert re.findall(pattern, out) == re.findall(pattern, text) and len(re.findall(pattern, out)) == 9
 
