@@ -38,13 +38,14 @@ import kquant
 from kquant.matmul import (Activations, WEIGHT_TYPES, dot, matmul, matvec,
                            quantize_activations, vec_dot_type)
 from kquant.matmul import cpu
-from kquant.types import TYPES as RECORDS
 
 T = cpu.T
 U = 2.0 ** -24
-# the weight types kquant.quantize writes (the grid i-quants, IQ2_* / IQ1_*, are multiplied but
-# their codecs are kquant.codecs.iq2 / iq1: tests/test_matmul_iq.py quantizes them with ggml)
-TYPES = [t.name for t in WEIGHT_TYPES if RECORDS[t].codec_class is not None]
+# the weight types but the grid i-quants (IQ2_* / IQ1_*): several need an importance matrix to be
+# quantized at all, and their codecs (kquant.codecs.iq2 / iq1) are not on every branch, so
+# tests/test_matmul_iq.py checks them, on blocks ggml_quantize_chunk makes with an imatrix
+GRID = {"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M"}
+TYPES = [t.name for t in WEIGHT_TYPES if t.name not in GRID]
 K_TYPES = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS",   # 256-value blocks
            "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M"}
 Q8_1_TYPES = {"Q4_1", "Q5_1"}

@@ -177,3 +177,29 @@ def test_generic_vector_ir(monkeypatch, ggml):
         got = np.empty_like(want)
         njit(**{**opts, "cache": False})(kernel.py_func)(w, act.qs, act.d, act.sums, got)
         assert np.array_equal(got, want), name
+
+
+def test_pdep_fallback_is_bmi2s():
+    """iq1's index packing without BMI2 (a bit loop) gives pdep's bits."""
+    from numba import njit
+
+    from kquant.matmul import iq1
+
+    rng = np.random.default_rng(7)
+    xs = rng.integers(0, 2 ** 32, 200, dtype=np.int64)
+    generic = njit(lambda x, m: iq1._pdep_generic(x, m))
+    for mask in (0x00FF00FF00FF00FF, 0x0700070007000700, 0x0F000F000F000F00):
+        want = [generic(int(x), mask) for x in xs]
+        assert want[0] >= 0
+        if iq1.HAS_BMI2:
+            native = njit(lambda x, m: iq1._pdep_bmi2(x, m))
+            assert [native(int(x), mask) for x in xs] == want
+        ref = []
+        for x in xs:
+            out, k = 0, 0
+            for b in range(64):
+                if (mask >> b) & 1:
+                    out |= ((int(x) >> k) & 1) << b
+                    k += 1
+            ref.append(out)
+        assert want == ref

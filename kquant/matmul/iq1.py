@@ -1,5 +1,6 @@
 """Dot products of the IQ1 types with Q8_K activations (ggml's vec_dot: ggml_vec_dot_iq1_s_q8_K,
-ggml_vec_dot_iq1_m_q8_K), AVX2 versions (the non-BMI2 branch: same integers), ported onto
+ggml_vec_dot_iq1_m_q8_K), AVX2 versions (the BMI2 branch: each 32 values' 4 grid indices
+packed into 16-bit fields by two pdep; without BMI2 a bit loop gives the same), ported onto
 kquant.matmul.simd.
 
 Weight blocks (ggml-common.h, 256 values; every 8 values a point of iq1s_grid, bytes -1, 0,
@@ -23,13 +24,46 @@ are ggml's AVX2 vec_dot bit for bit.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import binding as llvm_binding
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from .iq2 import grid4, sign8, splat16x2
 from .iq_grids import IQ1S_GRID
-from .prims import F32, f16_to_f32, fma32
-from .simd import (add32, f16at, fma, hsumf, load32, madd, maddubs, sdot16, splat16, zero32,
-                   zerof)
+from .prims import F32, f16_to_f32, fma32, load_u32
+from .simd import (_int, _x86, add32, f16at, fma, hsumf, load32, madd, maddubs, sdot16,
+                   splat16, zero32, zerof)
+
+HAS_BMI2 = "+bmi2" in llvm_binding.get_host_cpu_features().flatten().split(",")
+
+
+@intrinsic
+def _pdep_bmi2(typingctx, x, mask):
+    """BMI2's pdep: the low bits of x deposited at the set bits of mask (one instruction)."""
+    if not (isinstance(x, types.Integer) and isinstance(mask, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a = _int(context, builder, args[0], sig.args[0], 64)
+        m = _int(context, builder, args[1], sig.args[1], 64)
+        return _x86(builder, "llvm.x86.bmi.pdep.64", ir.IntType(64), [a, m])
+    return types.int64(x, mask), codegen
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _pdep_generic(x, mask):
+    out = np.int64(0)
+    k = 0
+    for b in range(64):
+        if (mask >> b) & 1:
+            out |= ((x >> k) & 1) << b
+            k += 1
+    return out
+
+
+#: ggml's _pdep_u64 (its BMI2 branch packs IQ1's 4 grid indices of 32 values with two of them)
+pdep = _pdep_bmi2 if HAS_BMI2 else _pdep_generic
 
 _S = 50
 _M = 56
@@ -50,9 +84,10 @@ def _s_chunk(wr, o, ib, aq, x, bs, i, grid):
     """Chunk ib (32 values) of the IQ1_S block at o: its grid lanes, and its delta term (the
     chunk's two bsums, signed, times its scale)."""
     h = _u16(wr, o + 34 + 2 * ib)
-    q = o + 2 + 4 * ib
-    q1 = grid4(grid, np.int64(wr[q]) | ((h << 8) & 0x700), np.int64(wr[q + 1]) | ((h << 5) & 0x700),
-               np.int64(wr[q + 2]) | ((h << 2) & 0x700), np.int64(wr[q + 3]) | ((h >> 1) & 0x700))
+    # the 4 indices in 16-bit fields: 8 bits of qs, 3 of qh each (ggml's BMI2 branch)
+    idx = (pdep(np.int64(load_u32(wr, o + 2 + 4 * ib)), 0x00FF00FF00FF00FF)
+           | pdep(h, 0x0700070007000700))
+    q1 = grid4(grid, idx & 0xFFFF, (idx >> 16) & 0xFFFF, (idx >> 32) & 0xFFFF, idx >> 48)
     ls = 2 * ((h >> 12) & 7) + 1
     p = madd(sdot16(q1, load32(aq, x + 32 * ib)), splat16(ls))
     b2 = (np.int64(bs[16 * i + 2 * ib]) + np.int64(bs[16 * i + 2 * ib + 1])) * ls
@@ -84,12 +119,11 @@ def _s_row(wr, aq, ad, bs):
 def _m_chunk(wr, o, ib, sc, aq, x, grid, delta, ones):
     """Chunk ib (32 values) of the IQ1_M block at o, its halves' scales in bits 0-2 and 3-5 of
     sc: the grid part and the delta part of its lanes."""
-    q = o + 4 * ib
-    h0 = np.int64(wr[o + 32 + 2 * ib])
-    h1 = np.int64(wr[o + 33 + 2 * ib])
-    q1 = grid4(grid, np.int64(wr[q]) | ((h0 << 8) & 0x700), np.int64(wr[q + 1]) | ((h0 << 4) & 0x700),
-               np.int64(wr[q + 2]) | ((h1 << 8) & 0x700), np.int64(wr[q + 3]) | ((h1 << 4) & 0x700))
-    m = ((h0 >> 3) & 1) | ((h0 >> 6) & 2) | ((h1 >> 1) & 4) | ((h1 >> 4) & 8)
+    hh = _u16(wr, o + 32 + 2 * ib)
+    idx = (pdep(np.int64(load_u32(wr, o + 4 * ib)), 0x00FF00FF00FF00FF)
+           | pdep(hh & 0x7777, 0x0F000F000F000F00))
+    q1 = grid4(grid, idx & 0xFFFF, (idx >> 16) & 0xFFFF, (idx >> 32) & 0xFFFF, idx >> 48)
+    m = ((hh >> 3) & 1) | ((hh >> 6) & 2) | ((hh >> 9) & 4) | ((hh >> 12) & 8)
     dl = load32(delta, 32 * m)
     scl = splat16x2(2 * (sc & 7) + 1, 2 * ((sc >> 3) & 7) + 1)
     q8 = load32(aq, x + 32 * ib)
