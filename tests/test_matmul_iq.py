@@ -180,19 +180,19 @@ def test_generic_vector_ir(monkeypatch, ggml):
 
 
 def test_pdep_fallback_is_bmi2s():
-    """iq1's index packing without BMI2 (a bit loop) gives pdep's bits."""
+    """The grid kernels' index packing without BMI2 (a bit loop) gives pdep's bits."""
     from numba import njit
 
-    from kquant.matmul import iq1
+    from kquant.matmul import iq2
 
     rng = np.random.default_rng(7)
     xs = rng.integers(0, 2 ** 32, 200, dtype=np.int64)
-    generic = njit(lambda x, m: iq1._pdep_generic(x, m))
+    generic = njit(lambda x, m: iq2._pdep_generic(x, m))
     for mask in (0x00FF00FF00FF00FF, 0x0700070007000700, 0x0F000F000F000F00):
         want = [generic(int(x), mask) for x in xs]
         assert want[0] >= 0
-        if iq1.HAS_BMI2:
-            native = njit(lambda x, m: iq1._pdep_bmi2(x, m))
+        if iq2.HAS_BMI2:
+            native = njit(lambda x, m: iq2._pdep_bmi2(x, m))
             assert [native(int(x), mask) for x in xs] == want
         ref = []
         for x in xs:

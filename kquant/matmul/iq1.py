@@ -24,46 +24,13 @@ are ggml's AVX2 vec_dot bit for bit.
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import binding as llvm_binding
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
 
-from .iq2 import grid4, sign8, splat16x2
+from .iq2 import grid4, pdep, sign8, splat16x2
 from .iq_grids import IQ1S_GRID
 from .prims import F32, f16_to_f32, fma32, load_u32
-from .simd import (_int, _x86, add32, f16at, fma, hsumf, load32, madd, maddubs, sdot16,
-                   splat16, zero32, zerof)
-
-HAS_BMI2 = "+bmi2" in llvm_binding.get_host_cpu_features().flatten().split(",")
-
-
-@intrinsic
-def _pdep_bmi2(typingctx, x, mask):
-    """BMI2's pdep: the low bits of x deposited at the set bits of mask (one instruction)."""
-    if not (isinstance(x, types.Integer) and isinstance(mask, types.Integer)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        a = _int(context, builder, args[0], sig.args[0], 64)
-        m = _int(context, builder, args[1], sig.args[1], 64)
-        return _x86(builder, "llvm.x86.bmi.pdep.64", ir.IntType(64), [a, m])
-    return types.int64(x, mask), codegen
-
-
-@njit(cache=True, error_model="numpy", inline="always")
-def _pdep_generic(x, mask):
-    out = np.int64(0)
-    k = 0
-    for b in range(64):
-        if (mask >> b) & 1:
-            out |= ((x >> k) & 1) << b
-            k += 1
-    return out
-
-
-#: ggml's _pdep_u64 (its BMI2 branch packs IQ1's 4 grid indices of 32 values with two of them)
-pdep = _pdep_bmi2 if HAS_BMI2 else _pdep_generic
+from .simd import (add32, f16at, fma, hsumf, load32, madd, maddubs, sdot16, splat16, zero32,
+                   zerof)
 
 _S = 50
 _M = 56
