@@ -189,19 +189,22 @@ IQ3_XXS = register(QuantType(T.IQ3_XXS, 256, 98, "IQ3Codec", "iq3", True, T.Q8_K
 IQ3_S = register(QuantType(T.IQ3_S, 256, 110, "IQ3Codec", "iq3", True, T.Q8_K,
                            "iq3.mm_iq3_s", 128, "iq3_s"))
 
-# IQ1_S (256 values, 50 bytes) and IQ1_M (256 values, 56 bytes): groups of 8 values as points
-# of a ternary grid, shifted by +-1/8 (layouts drawn in kquant/codecs/iq1.py). IQ1_S needs an
-# importance matrix (as ggml asserts); no matmul kernel yet, so the runtime refuses their files.
-IQ1_S = register(QuantType(T.IQ1_S, 256, 50, "IQ1Codec", "iq1", True))
-IQ1_M = register(QuantType(T.IQ1_M, 256, 56, "IQ1Codec", "iq1", True))
-
 # IQ2_XXS (256 values, 66 bytes), IQ2_XS (74) and IQ2_S (82): groups of 8 values as points of
-# a 2-bit grid, with signs (layouts drawn in kquant/codecs/iq2.py). IQ2_XXS / IQ2_XS need an
-# imatrix (as in ggml). Written by the model pipeline; no matmul kernel yet, so the runtime
-# refuses their files.
-IQ2_XXS = register(QuantType(T.IQ2_XXS, 256, 66, "IQ2Codec", "iq2", True))
-IQ2_XS = register(QuantType(T.IQ2_XS, 256, 74, "IQ2Codec", "iq2", True))
-IQ2_S = register(QuantType(T.IQ2_S, 256, 82, "IQ2Codec", "iq2", True))
+# a 2-bit grid, with signs (layouts drawn in kquant/codecs/iq2.py); IQ2_XXS / IQ2_XS need an
+# imatrix (as in ggml). IQ1_S (50 bytes) and IQ1_M (56): groups of 8 values as points of a
+# ternary grid, shifted by +-1/8 (kquant/codecs/iq1.py); IQ1_S needs an imatrix. All five are
+# multiplied against Q8_K (kquant/matmul/iq2.py, iq1.py; the K-quants' BLAS crossover), their
+# CUDA decoders the "grid" slicing of kquant.matmul.cuda_blocks.
+IQ2_XXS = register(QuantType(T.IQ2_XXS, 256, 66, "IQ2Codec", "iq2", True, T.Q8_K,
+                             "iq2.mm_iq2_xxs", 128, "grid"))
+IQ2_XS = register(QuantType(T.IQ2_XS, 256, 74, "IQ2Codec", "iq2", True, T.Q8_K,
+                            "iq2.mm_iq2_xs", 128, "grid"))
+IQ2_S = register(QuantType(T.IQ2_S, 256, 82, "IQ2Codec", "iq2", True, T.Q8_K,
+                           "iq2.mm_iq2_s", 128, "grid"))
+IQ1_S = register(QuantType(T.IQ1_S, 256, 50, "IQ1Codec", "iq1", True, T.Q8_K,
+                           "iq1.mm_iq1_s", 128, "grid"))
+IQ1_M = register(QuantType(T.IQ1_M, 256, 56, "IQ1Codec", "iq1", True, T.Q8_K,
+                           "iq1.mm_iq1_m", 128, "grid"))
 
 # F16 / BF16: | 2 bytes | a value (IEEE half / the upper half of a float32); F32: | 4 bytes |
 F16 = _float(T.F16, 2, "HalfCodec", 128)

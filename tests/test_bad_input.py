@@ -357,11 +357,6 @@ CASES = [
                                                      G(m, d)], "also an input"),
     Case("ppl-iq-tensor", PPL, lambda m, d: ["-m", str(_iq_model(m, d)), "-f", str(m.text), "-c", "64"],
          "TQ1_0"),
-    # i-quants kquant writes but does not run yet: refused all the same
-    Case("ppl-iq2-tensor", PPL, lambda m, d: ["-m", str(_iq2_model(m, d)), "-f", str(m.text), "-c", "64"],
-         "tensor blk.0.ffn_up.weight is IQ2_S: kquant's runtime does not run i-quants yet"),
-    Case("ppl-iq1-tensor", PPL, lambda m, d: ["-m", str(_iq1_model(m, d)), "-f", str(m.text), "-c", "64"],
-         "tensor blk.0.ffn_up.weight is IQ1_M: kquant's runtime does not run i-quants yet"),
     Case("ppl-wrong-shape", PPL, lambda m, d: ["-m", str(patch_tensor_info(
         m.gguf, d / "w.gguf", "blk.0.attn_q.weight", shape=(128, 32))), "-f", str(m.text), "-c", "64"],
         "blk.0"),
@@ -449,19 +444,8 @@ def _quantized(m: Materials, d: Path) -> Path:
 
 def _iq_model(m: Materials, d: Path) -> Path:
     """The tiny model with one matrix declared TQ1_0 (zero bytes), a type kquant neither writes
-    nor runs (IQ4_NL, IQ3_S and IQ2_XS, which it once was, are now written; IQ4_NL runs)."""
+    nor runs (IQ4_NL, then IQ3_S, then IQ2_XS, which it once was, are now written and run)."""
     return _one_matrix_as(m, d / "iq.gguf", None, T.TQ1_0)
-
-
-def _iq2_model(m: Materials, d: Path) -> Path:
-    """The tiny model with one matrix quantized to IQ2_S by kquant: written, not run."""
-    return _one_matrix_as(m, d / "iq2.gguf", "IQ2_S", T.IQ2_S)
-
-
-def _iq1_model(m: Materials, d: Path) -> Path:
-    """The tiny model with one matrix quantized to IQ1_M by kquant (x^2 weights): written, not
-    run."""
-    return _one_matrix_as(m, d / "iq1.gguf", "IQ1_M", T.IQ1_M)
 
 
 def _one_matrix_as(m: Materials, out: Path, codec: str | None, declared: T) -> Path:

@@ -332,6 +332,27 @@ def test_exact_i_quants_print_llama_perplexitys_digits(capsys, tiny_llama_quant,
     assert re.findall(pattern, out) == re.findall(pattern, text)
 
 
+@pytest.mark.parametrize("ftype", ["IQ2_M", "IQ1_S", "IQ1_M"])
+def test_exact_grid_i_quants_print_llama_perplexitys_digits(capsys, tiny_llama_cpp_grid_quant,
+                                                            ftype):
+    """--exact on the tiny model's llama-quantize IQ2_M (IQ2_S, IQ2_XS, IQ2_XXS), IQ1_S and
+    IQ1_M files (with IQ2_XXS, Q2_K, Q5_K, Q4_K matrices: ggml's tiled kernel over 8+ tokens,
+    vec_dot below): every chunk and the final estimate to the printed digit."""
+    import re
+
+    from kquant.cli.perplexity import main
+
+    wiki = ROOT.parent / "shared" / "text" / "eval" / "wiki.test.raw"
+    if not wiki.is_file():
+        pytest.skip("wiki.test.raw not available")
+    assert main(["-m", str(tiny_llama_cpp_grid_quant(ftype)), "-f", str(wiki), "-c", "128", "--chunks", "8", "--exact",
+                 "-t", "2", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    text = (Path(__file__).parent / "data" / "perplexity_ref" / f"tiny-llama-{ftype}.c128.out").read_text()
+    pattern = r"\[\d+\][\d.]+,|Final estimate: PPL = [\d.]+ \+/- [\d.]+"
+    assert re.findall(pattern, out) == re.findall(pattern, text) and len(re.findall(pattern, out)) == 9
+
+
 @pytest.mark.parametrize("ftype, ref, args", EXACT_CASES, ids=[c[0] for c in EXACT_CASES])
 def test_exact_quantized_prints_llama_perplexitys_digits(capsys, tiny_llama_f32, tmp_path, ftype, ref, args):
     """--exact on the tiny model quantized by kquant-quantize (llama-quantize's bytes) to every

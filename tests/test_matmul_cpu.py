@@ -41,8 +41,13 @@ from kquant.matmul import cpu
 
 T = cpu.T
 U = 2.0 ** -24
-TYPES = [t.name for t in WEIGHT_TYPES]
-K_TYPES = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ3_XXS", "IQ3_S"}  # 256-value blocks
+# the weight types but the grid i-quants (IQ2_* / IQ1_*): several need an importance matrix to be
+# quantized at all, and their codecs (kquant.codecs.iq2 / iq1) are not on every branch, so
+# tests/test_matmul_iq.py checks them, on blocks ggml_quantize_chunk makes with an imatrix
+GRID = {"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M"}
+TYPES = [t.name for t in WEIGHT_TYPES if t.name not in GRID]
+K_TYPES = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ3_XXS", "IQ3_S",  # 256-value blocks
+           "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M"}
 Q8_1_TYPES = {"Q4_1", "Q5_1"}
 MIN_OFFSET = {"Q4_1": 20, "Q5_1": 24}   # block bytes; the min m is the fp16 at offset 2
 

@@ -271,8 +271,7 @@ TERNARY = r"ternary quants \(TQ1_0, TQ2_0\)"
 
 
 @pytest.mark.parametrize("qtype, family", [
-    (Q.IQ1_S, "i-quants"), (Q.IQ2_XXS, "i-quants"), (Q.IQ2_XS, "i-quants"), (Q.IQ2_S, "i-quants"),
-    (Q.IQ1_M, "i-quants"), (Q.TQ1_0, TERNARY), (Q.TQ2_0, TERNARY), (Q.MXFP4, "MXFP4 tensors"),
+    (Q.TQ1_0, TERNARY), (Q.TQ2_0, TERNARY), (Q.MXFP4, "MXFP4 tensors"),
 ], ids=lambda v: v.name if isinstance(v, Q) else "")
 def test_tensor_type_the_runtime_cannot_run_is_refused_before_any_work(tiny, tmp_path, qtype, family):
     source = variant(tiny, tmp_path / "iq.gguf", retype={"blk.0.attn_q.weight": qtype})

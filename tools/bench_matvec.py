@@ -62,6 +62,7 @@ from numba import njit, prange  # noqa: E402
 
 import kquant  # noqa: E402
 from kquant.matmul import cpu  # noqa: E402
+from kquant.types import TYPES  # noqa: E402
 
 T = cpu.T
 
@@ -100,6 +101,12 @@ def make_weights(qtype, rows: int, k: int, rng) -> np.ndarray:
     w = rng.standard_normal((rows, k), dtype=np.float32)
     if qtype == T.F32:
         return w
+    if TYPES[qtype].codec_class is None:
+        # a type kquant multiplies but has no codec for here (the grid i-quants, IQ2 / IQ1):
+        # ggml_quantize_chunk's blocks, with an importance matrix (some of them need one)
+        from kquant.reference.libggml import GGML
+
+        return GGML().quantize(w, qtype, np.ones(k, np.float32))
     return kquant.quantize(w, qtype)
 
 
@@ -134,7 +141,7 @@ def bench_matvec(args, ggml) -> None:
         rows, k = shape
         for name in args.types:
             qtype = cpu.qtype_of(name)
-            if k % kquant.codecs.get_codec(qtype).block_size:
+            if k % TYPES[qtype].block_size:
                 continue
             ws = [cpu.weight_rows(make_weights(qtype, rows, k, rng), qtype)[0]
                   for _ in range(args.copies)]

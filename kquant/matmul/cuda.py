@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 from numba import float32
 
-from ..codecs import get_codec
+from ..types import get_type  # the record, not the codec: some types run without one
 from .cuda_blocks import CHUNK, FAMILIES, Family
 
 U = np.uint64      # index conversion: unsigned indices skip Numba's negative-index wraparound
@@ -97,7 +97,7 @@ def _device_array(a):
 
 
 def _family(weight_type) -> Family:
-    name = get_codec(weight_type).name
+    name = get_type(weight_type).name
     try:
         return FAMILIES[name]
     except KeyError:
@@ -137,7 +137,7 @@ def to_device(w, weight_type, stream=0) -> DeviceWeights:
     numba.cuda device array of that shape (not copied). Returns a DeviceWeights."""
     fam = _family(weight_type)
     cu = _cuda()
-    codec = get_codec(weight_type)
+    codec = get_type(weight_type)
     dev = _device_array(w)
     if dev is not None:
         if dev.dtype != np.uint8 or dev.ndim != 2:
@@ -162,8 +162,8 @@ def to_device(w, weight_type, stream=0) -> DeviceWeights:
 
 def _weights(dw, weight_type) -> DeviceWeights:
     if isinstance(dw, DeviceWeights):
-        if get_codec(weight_type).name != dw.weight_type:
-            raise ValueError(f"weights are {dw.weight_type}, not {get_codec(weight_type).name}")
+        if get_type(weight_type).name != dw.weight_type:
+            raise ValueError(f"weights are {dw.weight_type}, not {get_type(weight_type).name}")
         return dw
     return to_device(dw, weight_type)
 

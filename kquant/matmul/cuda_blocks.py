@@ -18,6 +18,7 @@ kernel's chunk), so both kernels can share these decoders:
     IQ4_XS      256           16     2 x 8       2 words of qs, 2 of d and scales
     IQ3_XXS     256           16     2 x 8       1 word of qs (4 grid indices), 1 of signs
     IQ3_S       256           16     2 x 8       1 word of qs, 1 of qh, signs, scales each
+    IQ2_*/IQ1_* 256           16     2 x 8       2 groups of 8: their index bytes / words, a scale
     F32/F16/BF16 128          32     4x1 / 2x2   consecutive elements, lane-interleaved
 
 Lanes with consecutive `s` read consecutive bytes of the block, so a warp's loads coalesce.
@@ -383,10 +384,28 @@ _KSIGNS = np.array([i | (bin(i).count("1") % 2) << 7 for i in range(128)], np.in
 _HALF = _F(0.5)
 
 
+# --- grid i-quants (IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M): groups of 8 values from a table ------
+# Lane s of a 256-value block decodes values 16s..16s+15: groups 2s, 2s+1 of 8 (32-value chunk
+# s >> 1, its half s & 1). The grids are read as bytes of module-level tables (constant arrays
+# in a kernel), each value ggml's dequantize_row_*: IQ2 d * (0.5 + s) * 0.25 * grid * sign,
+# IQ1 d * (2s + 1) * (grid + delta).
+from .iq_grids import IQ1S_GRID, IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID  # noqa: E402
+
+_G2XXS = IQ2XXS_GRID.view(np.uint8)
+_G2XS = IQ2XS_GRID.view(np.uint8)
+_G2S = IQ2S_GRID.view(np.uint8)
+_G1S = IQ1S_GRID.view(np.uint8)               # bytes 0xFF, 0, 1: the levels -1, 0, +1 (+ 1)
+_QUARTER = _F(0.25)
+_DELTA1 = _F(0.125)
+_P112 = _F(2.0 ** 112)
+_TWO23_1 = _F(8388609.0)        # 2^23 + 1   (iq1s_grid's levels, stored + 1)
+
+
 @_dev
-def _start_iq3(s, r):
-    """IQ3_XXS / IQ3_S: lane s holds values 16s..16s+15 (half s & 1 of sub-block s >> 1):
-    4 grid points, 2 groups of 8 signs."""
+def _start_16(s, r):
+    """IQ3_XXS, IQ3_S and the grid i-quants: lane s holds values 16s..16s+15 (half s & 1 of
+    sub-block s >> 1) as 2 runs of 8 (IQ3: 4 grid points, 2 groups of 8 signs; the others:
+    groups 2s and 2s + 1)."""
     return 16 * s + 8 * r
 
 
@@ -429,6 +448,116 @@ def deq_iq3_s(q, h, row, blk, s, n, vals):
         for p in range(2):
             idx = ((pts >> (16 * r + 8 * p)) & 0xFF) | (((qh >> (2 * l + p)) & 1) << 8)
             _iq3_put(vals, r, p, db, _GRID_S[np.uint64(idx)], sg)
+
+
+@_dev
+def _byte16(q, row, i):
+    """Byte i of a row read through its uint16 view."""
+    return (np.int64(q[row, np.uint64(i >> 1)]) >> (8 * (i & 1))) & 0xFF
+
+
+@_dev
+def _half_bits(u):
+    """The float32 of fp16 bits u (integer operations and one multiply, exact: prims.f16_to_f32)."""
+    inf_nan = (((u & 0x7C00) + 0x0400) >> 15) * 0x70000000
+    return np.uint32(((u & 0x8000) << 16) | (((u & 0x7FFF) << 13) + inf_nan)).view(np.float32) * _P112
+
+
+@_dev
+def _iq2_group(grid, gi, signs, db, vals, at):
+    """8 values db * grid[gi][j] * (-1 where bit j of signs is set)."""
+    for j in range(8):
+        v = db * (_lvl(np.int64(grid[np.uint64(8 * gi + j)])) - _TWO23)
+        vals[at + j] = -v if (signs >> j) & 1 else v
+
+
+@_dev
+def deq_iq2_xxs(q, h, row, blk, s, n, vals):
+    # block_iq2_xxs: d @0, qs: 32 x u16 @2 (per 32 values: 4 grid bytes, then 4 x 7 sign bits
+    # and the scale in the top 4); 33 uint16
+    o = blk * 33
+    d = _f16(h, row, o)
+    c = s >> 1
+    aux0 = _w16(q, row, o + 1 + 4 * c)
+    aux1 = _w16(q, row, o + 3 + 4 * c)
+    db = d * (_HALF + _u(aux1 >> 28)) * _QUARTER
+    for g in range(2):
+        lg = 2 * (s & 1) + g
+        _iq2_group(_G2XXS, (aux0 >> (8 * lg)) & 0xFF,
+                   np.int64(_KSIGNS[np.uint64((aux1 >> (7 * lg)) & 127)]), db, vals, 8 * g)
+
+
+@_dev
+def deq_iq2_xs(q, h, row, blk, s, n, vals):
+    # block_iq2_xs: d @0, qs: 32 x u16 @2 (9-bit grid index, 7 sign bits), scales[8] @66; 37 uint16
+    o = blk * 37
+    d = _f16(h, row, o)
+    c = s >> 1
+    sc = _byte16(q, row, 2 * o + 66 + c)
+    db = d * (_HALF + _u((sc >> (4 * (s & 1))) & 0xF)) * _QUARTER
+    for g in range(2):
+        w = np.int64(q[row, np.uint64(o + 1 + 2 * s + g)])
+        _iq2_group(_G2XS, w & 511, np.int64(_KSIGNS[np.uint64(w >> 9)]), db, vals, 8 * g)
+
+
+@_dev
+def deq_iq2_s(q, h, row, blk, s, n, vals):
+    # block_iq2_s: d @0, qs[32] @2, signs[32] @34, qh[8] @66, scales[8] @74; 41 uint16
+    o = blk * 41
+    b = 2 * o
+    d = _f16(h, row, o)
+    c = s >> 1
+    sc = _byte16(q, row, b + 74 + c)
+    qh = _byte16(q, row, b + 66 + c)
+    db = d * (_HALF + _u((sc >> (4 * (s & 1))) & 0xF)) * _QUARTER
+    for g in range(2):
+        lg = 2 * (s & 1) + g
+        gi = _byte16(q, row, b + 2 + 4 * c + lg) | ((qh << (8 - 2 * lg)) & 0x300)
+        _iq2_group(_G2S, gi, _byte16(q, row, b + 34 + 4 * c + lg), db, vals, 8 * g)
+
+
+@_dev
+def _iq1_group(gi, dl, delta, vals, at):
+    """8 values dl * (grid[gi][j] + delta), grid bytes -1, 0, +1."""
+    for j in range(8):
+        level = (np.int64(_G1S[np.uint64(8 * gi + j)]) + 1) & 0xFF      # 0, 1, 2
+        vals[at + j] = dl * ((_lvl(level) - _TWO23_1) + delta)
+
+
+@_dev
+def deq_iq1_s(q, h, row, blk, s, n, vals):
+    # block_iq1_s: d @0, qs[32] @2, qh: 8 x u16 @34 (3 index bits a group, scale, delta sign); 25 uint16
+    o = blk * 25
+    d = _f16(h, row, o)
+    c = s >> 1
+    qh = np.int64(q[row, np.uint64(o + 17 + c)])
+    dl = d * _u(2 * ((qh >> 12) & 7) + 1)
+    delta = -_DELTA1 if qh & 0x8000 else _DELTA1
+    for g in range(2):
+        lg = 2 * (s & 1) + g
+        gi = _byte16(q, row, 2 * o + 2 + 4 * c + lg) | (((qh >> (3 * lg)) & 7) << 8)
+        _iq1_group(gi, dl, delta, vals, 8 * g)
+
+
+@_dev
+def deq_iq1_m(q, h, row, blk, s, n, vals):
+    # block_iq1_m: qs[32] @0, qh[16] @32, scales: 4 x u16 @48 (3-bit scales, the fp16 d in the
+    # top nibbles); 14 uint32
+    o = blk * 14
+    w0 = _w32(q, row, o + 12)
+    w1 = _w32(q, row, o + 13)
+    u = (((w0 & 0xFFFF) >> 12) | (((w0 >> 16) >> 8) & 0xF0) | (((w1 & 0xFFFF) >> 4) & 0xF00)
+         | ((w1 >> 16) & 0xF000))
+    d = _half_bits(u)
+    c = s >> 1
+    sc = (w0 if c < 4 else w1) >> (16 * ((c >> 1) & 1))
+    dl = d * _u(2 * ((sc >> (6 * (c & 1) + 3 * (s & 1))) & 7) + 1)
+    qh = (_w32(q, row, o + 8 + (c >> 1)) >> (16 * (c & 1) + 8 * (s & 1))) & 0xFF
+    qs = _w32(q, row, o + c)
+    for g in range(2):
+        lg = 2 * (s & 1) + g
+        gi = ((qs >> (8 * lg)) & 0xFF) | ((qh << (8 - 4 * g)) & 0x700)
+        _iq1_group(gi, dl, -_DELTA1 if (qh >> (3 + 4 * g)) & 1 else _DELTA1, vals, 8 * g)
 
 
 # --- unquantized rows: virtual blocks of 128 values, 32 lanes ---------------------------------
@@ -496,7 +625,7 @@ _SLICINGS = {"2bit": (4, 4, _start_2bit), "4bit": (2, 8, _start_4bit),
              "legacy": (2, 4, _start_legacy), "q8_0": (2, 4, _start_q8_0),
              "f32": (4, 1, _start_f32), "half": (2, 2, _start_half),
              "iq4_nl": (2, 4, _start_legacy), "iq4_xs": (2, 8, _start_iq4_xs),
-             "iq3_xxs": (2, 8, _start_iq3), "iq3_s": (2, 8, _start_iq3)}
+             "iq3_xxs": (2, 8, _start_16), "iq3_s": (2, 8, _start_16), "grid": (2, 8, _start_16)}
 
 
 def _family(r: QuantType) -> Family:

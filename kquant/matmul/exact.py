@@ -2,7 +2,7 @@
 computes it, bit for bit: the path ggml_compute_forward_mul_mat takes, then that path's kernel.
 
     weight Q4_K / Q4_0 / IQ4_NL, rows % 8 == 0 -> the repacked GEMM/GEMV (kquant.matmul.repack)
-    a K-quant, IQ4_XS or IQ3, 8+ tokens    -> the tiled K-quant kernel (kquant.matmul.tiled)
+    a K-quant, IQ4_XS, IQ3_*, IQ2_* or IQ1_* over 8+ tokens -> the tiled kernel (kquant.matmul.tiled)
     2+ tokens and a type llamafile takes   -> llamafile's tinyBLAS (kquant.matmul.tinyblas)
     anything else                          -> ggml_vec_dot per (row, token) (kquant.matmul.cpu)
 

@@ -2,8 +2,8 @@
 x86 AVX2 + FMA build, no AVX512-VNNI: the AVX2 micro-kernel tiled_run_microtile_avx2),
 bit for bit.
 
-When (ggml_compute_forward_mul_mat_tiled): src0 type Q2_K..Q6_K, IQ4_XS, IQ3_XXS or IQ3_S
-(also IQ2_* and IQ1_*, not ported here), src0->extra == NULL (a plain buffer, not a
+When (ggml_compute_forward_mul_mat_tiled): src0 type Q2_K..Q6_K, IQ4_XS, IQ3_XXS / IQ3_S,
+IQ2_XXS / IQ2_XS / IQ2_S or IQ1_S / IQ1_M, src0->extra == NULL (a plain buffer, not a
 CPU_REPACK one), src1 rows n_tok >= 8 (ggml_tiled_min_batch; GGML_CPU_TILED_MM_FORCE=1 takes any batch), the master
 switch GGML_CPU_TILED_MM not 0, no --use-ref; k is a multiple of 256 for K-quants.
 
@@ -16,7 +16,8 @@ order, the tiling only splits rows/tokens, never K):
        correction, which is the same integer; IQ4_XS: w = kvalues_iq4nl[index], scale
        ls - 32 per 32 values, the sign trick; IQ3_XXS / IQ3_S: w = +-grid level, scale
        2 ls + 1 per 32 values, and IQ3_XXS's d is fp16(d) * 0.25f, so unlike its vec_dot the
-       quarter is applied per block, before the sums)
+       quarter is applied per block, before the sums; IQ2: w = grid * sign, scale 2s + 1, and
+       IQ1: w = 8 grid + delta, d = fp16 * 0.125 (tiled.cpp's unpacking, _decode_grid))
   s2 = sum_s min_s * bsum_s                                     (exact int32; Q2/Q4/Q5_K)
   res = d * float(s1)
   res = fma(-dmin, float(s2), res)                               (_mm256_fnmadd_ps; HAS_MIN)
@@ -38,11 +39,13 @@ from .activations import quantize_rows
 
 T = GGMLQuantizationType
 
-TYPES = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS, T.IQ3_XXS, T.IQ3_S)
+# the grid i-quants (IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M): _decode_grid below
+_GRID_TYPES = {T.IQ2_XXS: 66, T.IQ2_XS: 74, T.IQ2_S: 82, T.IQ1_S: 50, T.IQ1_M: 56}
+TYPES = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS, T.IQ3_XXS, T.IQ3_S) + tuple(_GRID_TYPES)
 _BLOCK_BYTES = {T.Q2_K: 84, T.Q3_K: 110, T.Q4_K: 144, T.Q5_K: 176, T.Q6_K: 210, T.IQ4_XS: 136,
-                T.IQ3_XXS: 98, T.IQ3_S: 110}
+                T.IQ3_XXS: 98, T.IQ3_S: 110, **_GRID_TYPES}
 _HAS_MIN = {T.Q2_K: True, T.Q3_K: False, T.Q4_K: True, T.Q5_K: True, T.Q6_K: False,
-            T.IQ4_XS: False, T.IQ3_XXS: False, T.IQ3_S: False}
+            T.IQ4_XS: False, T.IQ3_XXS: False, T.IQ3_S: False, **{t: False for t in _GRID_TYPES}}
 _KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89,
                            113], np.int32)
 # the IQ3 grids' points as 4 levels each (bytes of the little-endian words)
@@ -86,7 +89,9 @@ def _decode(wb: np.ndarray, qtype, k: int):
     group, l = el >> 5, el & 31
     dmin = np.zeros((rows, nb), np.float32)
     mins = np.zeros((rows, nb, 16), np.int32)
-    if qtype in (T.IQ3_XXS, T.IQ3_S):
+    if qtype in _GRID_TYPES:
+        w, scales, d = _decode_grid(raw, qtype)
+    elif qtype in (T.IQ3_XXS, T.IQ3_S):
         sub, j = e >> 5, e & 31                                       # value e of sub-block sub
         point, bit = 8 * sub + (j >> 2), j & 7                        # its grid point, sign bit
         ib = np.arange(8)
@@ -164,6 +169,65 @@ def _decode(wb: np.ndarray, qtype, k: int):
     scales = np.ascontiguousarray(np.asarray(scales).reshape(rows, k // 16).astype(np.int32))
     mins = np.ascontiguousarray(np.asarray(mins).reshape(rows, k // 16).astype(np.int32))
     return w, scales, mins, np.ascontiguousarray(d), np.ascontiguousarray(dmin)
+
+
+def _decode_grid(raw: np.ndarray, qtype):
+    """The grid i-quants as tiled.cpp's tiled_unpack_src0 unpacks them: signed values
+    (rows, nb, 256), odd scales 2s + 1 per 16 values (rows, nb, 16), d = fp16 * 0.125 (rows,
+    nb). IQ2: grid byte * sign; IQ1: 8 * grid + delta (the /8 folded into d)."""
+    from .iq_grids import IQ1S_GRID, IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, KSIGNS_Q2XS
+
+    def grid(tab, idx):
+        return tab.view(np.uint8 if tab is not IQ1S_GRID else np.int8).reshape(-1, 8)[idx]
+
+    b = raw.astype(np.int64)
+    c = np.arange(8)[:, None]                   # 32-value chunk
+    lg = np.arange(4)[None, :]                  # group of 8 in the chunk
+    signs8 = KSIGNS_Q2XS.view(np.int8).reshape(-1, 8).astype(np.int32)
+    if qtype == T.IQ1_M:
+        sc = b[..., 48:56:2] | (b[..., 49:56:2] << 8)                            # (rows, nb, 4)
+        u = ((sc[..., 0] >> 12) | ((sc[..., 1] >> 8) & 0xF0) | ((sc[..., 2] >> 4) & 0xF00)
+             | (sc[..., 3] & 0xF000))
+        d = _f16(u.astype("<u2").view(np.uint8).reshape(u.shape + (2,)))
+    else:
+        d = _f16(raw[..., 0:2])
+    d = (d * np.float32(0.125)).astype(np.float32)
+    if qtype == T.IQ2_XXS:
+        aux1 = b[..., 6 + 8 * c[:, 0]] | (b[..., 7 + 8 * c[:, 0]] << 8) | (
+            b[..., 8 + 8 * c[:, 0]] << 16) | (b[..., 9 + 8 * c[:, 0]] << 24)      # (rows, nb, 8)
+        g = grid(IQ2XXS_GRID, b[..., 2 + 8 * c + lg])
+        s = signs8[(aux1[..., None] >> (7 * lg)) & 127]
+        w = g.astype(np.int32) * s
+        ls = np.repeat(2 * (aux1 >> 28) + 1, 2, axis=-1)
+    elif qtype in (T.IQ2_XS, T.IQ2_S):
+        if qtype == T.IQ2_XS:
+            q = b[..., 2 + 8 * c + 2 * lg] | (b[..., 3 + 8 * c + 2 * lg] << 8)
+            g = grid(IQ2XS_GRID, q & 511)
+            s = signs8[q >> 9]
+            scb = b[..., 66:74]
+        else:
+            qh = b[..., 66:74][..., :, None]
+            g = grid(IQ2S_GRID, b[..., 2 + 4 * c + lg] | ((qh << (8 - 2 * lg)) & 0x300))
+            s = np.where((b[..., 34 + 4 * c + lg][..., None] >> np.arange(8)) & 1, -1, 1)
+            scb = b[..., 74:82]
+        w = g.astype(np.int32) * s
+        ls = np.stack([2 * (scb & 15) + 1, 2 * (scb >> 4) + 1], axis=-1).reshape(scb.shape[:-1] + (16,))
+    else:
+        if qtype == T.IQ1_S:
+            h = (b[..., 34:50:2] | (b[..., 35:50:2] << 8))[..., :, None]         # (.., 8, 1)
+            idx = b[..., 2 + 4 * c + lg] | (((h >> (3 * lg)) & 7) << 8)
+            delta = np.where(h & 0x8000, -1, 1)
+            ls = np.repeat(2 * ((h[..., 0] >> 12) & 7) + 1, 2, axis=-1)
+        else:
+            h = b[..., 32 + 2 * c + (lg >> 1)]                                    # (.., 8, 4)
+            idx = b[..., 4 * c + lg] | ((h << (8 - 4 * (lg & 1))) & 0x700)
+            delta = np.where((h >> (3 + 4 * (lg & 1))) & 1, -1, 1)
+            hw = sc[..., c[:, 0] // 2] >> (6 * (c[:, 0] % 2))                    # (.., 8)
+            ls = np.stack([2 * (hw & 7) + 1, 2 * ((hw >> 3) & 7) + 1], axis=-1)
+            ls = ls.reshape(hw.shape[:-1] + (16,))
+        w = 8 * grid(IQ1S_GRID, idx).astype(np.int32) + delta[..., None]
+    rows, nb = raw.shape[:2]
+    return w.reshape(rows, nb, 256), ls, d
 
 
 class Prepared:

@@ -52,6 +52,12 @@ IQ_LEGACY_CANDIDATES = (T.IQ4_NL,)
 SAMPLE_ROWS = 256
 
 
+def _needs_imatrix(name: str, qtype: T) -> bool:
+    """llama-quantize refuses the type without an imatrix (tensor_requires_imatrix), or ggml
+    cannot quantize it without one (IQ1_S for token_embd, which llama-quantize exempts)."""
+    return mixes.requires_imatrix(name, qtype, "Q4_K_M") or TYPES[qtype].codec.requires_imatrix
+
+
 def _runnable(qtype: T) -> bool:
     record = TYPES.get(qtype)
     return record is not None and record.codec is not None and record.cpu_kernel is not None
@@ -70,7 +76,7 @@ def candidate_types(n_per_row: int, name: str = "", has_imatrix: bool = True,
     else:
         return ()
     extra = tuple(q for q in extra if _runnable(q) and (allowed is None or q in allowed)
-                  and (has_imatrix or not mixes.requires_imatrix(name, q, "Q4_K_M")))
+                  and (has_imatrix or not _needs_imatrix(name, q)))
     return tuple(sorted(base + extra, key=lambda q: GGML_QUANT_SIZES[q][1] / GGML_QUANT_SIZES[q][0]))
 
 
@@ -215,9 +221,9 @@ def estimate(p: Any, n_threads: int | None = None, allowed: Collection[T] | None
     if t.release is not None:
         t.release()
     imatrix = p.imatrix
-    types = candidate_types(n_per_row, p.name, imatrix is not None, allowed)
     if imatrix is not None and imatrix.size != n_per_row:
         imatrix = None  # per-expert imatrices: the estimate goes unweighted
+    types = candidate_types(n_per_row, p.name, imatrix is not None, allowed)
     lookup = tensor_kind(p.name) == "token_embd"
     errors = weighted_errors(x, types, imatrix, n_rows, lookup=lookup, n_threads=n_threads)
     digest = hashlib.sha256(x.tobytes())

@@ -1,0 +1,242 @@
+"""Dot products of the IQ2 types with Q8_K activations (ggml's vec_dot: ggml_vec_dot_iq2_xxs_q8_K,
+_iq2_xs_q8_K, _iq2_s_q8_K), AVX2 versions, ported onto kquant.matmul.simd.
+
+Weight blocks (ggml-common.h, 256 values; every 8 values a point of an unsigned grid, levels
+8, 25, 43, with 8 signs; value = d * (0.5 + s) * 0.25 * grid * sign / 8, s the 4-bit scale):
+  IQ2_XXS (66 B): d, qs: 32 x u16        per 32 values two u32: 4 grid bytes (iq2xxs_grid),
+                                         then 4 x 7-bit sign indices + the scale in bits 28-31
+  IQ2_XS  (74 B): d, qs: 32 x u16, scales[8]   per 8 values a u16: grid index (9 bits,
+                                         iq2xs_grid) + 7-bit sign index; a 4-bit scale a 16
+  IQ2_S   (82 B): d, qs[32] (grid index low 8 bits), signs[32] (8 explicit sign bits a group),
+                  qh[8] (2 high index bits a group), scales[8]   (iq2s_grid: 1024 entries)
+7-bit sign indices: the 8th sign is the parity (KSIGNS_Q2XS, ggml's keven_signs_q2xs).
+
+ggml's scheme, kept here: per 32 values the 4 grid entries in one vector (grid4: ggml's
+_mm256_set_epi64x of 4 table loads), the activations signed by the weights' signs (vpsignb),
+vpmaddubsw (grid bytes <= 43, |q8| <= 127: no saturation), vpmaddwd with the odd scale
+2s + 1 per 16 or 32 values into int32 lanes (two accumulators, added per super-block);
+acc = fma(fp16(w.d) * a.d, float(lanes), acc) per super-block; 0.125 * hsum_float_8(acc) per
+row. Integer lane sums are exact whatever order they are added in, and every float operation
+is ggml's in its order, so the results are ggml's AVX2 vec_dot bit for bit. IQ2_S's 4 grid
+indices of 32 values are packed into 16-bit fields with two BMI2 pdep (as ggml's IQ1 kernels
+do theirs; 0.73x -> 0.90x ggml's speed on one thread): the scalar index arithmetic per group
+of 8 is where these kernels spend the time ggml saves (tools/bench_matvec.py).
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import binding as llvm_binding
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from .iq_grids import IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, KSIGNS_Q2XS
+from .prims import F32, load_u32
+from .simd import (I8x32, I16x16, _i32, _int, _psign, _shuffle, _splat, _x86, add32, bitmask32,
+                   f16at, fma, hsumf, load32, madd, maddubs, or8, splat16, zero32, zerof)
+
+_XXS = 66
+_XS = 74
+_S = 82
+_i64 = ir.IntType(64)
+
+
+# ---- the few vector operations the i-quant grids need (beside kquant.matmul.simd's) -----------
+
+@intrinsic
+def grid4(typingctx, tab, i0, i1, i2, i3):
+    """32 bytes from 4 uint64 table entries (ggml's _mm256_set_epi64x(tab[i3], tab[i2],
+    tab[i1], tab[i0])): the 4 groups of 8 values of 32 weights. Indices unchecked."""
+    if not (isinstance(tab, types.Array) and tab.ndim == 1 and tab.dtype == types.uint64
+            and all(isinstance(t, types.Integer) for t in (i0, i1, i2, i3))):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, value=args[0])
+        v = ir.Constant(ir.VectorType(_i64, 4), ir.Undefined)
+        for j in range(4):
+            idx = context.cast(builder, args[1 + j], sig.args[1 + j], types.intp)
+            e = builder.load(builder.gep(a.data, [idx]), align=8)
+            v = builder.insert_element(v, e, ir.Constant(_i32, j))
+        return builder.bitcast(v, I8x32.llvm)
+    return I8x32(tab, i0, i1, i2, i3), codegen
+
+
+@intrinsic
+def sign8(typingctx, a, b):
+    """ggml's _mm256_sign_epi8(a, b): a where b > 0, -a where b < 0, 0 where b == 0."""
+    if not (a == I8x32 and b == I8x32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _psign(builder, args[0], args[1])
+    return I8x32(a, b), codegen
+
+
+@intrinsic
+def splat16x2(typingctx, a, b):
+    """int16 lanes 0-7 = a, 8-15 = b: the scales of a 32-value chunk's two 16-value halves
+    (ggml's cvtepi8_epi16(shuffle(scales, get_scale_shuffle(ib))))."""
+    if not (isinstance(a, types.Integer) and isinstance(b, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        h = ir.VectorType(ir.IntType(16), 8)
+        sa = _splat(builder, _int(context, builder, args[0], sig.args[0], 16), h)
+        sb = _splat(builder, _int(context, builder, args[1], sig.args[1], 16), h)
+        return _shuffle(builder, sa, sb, range(16))
+    return I16x16(a, b), codegen
+
+
+HAS_BMI2 = "+bmi2" in llvm_binding.get_host_cpu_features().flatten().split(",")
+
+
+@intrinsic
+def _pdep_bmi2(typingctx, x, mask):
+    """BMI2's pdep: the low bits of x deposited at the set bits of mask (one instruction)."""
+    if not (isinstance(x, types.Integer) and isinstance(mask, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a = _int(context, builder, args[0], sig.args[0], 64)
+        m = _int(context, builder, args[1], sig.args[1], 64)
+        return _x86(builder, "llvm.x86.bmi.pdep.64", ir.IntType(64), [a, m])
+    return types.int64(x, mask), codegen
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _pdep_generic(x, mask):
+    out = np.int64(0)
+    k = 0
+    for b in range(64):
+        if (mask >> b) & 1:
+            out |= ((x >> k) & 1) << b
+            k += 1
+    return out
+
+
+#: ggml's _pdep_u64 (its BMI2 branch packs IQ1's 4 grid indices of 32 values with two of them;
+#: IQ2_S's the same way here)
+pdep = _pdep_bmi2 if HAS_BMI2 else _pdep_generic
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _u16(b, o):
+    return np.int64(b[o]) | (np.int64(b[o + 1]) << 8)
+
+
+# ---- rows ------------------------------------------------------------------------------------
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _xxs_row(wr, aq, ad):
+    grid = IQ2XXS_GRID
+    signs = KSIGNS_Q2XS
+    acc = zerof()
+    for i in range(ad.shape[0]):
+        o = i * _XXS
+        x = i * 256
+        sumi1 = zero32()
+        sumi2 = zero32()
+        for ib in range(0, 8, 2):
+            q = o + 2 + 8 * ib
+            a1 = np.int64(load_u32(wr, q + 4))
+            a3 = np.int64(load_u32(wr, q + 12))
+            q2_1 = grid4(grid, wr[q], wr[q + 1], wr[q + 2], wr[q + 3])
+            q2_2 = grid4(grid, wr[q + 8], wr[q + 9], wr[q + 10], wr[q + 11])
+            s2_1 = grid4(signs, a1 & 127, (a1 >> 7) & 127, (a1 >> 14) & 127, (a1 >> 21) & 127)
+            s2_2 = grid4(signs, a3 & 127, (a3 >> 7) & 127, (a3 >> 14) & 127, (a3 >> 21) & 127)
+            dot1 = maddubs(q2_1, sign8(load32(aq, x + 32 * ib), s2_1))
+            dot2 = maddubs(q2_2, sign8(load32(aq, x + 32 * ib + 32), s2_2))
+            sumi1 = add32(sumi1, madd(dot1, splat16(2 * (a1 >> 28) + 1)))
+            sumi2 = add32(sumi2, madd(dot2, splat16(2 * (a3 >> 28) + 1)))
+        acc = fma(f16at(wr, o) * ad[i], add32(sumi1, sumi2), acc)
+    return F32(0.125) * hsumf(acc)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _xs_chunk(wr, q, sc, aq, xa, grid, signs):
+    """32 values: the 4 u16 at q (9-bit grid index, 7-bit sign index each), scale byte sc."""
+    g0 = _u16(wr, q)
+    g1 = _u16(wr, q + 2)
+    g2 = _u16(wr, q + 4)
+    g3 = _u16(wr, q + 6)
+    q2 = grid4(grid, g0 & 511, g1 & 511, g2 & 511, g3 & 511)
+    s2 = grid4(signs, g0 >> 9, g1 >> 9, g2 >> 9, g3 >> 9)
+    dot = maddubs(q2, sign8(load32(aq, xa), s2))
+    return madd(dot, splat16x2(2 * (sc & 15) + 1, 2 * (sc >> 4) + 1))
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _xs_row(wr, aq, ad):
+    grid = IQ2XS_GRID
+    signs = KSIGNS_Q2XS
+    acc = zerof()
+    for i in range(ad.shape[0]):
+        o = i * _XS
+        x = i * 256
+        sumi1 = zero32()
+        sumi2 = zero32()
+        for ib in range(0, 8, 2):
+            sumi1 = add32(sumi1, _xs_chunk(wr, o + 2 + 8 * ib, np.int64(wr[o + 66 + ib]), aq,
+                                           x + 32 * ib, grid, signs))
+            sumi2 = add32(sumi2, _xs_chunk(wr, o + 10 + 8 * ib, np.int64(wr[o + 67 + ib]), aq,
+                                           x + 32 * ib + 32, grid, signs))
+        acc = fma(f16at(wr, o) * ad[i], add32(sumi1, sumi2), acc)
+    return F32(0.125) * hsumf(acc)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _s_chunk(wr, o, c, aq, xa, grid):
+    """32 values of the IQ2_S block at o: chunk c (qs[4c..], signs[4c..], qh[c], scales[c])."""
+    # the 4 indices in 16-bit fields, 8 bits of qs and 2 of qh each (pdep, as ggml's IQ1 kernels)
+    idx = (pdep(np.int64(load_u32(wr, o + 2 + 4 * c)), 0x00FF00FF00FF00FF)
+           | pdep(np.int64(wr[o + 66 + c]), 0x0300030003000300))
+    q2 = grid4(grid, idx & 0xFFFF, (idx >> 16) & 0xFFFF, (idx >> 32) & 0xFFFF, idx >> 48)
+    # byte j of the 32 negated where bit j of the 4 sign bytes is set (ggml: cmpeq, xor, sub)
+    s2 = or8(bitmask32(load_u32(wr, o + 34 + 4 * c)), 1)
+    dot = maddubs(q2, sign8(load32(aq, xa), s2))
+    sc = np.int64(wr[o + 74 + c])
+    return madd(dot, splat16x2(2 * (sc & 15) + 1, 2 * (sc >> 4) + 1))
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _s_row(wr, aq, ad):
+    grid = IQ2S_GRID
+    acc = zerof()
+    for i in range(ad.shape[0]):
+        o = i * _S
+        x = i * 256
+        sumi1 = zero32()
+        sumi2 = zero32()
+        for ib in range(0, 8, 2):
+            sumi1 = add32(sumi1, _s_chunk(wr, o, ib, aq, x + 32 * ib, grid))
+            sumi2 = add32(sumi2, _s_chunk(wr, o, ib + 1, aq, x + 32 * ib + 32, grid))
+        acc = fma(f16at(wr, o) * ad[i], add32(sumi1, sumi2), acc)
+    return F32(0.125) * hsumf(acc)
+
+
+# One kernel per type, kquant.matmul.cpu's signature: w uint8 (rows, row_bytes); aq int8
+# (n_tok, k); ad float32 (n_tok, blocks); bsums (unused here); out float32 (n_tok, rows).
+# Weight rows in parallel, each against every token.
+
+# (The grids are module globals: Numba freezes them into the compiled code as constants.)
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def mm_iq2_xxs(w, aq, ad, unused, out):
+    for r in prange(w.shape[0]):
+        for t in range(aq.shape[0]):
+            out[t, r] = _xxs_row(w[r], aq[t], ad[t])
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def mm_iq2_xs(w, aq, ad, unused, out):
+    for r in prange(w.shape[0]):
+        for t in range(aq.shape[0]):
+            out[t, r] = _xs_row(w[r], aq[t], ad[t])
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def mm_iq2_s(w, aq, ad, unused, out):
+    for r in prange(w.shape[0]):
+        for t in range(aq.shape[0]):
+            out[t, r] = _s_row(w[r], aq[t], ad[t])
