@@ -224,15 +224,16 @@ def tiny_llama_quant(tmp_path_factory, tiny_llama_f32):
 #: put in types kquant runs (IQ2_XS, IQ2_XXS, Q4_K); IQ1_S / IQ1_M as they are (IQ1, IQ2_XXS, Q2_K, Q5_K)
 GRID_QUANT_OVERRIDES = {
     "IQ2_M": {"token_embedding_type": "Q4_K", "tensor_types": [("attn_v", "IQ2_XS"), ("attn_output", "IQ2_XXS")]},
-    "IQ1_S": {}, "IQ1_M": {}}
+    "IQ2_M-plain": {}, "IQ1_S": {}, "IQ1_M": {}}
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_cpp_grid_quant(tmp_path_factory, tiny_llama_f32, llama_cpp):
-    """`tiny_llama_cpp_grid_quant(ftype)` (IQ2_M, IQ1_S, IQ1_M): the tiny model as `llama-quantize
+    """`tiny_llama_cpp_grid_quant(ftype)` (IQ2_M, IQ2_M-plain, IQ1_S, IQ1_M): the tiny model as `llama-quantize
     --imatrix tests/data/imatrix_ref/tiny-llama.c128.gguf [overrides] tiny-llama-f32.gguf OUT
     FTYPE` writes its tensors (GRID_QUANT_OVERRIDES; IQ2_M: `--token-embedding-type q4_K
-    --tensor-type attn_v=iq2_xs --tensor-type attn_output=iq2_xxs`), by llama.cpp's own
+    --tensor-type attn_v=iq2_xs --tensor-type attn_output=iq2_xxs`; IQ2_M-plain: the IQ2_M
+    mix as it is, IQ2_S and IQ3_S tensors), by llama.cpp's own
     llama_model_quantize (llama-cpp-python). Skips without llama-cpp-python."""
     from gguf import GGMLQuantizationType as Q, LlamaFileType
 
@@ -248,7 +249,7 @@ def tiny_llama_cpp_grid_quant(tmp_path_factory, tiny_llama_f32, llama_cpp):
         if not out.is_file():
             o = GRID_QUANT_OVERRIDES[ftype]
             emb = o.get("token_embedding_type")
-            llama_quantize(tiny_llama_f32, out, LlamaFileType[f"MOSTLY_{ftype}"], n_threads=2,
+            llama_quantize(tiny_llama_f32, out, LlamaFileType[f"MOSTLY_{ftype.split('-')[0]}"], n_threads=2,
                            imatrix=imatrix, token_embedding_type=None if emb is None else Q[emb],
                            tensor_types=[(p, Q[t]) for p, t in o.get("tensor_types", [])])
         return out

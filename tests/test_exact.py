@@ -332,7 +332,7 @@ def test_exact_i_quants_print_llama_perplexitys_digits(capsys, tiny_llama_quant,
     assert re.findall(pattern, out) == re.findall(pattern, text)
 
 
-@pytest.mark.parametrize("ftype", ["IQ2_M", "IQ1_S", "IQ1_M"])
+@pytest.mark.parametrize("ftype", ["IQ2_M", "IQ2_M-plain", "IQ1_S", "IQ1_M"])
 def test_exact_grid_i_quants_print_llama_perplexitys_digits(capsys, tiny_llama_cpp_grid_quant,
                                                             ftype):
     """--exact on the tiny model's llama-quantize IQ2_M (IQ2_S, IQ2_XS, IQ2_XXS), IQ1_S and

@@ -180,7 +180,7 @@ def test_matches_llama_perplexity(request, capsys, tiny_quant, ref_name, model, 
     np.testing.assert_allclose(final_estimate(out), final_estimate(ref), rtol=rtol)
 
 
-@pytest.mark.parametrize("ftype", ["IQ2_M", "IQ1_S", "IQ1_M"])
+@pytest.mark.parametrize("ftype", ["IQ2_M", "IQ2_M-plain", "IQ1_S", "IQ1_M"])
 def test_grid_i_quants_match_llama_perplexity(capsys, tiny_llama_cpp_grid_quant, ftype):
     """The tiny model's llama-quantize IQ2_M (IQ2_S, IQ2_XS, IQ2_XXS matrices), IQ1_S and IQ1_M
     files (conftest.tiny_llama_cpp_grid_quant) against llama-perplexity. Measured (2-vCPU AMD
@@ -188,12 +188,14 @@ def test_grid_i_quants_match_llama_perplexity(capsys, tiny_llama_cpp_grid_quant,
     estimates +9.8e-4, +7.1e-4, +1.1e-3, their uncertainties within 2.1e-3: 1- and 2-bit
     weights make the logits more sensitive to the float32 summation order of the BLAS products
     than IQ4's 4-bit ones (1e-3 there), so 2e-3 for the chunks, 3e-3 for the final line;
-    --exact gives the printed digits (tests/test_exact.py)."""
+    --exact gives the printed digits (tests/test_exact.py). The plain IQ2_M file (IQ2_S with
+    IQ3_S tensors): chunks within 3.5e-3 (its first 238.7530 against 237.9246), final +1.5e-3,
+    so IQ3_CHUNK_RTOL + 1e-3 for its chunks."""
     out = run(capsys, ["-m", str(tiny_llama_cpp_grid_quant(ftype)), "-f", str(WIKI), "-c", "128", "--chunks", "8"])
     ref = (REF / f"tiny-llama-{ftype}.c128.out").read_text()
     ours, theirs = chunk_ppls(out), chunk_ppls(ref)
     assert len(ours) == len(theirs) == 8
-    np.testing.assert_allclose(ours, theirs, rtol=2e-3)
+    np.testing.assert_allclose(ours, theirs, rtol=IQ3_CHUNK_RTOL + 1e-3 if "plain" in ftype else 2e-3)
     np.testing.assert_allclose(final_estimate(out), final_estimate(ref), rtol=3e-3)
 
 
