@@ -101,9 +101,9 @@ def make_weights(qtype, rows: int, k: int, rng) -> np.ndarray:
     w = rng.standard_normal((rows, k), dtype=np.float32)
     if qtype == T.F32:
         return w
-    if TYPES[qtype].codec_class is None:
-        # a type kquant multiplies but has no codec for here (the grid i-quants, IQ2 / IQ1):
-        # ggml_quantize_chunk's blocks, with an importance matrix (some of them need one)
+    if TYPES[qtype].codec_class is None or qtype.name.startswith(("IQ1", "IQ2")):
+        # the grid i-quants (IQ2 / IQ1; some need an importance matrix, and their codecs here
+        # are slow to compile): ggml_quantize_chunk's blocks, with an imatrix of ones
         from kquant.reference.libggml import GGML
 
         return GGML().quantize(w, qtype, np.ones(k, np.float32))
