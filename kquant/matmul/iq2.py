@@ -131,6 +131,25 @@ def _u16(b, o):
 # ---- rows ------------------------------------------------------------------------------------
 
 @njit(cache=True, error_model="numpy", inline="always")
+def _xxs_chunk(wr, q, aq, xa, grid, signs):
+    """32 values of IQ2_XXS: the two u32 at q (4 grid bytes; 4 sign indices and the scale) by
+    one 64-bit load, their fields shifted out one after the other (parallel shifts of one
+    word are what LLVM's SLP vectorizer turns into vector shifts and lane extracts). Signs
+    computed in vectors (vpsrlvq, parity by shifts, and-compare) instead of the 4 table
+    lookups were slower here (0.83x against 0.97x ggml)."""
+    v = np.int64(u64at(wr, q))
+    b = v >> 8
+    c = b >> 8
+    q2 = grid4(grid, v & 255, b & 255, c & 255, (c >> 8) & 255)
+    a = (v >> 32) & 0xFFFFFFFF
+    e = a >> 7
+    f = e >> 7
+    s2 = grid4(signs, a & 127, e & 127, f & 127, (f >> 7) & 127)
+    dot = maddubs(q2, sign8(load32(aq, xa), s2))
+    return madd(dot, splat16(2 * (a >> 28) + 1))
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def _xxs_row(wr, aq, ad):
     grid = IQ2XXS_GRID
     signs = KSIGNS_Q2XS
@@ -142,16 +161,8 @@ def _xxs_row(wr, aq, ad):
         sumi2 = zero32()
         for ib in range(0, 8, 2):
             q = o + 2 + 8 * ib
-            a1 = np.int64(load_u32(wr, q + 4))
-            a3 = np.int64(load_u32(wr, q + 12))
-            q2_1 = grid4(grid, wr[q], wr[q + 1], wr[q + 2], wr[q + 3])
-            q2_2 = grid4(grid, wr[q + 8], wr[q + 9], wr[q + 10], wr[q + 11])
-            s2_1 = grid4(signs, a1 & 127, (a1 >> 7) & 127, (a1 >> 14) & 127, (a1 >> 21) & 127)
-            s2_2 = grid4(signs, a3 & 127, (a3 >> 7) & 127, (a3 >> 14) & 127, (a3 >> 21) & 127)
-            dot1 = maddubs(q2_1, sign8(load32(aq, x + 32 * ib), s2_1))
-            dot2 = maddubs(q2_2, sign8(load32(aq, x + 32 * ib + 32), s2_2))
-            sumi1 = add32(sumi1, madd(dot1, splat16(2 * (a1 >> 28) + 1)))
-            sumi2 = add32(sumi2, madd(dot2, splat16(2 * (a3 >> 28) + 1)))
+            sumi1 = add32(sumi1, _xxs_chunk(wr, q, aq, x + 32 * ib, grid, signs))
+            sumi2 = add32(sumi2, _xxs_chunk(wr, q + 8, aq, x + 32 * ib + 32, grid, signs))
         acc = fma(f16at(wr, o) * ad[i], add32(sumi1, sumi2), acc)
     return F32(0.125) * hsumf(acc)
 
