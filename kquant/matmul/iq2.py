@@ -36,7 +36,8 @@ from numba.extending import intrinsic
 from .iq_grids import IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, KSIGNS_Q2XS
 from .prims import F32, load_u32
 from .simd import (I8x32, I16x16, _i32, _int, _psign, _shuffle, _splat, _x86, add32, bitmask32,
-                   f16at, fma, hsumf, load32, madd, maddubs, or8, splat16, u32at, zero32, zerof)
+                   f16at, fma, hsumf, lane16x2, load32, madd, maddubs, or8, splat16, u32at,
+                   zero32, zerof)
 
 _XXS = 66
 _XS = 74
@@ -268,8 +269,27 @@ def _xs_row(wr, aq, ad):
     return F32(0.125) * hsumf(acc)
 
 
+@intrinsic
+def nib_scales(typingctx, u):
+    """The 16 scales 2s + 1 of 8 scale bytes (the u64 u): int16 lanes 0-7 from the low
+    nibbles of bytes 0-7, lanes 8-15 from the high ones (ggml's scales16), so that chunk c's
+    two are lanes c and 8 + c, one in-lane pick."""
+    if not isinstance(u, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        t8 = ir.VectorType(ir.IntType(8), 8)
+        v = builder.bitcast(_int(context, builder, args[0], sig.args[0], 64), t8)
+        lo = builder.and_(v, ir.Constant(t8, [15] * 8))
+        hi = builder.lshr(v, ir.Constant(t8, [4] * 8))
+        w = builder.zext(_shuffle(builder, lo, hi, range(16)), I16x16.llvm)
+        return builder.add(builder.shl(w, ir.Constant(I16x16.llvm, [1] * 16)),
+                           ir.Constant(I16x16.llvm, [1] * 16))
+    return I16x16(u), codegen
+
+
 @njit(cache=True, error_model="numpy", inline="always")
-def _s_chunk(wr, o, c, aq, xa, grid):
+def _s_chunk(wr, o, c, scales, aq, xa, grid):
     """32 values of the IQ2_S block at o: chunk c (qs[4c..], signs[4c..], qh[c], scales[c])."""
     # the 4 indices in 16-bit fields, 8 bits of qs and 2 of qh each (pdep, as ggml's IQ1 kernels)
     idx = (pdep(np.int64(load_u32(wr, o + 2 + 4 * c)), 0x00FF00FF00FF00FF)
@@ -278,8 +298,7 @@ def _s_chunk(wr, o, c, aq, xa, grid):
     # byte j of the 32 negated where bit j of the 4 sign bytes is set (ggml: cmpeq, xor, sub)
     s2 = or8(bitmask32(load_u32(wr, o + 34 + 4 * c)), 1)
     dot = maddubs(q2, sign8(load32(aq, xa), s2))
-    sc = np.int64(wr[o + 74 + c])
-    return madd(dot, splat16x2(2 * (sc & 15) + 1, 2 * (sc >> 4) + 1))
+    return madd(dot, lane16x2(scales, c, c + 8))
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -289,11 +308,12 @@ def _s_row(wr, aq, ad):
     for i in range(ad.shape[0]):
         o = i * _S
         x = i * 256
+        scales = nib_scales(u64at(wr, o + 74))
         sumi1 = zero32()
         sumi2 = zero32()
         for ib in range(0, 8, 2):
-            sumi1 = add32(sumi1, _s_chunk(wr, o, ib, aq, x + 32 * ib, grid))
-            sumi2 = add32(sumi2, _s_chunk(wr, o, ib + 1, aq, x + 32 * ib + 32, grid))
+            sumi1 = add32(sumi1, _s_chunk(wr, o, ib, scales, aq, x + 32 * ib, grid))
+            sumi2 = add32(sumi2, _s_chunk(wr, o, ib + 1, scales, aq, x + 32 * ib + 32, grid))
         acc = fma(f16at(wr, o) * ad[i], add32(sumi1, sumi2), acc)
     return F32(0.125) * hsumf(acc)
 
