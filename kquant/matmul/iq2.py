@@ -38,7 +38,8 @@ from numba.extending import intrinsic
 from .iq_grids import IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, KSIGNS_Q2XS
 from .prims import F32, load_u32
 from .simd import (I8x32, I16x16, _i32, _int, _psign, _shuffle, _splat, _x86, add32, bitmask32,
-                   f16at, fma, hsumf, lane16x2, load32, madd, maddubs, or8, splat16, zero32, zerof)
+                   f16at, fma, hsumf, lane16x2, load32, madd, maddubs, or8, splat16, zero32,
+                   zerof)
 
 _XXS = 66
 _XS = 74
@@ -314,12 +315,16 @@ def _s_row(wr, aq, ad):
         o = i * _S
         x = i * 256
         scales = nib_scales(u64at(wr, o + 74))
-        sumi1 = zero32()
-        sumi2 = zero32()
-        for ib in range(0, 8, 2):
-            sumi1 = add32(sumi1, _s_chunk(wr, o, ib, scales, aq, x + 32 * ib, grid))
-            sumi2 = add32(sumi2, _s_chunk(wr, o, ib + 1, scales, aq, x + 32 * ib + 32, grid))
-        acc = fma(f16at(wr, o) * ad[i], add32(sumi1, sumi2), acc)
+        p0 = _s_chunk(wr, o, 0, scales, aq, x, grid)
+        p1 = _s_chunk(wr, o, 1, scales, aq, x + 32, grid)
+        p2 = _s_chunk(wr, o, 2, scales, aq, x + 64, grid)
+        p3 = _s_chunk(wr, o, 3, scales, aq, x + 96, grid)
+        p4 = _s_chunk(wr, o, 4, scales, aq, x + 128, grid)
+        p5 = _s_chunk(wr, o, 5, scales, aq, x + 160, grid)
+        p6 = _s_chunk(wr, o, 6, scales, aq, x + 192, grid)
+        p7 = _s_chunk(wr, o, 7, scales, aq, x + 224, grid)
+        sumi = add32(add32(add32(p0, p2), add32(p4, p6)), add32(add32(p1, p3), add32(p5, p7)))
+        acc = fma(f16at(wr, o) * ad[i], sumi, acc)
     return F32(0.125) * hsumf(acc)
 
 
