@@ -38,8 +38,7 @@ from numba.extending import intrinsic
 from .iq_grids import IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, KSIGNS_Q2XS
 from .prims import F32, load_u32
 from .simd import (I8x32, I16x16, _i32, _int, _psign, _shuffle, _splat, _x86, add32, bitmask32,
-                   f16at, fma, hsumf, lane16x2, load32, madd, maddubs, or8, splat16, zero32,
-                   zerof)
+                   f16at, fma, hsumf, lane16x2, load32, madd, maddubs, or8, splat16, zerof)
 
 _XXS = 66
 _XS = 74
@@ -160,13 +159,17 @@ def _xxs_row(wr, aq, ad):
     for i in range(ad.shape[0]):
         o = i * _XXS
         x = i * 256
-        sumi1 = zero32()
-        sumi2 = zero32()
-        for ib in range(0, 8, 2):
-            q = o + 2 + 8 * ib
-            sumi1 = add32(sumi1, _xxs_chunk(wr, q, aq, x + 32 * ib, grid, signs))
-            sumi2 = add32(sumi2, _xxs_chunk(wr, q + 8, aq, x + 32 * ib + 32, grid, signs))
-        acc = fma(f16at(wr, o) * ad[i], add32(sumi1, sumi2), acc)
+        q = o + 2
+        p0 = _xxs_chunk(wr, q, aq, x, grid, signs)
+        p1 = _xxs_chunk(wr, q + 8, aq, x + 32, grid, signs)
+        p2 = _xxs_chunk(wr, q + 16, aq, x + 64, grid, signs)
+        p3 = _xxs_chunk(wr, q + 24, aq, x + 96, grid, signs)
+        p4 = _xxs_chunk(wr, q + 32, aq, x + 128, grid, signs)
+        p5 = _xxs_chunk(wr, q + 40, aq, x + 160, grid, signs)
+        p6 = _xxs_chunk(wr, q + 48, aq, x + 192, grid, signs)
+        p7 = _xxs_chunk(wr, q + 56, aq, x + 224, grid, signs)
+        sumi = add32(add32(add32(p0, p2), add32(p4, p6)), add32(add32(p1, p3), add32(p5, p7)))
+        acc = fma(f16at(wr, o) * ad[i], sumi, acc)
     return F32(0.125) * hsumf(acc)
 
 
