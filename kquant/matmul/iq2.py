@@ -37,7 +37,7 @@ from numba.extending import intrinsic
 
 from .iq_grids import IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, KSIGNS_Q2XS
 from .prims import F32, load_u32
-from .simd import (I8x32, I16x16, _i32, _int, _psign, _shuffle, _splat, _x86, add32, bitmask32,
+from .simd import (I8x32, I16x16, _i32, _int, _psign, _shuffle, _x86, add32, bitmask32,
                    f16at, fma, hsumf, lane16x2, load32, madd, maddubs, or8, splat16, zerof)
 
 _XXS = 66
@@ -76,21 +76,6 @@ def sign8(typingctx, a, b):
     def codegen(context, builder, sig, args):
         return _psign(builder, args[0], args[1])
     return I8x32(a, b), codegen
-
-
-@intrinsic
-def splat16x2(typingctx, a, b):
-    """int16 lanes 0-7 = a, 8-15 = b: the scales of a 32-value chunk's two 16-value halves
-    (ggml's cvtepi8_epi16(shuffle(scales, get_scale_shuffle(ib))))."""
-    if not (isinstance(a, types.Integer) and isinstance(b, types.Integer)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        h = ir.VectorType(ir.IntType(16), 8)
-        sa = _splat(builder, _int(context, builder, args[0], sig.args[0], 16), h)
-        sb = _splat(builder, _int(context, builder, args[1], sig.args[1], 16), h)
-        return _shuffle(builder, sa, sb, range(16))
-    return I16x16(a, b), codegen
 
 
 HAS_BMI2 = "+bmi2" in llvm_binding.get_host_cpu_features().flatten().split(",")
