@@ -265,7 +265,8 @@ def _run(ns: argparse.Namespace) -> int:
         return 0
     shown = ftype if isinstance(ftype, str) else ftype.name.replace("MOSTLY_", "")
     print(f"kquant-quantize: quantizing '{inp}' to '{out}' as {shown}", file=sys.stderr)
-    summary = quantize_model(inp, out, ftype, opts, progress=sys.stderr.isatty())
+    summary = quantize_model(inp, out, ftype, opts, progress=sys.stderr.isatty(),
+                             log=lambda line: print(line, file=sys.stderr))
     if summary.allocation:
         print(summary.allocation, file=sys.stderr)
     if summary.gptq:

@@ -15,7 +15,8 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from ..types import TYPES, QuantType, find_type
-from . import floats, iq1, iq3, iq4, legacy
+from . import floats, iq4, legacy
+from .threads import for_row_slices
 
 _NO_WEIGHTS = np.zeros(0, np.float32)
 
@@ -54,17 +55,38 @@ class Codec:
     def row_bytes(self, n_per_row: int) -> int:
         return n_per_row // self.block_size * self.type_size
 
+    #: why a row can fail, for the codecs whose grid search finds no point where ggml aborts
+    #: (their kernels set failed[r]); None: every finite or infinite row quantizes
+    failure: str | None = None
+
+    def prepare(self) -> None:
+        """Build what the kernels read (lattice tables) once, before the threads start."""
+
     def quantize_rows(self, x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
+        if imatrix is None and self.requires_imatrix:  # ggml asserts quant_weights
+            raise ValueError(f"{self.name} needs an importance matrix (ggml quantizes it only "
+                             f"with quant_weights): pass imatrix=")
         out = np.empty((x.shape[0], self.row_bytes(x.shape[1])), np.uint8)
+        failed = np.zeros(x.shape[0], np.int64)
+        self.prepare()
         with vectorizing():
-            self._quantize(x, imatrix, out)
+            for_row_slices(len(x), lambda a, b: self._quantize(x[a:b], imatrix, out[a:b], failed[a:b]))
+        if failed.any():
+            raise ValueError(f"{self.name}: row {int(np.argmax(failed))} cannot be quantized "
+                             f"({self.failure})")
         return out
 
     def dequantize_rows(self, q: np.ndarray, n_per_row: int) -> np.ndarray:
         out = np.empty((q.shape[0], n_per_row), np.float32)
+        self.prepare()
         with vectorizing():
-            self._dequantize(q, out)
+            for_row_slices(len(q), lambda a, b: self._dequantize(q[a:b], out[a:b]))
         return out
+
+    def kernels(self, dequantize: bool = False) -> list:
+        """The Numba dispatchers quantize_rows (or dequantize_rows) calls: what
+        kquant.codecs.warm checks against Numba's cache."""
+        return []
 
     def __repr__(self) -> str:
         return f"<Codec {self.name}: {self.block_size} values in {self.type_size} bytes>"
@@ -78,7 +100,10 @@ class BlockCodec(Codec):
         super().__init__(record)
         self.module: ModuleType = importlib.import_module(f".{record.codec_module}", __package__)
 
-    def _quantize(self, x, imatrix, out):
+    def kernels(self, dequantize=False):
+        return [self.module.dequantize_rows if dequantize else self.module.quantize_rows]
+
+    def _quantize(self, x, imatrix, out, failed):
         use_qw = imatrix is not None and self.uses_imatrix
         self.module.quantize_rows(x, imatrix if use_qw else _NO_WEIGHTS, use_qw, out)
 
@@ -94,7 +119,12 @@ class LegacyCodec(Codec):
         super().__init__(record)
         self.kind = getattr(legacy, record.name)
 
-    def _quantize(self, x, imatrix, out):
+    def kernels(self, dequantize=False):
+        if not dequantize:
+            return [legacy.quantize_rows]
+        return [legacy.dequantize_q8_0_rows if self.kind == legacy.Q8_0 else legacy.dequantize_rows]
+
+    def _quantize(self, x, imatrix, out, failed):
         use_qw = imatrix is not None and self.uses_imatrix
         legacy.quantize_rows(self.kind, x, imatrix if use_qw else _NO_WEIGHTS, use_qw, out)
 
@@ -114,7 +144,10 @@ class IQ4Codec(Codec):
         self._quantize_rows = getattr(iq4, f"quantize_{suffix}_rows")
         self._dequantize_rows = getattr(iq4, f"dequantize_{suffix}_rows")
 
-    def _quantize(self, x, imatrix, out):
+    def kernels(self, dequantize=False):
+        return [self._dequantize_rows if dequantize else self._quantize_rows]
+
+    def _quantize(self, x, imatrix, out, failed):
         use_qw = imatrix is not None and self.uses_imatrix
         self._quantize_rows(x, imatrix if use_qw else _NO_WEIGHTS, use_qw, out)
 
@@ -123,51 +156,59 @@ class IQ4Codec(Codec):
 
 
 class IQ3Codec(Codec):
-    """IQ3_XXS and IQ3_S (256-value super-blocks, 3-bit grids): kquant/codecs/iq3.py."""
+    """IQ3_XXS and IQ3_S (256-value super-blocks, 3-bit grids): kquant/codecs/iq3.py, imported
+    (and its lattice tables built) on first use."""
+
+    failure = "inf/NaN values or an overflowing x^2: ggml's IQ3 search finds no grid point and aborts"
 
     def __init__(self, record: QuantType):
         super().__init__(record)
-        suffix = "xxs" if record.qtype == GGMLQuantizationType.IQ3_XXS else "s"
-        self._quantize_rows = getattr(iq3, f"quantize_{suffix}_rows")
-        self._dequantize_rows = getattr(iq3, f"dequantize_{suffix}_rows")
+        self.suffix = "xxs" if record.qtype == GGMLQuantizationType.IQ3_XXS else "s"
 
-    def _quantize(self, x, imatrix, out):
-        failed = np.zeros(out.shape[0], np.int64)
-        self._quantize_rows(x, _NO_WEIGHTS if imatrix is None else imatrix, imatrix is not None,
-                            out, failed)
-        if failed.any():
-            raise ValueError(
-                f"{self.name}: row {int(np.argmax(failed))} cannot be quantized (inf/NaN values "
-                f"or an overflowing x^2: ggml's IQ3 search finds no grid point and aborts)")
+    def kernels(self, dequantize=False):
+        from . import iq3
+        return [getattr(iq3, f"{'dequantize' if dequantize else 'quantize'}_{self.suffix}_rows")]
+
+    def _quantize(self, x, imatrix, out, failed):
+        from . import iq3
+        quantize_rows = getattr(iq3, f"quantize_{self.suffix}_rows")
+        quantize_rows(x, _NO_WEIGHTS if imatrix is None else imatrix, imatrix is not None, out, failed)
 
     def _dequantize(self, q, out):
-        self._dequantize_rows(q, out)
+        from . import iq3
+        getattr(iq3, f"dequantize_{self.suffix}_rows")(q, out)
 
 
 class IQ1Codec(Codec):
     """IQ1_S and IQ1_M (256-value super-blocks, a ternary grid of 8-value points):
-    kquant/codecs/iq1.py, its tables built on the first quantization."""
+    kquant/codecs/iq1.py, imported and its tables built on first use."""
+
+    failure = "inf values or overflowing weights: ggml's IQ1 search finds no grid point and aborts"
 
     def __init__(self, record: QuantType):
         super().__init__(record)
         self.small = self.requires_imatrix = record.qtype == GGMLQuantizationType.IQ1_S
 
-    def _quantize(self, x, imatrix, out):
-        if imatrix is None and self.small:
-            raise ValueError(f"{self.name} needs an importance matrix (ggml asserts "
-                             "quant_weights for it): pass imatrix=")
-        failed = np.zeros(out.shape[0], np.int64)
+    def kernels(self, dequantize=False):
+        from . import iq1, lattice
+        kind = "s" if self.small else "m"
+        return [getattr(iq1, f"{'dequantize' if dequantize else 'quantize'}_{kind}_rows"),
+                lattice._neighbour_lists]
+
+    def prepare(self):
+        from . import iq1
+        iq1.tables()
+
+    def _quantize(self, x, imatrix, out, failed):
+        from . import iq1
         qw = _NO_WEIGHTS if imatrix is None else imatrix
         if self.small:
             iq1.quantize_s_rows(x, qw, out, failed, *iq1.tables())
         else:
             iq1.quantize_m_rows(x, qw, imatrix is not None, out, failed, *iq1.tables())
-        if failed.any():
-            raise ValueError(
-                f"{self.name}: row {int(np.argmax(failed))} cannot be quantized (inf values or "
-                f"overflowing weights: ggml's IQ1 search finds no grid point and aborts)")
 
     def _dequantize(self, q, out):
+        from . import iq1
         deq = iq1.dequantize_s_rows if self.small else iq1.dequantize_m_rows
         deq(q, out, iq1.grid_values())
 
@@ -176,27 +217,31 @@ class IQ2Codec(Codec):
     """IQ2_XXS, IQ2_XS and IQ2_S (256-value super-blocks, 2-bit grids of 8 values):
     kquant/codecs/iq2.py, imported and its tables built on first use."""
 
+    failure = "inf/NaN values or an overflowing x^2: ggml's IQ2 search finds no grid point and aborts"
+
     def __init__(self, record: QuantType):
         super().__init__(record)
         self.kind = {GGMLQuantizationType.IQ2_XXS: "xxs", GGMLQuantizationType.IQ2_XS: "xs",
                      GGMLQuantizationType.IQ2_S: "s"}[record.qtype]
 
-    def _quantize(self, x, imatrix, out):
+    def kernels(self, dequantize=False):
+        from . import iq2, lattice
+        kind = "xxs" if self.kind == "xxs" else "x16"
+        return [getattr(iq2, f"{'dequantize' if dequantize else 'quantize'}_{kind}_rows"),
+                lattice._neighbour_lists]
+
+    def prepare(self):
         from . import iq2
-        if imatrix is None and self.requires_imatrix:  # ggml asserts quant_weights
-            raise ValueError(f"{self.name} needs an importance matrix (ggml quantizes it only "
-                             f"with quant_weights)")
-        failed = np.zeros(out.shape[0], np.int64)
+        iq2.tables(self.kind)
+
+    def _quantize(self, x, imatrix, out, failed):
+        from . import iq2
         qw = _NO_WEIGHTS if imatrix is None else imatrix
         t = iq2.tables(self.kind)
         if self.kind == "xxs":
             iq2.quantize_xxs_rows(x, qw, out, failed, *t)
         else:
             iq2.quantize_x16_rows(x, qw, imatrix is not None, self.kind == "s", out, failed, *t)
-        if failed.any():
-            raise ValueError(
-                f"{self.name}: row {int(np.argmax(failed))} cannot be quantized (inf/NaN values "
-                f"or an overflowing x^2: ggml's IQ2 search finds no grid point and aborts)")
 
     def _dequantize(self, q, out):
         from . import iq2
@@ -213,7 +258,10 @@ class HalfCodec(Codec):
         super().__init__(record)
         self.kind = getattr(floats, record.name)
 
-    def _quantize(self, x, imatrix, out):
+    def kernels(self, dequantize=False):
+        return [floats.dequantize_rows if dequantize else floats.quantize_rows]
+
+    def _quantize(self, x, imatrix, out, failed):
         floats.quantize_rows(self.kind, x, out.view(np.uint16))
 
     def _dequantize(self, q, out):
@@ -221,7 +269,7 @@ class HalfCodec(Codec):
 
 
 class F32Codec(Codec):
-    def _quantize(self, x, imatrix, out):
+    def _quantize(self, x, imatrix, out, failed):
         out.view(np.float32)[...] = x
 
     def _dequantize(self, q, out):

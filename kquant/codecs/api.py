@@ -13,7 +13,8 @@ from . import Codec, get_codec
 
 @contextlib.contextmanager
 def numba_threads(n_threads: int | None) -> Iterator[int]:
-    """Run the enclosed Numba parallel kernels on n_threads (default: all cores)."""
+    """Run the enclosed codec kernels (on kquant.codecs.threads' slices) and Numba parallel
+    kernels on n_threads (default: all cores)."""
     limit = numba.config.NUMBA_NUM_THREADS
     if n_threads is None:
         n = limit

@@ -39,12 +39,12 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .bits import F32, fp16_to_fp32, fp32_to_fp16, get_f16, nearest_int, put_f16
 from .iq1_grids import KGRID_2048
-from .iq3 import _sigma2  # 2 * sum(x^2) / QK_K in C's order, as both quantizers take it
 from .lattice import build_tables
+from .lattice import sigma2 as _sigma2  # 2 * sum(x^2) / QK_K in C's order, as both quantizers take it
 from .layout import QK_K
 
 S_BYTES = 50
@@ -307,12 +307,12 @@ def _s_block(x, qw, y, s, scales, shifts, levels, kmap, nb):
         y[_S_QH + 2 * ib + 1] |= l << 4
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def quantize_s_rows(x, qw, out, failed, levels, kmap, nb):
-    """quantize_iq1_s: rows in parallel, super-blocks in order; failed[r] = 1 where ggml
+    """quantize_iq1_s: rows in order (threads.py runs slices of them side by side), super-blocks in order; failed[r] = 1 where ggml
     would abort on row r. The tables are tables()'s."""
     nrows, n = x.shape
-    for r in prange(nrows):
+    for r in range(nrows):
         s = _scratch()
         scales = np.empty(8, np.float32)
         shifts = np.empty(8, np.int64)
@@ -480,11 +480,11 @@ def _m_block(x, qw, use_qw, y, s, scales, shifts, levels, kmap, nb):
         y[_M_SCALES + 2 * w + 1] |= ((h >> (4 * w)) & 0xF) << 4
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def quantize_m_rows(x, qw, use_qw, out, failed, levels, kmap, nb):
-    """quantize_iq1_m: rows in parallel, super-blocks in order (failed as for IQ1_S)."""
+    """quantize_iq1_m: rows in order (threads.py runs slices of them side by side), super-blocks in order (failed as for IQ1_S)."""
     nrows, n = x.shape
-    for r in prange(nrows):
+    for r in range(nrows):
         s = _scratch()
         scales = np.empty(16, np.float32)
         shifts = np.empty(16, np.int64)
@@ -504,11 +504,11 @@ def _u16(b, p):
     return np.int64(b[p]) | (np.int64(b[p + 1]) << 8)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def dequantize_s_rows(q, out, grid):
     """dequantize_row_iq1_s (grid: grid_values())."""
     nrows, n = out.shape
-    for r in prange(nrows):
+    for r in range(nrows):
         qr = q[r]
         y = out[r]
         for ibl in range(n // QK_K):
@@ -525,11 +525,11 @@ def dequantize_s_rows(q, out, grid):
                         y[v + j] = _shifted(dl, grid[g, j], delta)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def dequantize_m_rows(q, out, grid):
     """dequantize_row_iq1_m (grid: grid_values())."""
     nrows, n = out.shape
-    for r in prange(nrows):
+    for r in range(nrows):
         qr = q[r]
         y = out[r]
         for ibl in range(n // QK_K):

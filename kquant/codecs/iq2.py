@@ -39,12 +39,11 @@ from __future__ import annotations
 from functools import cache
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .bits import F32, get_f16, nearest_int, put_f16
 from .iq2_grids import KGRID_256, KGRID_512, KGRID_1024
-from .iq3 import KSIGNS, _signed
-from .lattice import best_neighbour, build_tables, fold_signs, level_sums
+from .lattice import KSIGNS, best_neighbour, build_tables, fold_signs, level_sums, signed as _signed
 from .layout import QK_K
 from .search import WS_SIZE, make_qp_quants
 
@@ -334,13 +333,13 @@ def _x16_block(x, qw, use_qw, is_s, y, t, s, scales):
     _put_scales(y, _S_SCALES if is_s else _XS_SCALES, scales, max_scale, 16)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def quantize_xxs_rows(x, qw, out, failed, levels, gpos, kmap, nb):
-    """quantize_iq2_xxs (quant_weights required): rows in parallel, super-blocks in order;
+    """quantize_iq2_xxs (quant_weights required): rows in order (threads.py runs slices of them side by side), super-blocks in order;
     failed[r] = 1 where ggml would abort on row r. The tables are tables("xxs")."""
     nrows, n = x.shape
     t = (levels, gpos, kmap, nb)
-    for r in prange(nrows):
+    for r in range(nrows):
         s = _scratch(32)
         scales = np.empty(8, np.float32)
         for i in range(n // QK_K):
@@ -349,14 +348,14 @@ def quantize_xxs_rows(x, qw, out, failed, levels, gpos, kmap, nb):
         failed[r] = s[8][0]
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def quantize_x16_rows(x, qw, use_qw, is_s, out, failed, levels, gpos, kmap, nb):
     """quantize_iq2_xs (quant_weights required) or, with is_s, quantize_iq2_s: as
     quantize_xxs_rows, with tables("xs") or tables("s")."""
     nrows, n = x.shape
     size = S_BYTES if is_s else XS_BYTES
     t = (levels, gpos, kmap, nb)
-    for r in prange(nrows):
+    for r in range(nrows):
         s = _scratch16()
         scales = np.empty(16, np.float32)
         for i in range(n // QK_K):
@@ -372,11 +371,11 @@ def _group(y, v, db, dgrid, g, sg):
         y[v + j] = _signed(db * dgrid[g, j], sg, j)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def dequantize_xxs_rows(q, out, dgrid):
     """dequantize_row_iq2_xxs."""
     nrows, n = out.shape
-    for r in prange(nrows):
+    for r in range(nrows):
         qr = q[r]
         y = out[r]
         for ibl in range(n // QK_K):
@@ -392,13 +391,13 @@ def dequantize_xxs_rows(q, out, dgrid):
                            KSIGNS[(aux >> (7 * l)) & 127])
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def dequantize_x16_rows(q, out, is_s, dgrid):
     """dequantize_row_iq2_xs, or with is_s dequantize_row_iq2_s."""
     nrows, n = out.shape
     size = S_BYTES if is_s else XS_BYTES
     so = _S_SCALES if is_s else _XS_SCALES
-    for r in prange(nrows):
+    for r in range(nrows):
         qr = q[r]
         y = out[r]
         for ibl in range(n // QK_K):

@@ -34,11 +34,11 @@ codec raises ValueError rather than return bytes ggml never writes.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
-from .bits import F32, bits_f32, f32_bits, get_f16, nearest_int, put_f16
+from .bits import F32, get_f16, nearest_int, put_f16
 from .iq3_grids import IQ3S_GRID, IQ3XXS_GRID, KGRID_256, KGRID_512
-from .lattice import best_neighbour, build_tables, fold_signs, level_sums
+from .lattice import KSIGNS, best_neighbour, build_tables, fold_signs, level_sums, sigma2 as _sigma2, signed as _signed
 from .layout import QK_K
 
 XXS_BYTES = 98
@@ -53,7 +53,6 @@ S_LEVELS, S_GPOS, S_KMAP, S_NEIGHBOURS = build_tables(KGRID_512, 3, 4, 3, _KMAP_
 _XXS_DGRID = np.array(IQ3XXS_GRID, np.uint32).view(np.uint8).reshape(256, 4).astype(np.float32)
 _S_DGRID = np.array(IQ3S_GRID, np.uint32).view(np.uint8).reshape(512, 4).astype(np.float32)
 #: ggml-common.h's ksigns_iq2xs: 7 sign bits and their parity as the 8th
-KSIGNS = np.array([i | (bin(i).count("1") % 2) << 7 for i in range(128)], np.int32)
 
 _ZERO = F32(0.0)
 _ONE = F32(1.0)
@@ -151,14 +150,6 @@ def _sub_block(xb, qwb, use_qw, sigma2, xxs, levels, gpos, kmap, nb, s):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _sigma2(x):
-    s = _ZERO
-    for i in range(QK_K):
-        s += x[i] * x[i]
-    return _TWO * s / _QK
-
-
-@njit(cache=True, error_model="numpy", inline="always")
 def _code(L, o):
     u = 0
     for i in range(4):
@@ -244,12 +235,12 @@ def _s_block(x, qw, use_qw, y, s, scales):
         y[_S_SCALES + ib // 2] = l1 | (l2 << 4)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def quantize_xxs_rows(x, qw, use_qw, out, failed):
-    """quantize_iq3_xxs: rows in parallel, super-blocks in order; failed[r] = 1 where ggml
+    """quantize_iq3_xxs: rows in order (threads.py runs slices of them side by side), super-blocks in order; failed[r] = 1 where ggml
     would abort on row r."""
     nrows, n = x.shape
-    for r in prange(nrows):
+    for r in range(nrows):
         s = _scratch()
         scales = np.empty(8, np.float32)
         for i in range(n // QK_K):
@@ -258,11 +249,11 @@ def quantize_xxs_rows(x, qw, use_qw, out, failed):
         failed[r] = s[8][0]
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def quantize_s_rows(x, qw, use_qw, out, failed):
-    """quantize_iq3_s: rows in parallel, super-blocks in order (failed as for IQ3_XXS)."""
+    """quantize_iq3_s: rows in order (threads.py runs slices of them side by side), super-blocks in order (failed as for IQ3_XXS)."""
     nrows, n = x.shape
-    for r in prange(nrows):
+    for r in range(nrows):
         s = _scratch()
         scales = np.empty(8, np.float32)
         for i in range(n // QK_K):
@@ -271,18 +262,11 @@ def quantize_s_rows(x, qw, use_qw, out, failed):
         failed[r] = s[8][0]
 
 
-@njit(cache=True, error_model="numpy", inline="always")
-def _signed(a, sg, j):
-    """a, negated when sign bit j of sg is set: C's a * (bit ? -1.f : 1.f) as GCC compiles
-    it, a flip of the sign bit (NaN included)."""
-    return bits_f32(f32_bits(a) ^ (np.uint32(((np.int64(sg) >> j) & 1) << 31)))
-
-
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def dequantize_xxs_rows(q, out):
     """dequantize_row_iq3_xxs."""
     nrows, n = out.shape
-    for r in prange(nrows):
+    for r in range(nrows):
         qr = q[r]
         y = out[r]
         for ibl in range(n // QK_K):
@@ -305,11 +289,11 @@ def dequantize_xxs_rows(q, out):
                         y[v + j + 4] = _signed(b, sg, j + 4)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def dequantize_s_rows(q, out):
     """dequantize_row_iq3_s."""
     nrows, n = out.shape
-    for r in prange(nrows):
+    for r in range(nrows):
         qr = q[r]
         y = out[r]
         for ibl in range(n // QK_K):

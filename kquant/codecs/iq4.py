@@ -29,7 +29,7 @@ from __future__ import annotations
 from itertools import pairwise
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .bits import F32, get_f16, nearest_int, put_f16, signed_absmax
 from .layout import QK_K, quantize_blocks
@@ -145,11 +145,11 @@ def _nl_block(xb, qwb, use_qw, y, w, ws):
     _pack(xb, _ONE / d if d != _ZERO else _ZERO, y, 2)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def quantize_nl_rows(x, qw, use_qw, out):
-    """quantize_iq4_nl: rows in parallel, 32-value blocks in order."""
+    """quantize_iq4_nl: rows in order (threads.py runs slices of them side by side), 32-value blocks in order."""
     nrows, n = x.shape
-    for r in prange(nrows):
+    for r in range(nrows):
         w = np.empty(32, np.float32)
         ws = np.empty(_WS, np.float32)
         for ib in range(n // QK4_NL):
@@ -196,17 +196,17 @@ def _xs_block(x, qw, use_qw, y, s):
     y[_XS_SH + 1] = scales_h >> 8
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def quantize_xs_rows(x, qw, use_qw, out):
-    """quantize_iq4_xs: rows in parallel, 256-value super-blocks in order."""
+    """quantize_iq4_xs: rows in order (threads.py runs slices of them side by side), 256-value super-blocks in order."""
     quantize_blocks(x, qw, use_qw, out, XS_BYTES, _xs_scratch, _xs_block)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def dequantize_nl_rows(q, out):
     """dequantize_row_iq4_nl."""
     nrows, n = out.shape
-    for r in prange(nrows):
+    for r in range(nrows):
         qr = q[r]
         y = out[r]
         for ib in range(n // QK4_NL):
@@ -219,11 +219,11 @@ def dequantize_nl_rows(q, out):
                 y[v + j + 16] = d * _KV[b >> 4]
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def dequantize_xs_rows(q, out):
     """dequantize_row_iq4_xs."""
     nrows, n = out.shape
-    for r in prange(nrows):
+    for r in range(nrows):
         qr = q[r]
         y = out[r]
         for ibl in range(n // QK_K):
@@ -245,21 +245,21 @@ def dequantize_xs_rows(q, out):
 # GPTQ (kquant.quantization.gptq) keeps a block's scales and re-chooses its indices: one block
 # a row (a block column of the matrix), 16 nibbles a 32-value group at qs, index j in the low
 # nibble of qs[j] and index j + 16 in its high nibble.
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def set_levels_rows(data, levels, qs0, stride):
     """Indices (rows, values) 0..15 into the block of each row, the scales kept: the groups of
     32 values at qs0, qs0 + stride, ... (IQ4_NL: 2, one group; IQ4_XS: 8, 8 groups of 16 bytes)."""
-    for r in prange(data.shape[0]):
+    for r in range(data.shape[0]):
         for g in range(levels.shape[1] // 32):
             p = qs0 + g * stride
             for j in range(16):
                 data[r, p + j] = levels[r, 32 * g + j] | (levels[r, 32 * g + j + 16] << 4)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def levels_rows(data, levels, qs0, stride):
     """set_levels_rows' inverse: the indices the blocks hold."""
-    for r in prange(data.shape[0]):
+    for r in range(data.shape[0]):
         for g in range(levels.shape[1] // 32):
             p = qs0 + g * stride
             for j in range(16):

@@ -13,10 +13,33 @@ The quantizers round a group to its nearest code, then search only that code's l
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
+from .bits import bits_f32, f32_bits
 
 _ZERO = np.float32(0.0)
+_TWO = np.float32(2.0)
+_QK = np.float32(256.0)
+
+#: ggml's ksigns_iq2xs: 7 sign bits and their parity as the eighth (the IQ3 and IQ2 blocks)
+KSIGNS = np.array([i | (bin(i).count("1") % 2) << 7 for i in range(128)], np.int32)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def sigma2(x):
+    """2 * sum(x^2) / QK_K over a 256-value super-block, in C's order (IQ3, IQ2, IQ1)."""
+    s = _ZERO
+    for i in range(256):
+        s += x[i] * x[i]
+    return _TWO * s / _QK
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def signed(a, sg, j):
+    """a, negated when sign bit j of sg is set: C's a * (bit ? -1.f : 1.f) as GCC compiles
+    it, a flip of the sign bit (NaN included)."""
+    return bits_f32(f32_bits(a) ^ (np.uint32(((np.int64(sg) >> j) & 1) << 31)))
+
 _FLT_MAX = np.float32(np.finfo(np.float32).max)
 
 
@@ -140,12 +163,12 @@ def _near(code, gpos, dims, bits, nwant, maxd):
     return d2, present, _cutoff(d2, nwant, present)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True)
 def _neighbour_lists(gpos, kmap, dims, bits, nwant):
     maxd = dims * (2 * ((1 << bits) - 1)) ** 2
     size = kmap.size
     count = np.zeros(size, np.int64)
-    for i in prange(size):  # pass 1: how many neighbours each off-grid code keeps
+    for i in range(size):  # pass 1: how many neighbours each off-grid code keeps
         if kmap[i] >= 0:
             continue
         d2, present, cut = _near(i, gpos, dims, bits, nwant, maxd)
@@ -155,7 +178,7 @@ def _neighbour_lists(gpos, kmap, dims, bits, nwant):
         count[i] = n + 1
     offsets = np.cumsum(count) - count
     neighbours = np.empty(count.sum(), np.int32)
-    for i in prange(size):  # pass 2: the lists, by (distance, index)
+    for i in range(size):  # pass 2: the lists, by (distance, index)
         if kmap[i] >= 0:
             continue
         d2, present, cut = _near(i, gpos, dims, bits, nwant, maxd)

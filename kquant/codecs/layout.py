@@ -3,22 +3,22 @@ row drivers."""
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 QK_K = 256
 
 
 # The row drivers of the K-quant codecs: each codec's quantize_rows / dequantize_rows is one
-# call with its block function (inlined here, so the rows stay one prange loop and the block
-# function a direct call). qw is a zero-length placeholder without an imatrix; slicing it
+# call with its block function (inlined here, so the block function is a direct call); the
+# Codec runs slices of the rows on threads (threads.py). qw is a zero-length placeholder without an imatrix; slicing it
 # stays empty.
 
 @njit(cache=True, error_model="numpy", inline="always")
 def quantize_blocks(x, qw, use_qw, out, block_bytes, scratch, quantize_block):
-    """Rows in parallel, each with its own `scratch()` (buffers and search workspace),
+    """Rows in order, each with its own `scratch()` (buffers and search workspace),
     its QK_K-value blocks in order: quantize_block(x, qw, use_qw, y, scratch)."""
     nrows, n = x.shape
-    for r in prange(nrows):
+    for r in range(nrows):
         s = scratch()
         for i in range(n // QK_K):
             quantize_block(x[r, i * QK_K:(i + 1) * QK_K], qw[i * QK_K:(i + 1) * QK_K], use_qw,
@@ -27,10 +27,10 @@ def quantize_blocks(x, qw, use_qw, out, block_bytes, scratch, quantize_block):
 
 @njit(cache=True, error_model="numpy", inline="always")
 def set_levels_blocks(data, levels, pack_levels):
-    """Rows in parallel: one block each (data (rows, block bytes), levels (rows, QK_K) stored
+    """Rows in order: one block each (data (rows, block bytes), levels (rows, QK_K) stored
     levels), pack_levels(L, y) writing the levels into the block and leaving its scales alone.
     For GPTQ (kquant.quantization.gptq), which keeps a block's scales and re-rounds its values."""
-    for r in prange(data.shape[0]):
+    for r in range(data.shape[0]):
         L = np.empty(QK_K, np.int32)
         for i in range(QK_K):
             L[i] = levels[r, i]
@@ -39,13 +39,13 @@ def set_levels_blocks(data, levels, pack_levels):
 
 @njit(cache=True, error_model="numpy", inline="always")
 def dequantize_blocks(q, out, block_bytes, dequantize_block):
-    """Rows in parallel: dequantize_block(b, y, qk) for each block b and its QK_K values y.
+    """Rows in order: dequantize_block(b, y, qk) for each block b and its QK_K values y.
 
     qk is QK_K as a value LLVM cannot fold (from the shapes): loops bounded by it vectorize
     where a constant bound does not (see legacy.dequantize_rows); most blocks ignore it."""
     nrows, n = out.shape
     qk = n // (q.shape[1] // block_bytes) if q.shape[1] else QK_K
-    for r in prange(nrows):
+    for r in range(nrows):
         for i in range(n // QK_K):
             dequantize_block(q[r, i * block_bytes:(i + 1) * block_bytes],
                              out[r, i * QK_K:(i + 1) * QK_K], qk)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .bits import F32, bits_f32, f32_bits, get_f16, put_f16
 from .search import make_qkx_quants, make_qx_quants, workspace
@@ -257,11 +257,11 @@ def _imatrix_block(kind, x, qw, sigma2, y, L, Lu, weight, ws):
         _store_5bit(y, 4, 8, Lu)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def quantize_rows(kind, x, qw, use_qw, out):
     nrows, n = x.shape
     bs = BLOCK_BYTES[kind]
-    for r in prange(nrows):
+    for r in range(nrows):
         L = np.empty(QK, np.int8)
         Li = np.empty(QK, np.int32)
         Lf = np.empty(QK, np.float32)  # noqa: N806
@@ -291,14 +291,14 @@ def quantize_rows(kind, x, qw, use_qw, out):
                 _ref_levels(kind, xb, yb, sub, _ONE / d if d != _ZERO else _ZERO, Li, Lf)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def quantize_block_column(kind, x, row, qw, use_qw, ib, out):
     """Block ib of every row of x, as quantize_rows would write it, except that with an
     imatrix the weights read sigma2 of `row` (nrows, n) instead of x's whole row: GPTQ
     (kquant.quantization.gptq) fixes one block column at a time while the rest of the row
     still moves, and gives the original rows here. out: (nrows, block bytes)."""
     nrows, n = x.shape
-    for r in prange(nrows):
+    for r in range(nrows):
         L = np.empty(QK, np.int8)
         Li = np.empty(QK, np.int32)
         Lf = np.empty(QK, np.float32)  # noqa: N806
@@ -319,12 +319,12 @@ def quantize_block_column(kind, x, row, qw, use_qw, ib, out):
             _ref_levels(kind, xb, out[r], sub, _ONE / d if d != _ZERO else _ZERO, Li, Lf)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def dequantize_rows(kind, q, out):
     """dequantize_row_{q4_0,q4_1,q5_0,q5_1} (Q8_0 has its own kernel below)."""
     nrows, n = out.shape
     bs = BLOCK_BYTES[kind]
-    for r in prange(nrows):
+    for r in range(nrows):
         qr = q[r]
         y = out[r]
         for ib in range(n // QK):
@@ -357,7 +357,7 @@ def dequantize_rows(kind, q, out):
                         y[v + j + 16] = F32(x1) * d + m
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def dequantize_q8_0_rows(q, out):
     """dequantize_row_q8_0. Its loop runs to a length LLVM cannot see is 32: a constant
     32-trip loop gets fully unrolled and left scalar (SLP cannot rule out q and out
@@ -365,7 +365,7 @@ def dequantize_q8_0_rows(q, out):
     the overlap at run time (2.5x here)."""
     nrows, n = out.shape
     qk = n // (q.shape[1] // BLOCK_BYTES[Q8_0]) if q.shape[1] else QK
-    for r in prange(nrows):
+    for r in range(nrows):
         qr = q[r]
         y = out[r]
         for ib in range(n // qk):
@@ -385,7 +385,7 @@ def n_levels(kind):
     return N_LEVELS[kind]
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def grid_rows(kind, data, scale, offset):
     """For one block column data (rows, block bytes): the value ggml decodes for element i
     of row r at stored level L is float32(scale[r, i] * L + offset[r, i]) (scale, offset:
@@ -393,7 +393,7 @@ def grid_rows(kind, data, scale, offset):
     f16), so this is ggml's value: bit for bit for Q4_1/Q5_1 (the same multiply and add),
     and == for Q4_0/Q5_0/Q8_0, where only a zero's sign can differ ((L-8)*d is -0.0 for
     d < 0, 8d - 8d is +0.0)."""
-    for r in prange(data.shape[0]):
+    for r in range(data.shape[0]):
         d = get_f16(data[r], 0)
         if kind == Q4_1 or kind == Q5_1:
             off = get_f16(data[r], 2)
@@ -406,13 +406,13 @@ def grid_rows(kind, data, scale, offset):
             offset[r, i] = off
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def set_levels_rows(kind, data, levels):
     """Write stored levels (rows, 32), masked to the type's width, into the block column
     data (rows, block bytes) in place, as quantize_rows packs them; d and m stay as they are.
     Q8_0 stores int8(L - 128)."""
     mask = N_LEVELS[kind] - 1
-    for r in prange(data.shape[0]):
+    for r in range(data.shape[0]):
         y = data[r]
         L = np.empty(QK, np.int64)
         for j in range(QK):

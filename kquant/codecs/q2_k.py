@@ -96,7 +96,7 @@ def _quantize_block(x, qw, use_qw, y, s):
         quantize_block(x, y, L, weights, scales, mins, ws)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def quantize_rows(x, qw, use_qw, out):
     quantize_blocks(x, qw, use_qw, out, BLOCK_BYTES, _scratch, _quantize_block)
 
@@ -119,7 +119,7 @@ def _dequantize_block(b, y, qk):
                     y[base + l] = dl * F32((b[qb + l] >> (2 * shift)) & 3) - ml
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def dequantize_rows(q, out):
     dequantize_blocks(q, out, BLOCK_BYTES, _dequantize_block)
 
@@ -129,7 +129,7 @@ def _pack_levels(L, y):
     pack_2bit(L, y, _QS)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def set_levels_rows(data, levels):
     """Stored levels (rows, 256) into one block a row, its scales kept: 0..3, value d*scale*L - dmin*min."""
     set_levels_blocks(data, levels, _pack_levels)

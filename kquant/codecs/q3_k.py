@@ -114,7 +114,7 @@ def _quantize_block(x, qw, use_qw, y, s):
         quantize_block(x, y, L, scales)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def quantize_rows(x, qw, use_qw, out):
     quantize_blocks(x, qw, use_qw, out, BLOCK_BYTES, _scratch, _quantize_block)
 
@@ -131,12 +131,12 @@ def _dequantize_block(b, y, qk):
             y[p] = dl * F32(np.int64(low) - (0 if high else 4))
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def dequantize_rows(q, out):
     dequantize_blocks(q, out, BLOCK_BYTES, _dequantize_block)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def set_levels_rows(data, levels):
     """Stored levels (rows, 256) into one block a row, its scales kept: 0..7, value d*(scale-32)*(L-4)."""
     set_levels_blocks(data, levels, _pack_levels)

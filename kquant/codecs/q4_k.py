@@ -34,7 +34,7 @@ def scales_mins_ref(x, y, L, weights, scales, mins, nmax, rmin, rdelta, nstep, w
         for l in range(32):
             weights[l] = av_x + abs(xs[l])
         scales[j], mins[j] = make_qkx_quants(32, nmax, xs, weights, L[32 * j:32 * j + 32],
-                                             rmin, rdelta, nstep, False, ws)
+                                             rmin, rdelta, np.int64(nstep), False, ws)
     max_scale, max_min = max_scale_min(QK_K // 32, scales, mins)
     inv_scale = _S63 / max_scale if max_scale > _ZERO else _ZERO
     inv_min = _S63 / max_min if max_min > _ZERO else _ZERO
@@ -57,8 +57,10 @@ def scales_mins_imatrix(x, qw, y, L, weights, scales, mins, sw, Ls, Lm, nmax, cl
     for j in range(QK_K // 32):
         xs = x[32 * j:32 * j + 32]
         sw[j] = imatrix_weights(32, qw[32 * j:32 * j + 32], xs, sigma2, weights)
+        # nstep as a plain int64, not the literal 36 (or 20 above): one compiled search
+        # serves both fits (a literal would compile it twice, 2.5 s on a first run)
         scales[j], mins[j] = make_qkx_quants(32, nmax, xs, weights, L[32 * j:32 * j + 32],
-                                             F32(-0.9), F32(0.05), 36, False, ws)
+                                             F32(-0.9), F32(0.05), np.int64(36), False, ws)
     d_block = make_qp_quants(QK_K // 32, 63, scales, Ls, sw, ws)
     m_block = make_qp_quants(QK_K // 32, 63, mins, Lm, sw, ws)
     for j in range(QK_K // 32):
@@ -118,7 +120,7 @@ def _quantize_block(x, qw, use_qw, y, s):
     _pack(scales_mins(x, qw, use_qw, y, s, 15, False, F32(-1.0), F32(0.1), 20), y)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def quantize_rows(x, qw, use_qw, out):
     quantize_blocks(x, qw, use_qw, out, BLOCK_BYTES, scratch, _quantize_block)
 
@@ -154,12 +156,12 @@ def _dequantize_block(b, y, qk):
     dequantize_block_k4(b, y, qk, _QS, -1)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def dequantize_rows(q, out):
     dequantize_blocks(q, out, BLOCK_BYTES, _dequantize_block)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def set_levels_rows(data, levels):
     """Stored levels (rows, 256) into one block a row, its scales kept: 0..15, value d*scale*L - dmin*min."""
     set_levels_blocks(data, levels, _pack)

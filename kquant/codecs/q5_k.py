@@ -44,7 +44,7 @@ def _quantize_block(x, qw, use_qw, y, s):
     _pack(L, y)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def quantize_rows(x, qw, use_qw, out):
     quantize_blocks(x, qw, use_qw, out, BLOCK_BYTES, scratch, _quantize_block)
 
@@ -54,12 +54,12 @@ def _dequantize_block(b, y, qk):
     dequantize_block_k4(b, y, qk, _QS, _QH)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def dequantize_rows(q, out):
     dequantize_blocks(q, out, BLOCK_BYTES, _dequantize_block)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def set_levels_rows(data, levels):
     """Stored levels (rows, 256) into one block a row, its scales kept: 0..31, value d*scale*L - dmin*min."""
     set_levels_blocks(data, levels, _pack)

@@ -66,7 +66,7 @@ def _scratch():
     return np.empty(QK_K, np.int8), np.empty(16, np.float32), workspace()
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def quantize_rows(x, qw, use_qw, out):
     quantize_blocks(x, qw, use_qw, out, BLOCK_BYTES, _scratch, quantize_block)
 
@@ -91,12 +91,12 @@ def _dequantize_block(b, y, qk):
             y[128 * h + l + 96] = d * F32(np.int8(b[sc + is_ + 6])) * F32(q4)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def dequantize_rows(q, out):
     dequantize_blocks(q, out, BLOCK_BYTES, _dequantize_block)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def set_levels_rows(data, levels):
     """Stored levels (rows, 256) into one block a row, its scales kept: 0..63, value d*scale*(L-32)."""
     set_levels_blocks(data, levels, _pack_levels)

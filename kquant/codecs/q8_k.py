@@ -46,7 +46,7 @@ def _quantize_block(x, qw, use_qw, y, s):
     quantize_block(x, y)  # no imatrix form, no scratch
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def quantize_rows(x, qw, use_qw, out):
     quantize_blocks(x, qw, use_qw, out, BLOCK_BYTES, _no_scratch, _quantize_block)
 
@@ -58,6 +58,6 @@ def _dequantize_block(b, y, qk):
         y[j] = d * F32(np.int8(b[_QS + j]))
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def dequantize_rows(q, out):
     dequantize_blocks(q, out, BLOCK_BYTES, _dequantize_block)

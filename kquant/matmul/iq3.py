@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..codecs.iq3 import KSIGNS
+from ..codecs.lattice import KSIGNS
 from ..codecs.iq3_grids import IQ3S_GRID, IQ3XXS_GRID
 from .prims import F32
 from .simd import (add32, bitmask32, f16at, fma, from_u32x8, from_u64x4, hsumf, load32, madd,

@@ -33,7 +33,7 @@ from numba import njit
 
 from ..runtime.gemm import TILE_N, run_all
 from ..runtime.kernels import fmaf
-from ..codecs.iq3 import KSIGNS
+from ..codecs.lattice import KSIGNS
 from ..codecs.iq3_grids import IQ3S_GRID, IQ3XXS_GRID
 from .activations import quantize_rows
 

@@ -32,6 +32,7 @@ from gguf import GGMLQuantizationType as T
 from numba import njit, prange
 
 from ..codecs import LegacyCodec, get_codec, iq4, legacy, q2_k, q3_k, q4_k, q5_k, q6_k, vectorizing
+from ..codecs.threads import for_row_slices
 from ..types import QType
 
 #: the K-quants' level writers and their number of levels (the legacy types' are in legacy.py)
@@ -215,9 +216,10 @@ def quantize_block_column(w: np.ndarray, original: np.ndarray, qtype: QType,
     if isinstance(codec, LegacyCodec):
         out = np.empty((w.shape[0], codec.type_size), np.uint8)
         qw = np.ascontiguousarray(imatrix, np.float32) if use_qw else np.zeros(0, np.float32)
+        w = np.ascontiguousarray(w)
         with vectorizing():
-            legacy.quantize_block_column(codec.kind, np.ascontiguousarray(w), original, qw, use_qw,
-                                         c0 // B, out)
+            for_row_slices(len(w), lambda a, b: legacy.quantize_block_column(
+                codec.kind, w[a:b], original[a:b], qw, use_qw, c0 // B, out[a:b]))
         return out
     qw = imatrix[c0:c0 + B] if use_qw else None
     return codec.quantize_rows(np.ascontiguousarray(w[:, c0:c0 + B]), qw)
@@ -241,11 +243,15 @@ def set_levels(data: np.ndarray, levels: np.ndarray, qtype: QType) -> np.ndarray
     out = data.copy()
     levels = np.ascontiguousarray(levels, np.int32)
     if isinstance(codec, LegacyCodec):
-        legacy.set_levels_rows(codec.kind, out, levels)
+        def work(a, b):
+            legacy.set_levels_rows(codec.kind, out[a:b], levels[a:b])
     elif codec.qtype in _IQ4_LEVELS:
-        iq4.set_levels_rows(out, levels, *_IQ4_LEVELS[codec.qtype])
+        def work(a, b):
+            iq4.set_levels_rows(out[a:b], levels[a:b], *_IQ4_LEVELS[codec.qtype])
     else:
-        _K_LEVELS[codec.qtype][0].set_levels_rows(out, levels)
+        def work(a, b):
+            _K_LEVELS[codec.qtype][0].set_levels_rows(out[a:b], levels[a:b])
+    for_row_slices(len(out), work)
     return out
 
 
@@ -256,7 +262,8 @@ def block_levels(data: np.ndarray, qtype: QType) -> np.ndarray:
     codec = get_codec(qtype)
     levels = np.zeros((len(data), codec.block_size), np.int32)
     if codec.qtype in _IQ4_LEVELS:
-        iq4.levels_rows(data, levels, *_IQ4_LEVELS[codec.qtype])
+        for_row_slices(len(data), lambda a, b: iq4.levels_rows(data[a:b], levels[a:b],
+                                                              *_IQ4_LEVELS[codec.qtype]))
     return levels
 
 

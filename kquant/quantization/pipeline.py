@@ -28,6 +28,7 @@ from ..files.atomic import refuse_input_as_output
 from ..files.gguf_write import gguf_header_size, write_gguf
 from ..calibration.imatrix_file import load_imatrix, weights_for_quantize
 from ..codecs.api import dequantize, numba_threads, quantize
+from ..codecs.warm import Unit, warm_codecs
 from ..errors import ModelError
 from ..runtime.device import resolve_device
 from ..models import open_model
@@ -506,6 +507,19 @@ def _float_rows(rows: np.ndarray, t: SourceTensor, r0: int, n_threads: int | Non
     return x
 
 
+def codec_units(plan: Plan) -> list[Unit]:
+    """The codec kernels converting the plan's tensors calls: dequantizing the stored type
+    (F32 is read as is), quantizing to the target (with an imatrix where one is given)."""
+    units = []
+    for p in plan.tensors:
+        if p.data is None and p.target != p.source.type:
+            if p.source.type != T.F32:
+                units.append(Unit(p.source.type.name, dequantize=True))
+            if p.target != T.F32:
+                units.append(Unit(p.target.name, imatrix=p.imatrix is not None))
+    return units
+
+
 def output_source(plan: Plan, n_threads: int | None = None,
                   report: GptqReport | None = None) -> ModelSource:
     """The quantized model as a ModelSource whose tensors are converted as they are loaded."""
@@ -528,8 +542,9 @@ def _ggml_dims(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def quantize_model(input_path: str | Path, output_path: str | Path,
                    ftype: str | int | LlamaFileType, options: QuantizeOptions | None = None,
-                   progress: bool = True) -> Summary:
+                   progress: bool = True, log: Callable[[str], None] | None = None) -> Summary:
     """Quantize a model file or folder into a GGUF file, as llama-quantize would.
+    `log` gets the one line said while a first run compiles kernels.
 
     With `options.keep_split`, a split input gives split outputs named
     `<output without .gguf>-0000i-of-0000n.gguf`, each with its split.* keys."""
@@ -578,6 +593,7 @@ def quantize_model(input_path: str | Path, output_path: str | Path,
     if opts.method == "gptq":
         if opts.sequential and not opts.hessian:
             _quantize_sequentially(inp, plan, opts, report, progress)
+    warm_codecs(codec_units(plan), log)
     result = output_source(plan, opts.n_threads, report)
     if not opts.keep_split or n_split == 1:
         write_gguf(result, out, progress=progress)
