@@ -108,3 +108,25 @@ def test_first_run_says_once_that_it_compiles(tmp_path):
     caches = list((tmp_path / "numba-cache").rglob("*.nbi"))
     assert any("legacy.quantize_rows" in p.name for p in caches)
     assert any("floats.dequantize_rows" in p.name for p in caches)
+
+
+@pytest.mark.parametrize("name", ["Q2_K", "Q3_K", "Q4_K", "Q5_K"])
+def test_reference_kernel_writes_the_generic_kernels_bytes(name):
+    """quantize_rows_ref (what a job without an imatrix compiles) against quantize_rows with
+    use_qw off, on Gaussian rows, rows of zeros, constants, huge and tiny values, inf and NaN."""
+    codec = kquant.codecs.get_codec(name)
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((12, 512)).astype(np.float32)
+    x[1] = 0.0
+    x[2] = 3.0
+    x[3] *= np.float32(1e30)
+    x[4] *= np.float32(1e-30)
+    x[5, 7] = np.inf
+    x[6, 9] = np.nan
+    x[7, :256] = -np.inf
+    want = np.empty((len(x), codec.row_bytes(512)), np.uint8)
+    got = np.empty_like(want)
+    with np.errstate(all="ignore"):
+        codec.module.quantize_rows(x, np.zeros(0, np.float32), False, want)
+        codec.module.quantize_rows_ref(x, got)
+    assert np.array_equal(got, want)

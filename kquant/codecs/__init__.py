@@ -83,9 +83,9 @@ class Codec:
             for_row_slices(len(q), lambda a, b: self._dequantize(q[a:b], out[a:b]))
         return out
 
-    def kernels(self, dequantize: bool = False) -> list:
-        """The Numba dispatchers quantize_rows (or dequantize_rows) calls: what
-        kquant.codecs.warm checks against Numba's cache."""
+    def kernels(self, dequantize: bool = False, imatrix: bool = True) -> list:
+        """The Numba dispatchers quantize_rows (with or without an imatrix) or dequantize_rows
+        calls: what kquant.codecs.warm checks against Numba's cache."""
         return []
 
     def __repr__(self) -> str:
@@ -99,13 +99,30 @@ class BlockCodec(Codec):
     def __init__(self, record: QuantType):
         super().__init__(record)
         self.module: ModuleType = importlib.import_module(f".{record.codec_module}", __package__)
+        self._generic_ready = False
 
-    def kernels(self, dequantize=False):
-        return [self.module.dequantize_rows if dequantize else self.module.quantize_rows]
+    def kernels(self, dequantize=False, imatrix=True):
+        if dequantize:
+            return [self.module.dequantize_rows]
+        return [self.module.quantize_rows if imatrix or not self._use_ref() else self.module.quantize_rows_ref]
+
+    def _use_ref(self) -> bool:
+        """Whether rows without an imatrix take the module's quantize_rows_ref (the reference
+        fit alone, which compiles in half the time) rather than quantize_rows (both fits):
+        where the module has one, until quantize_rows is compiled or cached (from then on
+        it serves both, and a second kernel would only cost a compile)."""
+        if self._generic_ready or not hasattr(self.module, "quantize_rows_ref"):
+            return False
+        from .warm import is_cached
+        self._generic_ready = bool(self.module.quantize_rows.signatures) or is_cached(self.module.quantize_rows)
+        return not self._generic_ready
 
     def _quantize(self, x, imatrix, out, failed):
         use_qw = imatrix is not None and self.uses_imatrix
-        self.module.quantize_rows(x, imatrix if use_qw else _NO_WEIGHTS, use_qw, out)
+        if not use_qw and self._use_ref():
+            self.module.quantize_rows_ref(x, out)
+        else:
+            self.module.quantize_rows(x, imatrix if use_qw else _NO_WEIGHTS, use_qw, out)
 
     def _dequantize(self, q, out):
         self.module.dequantize_rows(q, out)
@@ -119,7 +136,7 @@ class LegacyCodec(Codec):
         super().__init__(record)
         self.kind = getattr(legacy, record.name)
 
-    def kernels(self, dequantize=False):
+    def kernels(self, dequantize=False, imatrix=True):
         if not dequantize:
             return [legacy.quantize_rows]
         return [legacy.dequantize_q8_0_rows if self.kind == legacy.Q8_0 else legacy.dequantize_rows]
@@ -144,7 +161,7 @@ class IQ4Codec(Codec):
         self._quantize_rows = getattr(iq4, f"quantize_{suffix}_rows")
         self._dequantize_rows = getattr(iq4, f"dequantize_{suffix}_rows")
 
-    def kernels(self, dequantize=False):
+    def kernels(self, dequantize=False, imatrix=True):
         return [self._dequantize_rows if dequantize else self._quantize_rows]
 
     def _quantize(self, x, imatrix, out, failed):
@@ -165,7 +182,7 @@ class IQ3Codec(Codec):
         super().__init__(record)
         self.suffix = "xxs" if record.qtype == GGMLQuantizationType.IQ3_XXS else "s"
 
-    def kernels(self, dequantize=False):
+    def kernels(self, dequantize=False, imatrix=True):
         from . import iq3
         return [getattr(iq3, f"{'dequantize' if dequantize else 'quantize'}_{self.suffix}_rows")]
 
@@ -189,7 +206,7 @@ class IQ1Codec(Codec):
         super().__init__(record)
         self.small = self.requires_imatrix = record.qtype == GGMLQuantizationType.IQ1_S
 
-    def kernels(self, dequantize=False):
+    def kernels(self, dequantize=False, imatrix=True):
         from . import iq1, lattice
         kind = "s" if self.small else "m"
         return [getattr(iq1, f"{'dequantize' if dequantize else 'quantize'}_{kind}_rows"),
@@ -224,7 +241,7 @@ class IQ2Codec(Codec):
         self.kind = {GGMLQuantizationType.IQ2_XXS: "xxs", GGMLQuantizationType.IQ2_XS: "xs",
                      GGMLQuantizationType.IQ2_S: "s"}[record.qtype]
 
-    def kernels(self, dequantize=False):
+    def kernels(self, dequantize=False, imatrix=True):
         from . import iq2, lattice
         kind = "xxs" if self.kind == "xxs" else "x16"
         return [getattr(iq2, f"{'dequantize' if dequantize else 'quantize'}_{kind}_rows"),
@@ -258,7 +275,7 @@ class HalfCodec(Codec):
         super().__init__(record)
         self.kind = getattr(floats, record.name)
 
-    def kernels(self, dequantize=False):
+    def kernels(self, dequantize=False, imatrix=True):
         return [floats.dequantize_rows if dequantize else floats.quantize_rows]
 
     def _quantize(self, x, imatrix, out, failed):

@@ -6,6 +6,7 @@ dequantize_row_q2_K from ggml-quants.c.
 """
 from __future__ import annotations
 
+import numpy as np
 from numba import njit
 
 from .bits import F32, get_f16, nearest_int, put_f16
@@ -99,6 +100,13 @@ def _quantize_block(x, qw, use_qw, y, s):
 @njit(cache=True, error_model="numpy", nogil=True)
 def quantize_rows(x, qw, use_qw, out):
     quantize_blocks(x, qw, use_qw, out, BLOCK_BYTES, _scratch, _quantize_block)
+
+
+@njit(cache=True, error_model="numpy", nogil=True)
+def quantize_rows_ref(x, out):
+    """quantize_rows without an imatrix: the constant use_qw prunes the imatrix fit, so a job
+    without one never compiles it (kquant.codecs.BlockCodec picks this kernel)."""
+    quantize_blocks(x, np.empty(0, np.float32), False, out, BLOCK_BYTES, _scratch, _quantize_block)
 
 
 @njit(cache=True, error_model="numpy", inline="always")

@@ -49,6 +49,13 @@ def quantize_rows(x, qw, use_qw, out):
     quantize_blocks(x, qw, use_qw, out, BLOCK_BYTES, scratch, _quantize_block)
 
 
+@njit(cache=True, error_model="numpy", nogil=True)
+def quantize_rows_ref(x, out):
+    """quantize_rows without an imatrix: the constant use_qw prunes the imatrix fit, so a job
+    without one never compiles it (kquant.codecs.BlockCodec picks this kernel)."""
+    quantize_blocks(x, np.empty(0, np.float32), False, out, BLOCK_BYTES, scratch, _quantize_block)
+
+
 @njit(cache=True, error_model="numpy", inline="always")
 def _dequantize_block(b, y, qk):
     dequantize_block_k4(b, y, qk, _QS, _QH)

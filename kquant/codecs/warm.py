@@ -52,10 +52,11 @@ def compile_unit(unit: Unit) -> None:
         return
     x = np.linspace(-1.0, 1.0, 2 * n, dtype=np.float32).reshape(2, n)
     weights = np.ones(n, np.float32)
-    if not codec.requires_imatrix:
-        codec.quantize_rows(x, None)
+    # with an imatrix first: its kernel then serves rows without one too (BlockCodec._use_ref)
     if unit.imatrix or codec.requires_imatrix:
         codec.quantize_rows(x, weights)
+    if not codec.requires_imatrix:
+        codec.quantize_rows(x, None)
 
 
 def _magic() -> tuple:
@@ -75,7 +76,7 @@ def is_cached(kernel) -> bool:
 
 
 def unit_cached(unit: Unit) -> bool:
-    return all(is_cached(k) for k in get_codec(unit.name).kernels(unit.dequantize))
+    return all(is_cached(k) for k in get_codec(unit.name).kernels(unit.dequantize, unit.imatrix))
 
 
 def _cpus() -> int:
