@@ -26,7 +26,7 @@ from ..runtime import Transformer
 from ..runtime.chunks import NllTotals, run_chunks
 from ..runtime.device import to_host
 from ..runtime.experts import ExpertInput, accumulate_expert_sumsq
-from ..runtime.kernels import accumulate_sumsq, token_nll, token_nll_exact
+from ..runtime.kernels import COMPILING, forward_compiled, accumulate_sumsq, token_nll, token_nll_exact
 from ..runtime.weights import OUTPUT
 from .imatrix_file import Imatrix, ImatrixEntry, accumulate, at_path, load_imatrix, save_imatrix
 
@@ -119,7 +119,11 @@ class Collector:
                 e.counts = e.counts[:1].copy()  # a dense tensor keeps a single count
             entries.append(e)
         if self.xp is np:
-            accumulate_sumsq(tuple(e.sums for e in entries), np.ascontiguousarray(x, dtype=np.float32))
+            # the sums stacked into one array: one compiled kernel for any number of matrices
+            sums = np.stack([e.sums for e in entries])
+            accumulate_sumsq(sums, np.ascontiguousarray(x, dtype=np.float32))
+            for k, e in enumerate(entries):
+                e.sums[:] = sums[k]
             bad = [n for n, e in zip(names, entries) if not np.isfinite(e.sums).all()]
         else:
             sq = (x * x).sum(axis=0)
@@ -303,6 +307,8 @@ def run_imatrix(model_path: str | Path, text_path: str | Path, params: ImatrixPa
     im = load_in_files(in_files or [], params.n_ctx)
     check_against_model(im, model, params.process_output)
     log(f"{source.arch} model, {model.config.n_layer} layers, {device}, {threads} threads")
+    if device == "cpu" and not forward_compiled():
+        log(COMPILING)
     bos = tokenizer.bos_id if tokenizer.add_bos else None
     if hessian_out:
         from ..quantization.calibrated import model_tag

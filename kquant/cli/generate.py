@@ -23,6 +23,7 @@ import time
 import math
 
 from ..errors import ModelError
+from ..runtime.kernels import COMPILING, forward_compiled
 from . import add_runtime_args, run_command, stdout_line_open
 
 
@@ -107,6 +108,8 @@ def _run(ns: argparse.Namespace) -> int:
     n_ctx, n_ctx_train = _context(ns, source, len(prompt))
     model = Transformer(source, device, progress=False)
     model.exact = ns.exact
+    if device == "cpu" and not forward_compiled():
+        print(COMPILING, file=sys.stderr)
     # the llama.cpp thread count --exact reproduces: -t as given (set_threads caps the threads
     # kquant runs to the CPUs), else the runtime's
     model.exact_threads = ns.threads if ns.threads is not None and ns.threads > 0 else threads

@@ -154,10 +154,11 @@ def swiglu(g, u):
 
 @njit(parallel=True, cache=True)
 def accumulate_sumsq(accs, x):
-    """acc[j] += x[r, j]^2 for every row r in order, for each acc of the tuple `accs` (the
+    """accs[k, j] += x[r, j]^2 for every row r in order, for each row k of `accs` (the
     matrices that share an input: Q/K/V, gate/up): llama-imatrix's float32 loop, column blocks
     in parallel, each column in its own sequential order. A block is summed in a local array,
-    which LLVM knows does not alias x, so the column loop vectorises."""
+    which LLVM knows does not alias x, so the column loop vectorises. (accs is one 2-D array,
+    not a tuple: a tuple of 1, 2 or 3 arrays compiled three times, 8 s of a first run.)"""
     rows, n = x.shape
     block = 64
     for b in prange((n + block - 1) // block):
@@ -603,3 +604,14 @@ def soft_cap(x, cap):
     for r in prange(rows):
         for j in range(n):
             x[r, j] = F32(math.tanh(x[r, j] * inv)) * cap
+
+
+#: the line the commands print before a forward pass whose kernels Numba has yet to compile
+COMPILING = "compiling the forward pass's kernels, once (Numba keeps them for later runs)..."
+
+
+def forward_compiled() -> bool:
+    """Whether Numba's cache holds the kernels every CPU forward pass calls (a first run
+    compiles them for 10-20 s on this project's 2-vCPU machine: worth a line to the user)."""
+    from ..codecs.warm import is_cached
+    return all(is_cached(k) for k in (rope_inplace, softmax_causal, round_to_half))

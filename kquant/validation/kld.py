@@ -19,6 +19,7 @@ from tqdm import tqdm
 from ..errors import ModelError
 from ..runtime import Transformer
 from ..runtime.chunks import run_chunks
+from ..runtime.kernels import COMPILING, forward_compiled
 from .common import (Log, PerplexityParams, batch_layout, check_vocab, eta_line, load_for_evaluation, log_nothing,
                      log_stderr, pad256)
 from .logits_file import BaseLogits
@@ -351,5 +352,7 @@ def run_kl_divergence(model_path: str | Path, params: PerplexityParams, device: 
     source, tokenizer, device, threads = load_for_evaluation(model_path, device, n_threads)
     model = Transformer(source, device, progress)
     log(f"{source.arch} model, {model.config.n_layer} layers, {device}, {threads} threads")
+    if device == "cpu" and not forward_compiled():
+        log(COMPILING)
     bos = tokenizer.bos_id if tokenizer.add_bos else None
     return kl_divergence(model, base, params, bos, tokenizer.n_vocab, progress, log, emit)

@@ -34,7 +34,7 @@ from ..files.atomic import check_writable, refuse_input_as_output
 from ..files.text import read_text
 from ..runtime import Transformer
 from ..runtime.chunks import N_UBATCH, NllTotals, run_chunks, run_sequences
-from ..runtime.kernels import token_nll, token_nll_exact
+from ..runtime.kernels import COMPILING, forward_compiled, token_nll, token_nll_exact
 from .common import (Log, PerplexityParams, batch_layout, check_vocab, eta_line, load_for_evaluation, log_nothing,
                      log_stderr, pad256)
 from .kld import KLDivergenceResult, run_kl_divergence
@@ -238,6 +238,8 @@ def run_perplexity(model_path: str | Path, text_path: str | Path | None, params:
     model = Transformer(source, device, progress)
     model.exact = params.exact
     log(f"{source.arch} model, {model.config.n_layer} layers, {device}, {threads} threads")
+    if device == "cpu" and not forward_compiled():
+        log(COMPILING)
     bos = tokenizer.bos_id if tokenizer.add_bos else None
     writer = LogitsWriter(params.logits_file) if params.logits_file else None
     try:
