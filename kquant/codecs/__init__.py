@@ -129,8 +129,8 @@ class BlockCodec(Codec):
 
 
 class LegacyCodec(Codec):
-    """Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: one kernel pair for the family, selected by `kind`
-    (legacy's constant named after the type)."""
+    """Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: the family's kernels, a quantizer per type and a
+    dequantizer selected by `kind` (legacy's constant named after the type)."""
 
     def __init__(self, record: QuantType):
         super().__init__(record)
@@ -138,12 +138,12 @@ class LegacyCodec(Codec):
 
     def kernels(self, dequantize=False, imatrix=True):
         if not dequantize:
-            return [legacy.quantize_rows]
+            return [legacy.QUANTIZE_ROWS[self.kind]]
         return [legacy.dequantize_q8_0_rows if self.kind == legacy.Q8_0 else legacy.dequantize_rows]
 
     def _quantize(self, x, imatrix, out, failed):
         use_qw = imatrix is not None and self.uses_imatrix
-        legacy.quantize_rows(self.kind, x, imatrix if use_qw else _NO_WEIGHTS, use_qw, out)
+        legacy.QUANTIZE_ROWS[self.kind](x, imatrix if use_qw else _NO_WEIGHTS, use_qw, out)
 
     def _dequantize(self, q, out):
         if self.kind == legacy.Q8_0:

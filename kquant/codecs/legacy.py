@@ -257,8 +257,8 @@ def _imatrix_block(kind, x, qw, sigma2, y, L, Lu, weight, ws):
         _store_5bit(y, 4, 8, Lu)
 
 
-@njit(cache=True, error_model="numpy", nogil=True)
-def quantize_rows(kind, x, qw, use_qw, out):
+@njit(cache=True, error_model="numpy", inline="always")
+def _quantize_rows(kind, x, qw, use_qw, out):
     nrows, n = x.shape
     bs = BLOCK_BYTES[kind]
     for r in range(nrows):
@@ -289,6 +289,38 @@ def quantize_rows(kind, x, qw, use_qw, out):
                 yb = out[r, ib * bs:(ib + 1) * bs]
                 sub, d = _ref_scale(kind, xb, yb)
                 _ref_levels(kind, xb, yb, sub, _ONE / d if d != _ZERO else _ZERO, Li, Lf)
+
+
+# One kernel a type: the constant `kind` prunes the other types' fits (Numba drops branches
+# on constants after inlining), so a first Q8_0 job compiles Q8_0's code alone.
+@njit(cache=True, error_model="numpy", nogil=True)
+def quantize_q4_0_rows(x, qw, use_qw, out):
+    _quantize_rows(Q4_0, x, qw, use_qw, out)
+
+
+@njit(cache=True, error_model="numpy", nogil=True)
+def quantize_q4_1_rows(x, qw, use_qw, out):
+    _quantize_rows(Q4_1, x, qw, use_qw, out)
+
+
+@njit(cache=True, error_model="numpy", nogil=True)
+def quantize_q5_0_rows(x, qw, use_qw, out):
+    _quantize_rows(Q5_0, x, qw, use_qw, out)
+
+
+@njit(cache=True, error_model="numpy", nogil=True)
+def quantize_q5_1_rows(x, qw, use_qw, out):
+    _quantize_rows(Q5_1, x, qw, use_qw, out)
+
+
+@njit(cache=True, error_model="numpy", nogil=True)
+def quantize_q8_0_rows(x, qw, use_qw, out):
+    _quantize_rows(Q8_0, x, qw, use_qw, out)
+
+
+#: quantize_<type>_rows(x, qw, use_qw, out) by kind
+QUANTIZE_ROWS = (quantize_q4_0_rows, quantize_q4_1_rows, quantize_q5_0_rows, quantize_q5_1_rows,
+                 quantize_q8_0_rows)
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
