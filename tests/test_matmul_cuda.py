@@ -352,6 +352,7 @@ def _real_gpu() -> bool:
         return False
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not _real_gpu(), reason="no CUDA GPU")
 @pytest.mark.parametrize("name", TYPES)
 def test_gpu_large(name):
