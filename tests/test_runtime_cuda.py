@@ -21,11 +21,15 @@ product with the exact dequantized weights (u = 2^-24), as tests/test_matmul_cud
 the kernels. The logits are then compared with the CPU default path's. Float summation order
 alone moves them by ~1e-7, but an activation that lands near a rounding tie of the next
 product's 8-bit quantization can go one level (1/127 of its block's largest value) either way,
-and a random model amplifies that: on a 64-wide variant of this model the CPU's own two paths
-(numpy + Numba and the CuPy-style array expressions, no GPU code involved) differ by 1e-2 on a
-12-token prompt. On this one no such flip happens (measured: 1e-7 for the prompt and the step,
-GPU path and CPU path alike), but another machine's BLAS sums in another order; so the logits
-must agree to 2e-2 relative for the prompt and 1e-4 for a one-token step (few roundings).
+(as can a key or value's float16 rounding in the KV cache), and every later token's attention
+reads it. The CPU's own paths show it, no GPU code involved: numpy + Numba against the CuPy-style
+array expressions differ by 1e-2 on a 12-token prompt of a 64-wide variant of the simulator's
+model, and by 5.6e-3 on 128 tokens of data/tiny-llama at Q4_K_M (identical for the first 5
+tokens, ~3e-3 per token after the first flip; the CPU default path against its own BLAS
+fallback: 5.5e-3). On the simulator's model no flip happens (measured: 1e-7 for the prompt and
+the step, GPU path and CPU path alike), but another machine's BLAS sums in another order; so the
+logits must agree to 2e-2 relative (the steps too: they read the cache the prompt filled). The
+per-product checks are the strict ones.
 """
 from __future__ import annotations
 
@@ -46,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 U = 2.0 ** -24
 # the logits' relative distance from the CPU default path (see above)
-REL_PROMPT, REL_STEP = 2e-2, 1e-4
+REL = 2e-2
 
 sim = pytest.mark.skipif(not SIM, reason="needs NUMBA_ENABLE_CUDASIM=1 (test_simulator_suite "
                                          "runs these in a subprocess)")
@@ -170,6 +174,7 @@ class ProductLog:
 
     def __init__(self, model, monkeypatch):
         import kquant.matmul.cuda as kc
+        from kquant.runtime.device import to_host
         from kquant.runtime.gpu_matrices import GpuMatrix
 
         self.inputs, self.products, self.methods = [], [], []
@@ -177,12 +182,12 @@ class ProductLog:
 
         def log_input(x, w, b, name, qtype):
             if isinstance(w, GpuMatrix):
-                self.inputs.append(np.array(x))
+                self.inputs.append(to_host(x).copy())
             return rounded_product(x, w, b, name, qtype)
 
         def log_product(m, x, xp):
             y = product(m, x, xp)
-            self.products.append((m, np.array(x), np.array(y)))
+            self.products.append((m, to_host(x).copy(), to_host(y).copy()))
             return y
 
         def log_method(dw, X, Y, method, wpr):
@@ -240,7 +245,7 @@ def test_sim_prompt_then_step_match_the_cpu(models, monkeypatch):
     log = ProductLog(gpu, monkeypatch)
     toks = np.random.default_rng(1).integers(0, N_VOCAB, 13)
     caches = cpu.new_cache(32), gpu.new_cache(32)
-    for piece, bound in ((toks[:12], REL_PROMPT), (toks[12:], REL_STEP)):
+    for piece in (toks[:12], toks[12:]):
         log.clear()
         a = cpu.forward([Segment(piece, caches[0])])
         b = gpu.forward([Segment(piece, caches[1])])
@@ -250,7 +255,7 @@ def test_sim_prompt_then_step_match_the_cpu(models, monkeypatch):
         err = rel_error(b, a)
         print(f"{len(piece)} tokens: products within {worst:.2e} of sum |w x|, "
               f"logits {err:.2e} from the CPU's")
-        assert err < bound
+        assert err < REL
 
 
 @sim
@@ -274,8 +279,8 @@ def test_sim_imatrix_collects_the_same(models):
         np.testing.assert_array_equal(b.imatrix.entries[name].counts, e.counts)
         worst = max(worst, rel_error(b.imatrix.entries[name].sums, e.sums))
     print(f"imatrix sums {worst:.2e} from the CPU's, chunk perplexities {a.chunk_ppl} {b.chunk_ppl}")
-    assert worst < REL_PROMPT
-    assert b.chunk_ppl == pytest.approx(a.chunk_ppl, rel=REL_PROMPT)
+    assert worst < REL
+    assert b.chunk_ppl == pytest.approx(a.chunk_ppl, rel=REL)
 
 
 @sim
@@ -326,10 +331,10 @@ def tiny_llama_q4_k_m(tmp_path_factory, tiny_llama_f32) -> Path:
 @pytest.mark.gpu
 @pytest.mark.skipif(not _cupy_gpu(), reason="needs CuPy and an NVIDIA GPU")
 @pytest.mark.parametrize("which", ["mixed", "q4_k_m"])
-def test_gpu_device_cuda_matches_cpu(which, tiny_gguf, tiny_llama_q4_k_m):
+def test_gpu_device_cuda_matches_cpu(which, request, monkeypatch):
     """`--device cuda` (CuPy, the blocks on the GPU): a 100-token prompt (tiled kernel) and
-    single-token steps (warp kernel) give the CPU's logits; nothing comes back to the host
-    until the logits are asked for."""
+    token steps (warp kernel), every product checked on its own input as under the simulator,
+    the logits against the CPU's."""
     import cupy
 
     from kquant.models import open_model
@@ -337,25 +342,34 @@ def test_gpu_device_cuda_matches_cpu(which, tiny_gguf, tiny_llama_q4_k_m):
     from kquant.runtime.device import to_host
     from kquant.runtime.gpu_matrices import GpuMatrix
 
-    source = open_model(tiny_gguf if which == "mixed" else tiny_llama_q4_k_m, "f32")
+    path = request.getfixturevalue("tiny_gguf" if which == "mixed" else "tiny_llama_q4_k_m")
+    source = open_model(path, "f32")
     cpu = Transformer(source, "cpu", progress=False)
     dev = Transformer(source, "cuda", progress=False)
     assert isinstance(dev.weights.layers[0].wq, GpuMatrix)
-    n_vocab = cpu.config.n_vocab
-    toks = np.random.default_rng(4).integers(0, n_vocab, 104)
+    log = ProductLog(dev, monkeypatch)
+    toks = np.random.default_rng(4).integers(0, cpu.config.n_vocab, 104)
     ca, cb = cpu.new_cache(128), dev.new_cache(128)
     for piece in (toks[:100], toks[100:101], toks[101:104]):
+        log.clear()
         a = cpu.forward([Segment(piece, ca)])
         b = dev.forward([Segment(piece, cb)])
         assert isinstance(b, cupy.ndarray)
+        assert set(log.methods) == {"tiled" if len(piece) > 8 else "warp"}
+        worst = log.check()
         err = rel_error(to_host(b), a)
-        print(which, len(piece), "tokens: relative logit error", err)
+        print(f"{which}, {len(piece)} tokens: products within {worst:.2e} of sum |w x|, "
+              f"logits {err:.2e} from the CPU's")
         assert err < REL
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _cupy_gpu(), reason="needs CuPy and an NVIDIA GPU")
 def test_gpu_imatrix_and_perplexity_match_cpu(tiny_llama_q4_k_m, tmp_path):
+    """kquant-perplexity and kquant-imatrix on --device cuda agree with --device cpu, to the
+    rounding flips the module docstring describes: on this model the CPU's own array-expression
+    path (no GPU code) is 2.9e-3 from the CPU default path's perplexity, so 1e-2 for the
+    perplexity and for each imatrix entry's sums (relative norm)."""
     from kquant.calibration.imatrix import ImatrixParams, run_imatrix
     from kquant.validation.common import PerplexityParams
     from kquant.validation.perplexity import run_perplexity
@@ -364,9 +378,12 @@ def test_gpu_imatrix_and_perplexity_match_cpu(tiny_llama_q4_k_m, tmp_path):
     quiet = lambda s: None  # noqa: E731
     ppl = [run_perplexity(tiny_llama_q4_k_m, text, PerplexityParams(n_ctx=128, n_chunks=4), device=d,
                           progress=False, log=quiet, emit=quiet).ppl for d in ("cpu", "cuda")]
-    assert ppl[1] == pytest.approx(ppl[0], rel=1e-4)
+    print("perplexity cpu, cuda:", ppl)
+    assert ppl[1] == pytest.approx(ppl[0], rel=1e-2)
     ims = [run_imatrix(tiny_llama_q4_k_m, text, ImatrixParams(n_ctx=128, n_chunks=4, output_frequency=0,
                                                               out_file=str(tmp_path / f"{d}.gguf")),
                        device=d, progress=False, log=quiet).imatrix for d in ("cpu", "cuda")]
+    assert sorted(ims[1].entries) == sorted(ims[0].entries)
     for name, e in ims[0].entries.items():
-        np.testing.assert_allclose(ims[1].entries[name].sums, e.sums, rtol=1e-3, err_msg=name)
+        np.testing.assert_array_equal(ims[1].entries[name].counts, e.counts)
+        assert rel_error(ims[1].entries[name].sums, e.sums) < 1e-2, name
