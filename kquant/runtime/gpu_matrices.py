@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-
 F32 = np.float32
 
 # float matrices stay CuPy float32 arrays, multiplied by cuBLAS (as fast, and exact)
