@@ -46,7 +46,6 @@ from gguf import GGUFValueType as V
 import kquant
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).parent))
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 U = 2.0 ** -24
 # the logits' relative distance from the CPU default path (see above)
