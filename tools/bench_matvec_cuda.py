@@ -189,6 +189,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="launches per timing (default 50)")
     ap.add_argument("--copy-mib", type=int, default=None,
                     help="size of the copy that measures bandwidth (default 1024 MiB)")
+    ap.add_argument("--tsv", default=None, metavar="FILE",
+                    help="append one summary row per type (check<TAB>result<TAB>detail) to FILE "
+                         "(tools/gpu_check.sh gathers them)")
     ap.add_argument("--small", action="store_true",
                     help="tiny shapes, one timing run of one launch: checks that the script "
                          "runs (for the simulator)")
@@ -228,10 +231,12 @@ def main(argv=None) -> int:
     print(head)
     print(rule)
 
+    summary = [("device copy", "ok", f"{bw / 1e9:.1f} GB/s ({device})")]
     worst = 0.0
     for name in types:
         codec = get_codec(name)
         line = f"| {name} | {8 * codec.type_size / codec.block_size:.2f} |"
+        detail = []
         for rows, cols in shapes:
             q, Wd = make_weights(name, rows, cols)
             dw = kc.to_device(q, name)
@@ -246,6 +251,7 @@ def main(argv=None) -> int:
             gbs = dw.nbytes / t
             line += (f" {t * 1e6:.1f} | {gbs / 1e9:.0f} | {gbs / bw:.0%} |"
                      f" {timer.call(fn, repeats) * 1e6:.1f} |")
+            detail.append(f"{rows}x{cols} {gbs / 1e9:.0f} GB/s = {gbs / bw:.0%} of copy")
         rows, cols = mm_shape
         q, Wd = make_weights(name, rows, cols, seed=2)
         dw = kc.to_device(q, name)
@@ -256,10 +262,16 @@ def main(argv=None) -> int:
         worst = max(worst, check(dY.copy_to_host(), Wd, X, f"{name} matmul"))
         t = timer.gpu(lambda: kc.matmul(dw, name, dX, out=dY), max(1, repeats // 10))
         line += f" {t * 1e3:.3f} | {2 * rows * cols * tokens / t / 1e12:.2f} |"
+        detail.append(f"matmul x{tokens} {2 * rows * cols * tokens / t / 1e12:.2f} TFLOP/s")
+        summary.append((f"matvec {name}", "ok", "; ".join(detail)))
         print(line, flush=True)
     print(f"# results checked against dequantize(W) @ x: max error {worst:.2e} of sum |w x|")
     if simulator:
         print("# (simulator: the timings above are meaningless)")
+    if args.tsv:
+        with open(args.tsv, "a") as f:
+            for row in summary:
+                f.write("\t".join(row) + "\n")
     return 0
 
 

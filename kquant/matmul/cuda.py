@@ -90,7 +90,11 @@ def _device_array(a):
     cu = _cuda()
     if hasattr(cu, "is_cuda_array"):            # real CUDA
         if cu.is_cuda_array(a):
-            return a if hasattr(a, "copy_to_host") else cu.as_cuda_array(a)
+            # sync=False: by default Numba synchronizes the exporter's stream (CuPy's, the
+            # legacy default stream) on every import, a host-device sync per product. The
+            # kernels launch on that same default stream, which orders them after CuPy's work
+            # (unless CuPy or Numba is switched to per-thread default streams).
+            return a if hasattr(a, "copy_to_host") else cu.as_cuda_array(a, sync=False)
         return None
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
     return a if isinstance(a, FakeCUDAArray) else None

@@ -45,6 +45,7 @@ from ..codecs.api import dequantize, numba_threads
 from ..errors import ModelError
 from ..runtime.chunks import chunk_sequences
 from ..runtime.device import to_host
+from ..runtime.gpu_matrices import GpuMatrix
 from ..runtime.forward import Segment, Transformer
 from .calibrated import GptqReport, gptq_types, quantize_matrix
 from .gptq import Heldout, corrected_target
@@ -226,7 +227,7 @@ class SequentialGptq:
         p = self.planned.get(name)
         if p is None or p.target == p.source.type:
             return
-        w = np.ascontiguousarray(to_host(getattr(L, attr)), F32)
+        w = np.ascontiguousarray(_host_matrix(getattr(L, attr)), F32)
         if stats is not None:
             aim = None
             if stats.cross is not None:
@@ -239,6 +240,12 @@ class SequentialGptq:
         self.data[name] = data.reshape(-1)
         q = dequantize(data.reshape(w.shape[0], -1), p.target).reshape(w.shape)
         setattr(L, attr, self.model.xp.asarray(q))
+
+
+def _host_matrix(w: Any) -> np.ndarray:
+    """A layer matrix as float32 on the host: on --device cuda a quantized source's matrices
+    are their blocks on the GPU (GpuMatrix), dequantized here."""
+    return w.dequantized() if isinstance(w, GpuMatrix) else to_host(w)
 
 
 @dataclass

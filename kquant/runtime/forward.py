@@ -24,7 +24,9 @@ gemma2.cpp, gemma3.cpp), in float32, with matrix-matrix products over every toke
                                                               expert: moe_ffn, runtime/experts.py)
     logits = (rms_norm(x) * output_norm) @ Wout.T             (gemma2, gemma3 where set: cap * tanh(logits / cap))
 
-All of it is written against an array module `xp`: numpy (BLAS) on the CPU, CuPy on a GPU.
+All of it is written against an array module `xp`: numpy (BLAS) on the CPU, CuPy on a GPU, where
+quantized matrices stay as their blocks and go through kquant.matmul.cuda's kernels
+(kquant.runtime.gpu_matrices).
 An `observe(name, x)` callback sees the input of every weight's matrix product, which is what an
 importance matrix accumulates (llama-imatrix's collect_imatrix sees the same tensors).
 """
@@ -54,6 +56,7 @@ from .kernels import (flash_attention, flash_attention_split_kv, flash_attention
                       uses_split_kv)
 from .device import to_host
 from .experts import ExpertInput, expert_rows, route, router_softmax
+from .gpu_matrices import GpuBlocks, GpuMatrix
 from .weights import OUTPUT, Layer, Weights, load_weights
 
 Observer = Callable[[str, Any], None]
@@ -96,13 +99,20 @@ class Segment:
 class Transformer:
     """A loaded model: `forward` runs a batch of sequence segments and returns logits."""
 
-    def __init__(self, source: ModelSource, device: str = "cpu", progress: bool = True, xp: Any = None):
+    def __init__(self, source: ModelSource, device: str = "cpu", progress: bool = True, xp: Any = None,
+                 gpu: GpuBlocks | None = None):
         # `xp` overrides the array module: the tests pass a numpy stand-in that is not numpy
-        # itself, to run the CuPy code path on the CPU
-        self.xp = xp if xp is not None else array_module(device)
+        # itself, to run the CuPy code path on the CPU. `gpu` keeps quantized matrices as their
+        # blocks on the GPU (kquant.runtime.gpu_matrices), the default with CuPy; the tests
+        # pass one with a numpy-like `xp` to run the block kernels on Numba's CUDA simulator.
+        if xp is None:
+            xp = array_module(device)
+            if gpu is None and xp is not np:
+                gpu = GpuBlocks()
+        self.xp = xp
         self.device = device
         self.config = read_config(source)
-        self.weights: Weights = load_weights(source, self.config, self.xp, progress)
+        self.weights: Weights = load_weights(source, self.config, self.xp, progress, gpu)
         # (rope factors, base, freq scale) -> (positions, cos, sin): one table per kind of
         # layer (gemma3's SWA layers rope with their own base and scale)
         self._rope_cache: dict[tuple, tuple[int, Any, Any]] = {}
@@ -303,10 +313,14 @@ class Transformer:
     def _linear(self, x: Any, w: Any, b: Any, name: str, observe: Observer | None) -> Any:
         """x @ W.T (+ b), the activations first rounded as llama.cpp's CPU backend rounds them
         for W's type (Q8_K, Q8_0, F16, ...; unchanged for F32). `observe` sees them unrounded,
-        as llama-imatrix's callback does."""
+        as llama-imatrix's callback does. A GpuMatrix (quantized blocks on the GPU) takes the
+        same rounding, then the block kernels (_matmul_nt); the CPU's own kernels are for
+        host matrices."""
         if observe is not None:
             observe(name, x)
         qtype = self.weights.types.get(name, T.F32)
+        if isinstance(w, GpuMatrix):
+            return self._rounded_product(x, w, b, name, qtype)
         if self.exact and self.xp is np:
             y = self._exact_matrix(name, w, qtype)(x)
             return y + b if b is not None else y
@@ -319,6 +333,11 @@ class Transformer:
             # fast as BLAS, take it: its values are llama.cpp's
             y = self._exact_matrix(name, w, qtype)(x)
             return y + b if b is not None else y
+        return self._rounded_product(x, w, b, name, qtype)
+
+    def _rounded_product(self, x: Any, w: Any, b: Any, name: str, qtype: Any) -> Any:
+        """round(x) @ W.T (+ ggml's Q8_1 min term) (+ b): llama.cpp's product up to float32
+        summation order, W exact (dequantized, or the blocks the GPU kernels dequantize)."""
         src_x = x
         if qtype != T.F32:
             x = self._once_per_input(x, ("rounded", vec_dot_type(qtype)),
@@ -339,7 +358,10 @@ class Transformer:
         return m
 
     def _matmul_nt(self, x: Any, w: Any) -> Any:
-        """x @ w.T; on the CPU in a float order no thread count changes (kquant.runtime.gemm)."""
+        """x @ w.T; on the CPU in a float order no thread count changes (kquant.runtime.gemm);
+        a GpuMatrix by the block kernels."""
+        if isinstance(w, GpuMatrix):
+            return w.product(x, self.xp)
         if self.xp is np:
             return matmul_nt(np.ascontiguousarray(x), w)
         return x @ w.T

@@ -6,6 +6,11 @@ model computes with exactly the values llama.cpp's dequantization gives.  Tensor
 gguf's TENSOR_NAMES. Biases are used wherever a file has them, as llama.cpp's loader takes them;
 the architecture's record (kquant.archs) says whether every block must have Q/K norms.
 read_config has checked the tensor set, shapes and types against it before anything loads.
+
+With a `GpuBlocks` loader (the runtime on `--device cuda`), quantized matrices instead stay as
+their blocks on the GPU (kquant.runtime.gpu_matrices.GpuMatrix); norms, biases, float
+matrices and the stacked experts of MoE blocks are float32 CuPy arrays as before, and the
+token embedding stays in host memory.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from ..errors import ModelError
 from ..files.source import ModelSource, SourceTensor
 from ..matmul.activations import block_mins
 from .config import ModelConfig
+from .gpu_matrices import GpuBlocks, GpuMatrix
 
 
 @dataclass
@@ -182,8 +188,29 @@ def _load_layer(get: Callable[..., Any], has: Callable[[str], bool], c: ModelCon
     return layer
 
 
-def load_weights(source: ModelSource, config: ModelConfig, xp: Any = np, progress: bool = True) -> Weights:
-    """Every weight the forward pass uses, as float32, on the device of array module `xp`."""
+def block_rows(t: SourceTensor) -> np.ndarray:
+    """A 2-D tensor's data as stored: uint8 (rows, row_bytes), a view where the source maps it."""
+    return np.asarray(t.load()).view(np.uint8).reshape(t.shape[1], -1)
+
+
+def _gpu_matrix(t: SourceTensor, shape: tuple[int, ...] | None, gpu: GpuBlocks, xp: Any,
+                path: str) -> GpuMatrix:
+    """A quantized matrix as its blocks on the device, checked as the float path checks it."""
+    raw = block_rows(t)
+    values = dequantize(raw, t.type)  # only to refuse NaN/Inf in the file, as the float path does
+    if shape is not None and values.shape != shape:
+        raise ModelError(f"{path}: tensor {t.name} has shape {list(values.shape)}, expected {list(shape)}")
+    if not np.isfinite(values).all():
+        raise ModelError(f"{path}: tensor {t.name} holds NaN or Inf")
+    del values
+    return gpu.load(raw, t.type, xp)
+
+
+def load_weights(source: ModelSource, config: ModelConfig, xp: Any = np, progress: bool = True,
+                 gpu: GpuBlocks | None = None) -> Weights:
+    """Every weight the forward pass uses, as float32, on the device of array module `xp`; with
+    `gpu`, the quantized matrices (2-D, of a type gpu.keeps) as their blocks on the GPU. Stacked
+    experts (3-D) stay dequantized float32: the block kernels take one matrix at a time."""
     by_name = {t.name: t for t in source.tensors}
 
     def get(name: str, shape: tuple[int, ...] | None, required: bool = True):
@@ -192,6 +219,8 @@ def load_weights(source: ModelSource, config: ModelConfig, xp: Any = np, progres
             if required:
                 raise ModelError(f"{source.path}: tensor {name} is missing")
             return None
+        if gpu is not None and len(t.shape) == 2 and gpu.keeps(t.type):
+            return _gpu_matrix(t, shape, gpu, xp, source.path)
         data = tensor_f32(t)
         if shape is not None and data.shape != shape:
             raise ModelError(f"{source.path}: tensor {name} has shape {list(data.shape)}, "
@@ -207,7 +236,10 @@ def load_weights(source: ModelSource, config: ModelConfig, xp: Any = np, progres
     token_embd = tensor_f32(embd)
     output = get(OUTPUT, (c.n_vocab, c.n_embd), required=False)
     if output is None:  # tied embeddings
-        output = token_embd if xp is np else xp.asarray(token_embd)
+        if gpu is not None and gpu.keeps(embd.type):  # the embedding's blocks, on the device
+            output = gpu.load(block_rows(embd), embd.type, xp)
+        else:
+            output = token_embd if xp is np else xp.asarray(token_embd)
     freqs = by_name.get(ROPE_FREQS)
     # matrices and stacked experts (3-D: each expert's slab is a matrix of the type)
     types = {t.name: t.type for t in source.tensors if len(t.shape) in (2, 3)}
@@ -216,7 +248,7 @@ def load_weights(source: ModelSource, config: ModelConfig, xp: Any = np, progres
     for name, qtype in types.items():
         t = by_name[TOKEN_EMBD if name not in by_name else name]
         if qtype not in (T.F32, T.F16, T.BF16) and len(t.shape) == 2:
-            blocks[name] = np.asarray(t.load()).view(np.uint8).reshape(t.shape[1], -1)
+            blocks[name] = block_rows(t)
         if qtype in (T.Q4_1, T.Q5_1):
             rows = t.n_elements // t.shape[0]
             m = block_mins(t.load(), qtype, rows).reshape(*reversed(t.shape[1:]), -1)
