@@ -268,21 +268,20 @@ def _quantize_rows(kind, x, qw, use_qw, out):
         Lu = np.empty(QK, np.uint8)
         ws = workspace()
         weight = np.empty(QK, np.float32)
-        imatrix = use_qw and kind != Q8_0
-        sigma2 = _ZERO
-        if imatrix:
+        nb = n // QK
+        # `kind` is tested first and alone: a constant, so Q8_0's kernel (which ignores the
+        # imatrix, as ggml does) drops the imatrix fit and the other types drop Q8_0's block
+        if kind == Q8_0:
+            for ib in range(nb):
+                _q8_0_ref_block(x[r, ib * QK:(ib + 1) * QK], out[r, ib * bs:(ib + 1) * bs])
+        elif use_qw:
             sum_x2 = _ZERO
             for j in range(n):
                 sum_x2 += x[r, j] * x[r, j]
             sigma2 = sum_x2 / F32(n)
-        nb = n // QK
-        if imatrix:
             for ib in range(nb):
                 _imatrix_block(kind, x[r, ib * QK:(ib + 1) * QK], qw[ib * QK:(ib + 1) * QK],
                                sigma2, out[r, ib * bs:(ib + 1) * bs], L, Lu, weight, ws)
-        elif kind == Q8_0:
-            for ib in range(nb):
-                _q8_0_ref_block(x[r, ib * QK:(ib + 1) * QK], out[r, ib * bs:(ib + 1) * bs])
         else:
             for ib in range(nb):
                 xb = x[r, ib * QK:(ib + 1) * QK]
