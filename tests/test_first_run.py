@@ -111,9 +111,11 @@ def test_first_run_says_once_that_it_compiles(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["Q2_K", "Q3_K", "Q4_K", "Q5_K"])
-def test_reference_kernel_writes_the_generic_kernels_bytes(name):
-    """quantize_rows_ref (what a job without an imatrix compiles) against quantize_rows with
-    use_qw off, on Gaussian rows, rows of zeros, constants, huge and tiny values, inf and NaN."""
+def test_every_row_kernel_writes_the_generic_kernels_bytes(name):
+    """The reference-only kernels (what a job without an imatrix compiles) and the quick ones
+    (no literal fallback: rows it would need go again through the full kernel) against
+    quantize_rows, on Gaussian rows, rows of zeros, constants, huge and tiny values, inf and NaN,
+    with and without an imatrix, through the codec (which picks and redoes) and directly."""
     codec = kquant.codecs.get_codec(name)
     rng = np.random.default_rng(11)
     x = rng.standard_normal((12, 512)).astype(np.float32)
@@ -124,9 +126,27 @@ def test_reference_kernel_writes_the_generic_kernels_bytes(name):
     x[5, 7] = np.inf
     x[6, 9] = np.nan
     x[7, :256] = -np.inf
-    want = np.empty((len(x), codec.row_bytes(512)), np.uint8)
-    got = np.empty_like(want)
-    with np.errstate(all="ignore"):
-        codec.module.quantize_rows(x, np.zeros(0, np.float32), False, want)
-        codec.module.quantize_rows_ref(x, got)
-    assert np.array_equal(got, want)
+    x[8, 100] = np.float32(3e38)
+    x[9, 200] = np.float32(-3e38)
+    w = rng.random(512).astype(np.float32) * np.float32(1e3)
+    m = codec.module
+    for qw, use_qw in ((np.zeros(0, np.float32), False), (w, True)):
+        want = np.empty((len(x), codec.row_bytes(512)), np.uint8)
+        with np.errstate(all="ignore"):
+            m.quantize_rows(x, qw, use_qw, want)
+            assert np.array_equal(codec.quantize_rows(x, w if use_qw else None), want)
+            got = np.empty_like(want)
+            if not use_qw:
+                m.quantize_rows_ref(x, got)
+                assert np.array_equal(got, want)
+            if hasattr(m, "quantize_rows_quick"):
+                fell_back = np.zeros(1, np.int64)
+                finite = x[:3]  # rows the quick kernels take from start to end
+                m.quantize_rows_quick(finite, qw, use_qw, got[:3], fell_back)
+                assert not fell_back[0] and np.array_equal(got[:3], want[:3])
+                m.quantize_rows_quick(x, qw, use_qw, got, fell_back)
+                assert fell_back[0]  # the inf / NaN rows: handed back
+                if not use_qw:
+                    fell_back[0] = 0
+                    m.quantize_rows_ref_quick(finite, got[:3], fell_back)
+                    assert not fell_back[0] and np.array_equal(got[:3], want[:3])

@@ -99,30 +99,46 @@ class BlockCodec(Codec):
     def __init__(self, record: QuantType):
         super().__init__(record)
         self.module: ModuleType = importlib.import_module(f".{record.codec_module}", __package__)
-        self._generic_ready = False
+        self._ready_kernels: set = set()  # row kernels compiled or cached (see _row_kernel)
 
     def kernels(self, dequantize=False, imatrix=True):
         if dequantize:
             return [self.module.dequantize_rows]
-        return [self.module.quantize_rows if imatrix or not self._use_ref() else self.module.quantize_rows_ref]
+        kernel, _ = self._row_kernel(imatrix, quick=True)
+        return [kernel]
 
-    def _use_ref(self) -> bool:
-        """Whether rows without an imatrix take the module's quantize_rows_ref (the reference
-        fit alone, which compiles in half the time) rather than quantize_rows (both fits):
-        where the module has one, until quantize_rows is compiled or cached (from then on
-        it serves both, and a second kernel would only cost a compile)."""
-        if self._generic_ready or not hasattr(self.module, "quantize_rows_ref"):
-            return False
-        from .warm import is_cached
-        self._generic_ready = bool(self.module.quantize_rows.signatures) or is_cached(self.module.quantize_rows)
-        return not self._generic_ready
+    def _row_kernel(self, use_qw: bool, quick: bool):
+        """The module's row kernel for these rows, and whether it takes (qw, use_qw): both
+        fits, or the reference fit alone for rows without an imatrix (it compiles in half the
+        time) until the both-fits kernel is compiled or cached (which then serves them at no
+        cost); quick (no literal fallback, search.py) where the module has such kernels."""
+        m = self.module
+        tail = "_quick" if quick and hasattr(m, "quantize_rows_quick") else ""
+        both = getattr(m, "quantize_rows" + tail)
+        ref = getattr(m, "quantize_rows_ref" + tail, None)
+        if use_qw or ref is None or self._ready(both):
+            return both, True
+        return ref, False
+
+    def _ready(self, kernel) -> bool:
+        if kernel not in self._ready_kernels:
+            from .warm import is_cached
+            if not (kernel.signatures or is_cached(kernel)):
+                return False
+            self._ready_kernels.add(kernel)
+        return True
 
     def _quantize(self, x, imatrix, out, failed):
         use_qw = imatrix is not None and self.uses_imatrix
-        if not use_qw and self._use_ref():
-            self.module.quantize_rows_ref(x, out)
-        else:
-            self.module.quantize_rows(x, imatrix if use_qw else _NO_WEIGHTS, use_qw, out)
+        qw = imatrix if use_qw else _NO_WEIGHTS
+        fell_back = np.zeros(1, np.int64)
+        kernel, takes_weights = self._row_kernel(use_qw, quick=True)
+        quick = kernel.py_func.__name__.endswith("_quick")
+        args = (x, qw, use_qw, out) if takes_weights else (x, out)
+        kernel(*args, fell_back) if quick else kernel(*args)
+        if fell_back[0]:  # an inf, NaN or overflowing row: again, with the searches' literal ports
+            kernel, takes_weights = self._row_kernel(use_qw, quick=False)
+            kernel(*((x, qw, use_qw, out) if takes_weights else (x, out)))
 
     def _dequantize(self, q, out):
         self.module.dequantize_rows(q, out)

@@ -163,7 +163,7 @@ def _xs_scratch():
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _xs_block(x, qw, use_qw, y, s):
+def _xs_block(x, qw, use_qw, y, s, fell_back):
     w, ws, scales = s
     sigma2 = _sigma2(x, QK_K) if use_qw else _ZERO
     max_scale = _ZERO
@@ -199,7 +199,7 @@ def _xs_block(x, qw, use_qw, y, s):
 @njit(cache=True, error_model="numpy", nogil=True)
 def quantize_xs_rows(x, qw, use_qw, out):
     """quantize_iq4_xs: rows in order (threads.py runs slices of them side by side), 256-value super-blocks in order."""
-    quantize_blocks(x, qw, use_qw, out, XS_BYTES, _xs_scratch, _xs_block)
+    quantize_blocks(x, qw, use_qw, out, XS_BYTES, _xs_scratch, _xs_block, None)
 
 
 @njit(cache=True, error_model="numpy", nogil=True)

@@ -14,15 +14,16 @@ QK_K = 256
 # stays empty.
 
 @njit(cache=True, error_model="numpy", inline="always")
-def quantize_blocks(x, qw, use_qw, out, block_bytes, scratch, quantize_block):
+def quantize_blocks(x, qw, use_qw, out, block_bytes, scratch, quantize_block, fell_back):
     """Rows in order, each with its own `scratch()` (buffers and search workspace),
-    its QK_K-value blocks in order: quantize_block(x, qw, use_qw, y, scratch)."""
+    its QK_K-value blocks in order: quantize_block(x, qw, use_qw, y, scratch, fell_back)
+    (fell_back: None, or the quick kernels' flag, see search.py)."""
     nrows, n = x.shape
     for r in range(nrows):
         s = scratch()
         for i in range(n // QK_K):
             quantize_block(x[r, i * QK_K:(i + 1) * QK_K], qw[i * QK_K:(i + 1) * QK_K], use_qw,
-                           out[r, i * block_bytes:(i + 1) * block_bytes], s)
+                           out[r, i * block_bytes:(i + 1) * block_bytes], s, fell_back)
 
 
 @njit(cache=True, error_model="numpy", inline="always")

@@ -89,7 +89,7 @@ def _scratch():
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _quantize_block(x, qw, use_qw, y, s):
+def _quantize_block(x, qw, use_qw, y, s, fell_back):
     L, weights, scales, mins, sw, Ls, Lm, ws = s
     if use_qw:
         quantize_block_imatrix(x, qw, y, L, weights, scales, mins, sw, Ls, Lm, ws)
@@ -99,14 +99,14 @@ def _quantize_block(x, qw, use_qw, y, s):
 
 @njit(cache=True, error_model="numpy", nogil=True)
 def quantize_rows(x, qw, use_qw, out):
-    quantize_blocks(x, qw, use_qw, out, BLOCK_BYTES, _scratch, _quantize_block)
+    quantize_blocks(x, qw, use_qw, out, BLOCK_BYTES, _scratch, _quantize_block, None)
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
 def quantize_rows_ref(x, out):
     """quantize_rows without an imatrix: the constant use_qw prunes the imatrix fit, so a job
     without one never compiles it (kquant.codecs.BlockCodec picks this kernel)."""
-    quantize_blocks(x, np.empty(0, np.float32), False, out, BLOCK_BYTES, _scratch, _quantize_block)
+    quantize_blocks(x, np.empty(0, np.float32), False, out, BLOCK_BYTES, _scratch, _quantize_block, None)
 
 
 @njit(cache=True, error_model="numpy", inline="always")

@@ -12,7 +12,7 @@ from numba import njit
 from .bits import F32, get_f16, nearest_int, put_f16
 from .layout import (QK_K, dequantize_blocks, get_scale_min_k4,
                      pack_scale_min_k4, quantize_blocks, set_levels_blocks)
-from .search import (imatrix_sigma2, imatrix_weights, make_qkx_quants, make_qp_quants,
+from .search import (FELL_BACK, imatrix_sigma2, imatrix_weights, make_qkx_quants, make_qp_quants,
                      max_scale_min, qkx_scratch)
 
 BLOCK_BYTES = 144
@@ -22,7 +22,7 @@ _S63 = F32(63.0)
 
 
 @njit(cache=True, error_model="numpy")
-def scales_mins_ref(x, y, L, weights, scales, mins, nmax, rmin, rdelta, nstep, ws):
+def scales_mins_ref(x, y, L, weights, scales, mins, nmax, rmin, rdelta, nstep, ws, quick=None):
     """The reference (no imatrix) sub-block fit of Q4_K/Q5_K, then levels re-fit to the
     stored 6-bit scales. Fills y's d, dmin and scales, and L."""
     for j in range(QK_K // 32):
@@ -34,7 +34,7 @@ def scales_mins_ref(x, y, L, weights, scales, mins, nmax, rmin, rdelta, nstep, w
         for l in range(32):
             weights[l] = av_x + abs(xs[l])
         scales[j], mins[j] = make_qkx_quants(32, nmax, xs, weights, L[32 * j:32 * j + 32],
-                                             rmin, rdelta, np.int64(nstep), False, ws)
+                                             rmin, rdelta, np.int64(nstep), False, ws, quick)
     max_scale, max_min = max_scale_min(QK_K // 32, scales, mins)
     inv_scale = _S63 / max_scale if max_scale > _ZERO else _ZERO
     inv_min = _S63 / max_min if max_min > _ZERO else _ZERO
@@ -48,7 +48,7 @@ def scales_mins_ref(x, y, L, weights, scales, mins, nmax, rmin, rdelta, nstep, w
 
 
 @njit(cache=True, error_model="numpy")
-def scales_mins_imatrix(x, qw, y, L, weights, scales, mins, sw, Ls, Lm, nmax, clamp63, ws):
+def scales_mins_imatrix(x, qw, y, L, weights, scales, mins, sw, Ls, Lm, nmax, clamp63, ws, quick=None):
     """The imatrix sub-block fit of Q4_K/Q5_K (make_qkx3 + make_qp for the 6-bit scales).
 
     `clamp63`: Q5_K's C clamps the levels to 63 before packing, Q4_K's does not; they differ
@@ -60,9 +60,9 @@ def scales_mins_imatrix(x, qw, y, L, weights, scales, mins, sw, Ls, Lm, nmax, cl
         # nstep as a plain int64, not the literal 36 (or 20 above): one compiled search
         # serves both fits (a literal would compile it twice, 2.5 s on a first run)
         scales[j], mins[j] = make_qkx_quants(32, nmax, xs, weights, L[32 * j:32 * j + 32],
-                                             F32(-0.9), F32(0.05), np.int64(36), False, ws)
-    d_block = make_qp_quants(QK_K // 32, 63, scales, Ls, sw, ws)
-    m_block = make_qp_quants(QK_K // 32, 63, mins, Lm, sw, ws)
+                                             F32(-0.9), F32(0.05), np.int64(36), False, ws, quick)
+    d_block = make_qp_quants(QK_K // 32, 63, scales, Ls, sw, ws, quick)
+    m_block = make_qp_quants(QK_K // 32, 63, mins, Lm, sw, ws, quick)
     for j in range(QK_K // 32):
         ls = np.int64(Ls[j])
         lm = np.int64(Lm[j])
@@ -104,32 +104,59 @@ def scratch():
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def scales_mins(x, qw, use_qw, y, s, nmax, clamp63, rmin, rdelta, nstep):
+def scales_mins(x, qw, use_qw, y, s, nmax, clamp63, rmin, rdelta, nstep, quick, fell_back):
     """Q4_K/Q5_K's fit of one block, imatrix or reference (its search steps rmin, rdelta,
-    nstep): fills y's d, dmin and scales; returns the levels L, to pack."""
+    nstep): fills y's d, dmin and scales; returns the levels L, to pack. `quick` None: the
+    searches with their literal fallback; 1 (a constant): without, fell_back[0] = 1 where the
+    block needed it (search.py)."""
     L, weights, scales, mins, sw, Ls, Lm, ws = s
-    if use_qw:
-        scales_mins_imatrix(x, qw, y, L, weights, scales, mins, sw, Ls, Lm, nmax, clamp63, ws)
+    if quick is None:
+        if use_qw:
+            scales_mins_imatrix(x, qw, y, L, weights, scales, mins, sw, Ls, Lm, nmax, clamp63, ws)
+        else:
+            scales_mins_ref(x, y, L, weights, scales, mins, nmax, rmin, rdelta, nstep, ws)
     else:
-        scales_mins_ref(x, y, L, weights, scales, mins, nmax, rmin, rdelta, nstep, ws)
+        ws[FELL_BACK] = _ZERO
+        if use_qw:
+            scales_mins_imatrix(x, qw, y, L, weights, scales, mins, sw, Ls, Lm, nmax, clamp63, ws, 1)
+        else:
+            scales_mins_ref(x, y, L, weights, scales, mins, nmax, rmin, rdelta, nstep, ws, 1)
+        if ws[FELL_BACK] != _ZERO:
+            fell_back[0] = 1
     return L
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _quantize_block(x, qw, use_qw, y, s):
-    _pack(scales_mins(x, qw, use_qw, y, s, 15, False, F32(-1.0), F32(0.1), 20), y)
+def _quantize_block(x, qw, use_qw, y, s, fell_back):
+    _pack(scales_mins(x, qw, use_qw, y, s, 15, False, F32(-1.0), F32(0.1), 20, None, fell_back), y)
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _quantize_quick_block(x, qw, use_qw, y, s, fell_back):
+    _pack(scales_mins(x, qw, use_qw, y, s, 15, False, F32(-1.0), F32(0.1), 20, 1, fell_back), y)
+
+
+# The row kernels (kquant.codecs.BlockCodec picks one): both fits, or the reference fit alone
+# (the constant use_qw prunes the imatrix fit, so a job without an imatrix never compiles
+# it); with the literal fallback of the searches, or quick (fell_back: see search.py).
 @njit(cache=True, error_model="numpy", nogil=True)
 def quantize_rows(x, qw, use_qw, out):
-    quantize_blocks(x, qw, use_qw, out, BLOCK_BYTES, scratch, _quantize_block)
+    quantize_blocks(x, qw, use_qw, out, BLOCK_BYTES, scratch, _quantize_block, None)
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
 def quantize_rows_ref(x, out):
-    """quantize_rows without an imatrix: the constant use_qw prunes the imatrix fit, so a job
-    without one never compiles it (kquant.codecs.BlockCodec picks this kernel)."""
-    quantize_blocks(x, np.empty(0, np.float32), False, out, BLOCK_BYTES, scratch, _quantize_block)
+    quantize_blocks(x, np.empty(0, np.float32), False, out, BLOCK_BYTES, scratch, _quantize_block, None)
+
+
+@njit(cache=True, error_model="numpy", nogil=True)
+def quantize_rows_quick(x, qw, use_qw, out, fell_back):
+    quantize_blocks(x, qw, use_qw, out, BLOCK_BYTES, scratch, _quantize_quick_block, fell_back)
+
+
+@njit(cache=True, error_model="numpy", nogil=True)
+def quantize_rows_ref_quick(x, out, fell_back):
+    quantize_blocks(x, np.empty(0, np.float32), False, out, BLOCK_BYTES, scratch, _quantize_quick_block, fell_back)
 
 
 @njit(cache=True, error_model="numpy", inline="always")

@@ -39,21 +39,34 @@ def _pack(L, y):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _quantize_block(x, qw, use_qw, y, s):
-    L = scales_mins(x, qw, use_qw, y, s, 31, True, F32(-0.5), F32(0.1), 15)
-    _pack(L, y)
+def _quantize_block(x, qw, use_qw, y, s, fell_back):
+    _pack(scales_mins(x, qw, use_qw, y, s, 31, True, F32(-0.5), F32(0.1), 15, None, fell_back), y)
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _quantize_quick_block(x, qw, use_qw, y, s, fell_back):
+    _pack(scales_mins(x, qw, use_qw, y, s, 31, True, F32(-0.5), F32(0.1), 15, 1, fell_back), y)
+
+
+# the row kernels, as Q4_K's (q4_k.py)
 @njit(cache=True, error_model="numpy", nogil=True)
 def quantize_rows(x, qw, use_qw, out):
-    quantize_blocks(x, qw, use_qw, out, BLOCK_BYTES, scratch, _quantize_block)
+    quantize_blocks(x, qw, use_qw, out, BLOCK_BYTES, scratch, _quantize_block, None)
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
 def quantize_rows_ref(x, out):
-    """quantize_rows without an imatrix: the constant use_qw prunes the imatrix fit, so a job
-    without one never compiles it (kquant.codecs.BlockCodec picks this kernel)."""
-    quantize_blocks(x, np.empty(0, np.float32), False, out, BLOCK_BYTES, scratch, _quantize_block)
+    quantize_blocks(x, np.empty(0, np.float32), False, out, BLOCK_BYTES, scratch, _quantize_block, None)
+
+
+@njit(cache=True, error_model="numpy", nogil=True)
+def quantize_rows_quick(x, qw, use_qw, out, fell_back):
+    quantize_blocks(x, qw, use_qw, out, BLOCK_BYTES, scratch, _quantize_quick_block, fell_back)
+
+
+@njit(cache=True, error_model="numpy", nogil=True)
+def quantize_rows_ref_quick(x, out, fell_back):
+    quantize_blocks(x, np.empty(0, np.float32), False, out, BLOCK_BYTES, scratch, _quantize_quick_block, fell_back)
 
 
 @njit(cache=True, error_model="numpy", inline="always")

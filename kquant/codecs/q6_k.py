@@ -18,7 +18,7 @@ _ZERO = F32(0.0)
 
 
 @njit(cache=True, error_model="numpy")
-def quantize_block(x, qw, use_qw, y, s):
+def quantize_block(x, qw, use_qw, y, s, fell_back):
     """Both C paths in one: the imatrix path passes the raw importance as make_qx_quants'
     weights, the reference path weights by x^2 (rmse_type 1 with no weights)."""
     L, scales, ws = s
@@ -68,7 +68,7 @@ def _scratch():
 
 @njit(cache=True, error_model="numpy", nogil=True)
 def quantize_rows(x, qw, use_qw, out):
-    quantize_blocks(x, qw, use_qw, out, BLOCK_BYTES, _scratch, quantize_block)
+    quantize_blocks(x, qw, use_qw, out, BLOCK_BYTES, _scratch, quantize_block, None)
 
 
 @njit(cache=True, error_model="numpy", inline="always")

@@ -42,13 +42,13 @@ def _no_scratch():
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _quantize_block(x, qw, use_qw, y, s):
+def _quantize_block(x, qw, use_qw, y, s, fell_back):
     quantize_block(x, y)  # no imatrix form, no scratch
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
 def quantize_rows(x, qw, use_qw, out):
-    quantize_blocks(x, qw, use_qw, out, BLOCK_BYTES, _no_scratch, _quantize_block)
+    quantize_blocks(x, qw, use_qw, out, BLOCK_BYTES, _no_scratch, _quantize_block, None)
 
 
 @njit(cache=True, error_model="numpy", inline="always")

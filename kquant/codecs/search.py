@@ -33,9 +33,17 @@ _FLT_MAX = F32(3.4028234663852886e38)
 # rows apart and its SLP vectorizer (which kquant enables, see codecs.vectorizing) turns each
 # fully unrolled lane loop into AVX2 instructions; with separate arrays it cannot.
 # Check: `kquant.codecs.search.make_qx_quants.inspect_asm()` shows ymm arithmetic.
+# `quick`: where a value is inf / NaN or a spread overflows float, the vector searches hand
+# over to the literal ports of search_exact.py (quick None). Kernels that pass quick=1 instead
+# get ws[FELL_BACK] = 1 there and a result to throw away: Numba drops an `is None` branch on a
+# literal argument, so those kernels never compile the ports (2.5 s of a first Q4_K job), and
+# their codec redoes such rows with the kernel that has them (kquant.codecs.BlockCodec), which
+# only inf, NaN or huge weights ever need.
+
 WS_LANES = 64
 _ISC, _S1, _S2, _S3, _ERR, _TSC, _TMN, _DET, _W, _WX = (k * WS_LANES for k in range(10))
-WS_SIZE = 10 * WS_LANES
+FELL_BACK = 10 * WS_LANES  # the quick searches' flag
+WS_SIZE = 10 * WS_LANES + 1
 _QX_LANES = 24  # 19 trials (is = -9..9) padded to whole AVX2 vectors
 _QKX_LANES = 8  # one vector per window: see make_qkx_quants
 
@@ -161,7 +169,7 @@ def make_q3_quants(n, nmax, x, L, do_rmse):
 
 
 @njit(cache=True, error_model="numpy")
-def make_qkx_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad, ws):
+def make_qkx_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad, ws, quick=None):
     """Asymmetric levels in [0, nmax] with a min: ggml's make_qkx2_quants / make_qkx3_quants.
 
     The two C functions differ only in `max == min` versus `max <= min`, which cannot differ
@@ -178,7 +186,10 @@ def make_qkx_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad, ws):
     if not (_all_finite(n, x) and max_ - min_ <= _FLT_MAX):
         # a later min can only shrink |iscale * (x - min)| <= nmax + 1 while max - min stays
         # finite; it is re-checked per window below
-        return exact.make_qkx_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad)
+        if quick is None:
+            return exact.make_qkx_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad)
+        ws[FELL_BACK] = _ONE
+        return _ZERO, _ZERO
     iscale = F32(nmax) / (max_ - min_)
     scale = _ONE / iscale
     best_error = _ZERO
@@ -196,7 +207,10 @@ def make_qkx_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad, ws):
     start = 0
     while start <= nstep:
         if not max_ - min_ <= _FLT_MAX:  # an accepted min this far out: C's order, literally
-            return exact.make_qkx_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad)
+            if quick is None:
+                return exact.make_qkx_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad)
+            ws[FELL_BACK] = _ONE
+            return _ZERO, _ZERO
         _qkx_trials(n, nmax, x, weights, sum_w, sum_x, min_, max_, rmin, rdelta, start,
                     use_mad, ws)
         next_start = start + _QKX_LANES
@@ -268,14 +282,17 @@ def _qkx_pass(n, nmax, x, weights, min_, use_mad, ws, errors):
 
 
 @njit(cache=True, error_model="numpy")
-def make_qp_quants(n, nmax, x, L, quant_weights, ws):
+def make_qp_quants(n, nmax, x, L, quant_weights, ws, quick=None):
     """Levels in [0, nmax] for non-negative values (the sub-block scales of the imatrix paths)."""
     max_ = exact.c_max(n, x)
     if max_ < GROUP_MAX_EPS:
         return exact.zero_levels(n, L)
     for i in range(n):  # the trial lanes need |x| <= max (then |iscale * x| <= nmax + 1)
         if not abs(x[i]) <= max_:
-            return exact.make_qp_quants(n, nmax, x, L, quant_weights)
+            if quick is None:
+                return exact.make_qp_quants(n, nmax, x, L, quant_weights)
+            ws[FELL_BACK] = _ONE
+            return _ZERO
     iscale, best_mse = exact.qp_levels(n, nmax, x, L, quant_weights, max_)
     # the 8 trials is = -4..-1, 1..4 side by side (lane k: is = k - 4, or k - 3 from k = 4)
     for k in range(8):
