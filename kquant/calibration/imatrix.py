@@ -205,27 +205,38 @@ def load_in_files(paths: list[str], chunk_size: int) -> Imatrix:
     return im
 
 
-def check_against_model(im: Imatrix, model: Transformer, process_output: bool) -> None:
+def check_against_source(im: Imatrix, source: Any) -> None:
     """Every entry of a loaded imatrix must be a matrix of this model with the same row length."""
     # each matrix's row length (the width of its input), by GGUF name
-    widths = {name: getattr(layer, field).shape[-1]
-              for layer in model.weights.layers for field, name in layer.names.items()}
-    if not model.weights.output_tied:
-        widths[OUTPUT] = model.config.n_embd
+    widths = {t.name: t.shape[0] for t in source.tensors
+              if len(t.shape) >= 2 and (t.name.startswith(BLOCK_PREFIX) or t.name == OUTPUT)}
+    n_expert = source.get(f"{source.arch}.expert_count") or 0
     for name, e in im.entries.items():
         want = widths.get(name)
         if want is None:
             raise ModelError(f"the --in-file imatrix has an entry {name} that this model does not have")
         n_mat = max(1, e.counts.size)
-        if e.sums.size != want * n_mat or n_mat not in (1, max(1, model.config.n_expert)):
+        if e.sums.size != want * n_mat or n_mat not in (1, max(1, n_expert)):
             raise ModelError(f"the --in-file imatrix entry {name} has {e.sums.size // n_mat} columns, "
                              f"this model's has {want}")
 
 
-def compute_imatrix(model: Transformer, tokens: np.ndarray, params: ImatrixParams, collector: Collector,
-                    bos: int | None, progress: bool = True, log: Callable[[str], None] | None = None) -> ImatrixResult:
-    """Run the chunks of `tokens` through the model, collecting into `collector`."""
-    log = log or (lambda s: print(s, file=sys.stderr))
+@dataclass
+class ChunkLayout:
+    """How llama-imatrix cuts the tokens: n_chunk chunks of n_ctx, n_seq per batch of n_batch
+    positions; positions lo .. hi - 1 of each chunk are scored (the second half's, from `first`)."""
+
+    tokens: np.ndarray  # from --chunk on
+    n_ctx: int
+    n_chunk: int
+    n_seq: int
+    n_batch: int
+    first: int
+    lo: int
+    hi: int
+
+
+def chunk_layout(tokens: np.ndarray, params: ImatrixParams) -> ChunkLayout:
     n_ctx = params.n_ctx
     if n_ctx <= 0:
         raise ModelError("the imatrix needs a context size -c > 0")
@@ -244,37 +255,57 @@ def compute_imatrix(model: Transformer, tokens: np.ndarray, params: ImatrixParam
     first = n_ctx // 2
     # scored positions: the second half of each chunk, each predicting the next token
     lo, hi = (first, n_ctx - 1) if params.compute_ppl else (0, 0)
-    log(f"computing over {n_chunk} chunks, n_ctx={n_ctx}, batch_size={n_batch}, n_seq={n_seq}")
+    return ChunkLayout(tokens, n_ctx, n_chunk, n_seq, n_batch, first, lo, hi)
 
+
+def chunk_nlls(model: Transformer, layout: ChunkLayout, i: int, logits: list[np.ndarray]) -> list[np.ndarray]:
+    """The scored tokens' negative log-likelihoods of the batch whose first chunk is i."""
+    nll = token_nll_exact if model.exact else token_nll
+    out = []
+    for seq in range(len(logits)):
+        s0 = (i + seq) * layout.n_ctx + layout.first
+        v, _, _ = nll(logits[seq], layout.tokens[s0 + 1:s0 + 1 + len(logits[seq])])
+        out.append(v)
+    return out
+
+
+def compute_imatrix(model: Transformer, tokens: np.ndarray, params: ImatrixParams, collector: Collector,
+                    bos: int | None, progress: bool = True, log: Callable[[str], None] | None = None) -> ImatrixResult:
+    """Run the chunks of `tokens` through the model, collecting into `collector`."""
+    log = log or (lambda s: print(s, file=sys.stderr))
+    lay = chunk_layout(tokens, params)
+    log(f"computing over {lay.n_chunk} chunks, n_ctx={lay.n_ctx}, batch_size={lay.n_batch}, n_seq={lay.n_seq}")
     totals = NllTotals()
     chunk_ppl: list[float] = []
     start_time = time.perf_counter()
-    bar = tqdm(total=n_chunk, desc="imatrix", unit="chunk", disable=not progress, file=sys.stderr)
-    for i, logits, _ in run_chunks(model, tokens, n_chunk, n_ctx, n_seq, n_batch, n_seq, lo, hi, bos,
-                                   collector.observe, params.process_output, collector.flush):
+    bar = tqdm(total=lay.n_chunk, desc="imatrix", unit="chunk", disable=not progress, file=sys.stderr)
+    for i, logits, _ in run_chunks(model, lay.tokens, lay.n_chunk, lay.n_ctx, lay.n_seq, lay.n_batch, lay.n_seq,
+                                   lay.lo, lay.hi, bos, collector.observe, params.process_output, collector.flush):
         if params.compute_ppl:
-            for seq in range(len(logits)):
-                s0 = (i + seq) * n_ctx + first
-                nll = token_nll_exact if model.exact else token_nll
-                v, _, _ = nll(logits[seq], tokens[s0 + 1:s0 + 1 + len(logits[seq])])
-                chunk_ppl.append(totals.add(v))
+            chunk_ppl.extend(totals.add(v) for v in chunk_nlls(model, lay, i, logits))
             bar.set_postfix_str(f"ppl {chunk_ppl[-1]:.4f}")
         bar.update(len(logits))
     bar.close()
-    seconds = time.perf_counter() - start_time
+    return _result(collector, lay, totals, chunk_ppl, time.perf_counter() - start_time, params)
+
+
+def _result(collector: Collector, lay: ChunkLayout, totals: NllTotals, chunk_ppl: list[float], seconds: float,
+            params: ImatrixParams) -> ImatrixResult:
     ppl = err = None
     if params.compute_ppl and totals.count > 1:
         ppl, err = totals.estimate()
-    return ImatrixResult(collector.snapshot(), n_chunk, n_chunk * n_ctx, seconds, ppl, err, chunk_ppl)
+    return ImatrixResult(collector.snapshot(), lay.n_chunk, lay.n_chunk * lay.n_ctx, seconds, ppl, err, chunk_ppl)
 
 
 def run_imatrix(model_path: str | Path, text_path: str | Path, params: ImatrixParams,
                 in_files: list[str] | None = None, device: str = "auto", n_threads: int | None = None,
                 progress: bool = True, log: Callable[[str], None] | None = None,
-                hessian_out: str | None = None) -> ImatrixResult:
+                hessian_out: str | None = None, cluster: str | None = None) -> ImatrixResult:
     """kquant-imatrix: load the model and text, start from `in_files`, compute, save
     `params.out_file` (every `output_frequency` chunks and at the end); with `hessian_out`,
-    also the layer Hessians (kquant.calibration.hessian_file) for kquant-quantize --method gptq."""
+    also the layer Hessians (kquant.calibration.hessian_file) for kquant-quantize --method gptq.
+    With `cluster` (a Dask scheduler address or local:N), the chunks run on its workers
+    (kquant.calibration.on_cluster), each loading the model from `model_path`."""
     from ..models import open_model
     from ..runtime import Transformer, resolve_device, set_threads
     from ..tokenizer import Tokenizer
@@ -299,31 +330,50 @@ def run_imatrix(model_path: str | Path, text_path: str | Path, params: ImatrixPa
     t0 = time.perf_counter()
     tokens = tokenizer.tokenize(text, add_special=True, parse_special=params.parse_special)
     log(f"tokenized {text_path}: {len(tokens)} tokens in {time.perf_counter() - t0:.2f} s")
-    model = Transformer(source, device, progress)
-    if hessian_out and model.config.n_expert:
+    n_expert = source.get(f"{source.arch}.expert_count") or 0
+    if hessian_out and n_expert:
         raise ModelError(f"--hessian-out (GPTQ calibration) does not support mixture-of-experts models "
-                         f"({source.arch}, {model.config.n_expert} experts) yet")
-    model.exact = params.exact
+                         f"({source.arch}, {n_expert} experts) yet")
     im = load_in_files(in_files or [], params.n_ctx)
-    check_against_model(im, model, params.process_output)
-    log(f"{source.arch} model, {model.config.n_layer} layers, {device}, {threads} threads")
-    if device == "cpu" and not forward_compiled():
-        log(COMPILING)
+    check_against_source(im, source)
     bos = tokenizer.bos_id if tokenizer.add_bos else None
+    if cluster:
+        result, hessians = _on_cluster(cluster, model_path, device, n_threads, tokens, params, im, bos,
+                                       hessian_out is not None, progress, log)
+    else:
+        model = Transformer(source, device, progress)
+        model.exact = params.exact
+        log(f"{source.arch} model, {model.config.n_layer} layers, {device}, {threads} threads")
+        if device == "cpu" and not forward_compiled():
+            log(COMPILING)
+        if hessian_out:
+            from .hessian import HessianCollector, Hessians
+
+            collector = HessianCollector(params, im, Hessians(), model.xp)
+        else:
+            collector = Collector(params, im, model.xp)
+        result = compute_imatrix(model, tokens, params, collector, bos, progress, log)
+        hessians = getattr(collector, "hessians", None)
     if hessian_out:
         from ..quantization.calibrated import model_tag
-        from .hessian import HessianCollector, Hessians
         from .hessian_file import save_hessians
 
-        collector = HessianCollector(params, im, Hessians(), model.xp)
-        result = compute_imatrix(model, tokens, params, collector, bos, progress, log)
-        save_hessians(hessian_out, collector.hessians, result.imatrix, model_tag(source), str(text_path),
-                      result.n_chunks)
-    else:
-        collector = Collector(params, im, model.xp)
-        result = compute_imatrix(model, tokens, params, collector, bos, progress, log)
-    collector.save()
+        save_hessians(hessian_out, hessians, result.imatrix, model_tag(source), str(text_path), result.n_chunks)
+    save_imatrix(result.imatrix, params.out_file, params.output_format, params.prompt_file)
     return result
+
+
+def _on_cluster(address: str, model_path: str | Path, device: str, n_threads: int | None, tokens: np.ndarray,
+                params: ImatrixParams, im: Imatrix, bos: int | None, hessians: bool, progress: bool,
+                log: Callable[[str], None]) -> tuple[ImatrixResult, Any]:
+    from ..cluster import ModelSpec, open_cluster
+    from .on_cluster import ClusterCollector, compute_on_cluster
+
+    with open_cluster(address, n_threads, log) as cluster:
+        collector = ClusterCollector(params, im, hessians)
+        spec = ModelSpec(str(Path(model_path).resolve()), device, params.exact)
+        result = compute_on_cluster(cluster, spec, tokens, params, collector, bos, progress, log)
+    return result, collector.hessians
 
 
 def combine_files(in_files: list[str], params: ImatrixParams) -> tuple[str, int]:

@@ -120,6 +120,13 @@ def add_runtime_args(ap: argparse.ArgumentParser, progress: bool = True) -> None
         ap.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def add_cluster_arg(ap: argparse.ArgumentParser) -> None:
+    """--cluster: the work on a Dask cluster (kquant.cluster)."""
+    ap.add_argument("--cluster", metavar="ADDRESS",
+                    help="run on a Dask cluster: a scheduler (tcp://host:8786) or local:N (N worker "
+                         "processes here); needs pip install 'kquant[dist]'")
+
+
 def positive(name: str, value: int) -> None:
     """The one wording for a count that must be above 0 (-c, -b, ...)."""
     if value <= 0:

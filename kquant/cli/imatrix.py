@@ -4,6 +4,7 @@
                    [--chunks N] [--chunk|--from-chunk N] [--process-output] [--no-ppl]
                    [--parse-special] [--output-frequency N] [--save-frequency N]
                    [--in-file F ...] [--show-statistics [--plot F.png]] [-t N] [--device cpu|cuda]
+                   [--cluster tcp://HOST:PORT | local:N]
 
 MODEL is a GGUF file (F32/F16/BF16 or quantized) or a Hugging Face folder. Without -f, the
 --in-file imatrices are combined (or converted) into -o. Options mean what llama-imatrix's do.
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 from ..errors import ModelError
-from . import add_chunk_args, add_runtime_args, check_chunk_args, run_command
+from . import add_chunk_args, add_cluster_arg, add_runtime_args, check_chunk_args, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compute in llama.cpp's CPU float order (its x86 AVX2 build), as "
                          "kquant-perplexity --exact (CPU only, slower)")
     add_runtime_args(ap)
+    add_cluster_arg(ap)
     return ap
 
 
@@ -124,7 +126,7 @@ def _run(ns: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     result = run_imatrix(ns.model, ns.file, params, in_files=ns.in_file, device=ns.device,
                          n_threads=ns.threads, progress=not ns.no_progress and sys.stderr.isatty(),
-                         hessian_out=ns.hessian_out)
+                         hessian_out=ns.hessian_out, cluster=ns.cluster)
     if result.chunk_ppl:
         print(",".join(f"[{i + 1}]{p:.4f}" for i, p in enumerate(result.chunk_ppl)) + ",")
     if result.ppl is not None and result.ppl_error is not None:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from ..errors import ModelError
-from . import add_chunk_args, add_runtime_args, check_chunk_args, run_command, stdout_line_open
+from . import add_chunk_args, add_cluster_arg, add_runtime_args, check_chunk_args, run_command, stdout_line_open
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compute in llama.cpp's CPU float order (its x86 AVX2 build): "
                          "llama-perplexity's figures to the printed digit (CPU only, slower)")
     add_runtime_args(ap)
+    add_cluster_arg(ap)
     return ap
 
 
@@ -92,7 +93,7 @@ def _run(ns: argparse.Namespace) -> int:
     try:  # lines held back for the progress bar are printed even on an error
         t0 = time.perf_counter()
         result = run_perplexity(ns.model, ns.file, params, device=ns.device, n_threads=ns.threads,
-                                progress=progress, emit=out)
+                                progress=progress, emit=out, cluster=ns.cluster)
         out.flush()
         rate = result.n_tokens / max(result.seconds, 1e-9)
         if isinstance(result, KLDivergenceResult):

@@ -19,7 +19,7 @@ from ..quantization.pipeline import (QuantizeOptions, apply_budget, default_outp
                               parse_override_kv, plan_quantization, quantize_model)
 from ..errors import ModelError
 from ..quantization.gptq import ASYM, DAMP, HOLDOUT, SINK_WEIGHT, GptqSettings
-from . import run_command
+from . import add_cluster_arg, run_command
 
 def _writable(name: str) -> bool:
     try:
@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with a budget: the tensors' measured sensitivities; read FILE when it "
                          "exists (measured for the same weights and imatrix), else measure them on "
                          "--calibrate's text and write FILE, to reuse for other types and budgets")
+    add_cluster_arg(ap)
     ap.add_argument("--dry-run", action="store_true",
                     help="print each tensor's type and the sizes, write nothing")
     ap.add_argument("args", nargs="+", metavar="INPUT [OUTPUT] TYPE [nthreads]")
@@ -226,7 +227,7 @@ def options_from_args(ns: argparse.Namespace, n_threads: int | None) -> Quantize
                           sink_weight=ns.gptq_sink_weight, asym=ns.gptq_asym,
                           holdout=ns.gptq_holdout), device=ns.device,
         target_bpw=ns.target_bpw, target_size=ns.target_size,
-        sensitivity=ns.sensitivity)
+        sensitivity=ns.sensitivity, cluster=ns.cluster)
 
 
 def dry_run(inp: Path, ftype, opts: QuantizeOptions) -> None:

@@ -53,29 +53,41 @@ def load_calibration(path: str | Path, model_path: str | Path) -> Calibration:
 
 
 def calibrate(model_path: str | Path, text_path: str | Path, n_ctx: int = 512, n_chunks: int = -1,
-              progress: bool = True, hessians: bool = True, device: str = "cpu") -> Calibration:
+              progress: bool = True, hessians: bool = True, device: str = "cpu", cluster=None) -> Calibration:
     """Run the model at float32 over the text's chunks (llama-imatrix's layout): the imatrix of
     every block matrix, and with `hessians` their Hessians (the sequential sweep makes its own,
-    so it asks for the imatrix only; that pass may run on `device` cuda)."""
+    so it asks for the imatrix only; that pass may run on `device` cuda). With `cluster`
+    (kquant.cluster.Cluster), the chunks run on its workers."""
     from ..models import open_model
-    from ..runtime import Transformer
 
     if not Path(text_path).is_file():
         raise ModelError(f"{text_path}: no such calibration text")
     source = open_model(model_path, "f32")
     tokens, bos = calibration_tokens(source, text_path, n_ctx)
-    model = Transformer(source, "cpu" if hessians else device, progress)
-    if hessians and model.config.n_expert:
+    if hessians and (n_expert := source.get(f"{source.arch}.expert_count") or 0):
         raise ModelError(f"{model_path}: GPTQ does not support mixture-of-experts models ({source.arch}, "
-                         f"{model.config.n_expert} experts) yet")
+                         f"{n_expert} experts) yet")
     params = ImatrixParams(n_ctx=n_ctx, n_chunks=n_chunks, compute_ppl=False, output_frequency=0,
                            prompt_file=str(text_path))
-    if hessians:
-        found, result = collect_hessians(model, tokens, params, bos, progress, log=lambda s: None)
+    device = "cpu" if hessians else device
+    if cluster is not None:
+        from ..calibration.on_cluster import ClusterCollector, compute_on_cluster
+        from ..cluster import ModelSpec
+
+        collector = ClusterCollector(params, Imatrix(), hessians)
+        result = compute_on_cluster(cluster, ModelSpec(str(Path(model_path).resolve()), device), tokens, params,
+                                    collector, bos, progress, log=lambda s: None)
+        found = collector.hessians or Hessians()
     else:
-        found = Hessians()
-        result = compute_imatrix(model, tokens, params, Collector(params, Imatrix(), model.xp), bos, progress,
-                                 log=lambda s: None)
+        from ..runtime import Transformer
+
+        model = Transformer(source, device, progress)
+        if hessians:
+            found, result = collect_hessians(model, tokens, params, bos, progress, log=lambda s: None)
+        else:
+            found = Hessians()
+            result = compute_imatrix(model, tokens, params, Collector(params, Imatrix(), model.xp), bos,
+                                     progress, log=lambda s: None)
     for key, h in found.sums.items():
         if not np.isfinite(h).all():
             raise ModelError(f"non-finite values in the activations of {key}")
@@ -112,6 +124,16 @@ class GptqReport:
         self.tried += 1
         self.rows += len(result.chosen)
         self.kept += int(result.chosen.sum())
+
+    def merge(self, other: "GptqReport") -> None:
+        """Add another report's figures (a cluster worker's, for one tensor)."""
+        for kind, (err, plain) in other.errors.items():
+            e = self.errors[kind]
+            e[0] += err
+            e[1] += plain
+        self.rows += other.rows
+        self.kept += other.kept
+        self.tried += other.tried
 
     def line(self) -> str:
         if not self.tried:

@@ -28,6 +28,7 @@ from ..files.atomic import refuse_input_as_output
 from ..files.gguf_write import gguf_header_size, write_gguf
 from ..calibration.imatrix_file import load_imatrix, weights_for_quantize
 from ..codecs.api import dequantize, numba_threads, quantize
+from ..cluster import maybe_cluster
 from ..codecs.warm import Unit, warm_codecs
 from ..errors import ModelError
 from ..runtime.device import resolve_device
@@ -83,6 +84,8 @@ class QuantizeOptions:
     target_size: int | None = None
     # a sensitivity file (sensitivity_file.py): read when it exists, else measured and written
     sensitivity: str | None = None
+    # a Dask scheduler address or local:N: tensors (and --method gptq's calibration) on its workers
+    cluster: str | None = None
 
 
 @dataclass
@@ -552,7 +555,6 @@ def quantize_model(input_path: str | Path, output_path: str | Path,
     inp, out = Path(input_path), Path(output_path)
     opts = options or QuantizeOptions()
     refuse_input_as_output(out, [inp, opts.imatrix])
-    calibration = None
     if opts.method not in METHODS:
         raise ModelError(f"unknown --method {opts.method!r} ({' or '.join(METHODS)})")
     if opts.method == "gptq":
@@ -571,37 +573,68 @@ def quantize_model(input_path: str | Path, output_path: str | Path,
         for path in split_output_paths(out, n_split):
             refuse_input_as_output(path, split_paths(inp))
     plan = plan_quantization(source, ftype, opts)  # refuses a bad type or imatrix before calibrating
-    report = None
     if opts.method == "gptq" and (n_expert := source.get(f"{source.arch}.expert_count") or 0):
         # the sweeps and Hessians are per matrix: stacked experts have neither yet
         raise ModelError(f"{inp}: --method gptq does not support mixture-of-experts models "
                          f"({source.arch}, {n_expert} experts) yet")
-    if opts.method == "gptq":
-        report = GptqReport()
-        if opts.hessian:
-            calibration = load_calibration(opts.hessian, inp)
-        elif not (opts.sequential and opts.imatrix):
-            # the float model's pass: the imatrix (and, one-shot, the Hessians)
-            with numba_threads(opts.n_threads):
-                calibration = calibrate(inp, opts.calibrate, opts.calibrate_ctx, opts.calibrate_chunks,
-                                        progress, hessians=not opts.sequential,
-                                        device=resolve_device(opts.device))
-        if calibration is not None:
-            plan = plan_quantization(source, ftype, opts, calibration)
-    # the budget's types, estimated with the imatrix the quantization uses
-    allocation = apply_budget(plan, opts, inp, opts.n_threads, progress)
-    if opts.method == "gptq":
-        if opts.sequential and not opts.hessian:
+    with maybe_cluster(opts.cluster, opts.n_threads, log) as cluster:
+        report = None
+        if opts.method == "gptq":
+            report = GptqReport()
+            plan = _calibrated_plan(inp, source, ftype, opts, plan, progress, cluster)
+        # the budget's types, estimated with the imatrix the quantization uses
+        allocation = apply_budget(plan, opts, inp, opts.n_threads, progress)
+        if opts.method == "gptq" and opts.sequential and not opts.hessian:
             _quantize_sequentially(inp, plan, opts, report, progress)
-    warm_codecs(codec_units(plan), log)
-    result = output_source(plan, opts.n_threads, report)
-    if not opts.keep_split or n_split == 1:
-        write_gguf(result, out, progress=progress)
-    else:
-        _write_split(result, plan, n_split, out, progress)
+        if cluster is None:
+            warm_codecs(codec_units(plan), log)
+        _write_output(plan, opts, out, n_split, report, progress, cluster, inp)
     return Summary(plan.size_in, plan.size_out, plan.n_elements, time.perf_counter() - t0,
                    len(plan.tensors), report.line() if report is not None else "",
                    allocation.line() if allocation is not None else "")
+
+
+def _calibrated_plan(inp: Path, source: ModelSource, ftype, opts: QuantizeOptions, plan: Plan, progress: bool,
+                     cluster) -> Plan:
+    """--method gptq: the plan again with the calibration's imatrix and Hessians (from a
+    Hessian file, or a calibration pass of the float model, on the cluster if there is one)."""
+    if opts.hessian:
+        calibration = load_calibration(opts.hessian, inp)
+    elif not (opts.sequential and opts.imatrix):
+        # the float model's pass: the imatrix (and, one-shot, the Hessians)
+        with numba_threads(opts.n_threads):
+            calibration = calibrate(inp, opts.calibrate, opts.calibrate_ctx, opts.calibrate_chunks,
+                                    progress, hessians=not opts.sequential,
+                                    device=resolve_device(opts.device), cluster=cluster)
+    else:
+        return plan
+    return plan_quantization(source, ftype, opts, calibration)
+
+
+def _write_output(plan: Plan, opts: QuantizeOptions, out: Path, n_split: int, report: GptqReport | None,
+                  progress: bool, cluster, inp: Path) -> None:
+    """The plan's tensors converted (here, or on the cluster) and written, split or not."""
+    split = opts.keep_split and n_split > 1
+    conversions = None
+    if cluster is None:
+        result = output_source(plan, opts.n_threads, report)
+    else:
+        from .on_cluster import ClusterConversions, cluster_output_source
+
+        position = {t.name: k for k, t in enumerate(plan.source.tensors)}  # the writer's order
+        order = (sorted(plan.tensors, key=lambda p: (p.source.split, position[p.source.name])) if split
+                 else plan.tensors)
+        conversions = ClusterConversions(cluster, plan, order, str(inp.resolve()), opts.hf_outtype,
+                                         opts.n_threads, report)
+        result = cluster_output_source(conversions, plan)
+    try:
+        if not split:
+            write_gguf(result, out, progress=progress)
+        else:
+            _write_split(result, plan, n_split, out, progress)
+    finally:
+        if conversions is not None:
+            conversions.close()
 
 
 def _quantize_sequentially(inp: Path, plan: Plan, opts: QuantizeOptions, report: GptqReport,

@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 from numba import njit, prange
@@ -75,12 +76,14 @@ def _softmax_nll(logits, targets):
     return out
 
 
-def perplexity(model: Transformer, tokens: np.ndarray, params: PerplexityParams, bos: int | None,
+def perplexity(model: Transformer | None, tokens: np.ndarray, params: PerplexityParams, bos: int | None,
                n_vocab: int, progress: bool = True, log: Log | None = None, emit: Log | None = None,
-               writer: LogitsWriter | None = None) -> PerplexityResult:
+               writer: LogitsWriter | None = None, cluster: Any = None, spec: Any = None) -> PerplexityResult:
     """llama-perplexity's default mode over `tokens` (the text tokenized with add_special).
     `emit` receives what llama-perplexity prints to stdout, piece by piece ('[1]x.xxxx,', ...),
-    `log` its informational lines; with `writer`, the log-probabilities are saved as well."""
+    `log` its informational lines; with `writer`, the log-probabilities are saved as well.
+    With `cluster` (kquant.cluster.Cluster) the batches run on its workers, each loading the
+    model of `spec` (model is then None); the figures are the same."""
     log = log or log_stderr
     emit = emit or log_nothing
     if params.ppl_stride > 0:
@@ -99,7 +102,8 @@ def perplexity(model: Transformer, tokens: np.ndarray, params: PerplexityParams,
     if n_score < 1:
         raise ModelError(f"a context of {n_ctx} tokens scores no token (its second half is predicted "
                          "from the first): use -c 3 or more")
-    check_vocab(model, n_vocab)
+    if model is not None:
+        check_vocab(model, n_vocab)
     n_chunk_max = len(tokens) // n_ctx
     n_chunk = n_chunk_max if params.n_chunks < 0 else min(params.n_chunks, n_chunk_max)
     if n_chunk <= 0:
@@ -107,32 +111,25 @@ def perplexity(model: Transformer, tokens: np.ndarray, params: PerplexityParams,
     n_seq = max(1, n_batch // n_ctx)
     log(f"perplexity: calculating perplexity over {n_chunk} chunks, n_ctx={n_ctx}, batch_size={n_batch}, "
         f"n_seq={n_seq}")
-    nv = row_values(n_vocab)
     if writer is not None:
         log(f"perplexity: saving all logits to {writer.path}")
-        writer.header(n_ctx, n_vocab, n_chunk, tokens)
-        buf16 = np.zeros((n_score, nv), np.uint16)
-        buf32 = buf16.view(np.float32)
+    lay = Layout(n_ctx, n_seq, n_batch, n_par, first, n_score, bos)
+    if cluster is not None:
+        from .on_cluster import perplexity_on_cluster
+
+        batches = perplexity_on_cluster(cluster, spec, tokens, n_chunk, lay, n_vocab)
+    else:
+        batches = _batches(model, tokens, n_chunk, lay, writer, n_vocab)
 
     totals = NllTotals()
     chunk_ppl: list[float] = []
     t0 = time.perf_counter()
     bar = tqdm(total=n_chunk, desc="perplexity", unit="chunk", disable=not progress, file=sys.stderr)
     try:
-        for i, logits, seconds in run_chunks(model, tokens, n_chunk, n_ctx, n_seq, n_batch, n_par, first, n_ctx,
-                                             bos):
+        for i, nlls, seconds in batches:
             if i == 0:
                 log(eta_line("perplexity", seconds, n_chunk, n_seq))
-            for seq in range(len(logits)):
-                s0 = (i + seq) * n_ctx + first
-                targets = tokens[s0 + 1:s0 + 1 + n_score]
-                lg = logits[seq][:n_score]
-                if writer is not None:
-                    v = compress_log_probs(lg, targets, buf16, buf32)
-                    writer.write(buf16)
-                else:
-                    nll = token_nll_exact if model.exact else token_nll
-                    v, _, _ = nll(lg, targets.astype(np.int64))
+            for seq, v in enumerate(nlls):
                 chunk_ppl.append(totals.add(v))
                 if params.ppl_output_type == 0:
                     emit(f"[{i + seq + 1}]{chunk_ppl[-1]:.4f},")
@@ -143,14 +140,64 @@ def perplexity(model: Transformer, tokens: np.ndarray, params: PerplexityParams,
                         av2 = math.sqrt(av2 / (totals.count - 1))
                     emit(f"{i * n_ctx:8d}  {chunk_ppl[-1]:.4f}  {av:4f}  {av2:4f}\n")
             bar.set_postfix_str(f"ppl {chunk_ppl[-1]:.4f}")
-            bar.update(len(logits))
+            bar.update(len(nlls))
     finally:
         bar.close()
+        if hasattr(batches, "close"):
+            batches.close()
     seconds = time.perf_counter() - t0
     emit("\n")
     ppl, err = totals.estimate()
     return PerplexityResult(n_chunk, n_ctx, n_chunk * n_ctx, totals.count, seconds, ppl, err, chunk_ppl,
                             str(writer.path) if writer is not None else "")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """llama-perplexity's batches: n_seq chunks of n_ctx per batch of n_batch positions over n_par
+    sequences; each chunk scores n_score tokens from position `first`; BOS starts chunks."""
+
+    n_ctx: int
+    n_seq: int
+    n_batch: int
+    n_par: int
+    first: int
+    n_score: int
+    bos: int | None
+
+
+def _batches(model: Transformer, tokens: np.ndarray, n_chunk: int, lay: Layout, writer: LogitsWriter | None,
+             n_vocab: int) -> Iterator[tuple[int, list[np.ndarray], float]]:
+    """Per batch: its first chunk's index, each chunk's scored NLLs, the seconds it took
+    (with `writer`, the log-probabilities saved on the way)."""
+    if writer is not None:
+        writer.header(lay.n_ctx, n_vocab, n_chunk, tokens)
+        buf16 = np.zeros((lay.n_score, row_values(n_vocab)), np.uint16)
+        buf32 = buf16.view(np.float32)
+    for i, logits, seconds in run_chunks(model, tokens, n_chunk, lay.n_ctx, lay.n_seq, lay.n_batch, lay.n_par,
+                                         lay.first, lay.n_ctx, lay.bos):
+        if writer is None:
+            yield i, chunk_nlls(model, tokens, i, logits, lay), seconds
+            continue
+        nlls = []
+        for seq in range(len(logits)):
+            s0 = (i + seq) * lay.n_ctx + lay.first
+            nlls.append(compress_log_probs(logits[seq][:lay.n_score], tokens[s0 + 1:s0 + 1 + lay.n_score],
+                                           buf16, buf32))
+            writer.write(buf16)
+        yield i, nlls, seconds
+
+
+def chunk_nlls(model: Transformer, tokens: np.ndarray, i: int, logits: list[np.ndarray],
+               lay: Layout) -> list[np.ndarray]:
+    """The scored tokens' NLLs of each chunk of the batch starting at chunk i."""
+    nll = token_nll_exact if model.exact else token_nll
+    out = []
+    for seq in range(len(logits)):
+        s0 = (i + seq) * lay.n_ctx + lay.first
+        v, _, _ = nll(logits[seq][:lay.n_score], tokens[s0 + 1:s0 + 1 + lay.n_score].astype(np.int64))
+        out.append(v)
+    return out
 
 
 def perplexity_strided(model: Transformer, tokens: np.ndarray, params: PerplexityParams, n_vocab: int,
@@ -215,11 +262,17 @@ def perplexity_strided(model: Transformer, tokens: np.ndarray, params: Perplexit
 
 def run_perplexity(model_path: str | Path, text_path: str | Path | None, params: PerplexityParams,
                    device: str = "auto", n_threads: int | None = None, progress: bool = True,
-                   log: Log | None = None, emit: Log | None = None) -> PerplexityResult | KLDivergenceResult:
+                   log: Log | None = None, emit: Log | None = None,
+                   cluster: str | None = None) -> PerplexityResult | KLDivergenceResult:
     """kquant-perplexity: load the model, then llama-perplexity's default mode over the text (saving
     the log-probabilities to `params.logits_file` if set), its strided mode (`ppl_stride`), or with
-    `params.kl_divergence` its KL-divergence mode against `params.logits_file` (no text needed)."""
+    `params.kl_divergence` its KL-divergence mode against `params.logits_file` (no text needed).
+    With `cluster` (a Dask scheduler address or local:N), the default mode's batches run on
+    its workers (kquant.validation.on_cluster)."""
     log = log or log_stderr
+    if cluster and (params.kl_divergence or params.logits_file or params.ppl_stride > 0):
+        raise ModelError("--cluster runs llama-perplexity's default mode only: not with --kl-divergence, "
+                         "--kl-divergence-base or --ppl-stride")
     if params.kl_divergence:
         return run_kl_divergence(model_path, params, device, n_threads, progress, log, emit)
     if text_path is None:
@@ -235,12 +288,15 @@ def run_perplexity(model_path: str | Path, text_path: str | Path | None, params:
     log(f"perplexity: tokenizing {text_path}: {len(tokens)} tokens in {time.perf_counter() - t0:.2f} s")
     if params.exact and device != "cpu":
         raise ModelError("--exact reproduces llama.cpp's CPU backend: use --device cpu")
+    bos = tokenizer.bos_id if tokenizer.add_bos else None
+    if cluster:
+        return _on_cluster(cluster, model_path, device, n_threads, tokens, params, bos, tokenizer.n_vocab,
+                           progress, log, emit)
     model = Transformer(source, device, progress)
     model.exact = params.exact
     log(f"{source.arch} model, {model.config.n_layer} layers, {device}, {threads} threads")
     if device == "cpu" and not forward_compiled():
         log(COMPILING)
-    bos = tokenizer.bos_id if tokenizer.add_bos else None
     writer = LogitsWriter(params.logits_file) if params.logits_file else None
     try:
         result = perplexity(model, tokens, params, bos, tokenizer.n_vocab, progress, log, emit, writer)
@@ -251,3 +307,13 @@ def run_perplexity(model_path: str | Path, text_path: str | Path | None, params:
     if writer is not None:
         writer.close()
     return result
+
+
+def _on_cluster(address: str, model_path: str | Path, device: str, n_threads: int | None, tokens: np.ndarray,
+                params: PerplexityParams, bos: int | None, n_vocab: int, progress: bool, log: Log,
+                emit: Log) -> PerplexityResult:
+    from ..cluster import ModelSpec, open_cluster
+
+    with open_cluster(address, n_threads, log) as cluster:
+        spec = ModelSpec(str(Path(model_path).resolve()), device, params.exact)
+        return perplexity(None, tokens, params, bos, n_vocab, progress, log, emit, cluster=cluster, spec=spec)
