@@ -19,8 +19,8 @@ an interrupt cancels everything in flight.
 Design for a real multi-node run (what crosses the network): each worker reads the model from
 shared storage (NFS, or a copy on every node at the same path) once; a calibration task sends
 n_seq * n_ctx token ids (16 KB for 4 x 512 tokens) and gets back one float32 per input column of
-every matrix plus the chunk's NLLs (for a 70B llama: 80 layers x (3 x 8192 + 28672) columns, about
-20 MB). A quantization task sends the tensor's name, target type and imatrix row (tens of KB) and
+every matrix input (Q/K/V and gate/up share theirs) plus the chunks' NLLs: for a 70B llama, 80
+layers x (3 x 8192 + 28672) columns, 17 MB. A quantization task sends the tensor's name, target type and imatrix row (tens of KB) and
 gets back the quantized bytes.
 """
 from __future__ import annotations

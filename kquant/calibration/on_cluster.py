@@ -58,9 +58,21 @@ def calibration_task(index: int, spec: ModelSpec, n_threads: int | None, params:
             if params.compute_ppl:
                 nll.extend(chunk_nlls(model, lay, i, logits))
         im = collector.snapshot()
-        return Partial(lay.n_chunk, {k: e.sums for k, e in im.entries.items()},
-                       {k: e.counts for k, e in im.entries.items()}, nll,
+        return Partial(lay.n_chunk, _shared_sums(im), {k: e.counts for k, e in im.entries.items()}, nll,
                        collector.hessians if hessians else None)
+
+
+def _shared_sums(im: Imatrix) -> dict[str, np.ndarray]:
+    """The entries' sums, matrices of one input (Q/K/V, gate/up: equal sums) as one array:
+    pickling sends an object once, so a result crosses the network with 4 vectors a block, not 7."""
+    out: dict[str, np.ndarray] = {}
+    prev = None
+    for name, e in im.entries.items():
+        if prev is not None and prev.shape == e.sums.shape and np.array_equal(prev, e.sums):
+            out[name] = prev
+        else:
+            out[name] = prev = e.sums
+    return out
 
 
 class ClusterCollector(Collector):
