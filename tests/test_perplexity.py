@@ -162,6 +162,12 @@ CASES = [
 # 2.7e-3 with products that differ from ggml's only in float32 summation order (the final
 # estimate by 2.6e-4)
 IQ3_CHUNK_RTOL = 3e-3
+# The Q8_K i-quants' default path runs their products in float32 BLAS on dequantized weights, so
+# OpenBLAS's kernel choice moves them: the tolerances above were measured with its SkylakeX
+# kernel (AVX-512, Zen 4); its Haswell kernel (AVX2-only CPUs, Zen 1-3) moved IQ4_XS's chunks by
+# up to 3.0e-3 and its final line by 1.1e-3 (uncertainty 1.5e-3), IQ3_XXS's chunks by 3.7e-3,
+# IQ2_M's by 3.5e-3. --exact holds the digits on every CPU (tests/test_exact.py).
+BLAS_KERNEL_RTOL = 5e-3
 
 
 @pytest.mark.parametrize("ref_name, model, args", CASES)
@@ -170,10 +176,12 @@ def test_matches_llama_perplexity(request, capsys, tiny_quant, ref_name, model, 
     prints them: F32 models within 1e-4, quantized ones within 0.1%."""
     out = run(capsys, ["-m", str(model_path(request, tiny_quant, model)), "-f", str(WIKI), *args])
     ref = (REF / f"{ref_name}.out").read_text()
-    rtol = 1e-4 if "f32" in model.lower() else 1e-3
+    rtol = 1e-4 if "f32" in model.lower() else 2e-3 if model == "tiny-IQ4_XS" else 1e-3
     # gemma2's GELU reads ggml's float16 table: an input one float16 step away moves it by up to
     # 1e-3, and on a quantized file (activations rounded to 8 bits) single chunks move by 1.4e-3
-    chunk_rtol = 2e-3 if model == "gemma2-Q4_K_M" else IQ3_CHUNK_RTOL if "IQ3" in model else rtol
+    chunk_rtol = (2e-3 if model == "gemma2-Q4_K_M" else
+                  BLAS_KERNEL_RTOL if model in ("tiny-IQ4_XS", "tiny-IQ3_XXS") else
+                  IQ3_CHUNK_RTOL if "IQ3" in model else rtol)
     ours, theirs = chunk_ppls(out), chunk_ppls(ref)
     assert len(ours) == len(theirs)
     np.testing.assert_allclose(ours, theirs, rtol=chunk_rtol)
@@ -195,7 +203,7 @@ def test_grid_i_quants_match_llama_perplexity(capsys, tiny_llama_cpp_grid_quant,
     ref = (REF / f"tiny-llama-{ftype}.c128.out").read_text()
     ours, theirs = chunk_ppls(out), chunk_ppls(ref)
     assert len(ours) == len(theirs) == 8
-    np.testing.assert_allclose(ours, theirs, rtol=IQ3_CHUNK_RTOL + 1e-3 if "plain" in ftype else 2e-3)
+    np.testing.assert_allclose(ours, theirs, rtol=BLAS_KERNEL_RTOL)
     np.testing.assert_allclose(final_estimate(out), final_estimate(ref), rtol=3e-3)
 
 
