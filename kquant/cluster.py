@@ -218,10 +218,11 @@ def worker_cached(key: Any, make: Callable[[], Any]) -> Any:
 @contextmanager
 def worker_task(index: int, n_threads: int | None) -> Iterator[None]:
     """Runs a task's body alone in its worker process, with the cluster's thread count."""
-    from .runtime import set_threads
+    from .runtime import keep_freed_memory, set_threads
 
     with _LOCK:
         _maybe_die(index)
+        keep_freed_memory()  # as the commands do: a Dask worker would hand freed pages back at once
         set_threads(n_threads)
         yield
 
