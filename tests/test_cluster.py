@@ -152,7 +152,10 @@ def test_ctrl_c_cancels_the_work_and_leaves_nothing(tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "kquant.cli.imatrix", "-m", str(MODEL), "-f", str(long_text),
                           "-c", "64", "-b", "64", "-ofreq", "100000", "-o", str(out), "--cluster", "local:2"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "TMPDIR": str(scratch)})
+                         env={**os.environ, "TMPDIR": str(scratch)},
+                         # as in a terminal: a test run in the background (nohup ... &, as CI may
+                         # be) ignores SIGINT, and a child would inherit that
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         seen = ""

@@ -80,6 +80,7 @@ def _cuda():
         from numba import cuda as numba_cuda
         if config.ENABLE_CUDASIM:
             _install_simulator_shuffle()
+            _install_simulator_shared_lock()
         cuda = numba_cuda
     return cuda
 
@@ -478,6 +479,42 @@ def _build_tiled_kernel(fam: Family):
 
 # ---------------------------------------------------------------------------------------------
 # simulator support
+
+def _install_simulator_shared_lock():
+    """Make the simulator's `cuda.shared.array` hand every thread of a block the same array.
+
+    It looks the array up by source line and creates it if missing, unlocked: two threads that
+    get there together each create one, and the one whose array is replaced in the table writes
+    into memory no other thread reads (the tiled kernel's products then came out wrong now and
+    then, a different case each run). The lookup and creation are done under a lock here."""
+    import sys
+    import traceback
+
+    from numba import types as numba_types
+    from numba.cuda.simulator import kernelapi
+    from numba.np.numpy_support import as_dtype as numba_types_as_dtype
+
+    shared = kernelapi.FakeCUDAShared
+    if getattr(shared, "_kquant_locked", False):
+        return
+    unlocked = shared.array
+    lock = threading.Lock()
+
+    def array(self, shape, dtype):
+        if shape == 0:  # dynamic shared memory: one buffer, no lookup
+            return unlocked(self, shape, dtype)
+        if isinstance(dtype, numba_types.Type):
+            dtype = numba_types_as_dtype(dtype)
+        caller = traceback.extract_stack(sys._getframe(), limit=2)[0][0:2]  # the kernel's line
+        with lock:
+            res = self._allocations.get(caller)
+            if res is None:
+                res = self._allocations[caller] = np.empty(shape, dtype)
+        return res
+
+    shared.array = array
+    shared._kquant_locked = True
+
 
 def _install_simulator_shuffle():
     """Give Numba's CUDA simulator a `shfl_down_sync` (it has none).
