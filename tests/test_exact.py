@@ -155,7 +155,8 @@ def test_kl_divergence_and_generation_are_the_same_for_any_thread_count(tmp_path
                            "-c", "256", "-t", t, "--no-progress"]) == 0
         kld.append([line for line in capsys.readouterr().out.splitlines()
                     if not line.startswith("kquant-perplexity:")])  # the summary has timings
-        assert generate(["-m", str(tiny_q4_k_m), "-p", "It was a dark night", "-n", "24", "-t", t]) == 0
+        assert generate(["-m", str(tiny_q4_k_m), "-p", "It was a dark night", "-n", "24", "-t", t,
+                         "--temp", "0"]) == 0
         text.append(capsys.readouterr().out)
     assert kld[0] and kld[0] == kld[1]
     assert text[0] == text[1] and len(text[0]) > 40
@@ -185,7 +186,8 @@ def test_every_architecture_is_the_same_for_any_thread_count(tmp_path, capsysbin
         assert imatrix(["-m", str(hf_fixture(fixture)), "-f", str(CALIB), "-o", str(out), "-c", "128",
                         "--chunks", "3", "-t", t, "--no-progress"]) == 0
         capsysbinary.readouterr()
-        assert generate(["-m", str(model), "-p", "It was a dark night", "-n", "16", "-t", t]) == 0
+        assert generate(["-m", str(model), "-p", "It was a dark night", "-n", "16", "-t", t,
+                         "--temp", "0"]) == 0
         outs.append((ppl, out.read_bytes(), capsysbinary.readouterr().out))
     assert outs[0] == outs[1]
 
@@ -410,7 +412,7 @@ def test_exact_generation_logits_are_llama_cpps(tmp_path, capsys, tiny_llama_f32
         for step, (a, b) in enumerate(zip(ours, their_logits)):
             assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), (path.name, step)
         assert generate_main(["-m", str(path), "-p", prompt_text, "-n", "12", "--exact",
-                              "--device", "cpu"]) == 0
+                              "--device", "cpu", "--temp", "0"]) == 0
         tok = Tokenizer.from_source(open_model(path, "f32"))
         text = b"".join(tok.token_to_piece(t) for t in theirs).decode()
         assert capsys.readouterr().out == prompt_text + text + "\n"

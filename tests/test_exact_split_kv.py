@@ -152,7 +152,8 @@ def test_exact_generation_past_256_cells_is_llama_cpps(capsys, tiny_llama_f32, l
 
     try:
         assert generate_main(["-m", str(tiny_llama_f32), "-p", prompt_text, "-n", str(steps),
-                              "-c", "512", "--exact", "-t", str(threads), "--device", "cpu"]) == 0
+                              "-c", "512", "--exact", "-t", str(threads), "--device", "cpu",
+                              "--temp", "0"]) == 0
     finally:
         set_threads(None)
     tok = Tokenizer.from_source(open_model(tiny_llama_f32, "f32"))

@@ -800,10 +800,12 @@ def test_greedy_generation_matches_llama_cpp(capsys, tiny_llama_f32, llama_cpp):
     assert mine.tolist() == prompt
     ours = list(generate(Transformer(source, "cpu", progress=False), mine, 20, Sampler(temp=0)))
     assert ours == theirs
-    assert generate_main(["-m", str(tiny_llama_f32), "-p", PROMPT, "-n", "20", "-t", "2", "--device", "cpu"]) == 0
+    assert generate_main(["-m", str(tiny_llama_f32), "-p", PROMPT, "-n", "20", "-t", "2", "--device", "cpu",
+                          "--temp", "0"]) == 0
     cap = capsys.readouterr()
     assert cap.out == PROMPT + b"".join(tok.token_to_piece(t) for t in theirs).decode() + "\n"
-    assert cap.err.startswith("kquant-generate: prompt 11 tokens")
+    assert re.search(r"kquant-generate: prompt eval time = +[0-9.]+ ms / +11 tokens", cap.err), cap.err
+    assert re.search(r"kquant-generate:        eval time = +[0-9.]+ ms / +19 runs", cap.err), cap.err
 
 
 def test_sampling_and_stop_tokens(tiny_llama_f32):
