@@ -155,6 +155,15 @@ def smollm2_f16(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The whole SmolLM2-135M-Instruct GGUF (Q4_1, with its chat template)."""
+    path = _smollm2_path()
+    if path is None:
+        pytest.skip(f"SmolLM2 model not available ({SMOLLM2_PACKAGE} could not be fetched)")
+    return path
+
+
+@pytest.fixture(scope="session")
 def llama_cpp():
     try:
         import llama_cpp as lc
