@@ -311,6 +311,30 @@ def test_from_source_on_the_tiny_gguf(tiny_llama_f32):
     assert tmpl.apply([USER], True) == "<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\n"
 
 
+def test_from_source_on_smollm2_as_llama_cpp_loads_it(llama_cpp):
+    """The SmolLM2 GGUF: template, BOS/EOS text and add_bos as llama.cpp's vocabulary gives them, the
+    committed template file its metadata, the prompt as llama-cpp-python's chat formatter writes it."""
+    from conftest import _smollm2_path
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from kquant.models import open_model
+
+    path = _smollm2_path()
+    if path is None:
+        pytest.skip("SmolLM2 model not available")
+    llama = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    try:
+        bos, eos = (llama._model.token_get_text(t) for t in (llama.token_bos(), llama.token_eos()))
+        add_bos, source_text = llama._model.add_bos_token(), llama.metadata["tokenizer.chat_template"]
+    finally:
+        llama.close()
+    tmpl = ChatTemplate.from_source(open_model(path))
+    assert (tmpl.source, tmpl.bos_token, tmpl.eos_token, tmpl.add_bos) == (source_text, bos, eos, add_bos)
+    assert tmpl.source == (DATA / MODELS["smollm2"][0]).read_text()
+    reference = Jinja2ChatFormatter(source_text, eos_token=eos, bos_token=bos)
+    assert tmpl.apply([USER], True) == reference(messages=[USER]).prompt
+
+
 # 6. template failures: one-line ModelErrors
 
 def test_raise_exception_is_a_model_error():
