@@ -372,6 +372,14 @@ CASES = [
          "context|-c"),
     Case("gen-bad-utf8-prompt", GEN, lambda m, d: ["-m", G(m, d), "-p", "caf\udce9"], "UTF-8"),
     Case("gen-no-model", GEN, lambda m, d: ["-m", "none.gguf", "-p", "Hi"], "none.gguf"),
+    Case("gen-prompt-and-file", GEN, lambda m, d: ["-m", G(m, d), "-p", "Hi", "-f", str(m.text)], "not both"),
+    Case("gen-no-prompt", GEN, lambda m, d: ["-m", G(m, d)], "no prompt"),
+    Case("gen-prompt-file-missing", GEN, lambda m, d: ["-m", G(m, d), "-f", str(d / "none.txt")], "none.txt"),
+    Case("gen-bad-chat-template", GEN, lambda m, d: ["-m", G(m, d), "-cnv", "-p", "Hi", "--chat-template-file",
+                                                     _write(d / "bad.jinja", "{% if %}")], "template"),
+    Case("gen-repeat-penalty-zero", GEN, lambda m, d: ["-m", G(m, d), "-p", "Hi", "--repeat-penalty", "0"],
+         "repeat-penalty"),
+    Case("gen-seed-out-of-range", GEN, lambda m, d: ["-m", G(m, d), "-p", "Hi", "--seed", "-2"], "seed"),
     Case("gen-iq-tensor", GEN, lambda m, d: ["-m", str(_iq_model(m, d)), "-p", "Hi"], "TQ1_0"),
     # kquant-compare
     Case("cmp-no-quants", CMP, lambda m, d: [G(m, d), "-f", str(m.text)], "QUANT|quant"),
@@ -440,6 +448,11 @@ def _split_pair(m: Materials, d: Path) -> Path:
 
 def _quantized(m: Materials, d: Path) -> Path:
     return _one_matrix_as(m, d / "q8.gguf", "Q8_0", T.Q8_0)
+
+
+def _write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
 
 
 def _iq_model(m: Materials, d: Path) -> Path:

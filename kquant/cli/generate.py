@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="plain completion of the prompt (the default)")
     ap.add_argument("-sys", "--system-prompt", default="", help="system message for -cnv")
     ap.add_argument("-sysf", "--system-prompt-file", default=None, help="a file holding the system message")
+    ap.add_argument("--chat-template-file", metavar="FILE", default=None,
+                    help="a Jinja chat template for -cnv instead of the model's")
     ap.add_argument("-st", "--single-turn", action="store_true",
                     help="-cnv for one turn only: answer -p (or the first message read) and exit")
     ap.add_argument("-n", "--n-predict", "--predict", type=int, default=-1,
@@ -216,6 +218,9 @@ def _run(ns: argparse.Namespace) -> int:
     if ns.conversation:
         from ..validation.chat import ChatTemplate
         template = ChatTemplate.from_source(source, tokenizer)
+        if ns.chat_template_file:
+            template = ChatTemplate(_read_text(ns.chat_template_file, "the chat template file"), template.bos_token,
+                                    template.eos_token, template.add_bos, template.add_eos)
         prompt = []
     else:
         prompt = tokenizer.tokenize(prompt_text, add_special=True, parse_special=True)
