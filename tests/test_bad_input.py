@@ -376,7 +376,7 @@ CASES = [
     Case("gen-no-prompt", GEN, lambda m, d: ["-m", G(m, d)], "no prompt"),
     Case("gen-prompt-file-missing", GEN, lambda m, d: ["-m", G(m, d), "-f", str(d / "none.txt")], "none.txt"),
     Case("gen-bad-chat-template", GEN, lambda m, d: ["-m", G(m, d), "-cnv", "-p", "Hi", "--chat-template-file",
-                                                     _write(d / "bad.jinja", "{% if %}")], "template"),
+                                                     _text_file(d / "bad.jinja", "{% if %}")], "template"),
     Case("gen-repeat-penalty-zero", GEN, lambda m, d: ["-m", G(m, d), "-p", "Hi", "--repeat-penalty", "0"],
          "repeat-penalty"),
     Case("gen-seed-out-of-range", GEN, lambda m, d: ["-m", G(m, d), "-p", "Hi", "--seed", "-2"], "seed"),
@@ -450,7 +450,7 @@ def _quantized(m: Materials, d: Path) -> Path:
     return _one_matrix_as(m, d / "q8.gguf", "Q8_0", T.Q8_0)
 
 
-def _write(path: Path, text: str) -> str:
+def _text_file(path: Path, text: str) -> str:
     path.write_text(text)
     return str(path)
 
