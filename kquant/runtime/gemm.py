@@ -32,6 +32,10 @@ TILE_N = 128
 SPLIT_ROWS = 16
 #: ... into tiles of at least this many multiply-adds, far above the small-matrix path
 SPLIT_MIN_MACS = 1 << 23
+#: a batched product of fewer multiply-adds in all runs on the calling thread: a decode step's
+#: attention (a query's heads against one KV head's keys) is a few microseconds of BLAS a head,
+#: less than handing it to the pool's threads costs (the same calls either way, so the same values)
+INLINE_MACS = 1 << 22
 #: ... into at most this many tiles: the machine's CPU count, not the thread count (-t), so that
 #: every -t makes the same calls; one tile per core is the fastest cut (12 tiles instead of 2
 #: made an F16 SmolLM2 perplexity run 35% slower on 2 cores)
@@ -92,11 +96,17 @@ def matmul_nt(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np
 
 
 def batched_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a (H, M, K) @ b (H, K, N) -> (H, M, N) float32, one single-threaded product per h."""
-    out = np.empty((a.shape[0], a.shape[1], b.shape[2]), np.float32)
+    """a (H, M, K) @ b (H, K, N) -> (H, M, N) float32, one single-threaded product per h (on
+    the pool's threads unless the whole is under INLINE_MACS)."""
+    H, M, K, N = a.shape[0], a.shape[1], a.shape[2], b.shape[2]
+    out = np.empty((H, M, N), np.float32)
+    if H * M * K * N < INLINE_MACS:
+        for h in range(H):
+            np.matmul(a[h], b[h], out=out[h])
+        return out
 
     def one(h: int) -> None:
         np.matmul(a[h], b[h], out=out[h])
 
-    run_all(one, range(a.shape[0]))
+    run_all(one, range(H))
     return out
