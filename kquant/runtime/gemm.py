@@ -32,14 +32,15 @@ TILE_N = 128
 SPLIT_ROWS = 16
 #: ... into tiles of at least this many multiply-adds, far above the small-matrix path
 SPLIT_MIN_MACS = 1 << 23
-#: a batched product of fewer multiply-adds in all runs on the calling thread: a decode step's
-#: attention (a query's heads against one KV head's keys) is a few microseconds of BLAS a head,
-#: less than handing it to the pool's threads costs (the same calls either way, so the same values)
-INLINE_MACS = 1 << 22
 #: ... into at most this many tiles: the machine's CPU count, not the thread count (-t), so that
 #: every -t makes the same calls; one tile per core is the fastest cut (12 tiles instead of 2
 #: made an F16 SmolLM2 perplexity run 35% slower on 2 cores)
 MAX_TILES = os.cpu_count() or 1
+#: a product of fewer multiply-adds in all runs its tiles (or heads) on the calling thread: a
+#: decode step's attention (a query's heads against one KV head's keys) or a token's float
+#: matrix product is a few microseconds of BLAS a tile, less than handing it to the pool's
+#: threads costs (the same calls either way, so the same values)
+INLINE_MACS = 1 << 22
 
 _pool: ThreadPoolExecutor | None = None
 _pool_threads = 1
@@ -91,7 +92,12 @@ def matmul_nt(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np
     def tile(r: tuple[int, int]) -> None:
         np.matmul(x, w[r[0]:r[1]].T, out=out[:, r[0]:r[1]])
 
-    run_all(tile, column_tiles(M, x.shape[1], N))
+    tiles = column_tiles(M, x.shape[1], N)
+    if M * x.shape[1] * N < INLINE_MACS:  # a token's product: the same tiles, on this thread
+        for r in tiles:
+            tile(r)
+    else:
+        run_all(tile, tiles)
     return out
 
 
