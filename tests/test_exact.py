@@ -42,6 +42,28 @@ def test_products_do_not_depend_on_the_thread_count():
     np.testing.assert_allclose(results[0][1], x @ w.T, rtol=1e-4, atol=1e-3)
 
 
+def test_small_batched_products_run_inline_with_the_pool_s_bits(monkeypatch):
+    """A decode step's attention products (under INLINE_MACS) run on the calling thread: the
+    same per-head BLAS calls as on the pool's threads, so the same bits for every thread count."""
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((3, 3, 64)).astype(np.float32)
+    k = rng.standard_normal((3, 64, 300)).astype(np.float32)[:, :, :230]  # a cache's view
+    assert 3 * 3 * 64 * 230 < gemm.INLINE_MACS
+    results = []
+    try:
+        for t, inline in ((1, True), (2, True), (2, False), (3, False)):
+            set_threads(t)
+            monkeypatch.setattr(gemm, "INLINE_MACS", 1 << 22 if inline else 0)
+            s = gemm.batched_matmul(q, k)
+            results.append(s)
+            results.append(gemm.batched_matmul(s, np.ascontiguousarray(k.transpose(0, 2, 1))))
+    finally:
+        set_threads(None)
+    for i, r in enumerate(results):
+        assert np.array_equal(r, results[i % 2])
+    np.testing.assert_allclose(results[0], q @ k, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("cpus", [2, 5])
 def test_cutting_a_product_between_threads_keeps_its_bits(monkeypatch, cpus):
     """matmul_nt cuts every product into tiles that depend on its shape and the machine's CPU

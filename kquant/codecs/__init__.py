@@ -6,7 +6,6 @@ Which codec class and module serve a type is its record's business (kquant.types
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 from types import ModuleType
 
@@ -21,21 +20,25 @@ from .threads import for_row_slices
 _NO_WEIGHTS = np.zeros(0, np.float32)
 
 
-@contextlib.contextmanager
-def vectorizing():
+class vectorizing:
     """Compile with LLVM's SLP vectorizer, which Numba leaves off by default.
 
     The scale searches (search.py) keep one trial per SIMD lane in fully unrolled loops that
     only SLP turns into AVX2 code (about 10x on those loops). Kernels compile lazily on their
     first call, so every kernel call goes through here; cached kernels are unaffected.
     SLP never reorders floating-point sums without fast-math, so results are unchanged.
+    (A class rather than a contextlib generator: a token's decode step enters it ~400 times.)
     """
-    before = numba.config.SLP_VECTORIZE
-    numba.config.SLP_VECTORIZE = 1
-    try:
-        yield
-    finally:
-        numba.config.SLP_VECTORIZE = before
+
+    __slots__ = ("before",)
+
+    def __enter__(self) -> None:
+        self.before = numba.config.SLP_VECTORIZE
+        numba.config.SLP_VECTORIZE = 1
+
+    def __exit__(self, *exc) -> bool:
+        numba.config.SLP_VECTORIZE = self.before
+        return False
 
 
 class Codec:

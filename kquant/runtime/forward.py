@@ -131,6 +131,8 @@ class Transformer:
         # None: the runtime's own thread count (numba.get_num_threads(), what set_threads set)
         self.exact_threads: int | None = None
         self._exact_matrices: dict[str, Any] = {}
+        # id(blocks) -> (blocks, their uint8 rows, vec_dot type) for _block_product
+        self._block_rows: dict[int, tuple[Any, Any, Any]] = {}
 
     def new_cache(self, n_ctx: int) -> KVCache:
         return KVCache(self.config, n_ctx, self.xp)
@@ -264,23 +266,26 @@ class Transformer:
             qb = qh[:, :, a:b].reshape(c.n_head_kv, c.n_rep * (b - a), c.head_dim)
             s = self._bmm(qb, seg_k[:, :, :S])
             # the query at position n0 + t sees keys 0 .. n0 + t (n0 + t - n_swa + 1 .. with SWA)
-            visible = n0 + np.arange(a, b) + 1
-            first = np.maximum(visible - n_swa, 0) if n_swa > 0 else np.zeros_like(visible)
-            if xp is np and windowed:
-                total = softmax_window(s.reshape(rows, S), scale, cap, np.tile(first, rows // (b - a)),
-                                       np.tile(visible, rows // (b - a)))
-            elif xp is np:
-                total = softmax_causal(s.reshape(rows, S), scale, np.tile(visible, rows // (b - a)))
+            if xp is np and not windowed:
+                # row r of s is query a + r % (b - a): np.tile(visible, rows // (b - a)) below,
+                # without np.tile's Python (a decode step calls this once a layer)
+                total = softmax_causal(s.reshape(rows, S), scale, np.arange(rows) % (b - a) + (n0 + a + 1))
             else:
-                s *= scale
-                if cap > 0:
-                    s = cap * xp.tanh(s)
-                keys = xp.arange(S)[None, :]
-                s[:, (keys >= xp.asarray(np.tile(visible, c.n_rep))[:, None])
-                  | (keys < xp.asarray(np.tile(first, c.n_rep))[:, None])] = -np.inf
-                s -= s.max(axis=-1, keepdims=True)
-                xp.exp(s, out=s)
-                total = s.sum(axis=-1, dtype=np.float64).astype(F32)
+                visible = n0 + np.arange(a, b) + 1
+                first = np.maximum(visible - n_swa, 0) if n_swa > 0 else np.zeros_like(visible)
+                if xp is np:
+                    total = softmax_window(s.reshape(rows, S), scale, cap, np.tile(first, rows // (b - a)),
+                                           np.tile(visible, rows // (b - a)))
+                else:
+                    s *= scale
+                    if cap > 0:
+                        s = cap * xp.tanh(s)
+                    keys = xp.arange(S)[None, :]
+                    s[:, (keys >= xp.asarray(np.tile(visible, c.n_rep))[:, None])
+                      | (keys < xp.asarray(np.tile(first, c.n_rep))[:, None])] = -np.inf
+                    s -= s.max(axis=-1, keepdims=True)
+                    xp.exp(s, out=s)
+                    total = s.sum(axis=-1, dtype=np.float64).astype(F32)
             o = self._bmm(s, seg_v[:, :S]).reshape(c.n_head_kv, c.n_rep, b - a, c.head_dim)
             out[:, :, a:b] = o / total.reshape(c.n_head_kv, c.n_rep, b - a, 1)
         return out.transpose(2, 0, 1, 3).reshape(T, c.n_head * c.head_dim)
@@ -371,8 +376,11 @@ class Transformer:
         quantized to W's vec_dot type once for Q/K/V and once for gate/up, the kernels called
         directly (on the threads set_threads chose), as each of a token's ~200 products is
         short enough for per-call overhead to matter."""
-        wb, _ = weight_rows(w, qtype)
-        vt = vec_dot_type(qtype)
+        have = self._block_rows.get(id(w))
+        if have is None or have[0] is not w:  # per matrix, once: its bytes and vec_dot type
+            have = (w, weight_rows(w, qtype)[0], vec_dot_type(qtype))
+            self._block_rows[id(w)] = have
+        _, wb, vt = have
         with vectorizing():  # compiles on first use only
             acts = self._once_per_input(x, ("quantized", vt),
                                         lambda: quantize_rows(np.ascontiguousarray(x, dtype=F32), vt))

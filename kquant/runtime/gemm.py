@@ -36,6 +36,11 @@ SPLIT_MIN_MACS = 1 << 23
 #: every -t makes the same calls; one tile per core is the fastest cut (12 tiles instead of 2
 #: made an F16 SmolLM2 perplexity run 35% slower on 2 cores)
 MAX_TILES = os.cpu_count() or 1
+#: a product of fewer multiply-adds in all runs its tiles (or heads) on the calling thread: a
+#: decode step's attention (a query's heads against one KV head's keys) or a token's float
+#: matrix product is a few microseconds of BLAS a tile, less than handing it to the pool's
+#: threads costs (the same calls either way, so the same values)
+INLINE_MACS = 1 << 22
 
 _pool: ThreadPoolExecutor | None = None
 _pool_threads = 1
@@ -87,16 +92,27 @@ def matmul_nt(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np
     def tile(r: tuple[int, int]) -> None:
         np.matmul(x, w[r[0]:r[1]].T, out=out[:, r[0]:r[1]])
 
-    run_all(tile, column_tiles(M, x.shape[1], N))
+    tiles = column_tiles(M, x.shape[1], N)
+    if M * x.shape[1] * N < INLINE_MACS:  # a token's product: the same tiles, on this thread
+        for r in tiles:
+            tile(r)
+    else:
+        run_all(tile, tiles)
     return out
 
 
 def batched_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a (H, M, K) @ b (H, K, N) -> (H, M, N) float32, one single-threaded product per h."""
-    out = np.empty((a.shape[0], a.shape[1], b.shape[2]), np.float32)
+    """a (H, M, K) @ b (H, K, N) -> (H, M, N) float32, one single-threaded product per h (on
+    the pool's threads unless the whole is under INLINE_MACS)."""
+    H, M, K, N = a.shape[0], a.shape[1], a.shape[2], b.shape[2]
+    out = np.empty((H, M, N), np.float32)
+    if H * M * K * N < INLINE_MACS:
+        for h in range(H):
+            np.matmul(a[h], b[h], out=out[h])
+        return out
 
     def one(h: int) -> None:
         np.matmul(a[h], b[h], out=out[h])
 
-    run_all(one, range(a.shape[0]))
+    run_all(one, range(H))
     return out
