@@ -373,3 +373,22 @@ def test_moe_array_module_path_and_decode_match(hf_fixture_gguf, name):
     cache = cpu.new_cache(256)
     steps = np.concatenate([cpu.forward([Segment(toks[i:i + 1], cache)]) for i in range(16)])
     assert rel_error(steps, a[:16]) < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(1, 576), (5, 576), (3, 9, 64), (2, 8, 128), (1, 12288), (2, 16400), (4, 7)])
+def test_rms_norm_kernel_is_numpys_expression_to_the_bit(shape):
+    """The default path's RMSNorm kernel equals the numpy lines it replaced, bit for bit (the
+    squares' float64 sum in numpy's pairwise order, over its 8192-element buffers)."""
+    from kquant.runtime.kernels import rms_norm_rows
+
+    rng = np.random.default_rng(sum(shape))
+    F32 = np.float32
+    for scale in (1e-3, 1.0, 300.0):
+        x = (rng.standard_normal(shape) * scale).astype(F32)
+        w = rng.standard_normal(shape[-1]).astype(F32)
+        eps = F32(1e-5)
+        sums = (x * x).sum(axis=-1, dtype=np.float64)
+        ref = x * (F32(1.0) / np.sqrt((sums / shape[-1]).astype(F32) + eps))[..., None]
+        ref *= w
+        ours = rms_norm_rows(x.reshape(-1, shape[-1]), w, eps).reshape(shape)
+        assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32)), (shape, scale)

@@ -51,7 +51,8 @@ from ..matmul.activations import (min_term_correction, quantize_rows, round_acti
 from ..matmul.cpu import run_blocks, weight_rows
 from ..matmul.exact import ExactMatrix, beats_blas, float_blocks
 from .kernels import (flash_attention, flash_attention_split_kv, flash_attention_vec, kv_view_length,
-                      rms_sums, rope_inplace, rope_table, rope_theta_scale, round_to_half, softmax_causal, swiglu,
+                      rms_norm_rows, rms_sums, rope_inplace, rope_table, rope_theta_scale, round_to_half,
+                      softmax_causal, swiglu,
                       geglu, gelu_table, soft_cap, softmax_window,
                       uses_split_kv)
 from .device import to_host
@@ -144,6 +145,10 @@ class Transformer:
         xp = self.xp
         if self.exact and xp is np:
             sums = rms_sums(np.ascontiguousarray(x).reshape(-1, x.shape[-1])).reshape(x.shape[:-1])
+        elif xp is np and x.dtype == F32 and w.dtype == F32 and w.shape == x.shape[-1:]:
+            # the numpy lines below in one compiled call, to the bit
+            rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+            return rms_norm_rows(rows, w, F32(self.config.rms_eps)).reshape(x.shape)
         else:
             sums = (x * x).sum(axis=-1, dtype=np.float64)
         mean = (sums / x.shape[-1]).astype(F32)
